@@ -1,0 +1,21 @@
+"""User-facing errors.
+
+`UserError` marks a problem with the user's input (a file, a flag, a config value). The CLI
+prints its message on one line and exits with status 2; every other exception is an internal
+error and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A problem the user can fix: bad file, field, flag or value. The message names it."""
+
+
+class ConfigError(UserError):
+    """One or more invalid config entries; `problems` lists every one found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        msg = "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(msg)

@@ -1,0 +1,105 @@
+"""Tiny in-process models, tokenizers and data for tests, examples and smoke runs.
+
+Nothing here touches the network: the tokenizer is byte-level BPE with no merges (every byte
+is one token) plus three special tokens, and models are randomly initialised Llama configs a
+few kilobytes in size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n"
+    "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A 259-token byte-level tokenizer (256 bytes + <pad>, <s>, </s>) built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS
+    )
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_llama(
+    vocab_size: int = 259,
+    num_layers: int = 4,
+    hidden_size: int = 32,
+    seed: int = 0,
+    pad_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    bos_token_id: int | None = None,
+):
+    """A randomly initialised Llama causal LM with tied embeddings (float32, eval mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok_ids = byte_tokenizer() if pad_token_id is None else None
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id if pad_token_id is not None else tok_ids.pad_token_id,
+        eos_token_id=eos_token_id if eos_token_id is not None else (tok_ids.eos_token_id if tok_ids else None),
+        bos_token_id=bos_token_id if bos_token_id is not None else (tok_ids.bos_token_id if tok_ids else None),
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+def save_tiny_pair(root: str | Path, teacher_layers: int = 4, student_layers: int = 2, seed: int = 0):
+    """Save a tiny teacher and student (sharing the byte tokenizer) under root; return their dirs."""
+    root = Path(root)
+    tok = byte_tokenizer()
+    out = []
+    for name, layers, s in (("teacher", teacher_layers, seed), ("student", student_layers, seed + 1)):
+        d = root / name
+        model = tiny_llama(num_layers=layers, seed=s)
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        out.append(d)
+    return out[0], out[1]
+
+
+TINY_RECORDS = [
+    {"instruction": "Say hello.", "input": "", "output": "hello"},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Name a colour.", "input": "", "output": "blue"},
+    {"instruction": "Repeat the word.", "input": "cat", "output": "cat cat"},
+    {"instruction": "Give an animal.", "input": "", "output": "dog"},
+    {"instruction": "Opposite of up?", "input": "", "output": "down"},
+    {"instruction": "Spell it backwards.", "input": "abc", "output": "cba"},
+    {"instruction": "Pick a number.", "input": "", "outputs": ["7", "seven"]},
+]
+
+
+def write_tiny_jsonl(path: str | Path, num_records: int = 16) -> Path:
+    """Write num_records instruction records (cycling TINY_RECORDS) as JSONL; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(num_records):
+            f.write(json.dumps(TINY_RECORDS[i % len(TINY_RECORDS)]) + "\n")
+    return path

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models and a byte tokenizer built in-process (no network, ever)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from promptkd.testing import byte_tokenizer, save_tiny_pair, tiny_llama, write_tiny_jsonl
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def teacher_model():
+    return tiny_llama(num_layers=4, seed=0)
+
+
+@pytest.fixture
+def student_model():
+    return tiny_llama(num_layers=2, seed=1)
+
+
+@pytest.fixture
+def tiny_pair_dirs(tmp_path):
+    return save_tiny_pair(tmp_path / "models")
+
+
+@pytest.fixture
+def tiny_jsonl(tmp_path):
+    return write_tiny_jsonl(tmp_path / "data" / "train.jsonl", 16)
