@@ -7,9 +7,15 @@ including the first EOS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import contextlib
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 
 import torch
+
+from promptkd.errors import ConfigError, UserError
 
 
 @dataclass
@@ -45,10 +51,16 @@ class SequenceBatch:
 
     def split(self, num_chunks: int) -> list[SequenceBatch]:
         """Split along the batch dimension (for micro-batching)."""
-        parts = [torch.chunk(getattr(self, f.name), num_chunks) for f in fields(self) if f.name != "prompt_length"]
+        parts = [
+            torch.chunk(getattr(self, f.name), num_chunks)
+            for f in fields(self)
+            if f.name != "prompt_length"
+        ]
         return [
-            SequenceBatch(input_ids=a, attention_mask=m, loss_mask=lm, prompt_length=self.prompt_length)
-            for a, m, lm in zip(*parts)
+            SequenceBatch(
+                input_ids=a, attention_mask=m, loss_mask=lm, prompt_length=self.prompt_length
+            )
+            for a, m, lm in zip(*parts, strict=True)
         ]
 
 
@@ -60,3 +72,364 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def shift_logits_and_mask(logits: torch.Tensor, loss_mask: torch.Tensor):
     """Align next-token logits with their targets: (B, T, V), (B, T) -> (B, T-1, V), (B, T-1)."""
     return logits[:, :-1], loss_mask[:, 1:]
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt batches
+# --------------------------------------------------------------------------------------------
+
+
+def prompt_batch_from_ids(
+    prompt_ids: Sequence[Sequence[int]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad a list of prompts into one batch.
+
+    Args:
+        prompt_ids: B token-id lists, each non-empty.
+        pad_token_id: id written into the padding columns (their attention mask is 0, so the
+            value only matters for readability; pad == eos is fine).
+
+    Returns:
+        ids (B, P) long and attention_mask (B, P) long, P = the longest prompt; row b is
+        `[pad] * (P - len_b) + prompt_b` with mask `[0] * (P - len_b) + [1] * len_b`.
+
+    Raises:
+        UserError: if the list is empty or a prompt is empty.
+    """
+    if len(prompt_ids) == 0:
+        raise UserError("prompt_batch_from_ids: got no prompts; pass at least one token-id list")
+    lengths = [len(p) for p in prompt_ids]
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        raise UserError(
+            f"prompt_batch_from_ids: prompt(s) at index {empty} are empty; every prompt needs at "
+            "least one token (drop empty records or add a template)"
+        )
+    width = max(lengths)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)  # (B, P)
+    for row, (prompt, n) in enumerate(zip(prompt_ids, lengths, strict=True)):
+        ids[row, width - n :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------------------------
+# On-policy sampling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled from a model (defaults = the paper's training sampler).
+
+    Every field is passed to `generate` explicitly, so a checkpoint's own generation_config.json
+    (e.g. `top_k: 50`, `repetition_penalty: 1.1`) never changes what is sampled.
+    """
+
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Most response tokens per prompt (>= 1)."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature for sampling (> 0); 1.0 = unchanged."}
+    )
+    top_k: int = field(
+        default=0, metadata={"help": "Keep only the k most likely tokens (>= 0); 0 = off."}
+    )
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]; 1.0 = off."}
+    )
+    no_repeat_ngram_size: int = field(
+        default=0,
+        metadata={"help": "Forbid repeating any n-gram of this size (>= 0); 0 = off."},
+    )
+    do_sample: bool = field(
+        default=True, metadata={"help": "Sample (True) or decode greedily (False)."}
+    )
+
+    def __post_init__(self):
+        problems = []
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            problems.append(
+                f"max_new_tokens = {self.max_new_tokens!r} is out of range: must be an integer >= 1"
+            )
+        if not is_real(self.temperature) or self.temperature <= 0:
+            problems.append(
+                f"temperature = {self.temperature!r} is out of range: must be a finite number > 0 "
+                "(use do_sample=False for greedy decoding)"
+            )
+        if not is_int(self.top_k) or self.top_k < 0:
+            problems.append(
+                f"top_k = {self.top_k!r} is out of range: must be an integer >= 0 (0 turns top-k off)"
+            )
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
+            problems.append(
+                f"top_p = {self.top_p!r} is out of range: must be in (0, 1] (1.0 turns top-p off)"
+            )
+        if not is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
+            problems.append(
+                f"no_repeat_ngram_size = {self.no_repeat_ngram_size!r} is out of range: must be an "
+                "integer >= 0 (0 turns it off)"
+            )
+        if not isinstance(self.do_sample, bool):
+            problems.append(f"do_sample = {self.do_sample!r} is invalid: must be true or false")
+        if problems:
+            raise ConfigError([f"sampling: {p}" for p in problems])
+
+        if not self.do_sample:
+            ignored = [
+                f"{name}={getattr(self, name)!r}"
+                for name, neutral in (("temperature", 1.0), ("top_k", 0), ("top_p", 1.0))
+                if getattr(self, name) != neutral
+            ]
+            if ignored:
+                warnings.warn(
+                    f"sampling: do_sample=False (greedy decoding) ignores {', '.join(ignored)}",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+
+def _eos_id_list(eos_token_ids: int | Sequence[int]) -> list[int]:
+    try:
+        ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    except TypeError:  # None or another non-iterable
+        ids = []
+    if not ids or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids):
+        raise UserError(
+            f"eos_token_ids = {eos_token_ids!r} is invalid: give one or more non-negative token "
+            "ids (the tokenizer's eos_token_id, plus e.g. an end-of-turn id)"
+        )
+    return ids
+
+
+def mask_after_first_eos(
+    response_ids: torch.Tensor, eos_token_ids: int | Sequence[int], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut every response after its first EOS, keeping that EOS.
+
+    Args:
+        response_ids: (B, L) generated tokens only (no prompt columns), so a prompt's
+            left-padding never counts as an EOS even when pad == eos.
+        eos_token_ids: one id or several; the first occurrence of any of them ends a response.
+        pad_token_id: written after the first EOS.
+
+    Returns:
+        (response_ids, response_mask), both (B, L): ids with every position after the first EOS
+        replaced by pad_token_id, and a long mask that is 1 up to and including the first EOS
+        (the whole row when it has no EOS) and 0 after it. Same shape as the input: no trimming.
+    """
+    eos = torch.as_tensor(
+        _eos_id_list(eos_token_ids), dtype=response_ids.dtype, device=response_ids.device
+    )
+    is_eos = torch.isin(response_ids, eos).long()  # (B, L)
+    # A token is part of the response iff no EOS occurs strictly before it.
+    eos_before = is_eos.cumsum(-1) - is_eos  # (B, L)
+    keep = eos_before == 0  # (B, L)
+    return response_ids.masked_fill(~keep, pad_token_id), keep.long()
+
+
+def _check_prompts(prompt_ids: torch.Tensor, prompt_attention_mask: torch.Tensor) -> None:
+    if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_attention_mask.shape:
+        raise UserError(
+            f"prompt_ids {tuple(prompt_ids.shape)} and prompt_attention_mask "
+            f"{tuple(prompt_attention_mask.shape)} must both be (batch, prompt_length)"
+        )
+    if prompt_ids.numel() == 0:
+        raise UserError(
+            f"empty prompt batch {tuple(prompt_ids.shape)}: need >= 1 prompt of >= 1 token"
+        )
+    mask = prompt_attention_mask.long()
+    # Left padding <=> each mask row is non-decreasing; a non-empty prompt ends in a real token.
+    if (
+        ((mask != 0) & (mask != 1)).any()
+        or (mask[:, 1:] < mask[:, :-1]).any()
+        or (mask[:, -1] == 0).any()
+    ):
+        raise UserError(
+            "prompts must be LEFT-padded and non-empty (attention mask rows of the form 0..0 1..1): "
+            "use prompt_batch_from_ids or a tokenizer with padding_side='left'"
+        )
+
+
+def _generation_config(config: SamplingConfig, eos_ids: list[int], pad_token_id: int):
+    """A fresh GenerationConfig that sets every knob affecting which tokens are drawn."""
+    from transformers import GenerationConfig
+
+    settings = dict(
+        max_new_tokens=config.max_new_tokens,
+        do_sample=config.do_sample,
+        no_repeat_ngram_size=config.no_repeat_ngram_size,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_token_id,
+        use_cache=True,
+        # Neutral values for processors a checkpoint's generation_config might switch on.
+        num_beams=1,
+        num_return_sequences=1,
+        min_length=0,
+        repetition_penalty=1.0,
+        return_dict_in_generate=False,
+    )
+    if config.do_sample:
+        # top_k must be given even when 0: transformers fills an unset top_k with 50.
+        settings.update(
+            temperature=float(config.temperature),
+            top_k=config.top_k,
+            top_p=float(config.top_p),
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+        )
+    return GenerationConfig(**settings)
+
+
+@contextlib.contextmanager
+def _generation_defaults_set_aside(model: torch.nn.Module):
+    """Temporarily blank the generation_config of every submodule that owns one.
+
+    `generate` fills each knob left unset in the config it is given from the model's own
+    generation_config (bad_words_ids, suppress_tokens, min_new_tokens, ... have no neutral value
+    we could set instead), so for the call the model's defaults are replaced by empty ones.
+    """
+    from transformers import GenerationConfig
+
+    owners = [
+        m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)
+    ]
+    saved = [m.generation_config for m in owners]
+    try:
+        for m in owners:
+            m.generation_config = GenerationConfig()
+        yield
+    finally:
+        for m, gc in zip(owners, saved, strict=True):
+            m.generation_config = gc
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Eval mode for the call; every submodule's own train/eval flag is restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _forked_seed(seed: int | None, device: torch.device):
+    """Seed the CPU generator and `device`'s generator, restoring both RNG states afterwards."""
+    if seed is None:
+        yield
+        return
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+        return
+    device_module = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else device_module.current_device()
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        torch.random.default_generator.manual_seed(seed)
+        with device_module.device(index):
+            device_module.manual_seed(seed)
+        yield
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def sample_responses(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    *,
+    eos_token_ids: int | list[int],
+    pad_token_id: int,
+    config: SamplingConfig,
+    generator_seed: int | None = None,
+) -> SequenceBatch:
+    """Sample one response per prompt from `model` (on-policy data for KD/GKD/PromptKD).
+
+    One batched `model.generate` call with a KV cache; generation stops as soon as every row
+    has produced an EOS. Every sampling knob comes from `config` (the model's own
+    generation_config is set aside for the call). The model is put in eval mode for the call
+    and each submodule's train/eval flag is restored afterwards; no gradients are recorded.
+
+    Randomness: by default sampling draws from the global torch RNG (so a run seeded once with
+    `torch.manual_seed` is reproducible, and resuming restores the same stream). With
+    `generator_seed`, the call seeds the CPU and model-device generators with it inside a
+    `torch.random.fork_rng`, so the result depends only on the seed and the global RNG state is
+    left exactly as it was.
+
+    Args:
+        model: a causal LM with `generate` (transformers GenerationMixin).
+        prompt_ids: (B, P) long, LEFT-padded.
+        prompt_attention_mask: (B, P), 1 on real prompt tokens, 0 on left padding.
+        eos_token_ids: id(s) that end a response; the first one is kept as part of it.
+        pad_token_id: id written after the first EOS (may equal an EOS id).
+        config: the sampling settings.
+        generator_seed: optional seed for this call only (see Randomness).
+
+    Returns:
+        SequenceBatch with input_ids = prompt + response (B, P + R), attention_mask 1 on prompt
+        tokens and on response tokens up to and including the first EOS, loss_mask True on
+        exactly those response tokens, prompt_length P. R is the longest kept response, so
+        trailing all-padding columns are trimmed; a response without EOS keeps all its tokens.
+        Tensors are on the model's device.
+
+    Raises:
+        UserError: prompts not left-padded / empty, bad eos_token_ids or pad_token_id.
+    """
+    eos_ids = _eos_id_list(eos_token_ids)
+    if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool) or pad_token_id < 0:
+        raise UserError(
+            f"pad_token_id = {pad_token_id!r} is invalid: need a non-negative token id (set "
+            "tokenizer.pad_token, e.g. to the EOS token, before sampling)"
+        )
+    _check_prompts(prompt_ids, prompt_attention_mask)
+    device = _model_device(model)
+    prompt_ids = prompt_ids.to(device=device, dtype=torch.long)  # (B, P)
+    prompt_attention_mask = prompt_attention_mask.to(device=device, dtype=torch.long)  # (B, P)
+    prompt_length = prompt_ids.shape[1]
+    generation_config = _generation_config(config, eos_ids, pad_token_id)
+
+    # no_grad rather than inference_mode: the sampled ids feed a later forward with autograd.
+    with (
+        torch.no_grad(),
+        _eval_mode(model),
+        _generation_defaults_set_aside(model),
+        _forked_seed(generator_seed, device),
+    ):
+        sequences = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_attention_mask,
+            generation_config=generation_config,
+        )  # (B, P + L)
+    assert sequences.shape[1] >= prompt_length, "generate dropped prompt columns"
+
+    response_ids, response_mask = mask_after_first_eos(
+        sequences[:, prompt_length:], eos_ids, pad_token_id
+    )  # (B, L), (B, L)
+    width = int(response_mask.sum(-1).max().item()) if response_mask.numel() else 0
+    response_ids, response_mask = response_ids[:, :width], response_mask[:, :width]  # (B, R)
+
+    return SequenceBatch(
+        input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+        attention_mask=torch.cat([prompt_attention_mask, response_mask], dim=1),
+        loss_mask=torch.cat(
+            [torch.zeros_like(prompt_ids, dtype=torch.bool), response_mask.bool()], dim=1
+        ),
+        prompt_length=prompt_length,
+    )

@@ -1,1 +1,27 @@
+"""Data: instruction records, prompt templates, tokenised examples and batch collation."""
 
+from promptkd.data.collate import collate_prompts, collate_sequences
+from promptkd.data.dataset import Example, ExampleDataset, FilterStats, build_examples
+from promptkd.data.records import InstructionRecord, load_records, read_jsonl_records
+from promptkd.data.templates import (
+    ALPACA_PROMPT_NO_INPUT,
+    ALPACA_PROMPT_WITH_INPUT,
+    PromptTemplate,
+    format_prompt,
+)
+
+__all__ = [
+    "ALPACA_PROMPT_NO_INPUT",
+    "ALPACA_PROMPT_WITH_INPUT",
+    "Example",
+    "ExampleDataset",
+    "FilterStats",
+    "InstructionRecord",
+    "PromptTemplate",
+    "build_examples",
+    "collate_prompts",
+    "collate_sequences",
+    "format_prompt",
+    "load_records",
+    "read_jsonl_records",
+]

@@ -1,0 +1,191 @@
+"""Tokenised examples: records -> (prompt ids, response ids), with length filtering.
+
+Conventions (MiniLLM / PromptKD data processing, SPEC section 4):
+- prompt ids = tokenizer(format_prompt(record)) with the tokenizer's default special tokens
+  (a BOS when the tokenizer adds one). Chat-template prompts already contain their special
+  tokens and are tokenized with add_special_tokens=False so BOS is not doubled.
+- Special-token strings inside the data text (instruction, input, reference) are split into
+  ordinary tokens, so a record that happens to contain "</s>" cannot plant an early EOS.
+- response ids = tokenizer(outputs[0], add_special_tokens=False) + [eos_token_id].
+- Training (drop_long_prompts=True): prompts longer than max_prompt_length are dropped and
+  counted, never truncated. Evaluation (drop_long_prompts=False): long prompts keep their
+  LAST max_prompt_length tokens (so the "### Response:" cue stays next to the generation),
+  plus the leading BOS when the tokenizer added one.
+- Responses are cut so that prompt + response <= max_length; a cut response loses its EOS
+  (it did not end there), as in MiniLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from promptkd.data.records import InstructionRecord
+from promptkd.data.templates import PromptTemplate, format_prompt, parse_template
+from promptkd.errors import UserError
+
+
+@dataclass
+class Example:
+    """One tokenised example.
+
+    prompt_ids:   templated prompt ids (<= max_prompt_length).
+    response_ids: reference response ids ending in EOS unless cut at max_length; None for
+                  prompt-only examples (generation / evaluation).
+    references:   every reference text (for ROUGE-L).
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int] | None
+    references: list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FilterStats:
+    """What `build_examples` dropped or cut."""
+
+    num_records: int
+    num_kept: int
+    num_dropped_long_prompt: int
+    num_truncated_response: int
+    num_truncated_prompt: int = 0
+
+    def summary(self) -> str:
+        text = (
+            f"{self.num_kept}/{self.num_records} examples kept; "
+            f"{self.num_dropped_long_prompt} dropped (prompt too long), "
+            f"{self.num_truncated_response} responses truncated"
+        )
+        if self.num_truncated_prompt:
+            text += f", {self.num_truncated_prompt} prompts truncated (left)"
+        return text
+
+
+def build_examples(
+    records: Sequence[InstructionRecord],
+    tokenizer,
+    *,
+    template: str | PromptTemplate = "alpaca",
+    max_prompt_length: int = 256,
+    max_length: int = 512,
+    drop_long_prompts: bool = True,
+    with_responses: bool = True,
+    source: str | None = None,
+) -> tuple[list[Example], FilterStats]:
+    """Tokenise records into examples and report what was filtered.
+
+    Args:
+        records: instruction records; with_responses=True needs outputs on every record.
+        tokenizer: a Hugging Face tokenizer (needs eos_token_id when with_responses).
+        max_prompt_length: prompt token limit (data.max_prompt_length).
+        max_length: prompt + response token limit (data.max_length).
+        drop_long_prompts: drop (True, training) or left-truncate (False, evaluation) long prompts.
+        with_responses: tokenize outputs[0] as the response; False gives response_ids=None.
+        source: the data's name or path, used in error messages.
+
+    Returns (examples, FilterStats). Raises UserError for invalid limits, a record without a
+    reference when responses are needed, or when no example is left after filtering.
+    """
+    kind = parse_template(template)
+    where = source or "the data"
+    if max_prompt_length < 1:
+        raise UserError(f"data.max_prompt_length must be >= 1, got {max_prompt_length}")
+    if with_responses and max_length <= max_prompt_length:
+        raise UserError(
+            f"data.max_length ({max_length}) must be larger than data.max_prompt_length "
+            f"({max_prompt_length}) to leave room for the response"
+        )
+    eos_id = tokenizer.eos_token_id
+    if with_responses and eos_id is None:
+        raise UserError(
+            "the tokenizer has no eos_token; set one (tokenizer.eos_token) before training"
+        )
+    if not records:
+        raise UserError(f"{where} contains no records")
+
+    prompts = [format_prompt(r, kind, tokenizer) for r in records]
+    if kind is PromptTemplate.CHAT:
+        # The rendered chat template already holds its special tokens (as text).
+        prompt_ids_all = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        adds_bos = False
+    else:
+        # Tokenizer-default special tokens (BOS when it adds one); data text never turns
+        # into special tokens.
+        prompt_ids_all = tokenizer(prompts, split_special_tokens=True)["input_ids"]
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [
+            tokenizer.bos_token_id
+        ]
+    bos_id = tokenizer.bos_token_id
+
+    responses_all: list[list[int]] | None = None
+    if with_responses:
+        missing = [i for i, r in enumerate(records) if not r.outputs]
+        if missing:
+            raise UserError(
+                f"{where}: record {missing[0] + 1} has no reference output ('output' / 'outputs'); "
+                "training needs one for every record"
+            )
+        responses_all = tokenizer(
+            [r.outputs[0] for r in records], add_special_tokens=False, split_special_tokens=True
+        )["input_ids"]
+
+    examples: list[Example] = []
+    num_dropped = num_cut_response = num_cut_prompt = 0
+    for i, (record, prompt_ids) in enumerate(zip(records, prompt_ids_all, strict=True)):
+        prompt_ids = list(prompt_ids)
+        if len(prompt_ids) > max_prompt_length:
+            if drop_long_prompts:
+                num_dropped += 1
+                continue
+            num_cut_prompt += 1
+            if adds_bos and prompt_ids[0] == bos_id and max_prompt_length > 1:
+                prompt_ids = [bos_id] + prompt_ids[-(max_prompt_length - 1) :]
+            else:
+                prompt_ids = prompt_ids[-max_prompt_length:]
+        response_ids = None
+        if responses_all is not None:
+            response_ids = list(responses_all[i]) + [eos_id]
+            budget = max_length - len(prompt_ids)
+            if len(response_ids) > budget:
+                response_ids = response_ids[:budget]
+                num_cut_response += 1
+        examples.append(
+            Example(
+                prompt_ids=prompt_ids,
+                response_ids=response_ids,
+                references=list(record.outputs),
+                metadata=dict(record.metadata),
+            )
+        )
+
+    stats = FilterStats(
+        num_records=len(records),
+        num_kept=len(examples),
+        num_dropped_long_prompt=num_dropped,
+        num_truncated_response=num_cut_response,
+        num_truncated_prompt=num_cut_prompt,
+    )
+    if not examples:
+        raise UserError(
+            f"no examples left from {where}: all {len(records)} records have prompts longer than "
+            f"data.max_prompt_length={max_prompt_length} tokens; raise data.max_prompt_length "
+            "(or check data.template and the tokenizer)"
+        )
+    return examples, stats
+
+
+class ExampleDataset(Dataset):
+    """A map-style torch Dataset over examples (collate with data/collate.py)."""
+
+    def __init__(self, examples: Sequence[Example]):
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]

@@ -1,0 +1,143 @@
+"""Batched, resumable generation of responses for a JSONL of prompts.
+
+    promptkd generate --model TEACHER --data train.jsonl --out teacher_responses.jsonl
+
+Used for SeqKD (teacher responses become the student's training targets) and by evaluation.
+Output records keep the input schema: `instruction`, `input`, `output` (the generated
+response) plus `references` (the original outputs) and the input's metadata. Re-running with
+the same --out continues after the last complete line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class GenerationJob:
+    model: str
+    data: str
+    out: str
+    template: str = "alpaca"
+    batch_size: int = 8
+    max_prompt_length: int = 256
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 0
+    do_sample: bool = True
+    seed: int = 42
+    limit: int | None = None
+    dtype: str = "float32"
+    split: str = "train"
+
+
+def decode_responses(tokenizer, batch) -> list[str]:
+    """Response text of each row of a SequenceBatch (special tokens skipped, stripped)."""
+    resp = batch.input_ids[:, batch.prompt_length :]
+    mask = batch.loss_mask[:, batch.prompt_length :]
+    return [tokenizer.decode(row[m], skip_special_tokens=True).strip() for row, m in zip(resp, mask)]
+
+
+def generate_for_examples(
+    model, tokenizer, examples, *, sampling, batch_size: int, eos_token_ids, seed: int | None = None,
+    first_index: int = 0, desc: str = "generate", show_progress: bool = True,
+):
+    """Yield (example, response_text) in order, generating `batch_size` prompts at a time.
+
+    With `seed`, each batch is seeded with seed + (index of its first example + first_index),
+    so a run resumed at a batch boundary samples exactly what the uninterrupted run would.
+    """
+    from tqdm.auto import tqdm
+
+    from promptkd.data.collate import collate_prompts
+    from promptkd.sampling import sample_responses
+
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(examples), desc=desc, disable=not show_progress, dynamic_ncols=True)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        if seed is not None:
+            torch.manual_seed(seed + first_index + start)
+        prompt_ids, prompt_mask = collate_prompts(chunk, tokenizer.pad_token_id)
+        batch = sample_responses(
+            model,
+            prompt_ids.to(device),
+            prompt_mask.to(device),
+            eos_token_ids=eos_token_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            config=sampling,
+        )
+        texts = decode_responses(tokenizer, batch)
+        bar.update(len(chunk))
+        yield from zip(chunk, texts)
+    bar.close()
+
+
+def run_generation(job: GenerationJob, show_progress: bool = True) -> Path:
+    from promptkd.data.dataset import build_examples
+    from promptkd.data.records import load_records
+    from promptkd.models.loading import ModelSpec, load_model_and_tokenizer
+    from promptkd.sampling import SamplingConfig
+    from promptkd.training.loop import _eos_ids
+
+    out = Path(job.out)
+    records = load_records(job.data, split=job.split, require_outputs=False)
+    if job.limit:
+        records = records[: job.limit]
+    done = _count_complete_lines(out, multiple_of=job.batch_size)
+    if done >= len(records):
+        return out
+    model, tokenizer = load_model_and_tokenizer(ModelSpec(job.model, dtype=job.dtype))
+    examples, _ = build_examples(
+        records,
+        tokenizer,
+        template=job.template,
+        max_prompt_length=job.max_prompt_length,
+        max_length=job.max_prompt_length + job.max_new_tokens,
+        drop_long_prompts=False,
+        with_responses=False,
+        source=job.data,
+    )
+    sampling = SamplingConfig(
+        max_new_tokens=job.max_new_tokens,
+        temperature=job.temperature,
+        top_k=job.top_k,
+        top_p=job.top_p,
+        no_repeat_ngram_size=job.no_repeat_ngram_size,
+        do_sample=job.do_sample,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a", encoding="utf-8") as f:
+        recs = records[done:]
+        for i, (_, text) in enumerate(
+            generate_for_examples(
+                model, tokenizer, examples[done:], sampling=sampling, batch_size=job.batch_size,
+                eos_token_ids=_eos_ids(tokenizer, model), seed=job.seed, first_index=done,
+                show_progress=show_progress,
+            )
+        ):
+            rec = recs[i]
+            row = {"instruction": rec.instruction, "input": rec.input, "output": text, "references": rec.outputs, **rec.metadata}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+    return out
+
+
+def _count_complete_lines(path: Path, multiple_of: int = 1) -> int:
+    """Lines already written, cut back to a whole number of batches (a torn tail is dropped)."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    lines = data.split(b"\n")[:-1]  # the part after the last newline is torn or empty
+    keep = len(lines) - len(lines) % multiple_of
+    cut = sum(len(x) + 1 for x in lines[:keep])
+    if cut != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+    return keep

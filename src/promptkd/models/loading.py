@@ -1,0 +1,266 @@
+"""Loading and saving teachers and students, and checking that a pair can be distilled.
+
+A model is named by a `ModelSpec`: a Hugging Face Hub id, a local `save_pretrained`
+directory, or a path to a `.gguf` file (llama.cpp format). GGUF weights are dequantised to
+dense tensors at load time and the result is an ordinary model that `save_model` can write
+in `save_pretrained` format.
+
+    from promptkd.models import ModelSpec, load_model_and_tokenizer
+    model, tokenizer = load_model_and_tokenizer(ModelSpec("~/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from promptkd.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+SPECIAL_TOKENS = ("eos", "pad", "bos", "unk")
+
+
+@dataclass
+class ModelSpec:
+    """Where a model comes from and how to load it.
+
+    path:              Hub id, local `save_pretrained` directory, or path to a `.gguf` file.
+    dtype:             "float32", "bfloat16", "float16" or "auto" (the checkpoint's own dtype).
+    gguf_file:         file name of a GGUF checkpoint inside `path` (a directory or Hub repo);
+                       not needed when `path` itself ends in `.gguf`.
+    revision:          Hub branch, tag or commit.
+    trust_remote_code: allow model code shipped with a Hub checkpoint to run.
+    """
+
+    path: str
+    dtype: str = "float32"
+    gguf_file: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        self.path = str(self.path)
+        if not self.path:
+            raise UserError("model path is empty: give a Hub id, a save_pretrained directory or a .gguf file")
+        if self.dtype not in DTYPES:
+            raise UserError(
+                f"model dtype {self.dtype!r} (for {self.path}) is not one of {sorted(DTYPES)}"
+            )
+
+
+def _looks_like_local_path(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or path.endswith(".gguf") or os.path.exists(path)
+
+
+def _resolve(spec: ModelSpec) -> tuple[str, str | None]:
+    """(directory or Hub id, gguf file name or None); raises UserError for a missing local path."""
+    path, gguf_file = spec.path, spec.gguf_file
+    if not _looks_like_local_path(path):
+        return path, gguf_file  # a Hub id: from_pretrained resolves (or rejects) it
+    local = Path(path).expanduser()
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise UserError(f"model file {local} does not exist (expected a .gguf checkpoint file)")
+        if gguf_file is not None and gguf_file != local.name:
+            raise UserError(
+                f"model path {local} is a .gguf file but gguf_file={gguf_file!r} names another one: "
+                "give either the file path or a directory plus gguf_file"
+            )
+        return str(local.parent), local.name
+    if not local.is_dir():
+        raise UserError(
+            f"model path {local} does not exist (expected a save_pretrained directory with "
+            "config.json and weights, or a .gguf file)"
+        )
+    if gguf_file is not None:
+        if not (local / gguf_file).is_file():
+            raise UserError(f"gguf_file {gguf_file!r} not found in model directory {local}")
+        return str(local), gguf_file
+    if not (local / "config.json").is_file():
+        ggufs = sorted(p.name for p in local.glob("*.gguf"))
+        hint = (
+            f"; it holds GGUF files {ggufs}: pass the file path or set gguf_file" if ggufs else ""
+        )
+        raise UserError(
+            f"model directory {local} has no config.json (expected a save_pretrained directory "
+            f"or a .gguf file){hint}"
+        )
+    return str(local), None
+
+
+def _gguf_dequantize_kwargs() -> dict:
+    """Ask transformers for a dense, unflagged model when its GGUF loader supports that."""
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:  # older transformers always dequantise GGUF and never flag the model
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def is_gguf_flagged(model) -> bool:
+    """True when transformers flags a (dense) GGUF-loaded model as quantised, so `save_pretrained` refuses."""
+    config = getattr(model.config, "quantization_config", None)
+    if config is None:
+        quantizer = getattr(model, "hf_quantizer", None)
+        config = getattr(quantizer, "quantization_config", None)
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() == "gguf"
+
+
+def dequantized_copy(model):
+    """A plain copy of a dequantised-but-flagged model (e.g. GGUF), which `save_pretrained` accepts.
+
+    The model is rebuilt from its config minus `quantization_config` on the meta device and
+    takes over the original's tensors (no copy of the weights), so the original must not be
+    used afterwards. Tied embeddings are re-tied. Models that are not GGUF-flagged are returned
+    as is.
+    """
+    if not is_gguf_flagged(model):
+        return model
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        new = type(model)(config)
+    new.load_state_dict(model.state_dict(), strict=True, assign=True)
+    # Non-persistent buffers (e.g. rotary inverse frequencies) are not in the state dict.
+    for name, buffer in model.named_buffers():
+        module_name, _, attr = name.rpartition(".")
+        new.get_submodule(module_name)._buffers[attr] = buffer
+    new.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        new.generation_config = copy.deepcopy(model.generation_config)
+    new.train(model.training)
+    return new
+
+
+def load_model_and_tokenizer(spec: ModelSpec | str):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        spec: a ModelSpec, or a path / Hub id (then dtype float32).
+    Returns:
+        (model, tokenizer): the model in eval mode, never flagged as quantised (GGUF weights
+        are dequantised); a tokenizer without a pad token gets pad = eos.
+    Raises:
+        UserError: a local path that does not exist or is not a model, an unknown dtype,
+        or a Hub id / directory transformers cannot load.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(spec, ModelSpec):
+        spec = ModelSpec(path=str(spec))
+    source, gguf_file = _resolve(spec)
+    common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    if gguf_file is not None:
+        common["gguf_file"] = gguf_file
+    model_kwargs = dict(common, dtype=DTYPES[spec.dtype])
+    if gguf_file is not None:
+        model_kwargs.update(_gguf_dequantize_kwargs())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    except OSError as err:
+        where = f"{source}/{gguf_file}" if gguf_file else source
+        raise UserError(
+            f"could not load model {where!r}: {err} (expected a Hub id, a save_pretrained "
+            "directory or a .gguf file)"
+        ) from err
+    model = dequantized_copy(model)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            logger.warning("tokenizer of %s has neither a pad nor an eos token", spec.path)
+        else:
+            # Pad positions are always masked out, so reusing eos as pad is safe.
+            logger.info("tokenizer of %s has no pad token; using eos %r as pad", spec.path, tokenizer.eos_token)
+            tokenizer.pad_token = tokenizer.eos_token
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save model (+ tokenizer if given) in save_pretrained format; GGUF-derived models too."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dequantized_copy(model).save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def output_vocab_size(model) -> int:
+    """Number of logits the model produces per position (rows of its output embedding)."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+def check_tokenizer_compatibility(teacher_tokenizer, student_tokenizer, teacher_model, student_model) -> int:
+    """Check a teacher and student can be compared token by token; return the logit slice size.
+
+    The KD losses compare p_T(v) with p_S(v) for every vocabulary id v, so both models must
+    use one tokenizer: same vocabulary (size and token -> id map) and same special-token ids
+    (eos, pad, bos, unk). Model output sizes may differ only by padding rows beyond the
+    tokenizer (both >= len(tokenizer)); then a warning is emitted and the smaller size is
+    returned.
+
+    Returns:
+        n such that `teacher_logits[..., :n]` and `student_logits[..., :n]` are comparable.
+    Raises:
+        UserError: naming both sizes, or the differing special tokens, and what to do.
+    """
+    fix = (
+        "the KD losses compare the two next-token distributions token by token, so teacher "
+        "and student must share one tokenizer: use a student from the same model family "
+        "(e.g. one made with make_student from this teacher)"
+    )
+    num_teacher_tokens, num_student_tokens = len(teacher_tokenizer), len(student_tokenizer)
+    if num_teacher_tokens != num_student_tokens:
+        raise UserError(
+            f"teacher tokenizer has {num_teacher_tokens} tokens but student tokenizer has "
+            f"{num_student_tokens}: {fix}"
+        )
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab != student_vocab:
+        differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()), key=lambda kv: kv[1])
+        token, token_id = differing[0]
+        raise UserError(
+            f"teacher and student tokenizers both have {num_teacher_tokens} tokens but different "
+            f"vocabularies ({len(differing)} differing token/id pairs, e.g. {token!r} -> {token_id}): {fix}"
+        )
+    special_diffs = [
+        f"{name}: teacher {getattr(teacher_tokenizer, f'{name}_token_id')}, "
+        f"student {getattr(student_tokenizer, f'{name}_token_id')}"
+        for name in SPECIAL_TOKENS
+        if getattr(teacher_tokenizer, f"{name}_token_id") != getattr(student_tokenizer, f"{name}_token_id")
+    ]
+    if special_diffs:
+        raise UserError(f"teacher and student special-token ids differ ({'; '.join(special_diffs)}): {fix}")
+    teacher_size, student_size = output_vocab_size(teacher_model), output_vocab_size(student_model)
+    for who, size in (("teacher", teacher_size), ("student", student_size)):
+        if size < num_teacher_tokens:
+            raise UserError(
+                f"{who} model has {size} output rows but its tokenizer has {num_teacher_tokens} "
+                f"tokens: the model cannot score every token id; check the {who} checkpoint "
+                "matches its tokenizer"
+            )
+    if teacher_size != student_size:
+        warnings.warn(
+            f"teacher model vocab size {teacher_size} != student model vocab size {student_size}; "
+            f"the tokenizers match ({num_teacher_tokens} tokens), so the extra rows are padding: "
+            f"logits are sliced to the first {min(teacher_size, student_size)}",
+            stacklevel=2,
+        )
+    return min(teacher_size, student_size)

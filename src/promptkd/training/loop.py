@@ -1,0 +1,545 @@
+"""The one training loop shared by every method.
+
+    promptkd train --config configs/promptkd.yaml
+
+`Trainer.setup()` loads the models, data and optimizers and prepares them with `accelerate`;
+`Trainer.train()` runs optimizer steps. Each step takes `gradient_accumulation_steps`
+micro-batches per process from a seeded, resumable data order and hands them to the method's
+`step()`, which computes losses and calls back into the trainer for the shared mechanics:
+forward passes with autocast, on-policy sampling, global-token normalisation, non-finite
+guards, clipping and optimizer steps. Evaluation, logging and checkpointing happen here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from promptkd.config import Config
+from promptkd.errors import UserError
+from promptkd.sampling import SequenceBatch
+from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from promptkd.training.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a NaN/Inf loss or gradient (train.nonfinite = stop)."""
+
+
+class DataOrder:
+    """Seeded epoch permutations; the state is one integer (examples consumed globally)."""
+
+    def __init__(self, num_examples: int, seed: int):
+        self.num_examples = num_examples
+        self.seed = seed
+        self.position = 0
+        self._epoch = -1
+        self._perm: list[int] = []
+
+    def _perm_for(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.num_examples, generator=g).tolist()
+            self._epoch = epoch
+        return self._perm
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.num_examples
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            epoch, idx = divmod(self.position, self.num_examples)
+            out.append(self._perm_for(epoch)[idx])
+            self.position += 1
+        return out
+
+
+class PromptState:
+    """Adapter so accelerate's checkpointing saves and restores a method's extra tensors."""
+
+    def __init__(self, get_state, set_state):
+        self._get, self._set = get_state, set_state
+
+    def state_dict(self):
+        return self._get()
+
+    def load_state_dict(self, state):
+        self._set(state)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True):
+        self.cfg = cfg
+        self.resume = resume
+        self.overwrite = overwrite
+        self.show_progress = show_progress
+        self.output_dir = Path(cfg.train.output_dir)
+        self.checkpoints_dir = self.output_dir / "checkpoints"
+        self.step = 0
+        self.nonfinite_skips = 0
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.teacher = None
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_output_dir(self) -> None:
+        cfg_file = self.output_dir / "config.yaml"
+        if self.resume:
+            return
+        if cfg_file.exists() or (self.checkpoints_dir).exists():
+            if not self.overwrite:
+                raise UserError(
+                    f"output directory {self.output_dir} already holds a run; "
+                    "pass --resume to continue it or --overwrite to replace it"
+                )
+            if self.accelerator.is_main_process:
+                shutil.rmtree(self.output_dir)
+            self.accelerator.wait_for_everyone()
+
+    def setup(self) -> Trainer:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from promptkd.methods import get_method_class
+        from promptkd.models.loading import ModelSpec, check_tokenizer_compatibility, load_model_and_tokenizer
+
+        cfg = self.cfg
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        self.accelerator = Accelerator(
+            cpu=cfg.train.cpu,
+            mixed_precision=cfg.train.mixed_precision,
+            step_scheduler_with_optimizer=False,  # our schedules count optimizer steps, not batches
+            log_with=cfg.train.trackers or None,
+            project_dir=str(self.output_dir),
+        )
+        self._check_output_dir()
+        set_seed(cfg.train.seed)
+
+        method_cls = get_method_class(cfg.method)
+        self.student, self.tokenizer = load_model_and_tokenizer(
+            ModelSpec(cfg.model.student, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        )
+        self.vocab_size = self.student.get_output_embeddings().weight.shape[0]
+        if method_cls.needs_teacher(cfg):
+            self.teacher, teacher_tok = load_model_and_tokenizer(
+                ModelSpec(cfg.model.teacher, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+            )
+            self.vocab_size = check_tokenizer_compatibility(teacher_tok, self.tokenizer, self.teacher, self.student)
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+            self.teacher.to(self.accelerator.device)
+        if cfg.train.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.student.config.use_cache = False
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.eos_token_ids = _eos_ids(self.tokenizer, self.student)
+
+        self.method = method_cls(self)
+        self.train_examples = self.method.load_train_examples()
+        self.dev_examples = self._load_dev_examples()
+        self.data_order = DataOrder(len(self.train_examples), cfg.train.seed)
+
+        self.student_optimizer = build_optimizer(
+            self.student.parameters(),
+            lr=cfg.train.learning_rate,
+            weight_decay=cfg.train.weight_decay,
+            betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        )
+        self.student_scheduler = build_scheduler(
+            self.student_optimizer,
+            name=cfg.train.lr_scheduler,
+            warmup_steps=cfg.train.warmup_steps,
+            total_steps=cfg.train.max_steps,
+        )
+        self.student, self.student_optimizer, self.student_scheduler = self.accelerator.prepare(
+            self.student, self.student_optimizer, self.student_scheduler
+        )
+        self.method.setup()
+        self.accelerator.register_for_checkpointing(PromptState(self._extra_state, self._load_extra_state))
+
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        if self.resume:
+            self._restore()
+        elif self.accelerator.is_main_process:
+            cfg.save(self.output_dir / "config.yaml")
+            self.metrics_path.write_text("", encoding="utf-8")
+        if cfg.train.trackers:
+            self.accelerator.init_trackers("promptkd", config=_flatten(cfg.to_dict()))
+        self.accelerator.wait_for_everyone()
+        return self
+
+    def _load_dev_examples(self):
+        if not self.cfg.data.dev:
+            return []
+        from promptkd.data.dataset import build_examples
+        from promptkd.data.records import load_records
+
+        records = load_records(self.cfg.data.dev, split=self.cfg.data.dev_split)
+        examples, _ = build_examples(
+            records,
+            self.tokenizer,
+            template=self.cfg.data.template,
+            max_prompt_length=self.cfg.data.max_prompt_length,
+            max_length=self.cfg.data.max_length,
+            source=self.cfg.data.dev,
+        )
+        if self.cfg.data.max_dev_examples:
+            examples = examples[: self.cfg.data.max_dev_examples]
+        return examples
+
+    # ------------------------------------------------------------------ resume
+
+    def _extra_state(self) -> dict:
+        return self.method.extra_state_dict()
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.method.load_extra_state_dict(state)
+
+    def _trainer_state(self) -> dict:
+        offset = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+        return {
+            "step": self.step,
+            "data_position": self.data_order.position,
+            "metrics_offset": offset,
+            "nonfinite_skips": self.nonfinite_skips,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "world_size": self.accelerator.num_processes,
+        }
+
+    def _restore(self) -> None:
+        ckpt = latest_checkpoint(self.checkpoints_dir)
+        if ckpt is None:
+            raise UserError(
+                f"--resume: no complete checkpoint under {self.checkpoints_dir} "
+                "(set train.save_every so runs write checkpoints, or start without --resume)"
+            )
+        self.accelerator.load_state(str(ckpt))
+        state = load_trainer_state(ckpt)
+        self.step = state["step"]
+        self.data_order.position = state["data_position"]
+        self.nonfinite_skips = state["nonfinite_skips"]
+        self.best_metric, self.best_step = state["best_metric"], state["best_step"]
+        if self.accelerator.is_main_process and self.metrics_path.exists():
+            with open(self.metrics_path, "r+b") as f:  # drop records logged after the checkpoint
+                f.truncate(state["metrics_offset"])
+        logger.info("resumed from %s at step %d", ckpt, self.step)
+
+    # ------------------------------------------------------------------ shared mechanics
+
+    @property
+    def unwrapped_student(self):
+        return self.accelerator.unwrap_model(self.student)
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def response_logits(self, model, batch: SequenceBatch, **kwargs) -> torch.Tensor:
+        """Logits predicting the response columns: (B, T - P, V) aligned with batch.loss_mask[:, P:].
+
+        Prompts are left-padded, so every response token sits at a column >= P and only the
+        last T - P + 1 positions need the LM head (`logits_to_keep`).
+        """
+        keep = batch.input_ids.shape[1] - batch.prompt_length + 1
+        with self.autocast():
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                logits_to_keep=keep,
+                use_cache=False,
+                **kwargs,
+            )
+        return out.logits[:, :-1, : self.vocab_size]  # (B, T - P, V)
+
+    @staticmethod
+    def response_mask(batch: SequenceBatch) -> torch.Tensor:
+        return batch.loss_mask[:, batch.prompt_length :]  # (B, T - P)
+
+    def sample(self, examples, model=None) -> SequenceBatch:
+        """Sampled responses (of the current student unless `model` is given) for these prompts."""
+        from promptkd.data.collate import collate_prompts
+        from promptkd.sampling import SamplingConfig, sample_responses
+
+        prompt_ids, prompt_mask = collate_prompts(examples, self.pad_token_id)
+        s = self.cfg.sampling
+        with self.autocast():
+            batch = sample_responses(
+                model if model is not None else self.unwrapped_student,
+                prompt_ids.to(self.accelerator.device),
+                prompt_mask.to(self.accelerator.device),
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=self.pad_token_id,
+                config=SamplingConfig(
+                    max_new_tokens=s.max_new_tokens,
+                    temperature=s.temperature,
+                    top_k=s.top_k,
+                    top_p=s.top_p,
+                    do_sample=s.do_sample,
+                ),
+            )
+        return batch
+
+    def collate(self, examples) -> SequenceBatch:
+        from promptkd.data.collate import collate_sequences
+
+        return collate_sequences(examples, self.pad_token_id).to(self.accelerator.device)
+
+    def global_token_count(self, batches: list[SequenceBatch]) -> float:
+        """Response tokens of this optimizer step summed over micro-batches and processes."""
+        local = sum(self.response_mask(b).sum() for b in batches)
+        total = self.accelerator.reduce(torch.as_tensor(local, device=self.accelerator.device, dtype=torch.float64), "sum")
+        return float(total.item())
+
+    def loss_scale(self, global_tokens: float) -> float:
+        """Multiply a micro-batch's summed loss by this so gradients equal sum / global tokens.
+
+        DDP averages gradients over processes, hence the factor num_processes.
+        """
+        return self.accelerator.num_processes / max(global_tokens, 1.0)
+
+    def reduce_sum(self, value: float) -> float:
+        t = torch.tensor(float(value), device=self.accelerator.device, dtype=torch.float64)
+        return float(self.accelerator.reduce(t, "sum").item())
+
+    def all_reduce_grads(self, params) -> None:
+        """Average gradients of parameters not wrapped by DDP (the soft prompt) over processes."""
+        if self.accelerator.num_processes == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                p.grad = self.accelerator.reduce(p.grad, "mean")
+
+    def apply_update(self, name: str, optimizer, scheduler, params, loss_value: float) -> dict:
+        """Non-finite guard, clipping, optimizer and scheduler step for one parameter set."""
+        params = list(params)
+        max_norm = self.cfg.train.max_grad_norm
+        if max_norm > 0:
+            grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        else:
+            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+            grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+        grad_norm = float(grad_norm)
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        finite = self.reduce_sum(0.0 if finite else 1.0) == 0.0
+        lr = scheduler.get_last_lr()[0]
+        if finite:
+            optimizer.step()
+        else:
+            self._on_nonfinite(name, loss_value, grad_norm)
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return {f"{name}/grad_norm": grad_norm, f"{name}/lr": lr}
+
+    def _on_nonfinite(self, name: str, loss_value: float, grad_norm: float) -> None:
+        self.nonfinite_skips += 1
+        msg = (
+            f"non-finite {name} update at step {self.step + 1} (loss {loss_value}, grad norm {grad_norm})"
+        )
+        if self.cfg.train.nonfinite == "stop" or self.nonfinite_skips >= self.cfg.train.max_nonfinite_skips:
+            self.save(final=False)
+            raise NonFiniteError(
+                msg + f"; stopped with a checkpoint at step {self.step} in {self.checkpoints_dir} "
+                "(lower train.learning_rate, try train.mixed_precision no, or set train.nonfinite skip)"
+            )
+        warnings.warn(msg + f"; update skipped ({self.nonfinite_skips} so far)", RuntimeWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ data
+
+    def next_micro_batches(self) -> list[list]:
+        """This process's micro-batches for the next optimizer step (accumulation x batch_size)."""
+        t = self.cfg.train
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        indices = self.data_order.take(t.batch_size * t.gradient_accumulation_steps * world)
+        out = []
+        for m in range(t.gradient_accumulation_steps):
+            start = (m * world + rank) * t.batch_size
+            out.append([self.train_examples[i] for i in indices[start : start + t.batch_size]])
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if not self.dev_examples:
+            return {}
+        if self.cfg.train.eval_metric == "loss":
+            return {"dev/loss": self._dev_loss()}
+        return {"dev/rougeL": self._dev_rouge()}
+
+    def _dev_loss(self) -> float:
+        model = self.unwrapped_student
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0.0
+        bs = self.cfg.train.batch_size
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        for i in range(rank * bs, len(self.dev_examples), bs * world):
+            batch = self.collate(self.dev_examples[i : i + bs])
+            logits = self.response_logits(model, batch).float()
+            mask = self.response_mask(batch)
+            targets = batch.input_ids[:, batch.prompt_length :]
+            nll = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
+            total += float(nll)
+            count += float(mask.sum())
+        model.train(was_training)
+        return self.reduce_sum(total) / max(self.reduce_sum(count), 1.0)
+
+    def _dev_rouge(self) -> float:
+        from promptkd.evaluation.metric import corpus_rouge_l
+
+        model = self.unwrapped_student
+        was_training = model.training
+        preds, refs = [], []
+        bs = self.cfg.train.batch_size
+        for i in range(0, len(self.dev_examples), bs):
+            chunk = self.dev_examples[i : i + bs]
+            batch = self.sample(chunk)
+            resp = batch.input_ids[:, batch.prompt_length :]
+            mask = batch.loss_mask[:, batch.prompt_length :]
+            for row, m, ex in zip(resp, mask, chunk):
+                preds.append(self.tokenizer.decode(row[m], skip_special_tokens=True).strip())
+                refs.append(ex.references)
+        model.train(was_training)
+        return corpus_rouge_l(preds, refs)
+
+    # ------------------------------------------------------------------ outputs
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.cfg.train.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def save(self, final: bool) -> None:
+        save_checkpoint(
+            self.accelerator, self.checkpoints_dir, self.step, self._trainer_state(), self.cfg.train.keep_last
+        )
+        if final:
+            self.export(self.output_dir / "final")
+
+    def export(self, out_dir: Path) -> None:
+        """Student in save_pretrained format (+ tokenizer) and the method's artefacts."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            student = self.unwrapped_student
+            student.save_pretrained(tmp / "student", safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "student")
+            self.method.export(tmp)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.rename(tmp, out_dir)
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg.train
+        self.student.train()
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=f"{self.cfg.method}",
+            disable=not (self.show_progress and self.accelerator.is_main_process),
+            dynamic_ncols=True,
+        )
+        last = {}
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            micro_batches = self.next_micro_batches()
+            metrics = self.method.step(micro_batches)
+            self.step += 1
+            dt = time.perf_counter() - t0
+            trained = self.reduce_sum(metrics.pop("_trained_tokens", 0.0))
+            generated = self.reduce_sum(metrics.pop("_generated_tokens", 0.0))
+            record = {"step": self.step, "epoch": round(self.data_order.epoch, 4), **metrics}
+            record.update(step_time=dt, trained_tokens_per_s=trained / dt, generated_tokens=generated)
+            if self.nonfinite_skips:
+                record["nonfinite_skips"] = self.nonfinite_skips
+            do_eval = bool(self.dev_examples) and (
+                (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps
+            )
+            if do_eval:
+                record.update(self.evaluate())
+                self._maybe_save_best(record)
+            if self.step % cfg.log_every == 0 or do_eval or self.step == cfg.max_steps:
+                self.log(record)
+            last = record
+            loss_key = next((k for k in record if k.endswith("loss")), None)
+            bar.set_postfix(
+                {
+                    **({loss_key: f"{record[loss_key]:.4f}"} if loss_key else {}),
+                    "s/step": f"{dt:.2f}",
+                    "tok/s": f"{record['trained_tokens_per_s']:.0f}",
+                },
+                refresh=False,
+            )
+            bar.update(1)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save(final=False)
+        bar.close()
+        self.save(final=True)
+        if cfg.trackers:
+            self.accelerator.end_training()
+        return last
+
+    def _maybe_save_best(self, record: dict) -> None:
+        key = "dev/loss" if self.cfg.train.eval_metric == "loss" else "dev/rougeL"
+        value = record.get(key)
+        if value is None:
+            return
+        better = self.best_metric is None or (value < self.best_metric if key == "dev/loss" else value > self.best_metric)
+        if better:
+            self.best_metric, self.best_step = value, self.step
+            record["best"] = True
+            self.export(self.output_dir / "best")
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for v in (tokenizer.eos_token_id, gen_eos):
+        if v is None:
+            continue
+        for i in v if isinstance(v, (list, tuple)) else [v]:
+            if i not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise UserError("the tokenizer has no EOS token: set tokenizer.eos_token (responses end with EOS)")
+    return ids
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> dict:
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, show_progress=show_progress).setup()
+    return trainer.train()

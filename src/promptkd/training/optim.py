@@ -1,0 +1,21 @@
+"""Optimizers and LR schedules (AdamW + constant-after-warm-up by default, SPEC 4)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import get_scheduler
+
+
+def build_optimizer(params, *, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over `params`; biases and norm weights (1-D tensors) get no weight decay."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def build_scheduler(optimizer, *, name: str, warmup_steps: int, total_steps: int):
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
