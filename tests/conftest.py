@@ -38,3 +38,10 @@ def tiny_pair_dirs(tmp_path):
 @pytest.fixture
 def tiny_jsonl(tmp_path):
     return write_tiny_jsonl(tmp_path / "data" / "train.jsonl", 16)
+
+
+def pytest_configure(config):
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

@@ -40,6 +40,7 @@ def _one_thread():
     yield
     torch.set_num_threads(previous)
 
+
 # ---------------------------------------------------------------------------------------------
 # Slow float64 references: one position at a time, one vocabulary entry at a time.
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +252,9 @@ def test_generalized_jsd_beta_is_not_swapped():
     assert jsd(0.9) > 1.1 * jsd(0.1)
     assert jsd(0.9, q=p_logits, p=q_logits) < jsd(0.1, q=p_logits, p=q_logits) / 1.1
     for beta in (0.1, 0.9):
-        assert jsd(beta) == pytest.approx(_loss_ref("generalized_jsd", q_logits, p_logits, beta=beta))
+        assert jsd(beta) == pytest.approx(
+            _loss_ref("generalized_jsd", q_logits, p_logits, beta=beta)
+        )
     # Exchanging p and q is the same as exchanging beta and 1 - beta.
     assert jsd(0.9) == pytest.approx(jsd(0.1, q=p_logits, p=q_logits))
 
@@ -351,6 +354,25 @@ def test_chunked_equals_unchunked(name, needs_grad):
             assert g0 is None and g1 is None
 
 
+def test_chunked_handles_non_contiguous_inputs():
+    """Shifted logits (``logits[:, :-1]``) are strided views; chunks index them directly."""
+    logits, target, mask = _inputs(shape=(3, 6, 10), seed=3)
+    mask[:, :-1] = True
+    logits.requires_grad_()
+    target.requires_grad_()
+    grads = []
+    for chunk_size in (None, 4):
+        value = skew_reverse_kl(logits[:, :-1], target[:, :-1], mask[:, 1:], chunk_size=chunk_size)
+        grads.append(torch.autograd.grad(value, (logits, target)))
+        want = _loss_ref(
+            "skew_reverse_kl", logits[:, :-1].detach(), target[:, :-1].detach(), mask[:, 1:]
+        )
+        assert value.item() == pytest.approx(want, rel=1e-5)
+    for g_unchunked, g_chunked in zip(*grads, strict=True):
+        torch.testing.assert_close(g_chunked, g_unchunked, rtol=1e-6, atol=1e-7)
+        assert torch.all(g_chunked[:, -1] == 0.0)
+
+
 def test_chunked_forward_keeps_only_its_inputs_for_backward():
     """The point of chunking: (N, V) float32 intermediates are not held until backward."""
     logits = torch.randn(64, 50, requires_grad=True)
@@ -368,7 +390,8 @@ def test_chunked_forward_keeps_only_its_inputs_for_backward():
             generalized_jsd(logits, target, chunk_size=chunk_size)
         return sum(sizes)
 
-    assert saved_bytes(8) <= input_bytes
+    index_bytes = 64 * 8  # the selected row indices, int64
+    assert saved_bytes(8) <= input_bytes + index_bytes
     assert saved_bytes(None) >= 4 * input_bytes
 
 
@@ -407,6 +430,18 @@ def test_reductions_are_consistent(name):
     torch.testing.assert_close(mean, total / mask.sum())
     # mask=None selects everything.
     assert fn(logits, target, reduction="none").shape == (mask.numel(),)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_single_distribution_and_no_leading_dims(chunk_size):
+    logits, target, _ = _inputs(shape=(7,))
+    want = _loss_ref("reverse_kl", logits[None], target[None])
+    got = reverse_kl(logits, target, chunk_size=chunk_size)
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    got = reverse_kl(logits, target, torch.tensor(True), chunk_size=chunk_size)
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    got = reverse_kl(logits, target, torch.tensor(False), chunk_size=chunk_size, reduction="sum")
+    assert got.item() == 0.0
 
 
 def test_masked_positions_are_never_read():
@@ -464,7 +499,7 @@ def test_get_divergence_errors():
 )
 def test_weight_out_of_range_is_a_value_error_naming_it(fn, params):
     logits, target, _ = _inputs()
-    (key, value), = params.items()
+    ((key, value),) = params.items()
     with pytest.raises(ValueError, match=rf"{key}.*{value}"):
         fn(logits, target, **params)
 

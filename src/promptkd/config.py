@@ -311,11 +311,23 @@ def _cross_checks(cfg: Config) -> list[str]:
         )
     if cfg.train.eval_metric == "rougeL" and not cfg.data.dev and cfg.train.eval_every:
         problems.append("'train.eval_every' is set but 'data.dev' is not: give dev data or set eval_every 0")
-    if cfg.train.warmup_steps > cfg.train.max_steps:
-        problems.append(
-            f"'train.warmup_steps' = {cfg.train.warmup_steps} exceeds 'train.max_steps' = {cfg.train.max_steps}"
-        )
     return problems
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not meant (the trainer warns with these)."""
+    out = []
+    if cfg.train.warmup_steps > cfg.train.max_steps:
+        out.append(
+            f"train.warmup_steps = {cfg.train.warmup_steps} exceeds train.max_steps = {cfg.train.max_steps}: "
+            "the learning rate never reaches its peak"
+        )
+    for name, section in METHOD_SECTIONS.items():
+        if name != cfg.method and getattr(cfg, section) != type(getattr(cfg, section))():
+            out.append(f"the '{section}' section is set but method is '{cfg.method}': it is ignored")
+    if cfg.method in TEACHER_FREE_METHODS and cfg.model.teacher:
+        out.append(f"model.teacher is set but method '{cfg.method}' uses no teacher: it is ignored")
+    return out
 
 
 def config_from_dict(data: dict, *, check_required: bool = True) -> Config:

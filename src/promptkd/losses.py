@@ -17,15 +17,19 @@ KL(q || p) (mode seeking). Gradients flow into whichever argument requires grad 
 
 How the work is done:
 
-1. Selected rows are gathered first, ``logits[mask]`` -> (N, V), so masked positions cost
-   nothing (and are never read: NaN there does not leak into the loss).
+1. Only selected positions are read: masked positions cost nothing, and NaN there does not
+   leak into the loss.
 2. Log-softmax is taken in float32 (float64 inputs stay float64), whatever the input dtype.
-3. Rows are processed ``chunk_size`` at a time by a custom autograd function that keeps only
-   its (N, V) inputs for backward and, in backward, recomputes each chunk and takes its
-   gradient before moving to the next one. Peak extra memory is therefore a few
-   (chunk_size, V) float32 tensors instead of a few (N, V) ones, at the price of one extra
-   forward per chunk (activation checkpointing, done per chunk). Chunked and unchunked
-   results agree to float rounding, values and gradients.
+3. Up to ``chunk_size`` selected rows (or chunk_size=None): plain autograd on the gathered
+   (N, V) rows, ``logits[mask]``. More rows: a custom autograd function gathers, upcasts and
+   evaluates ``chunk_size`` rows at a time and keeps only the original inputs (and the row
+   indices) for backward; its backward recomputes one chunk at a time with autograd on and
+   scatters that chunk's gradient into the input-shaped gradient. Peak extra memory is then
+   the gradient plus a few (chunk_size, V) float32 tensors, instead of (N, V) copies of the
+   selected rows plus a few (N, V) float32 intermediates held from forward to backward; the
+   price is one extra forward per chunk (activation checkpointing, per chunk). Chunked and
+   unchunked results agree to float rounding, values and gradients.
+   ``benchmarks/bench_losses.py`` measures both.
 4. ``0 log 0 = 0``: vocabulary entries with probability 0 (e.g. logits set to -inf to mask
    part of the vocabulary) contribute nothing and get zero gradient, never NaN. A target with
    mass where the trained distribution has none gives +inf, as the formula says.
@@ -151,40 +155,50 @@ def _total_variation_rows(logits: torch.Tensor, target_logits: torch.Tensor) -> 
 
 
 class _ChunkedRows(torch.autograd.Function):
-    """Per-row divergence of (N, V) inputs, ``chunk_size`` rows at a time.
+    """Per-position divergence of the selected rows, ``chunk_size`` rows at a time.
 
-    Forward runs without autograd and saves only the two inputs. Backward recomputes one chunk
-    at a time with autograd on, takes that chunk's gradient and writes it into a preallocated
-    (N, V) buffer, so the float32 intermediates of only one chunk are alive at once.
+    ``positions`` holds one (N,) row index tensor per leading dim of the inputs
+    (``mask.nonzero(as_tuple=True)``, or an arange over (M, V) inputs when there is no mask).
+    Forward gathers, upcasts and evaluates one chunk of rows at a time without autograd and
+    saves only the original inputs and the indices. Backward gathers and recomputes one chunk
+    at a time with autograd on and scatters that chunk's gradient into a zero-initialised
+    buffer shaped like the input, so neither an (N, V) copy of the selected rows nor more than
+    one chunk's float32 intermediates is ever alive.
     """
 
     @staticmethod
-    def forward(ctx, row_fn, chunk_size, logits, target_logits):
-        ctx.row_fn = row_fn
-        ctx.chunk_size = chunk_size
-        ctx.save_for_backward(logits, target_logits)
-        chunks = zip(logits.split(chunk_size), target_logits.split(chunk_size), strict=True)
-        return torch.cat([row_fn(lg, tg) for lg, tg in chunks])  # (N,)
+    def forward(ctx, row_fn, chunk_size, positions, logits, target_logits):
+        ctx.row_fn, ctx.chunk_size = row_fn, chunk_size
+        ctx.save_for_backward(logits, target_logits, *positions)
+        values = []
+        for start in range(0, positions[0].numel(), chunk_size):
+            rows = tuple(index[start : start + chunk_size] for index in positions)
+            values.append(row_fn(logits[rows], target_logits[rows]))  # (chunk,)
+        return torch.cat(values)  # (N,)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_rows):
-        logits, target_logits = ctx.saved_tensors
-        need_logits, need_target = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        grad_logits = torch.empty_like(logits) if need_logits else None
-        grad_target = torch.empty_like(target_logits) if need_target else None
-        for start in range(0, logits.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
+    def backward(ctx, grad_values):
+        logits, target_logits, *positions = ctx.saved_tensors
+        need_logits, need_target = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        grad_logits = torch.zeros_like(logits) if need_logits else None
+        grad_target = torch.zeros_like(target_logits) if need_target else None
+        chunk_size = ctx.chunk_size
+        for start in range(0, positions[0].numel(), chunk_size):
+            rows = tuple(index[start : start + chunk_size] for index in positions)
             with torch.enable_grad():
-                lg = logits[rows].detach().requires_grad_(need_logits)
-                tg = target_logits[rows].detach().requires_grad_(need_target)
+                lg = logits[rows].requires_grad_(need_logits)  # (chunk, V), a fresh copy
+                tg = target_logits[rows].requires_grad_(need_target)
                 wanted = [x for x in (lg, tg) if x.requires_grad]
-                grads = iter(torch.autograd.grad(ctx.row_fn(lg, tg), wanted, grad_rows[rows]))
+                values = ctx.row_fn(lg, tg)  # (chunk,)
+                grads = iter(
+                    torch.autograd.grad(values, wanted, grad_values[start : start + chunk_size])
+                )
             if need_logits:
                 grad_logits[rows] = next(grads)
             if need_target:
                 grad_target[rows] = next(grads)
-        return None, None, grad_logits, grad_target
+        return None, None, None, grad_logits, grad_target
 
 
 def _check_unit_interval(name: str, value: float, loss: str) -> None:
@@ -209,7 +223,9 @@ def _divergence(
             "or pad the smaller vocabulary's logits with -inf)"
         )
     if logits.ndim < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"logits need a non-empty last (vocabulary) dim, got {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits need a non-empty last (vocabulary) dim, got {tuple(logits.shape)}"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if chunk_size is not None and (
@@ -217,25 +233,34 @@ def _divergence(
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
-    vocab_size = logits.shape[-1]
-    if mask is None:
-        rows, target_rows = logits.reshape(-1, vocab_size), target_logits.reshape(-1, vocab_size)
-    else:
-        if mask.dtype != torch.bool:
-            # An integer 0/1 mask would silently index rows 0 and 1 instead of selecting.
-            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}; pass mask.bool()")
-        if mask.shape != logits.shape[:-1]:
-            raise ValueError(
-                f"mask shape {tuple(mask.shape)} must equal the logits shape without its last "
-                f"dim, {tuple(logits.shape[:-1])}"
-            )
-        rows, target_rows = logits[mask], target_logits[mask]  # (N, V) each
-    num_rows = rows.shape[0]
+    if mask is not None and mask.dtype != torch.bool:
+        # An integer 0/1 mask would silently index rows 0 and 1 instead of selecting.
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}; pass mask.bool()")
+    if mask is not None and mask.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} must equal the logits shape without its last "
+            f"dim, {tuple(logits.shape[:-1])}"
+        )
 
-    if chunk_size is None or num_rows <= chunk_size:
-        per_row = row_fn(rows, target_rows)  # (N,)
+    if logits.ndim == 1:  # a single distribution is one row
+        logits, target_logits = logits.unsqueeze(0), target_logits.unsqueeze(0)
+        mask = None if mask is None else mask.reshape(1)
+    if mask is None:
+        # Every position is selected: (M, V) views, no copy for contiguous inputs.
+        logits = logits.reshape(-1, logits.shape[-1])
+        target_logits = target_logits.reshape(-1, logits.shape[-1])
+        positions = (torch.arange(logits.shape[0], device=logits.device),)
+        selected = slice(None)
     else:
-        per_row = _ChunkedRows.apply(row_fn, chunk_size, rows, target_rows)  # (N,)
+        positions = mask.nonzero(as_tuple=True)  # one (N,) row index per leading dim
+        selected = positions
+
+    if chunk_size is None or positions[0].numel() <= chunk_size:
+        # Everything fits in one chunk: plain autograd is as lean and skips the recompute.
+        per_row = row_fn(logits[selected], target_logits[selected])  # (N, V) each -> (N,)
+    else:
+        per_row = _ChunkedRows.apply(row_fn, chunk_size, positions, logits, target_logits)
+    num_rows = per_row.shape[0]
 
     if reduction == "none":
         return per_row

@@ -24,7 +24,12 @@ from promptkd.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
 SPECIAL_TOKENS = ("eos", "pad", "bos", "unk")
 
 
@@ -49,7 +54,9 @@ class ModelSpec:
     def __post_init__(self):
         self.path = str(self.path)
         if not self.path:
-            raise UserError("model path is empty: give a Hub id, a save_pretrained directory or a .gguf file")
+            raise UserError(
+                "model path is empty: give a Hub id, a save_pretrained directory or a .gguf file"
+            )
         if self.dtype not in DTYPES:
             raise UserError(
                 f"model dtype {self.dtype!r} (for {self.path}) is not one of {sorted(DTYPES)}"
@@ -111,7 +118,11 @@ def is_gguf_flagged(model) -> bool:
     if config is None:
         quantizer = getattr(model, "hf_quantizer", None)
         config = getattr(quantizer, "quantization_config", None)
-    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    method = (
+        config.get("quant_method")
+        if isinstance(config, dict)
+        else getattr(config, "quant_method", None)
+    )
     return str(getattr(method, "value", method)).lower() == "gguf"
 
 
@@ -180,7 +191,11 @@ def load_model_and_tokenizer(spec: ModelSpec | str):
             logger.warning("tokenizer of %s has neither a pad nor an eos token", spec.path)
         else:
             # Pad positions are always masked out, so reusing eos as pad is safe.
-            logger.info("tokenizer of %s has no pad token; using eos %r as pad", spec.path, tokenizer.eos_token)
+            logger.info(
+                "tokenizer of %s has no pad token; using eos %r as pad",
+                spec.path,
+                tokenizer.eos_token,
+            )
             tokenizer.pad_token = tokenizer.eos_token
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None:
@@ -207,7 +222,9 @@ def output_vocab_size(model) -> int:
     return int(model.config.get_text_config().vocab_size)
 
 
-def check_tokenizer_compatibility(teacher_tokenizer, student_tokenizer, teacher_model, student_model) -> int:
+def check_tokenizer_compatibility(
+    teacher_tokenizer, student_tokenizer, teacher_model, student_model
+) -> int:
     """Check a teacher and student can be compared token by token; return the logit slice size.
 
     The KD losses compare p_T(v) with p_S(v) for every vocabulary id v, so both models must
@@ -234,7 +251,9 @@ def check_tokenizer_compatibility(teacher_tokenizer, student_tokenizer, teacher_
         )
     teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
     if teacher_vocab != student_vocab:
-        differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()), key=lambda kv: kv[1])
+        differing = sorted(
+            set(teacher_vocab.items()) ^ set(student_vocab.items()), key=lambda kv: kv[1]
+        )
         token, token_id = differing[0]
         raise UserError(
             f"teacher and student tokenizers both have {num_teacher_tokens} tokens but different "
@@ -244,10 +263,13 @@ def check_tokenizer_compatibility(teacher_tokenizer, student_tokenizer, teacher_
         f"{name}: teacher {getattr(teacher_tokenizer, f'{name}_token_id')}, "
         f"student {getattr(student_tokenizer, f'{name}_token_id')}"
         for name in SPECIAL_TOKENS
-        if getattr(teacher_tokenizer, f"{name}_token_id") != getattr(student_tokenizer, f"{name}_token_id")
+        if getattr(teacher_tokenizer, f"{name}_token_id")
+        != getattr(student_tokenizer, f"{name}_token_id")
     ]
     if special_diffs:
-        raise UserError(f"teacher and student special-token ids differ ({'; '.join(special_diffs)}): {fix}")
+        raise UserError(
+            f"teacher and student special-token ids differ ({'; '.join(special_diffs)}): {fix}"
+        )
     teacher_size, student_size = output_vocab_size(teacher_model), output_vocab_size(student_model)
     for who, size in (("teacher", teacher_size), ("student", student_size)):
         if size < num_teacher_tokens:

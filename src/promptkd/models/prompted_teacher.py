@@ -48,7 +48,9 @@ def prompt_init_ids(tokenizer, init_text: str, num_virtual_tokens: int) -> list[
     """Token ids of `init_text` (default special tokens), tiled or cut to `num_virtual_tokens`."""
     ids = list(tokenizer(init_text)["input_ids"])
     if not ids:
-        raise UserError(f"prompt init text {init_text!r} tokenizes to no tokens: give a non-empty text")
+        raise UserError(
+            f"prompt init text {init_text!r} tokenizes to no tokens: give a non-empty text"
+        )
     return (ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]
 
 
@@ -80,6 +82,11 @@ class PromptedTeacher(torch.nn.Module):
 
     The prompt is stored in float32 whatever the teacher's dtype and cast to it per forward.
     The wrapper's own train()/eval() do not touch the teacher: its mode is set per forward.
+
+    Raises:
+        UserError: num_virtual_tokens < 1, an unknown init, an init text with no tokens,
+        init="pad" without a pad token, or gradient_checkpointing with dropout off on an
+        architecture whose layers apply dropout themselves (OPT).
     """
 
     def __init__(
@@ -95,8 +102,14 @@ class PromptedTeacher(torch.nn.Module):
         super().__init__()
         from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
-        if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-            raise UserError(f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}")
+        if (
+            isinstance(num_virtual_tokens, bool)
+            or not isinstance(num_virtual_tokens, int)
+            or num_virtual_tokens < 1
+        ):
+            raise UserError(
+                f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}"
+            )
         try:
             init = PromptInit(init)
         except ValueError:
@@ -117,7 +130,9 @@ class PromptedTeacher(torch.nn.Module):
         )
         with warnings.catch_warnings():
             # peft 0.21 calls transformers' deprecated `is_gradient_checkpointing`.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+            )
             self.peft_model = get_peft_model(teacher, config)
         weight = self._prompt_weight
         with torch.no_grad():
@@ -125,11 +140,15 @@ class PromptedTeacher(torch.nn.Module):
             embed = teacher.get_input_embeddings()
             device = embed.weight.device
             if init is PromptInit.TEXT:
-                ids = torch.tensor(prompt_init_ids(tokenizer, init_text, num_virtual_tokens), device=device)
+                ids = torch.tensor(
+                    prompt_init_ids(tokenizer, init_text, num_virtual_tokens), device=device
+                )
                 weight.copy_(embed(ids).float())
             elif init is PromptInit.PAD:
                 if tokenizer.pad_token_id is None:
-                    raise UserError("prompt init 'pad' needs a tokenizer with a pad token; this one has none")
+                    raise UserError(
+                        "prompt init 'pad' needs a tokenizer with a pad token; this one has none"
+                    )
                 ids = torch.full((num_virtual_tokens,), tokenizer.pad_token_id, device=device)
                 weight.copy_(embed(ids).float())
         if self.gradient_checkpointing:
@@ -158,7 +177,9 @@ class PromptedTeacher(torch.nn.Module):
         """Restore the prompt in place (optimizers keep their reference to the parameter)."""
         weight = self._prompt_weight
         if PROMPT_KEY not in state_dict:
-            raise UserError(f"prompt state dict has keys {sorted(state_dict)}; expected {PROMPT_KEY!r}")
+            raise UserError(
+                f"prompt state dict has keys {sorted(state_dict)}; expected {PROMPT_KEY!r}"
+            )
         value = state_dict[PROMPT_KEY]
         if tuple(value.shape) != tuple(weight.shape):
             raise UserError(
@@ -191,7 +212,11 @@ class PromptedTeacher(torch.nn.Module):
             # once flagged as training; refuse rather than silently add dropout.
             for module in teacher.modules():
                 rate = getattr(module, "dropout", None)
-                if type(rate) is float and rate > 0 and getattr(module, "gradient_checkpointing", None) is not None:
+                if (
+                    type(rate) is float
+                    and rate > 0
+                    and getattr(module, "gradient_checkpointing", None) is not None
+                ):
                     raise UserError(
                         f"gradient_checkpointing with dropout off is not supported for "
                         f"{type(module).__name__} (its layers apply dropout {rate} themselves): "
@@ -226,7 +251,9 @@ class PromptedTeacher(torch.nn.Module):
         prompt = self.peft_model.get_prompt(batch_size=batch_size)  # (B, n, H) float32
         prompt = prompt.to(device=token_embeds.device, dtype=token_embeds.dtype)
         inputs_embeds = torch.cat([prompt, token_embeds], dim=1)  # (B, n + T, H)
-        mask = torch.cat([attention_mask.new_ones(batch_size, n), attention_mask], dim=1)  # (B, n + T)
+        mask = torch.cat(
+            [attention_mask.new_ones(batch_size, n), attention_mask], dim=1
+        )  # (B, n + T)
         out = teacher(
             inputs_embeds=inputs_embeds,
             attention_mask=mask,
@@ -253,7 +280,9 @@ class PromptedTeacher(torch.nn.Module):
         Loads back with `PeftModel.from_pretrained(teacher, out_dir)` or `load_adapter`.
         """
         out_dir = Path(out_dir)
-        self.peft_model.save_pretrained(str(out_dir))
+        # A prompt never changes the embedding matrix; "auto" would look the base model up on
+        # the Hub (network) to check for a resized vocabulary.
+        self.peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
         return out_dir
 
     def load_adapter(self, adapter_dir: str | Path) -> None:
@@ -269,7 +298,9 @@ class PromptedTeacher(torch.nn.Module):
             )
         config = PeftConfig.from_pretrained(str(adapter_dir))
         if config.peft_type != PeftType.PROMPT_TUNING:
-            raise UserError(f"adapter {adapter_dir} is {config.peft_type}, not a prompt-tuning adapter")
+            raise UserError(
+                f"adapter {adapter_dir} is {config.peft_type}, not a prompt-tuning adapter"
+            )
         if config.num_virtual_tokens != self.num_virtual_tokens:
             raise UserError(
                 f"adapter {adapter_dir} has num_virtual_tokens={config.num_virtual_tokens} but this "

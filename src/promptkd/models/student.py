@@ -77,7 +77,9 @@ def _validate_layers(layers, num_layers_total: int) -> list[int]:
         )
     duplicates = sorted({i for i in layers if layers.count(i) > 1})
     if duplicates:
-        raise UserError(f"layer indices {duplicates} are repeated in layers {layers}: keep each layer once")
+        raise UserError(
+            f"layer indices {duplicates} are repeated in layers {layers}: keep each layer once"
+        )
     if layers != sorted(layers):
         raise UserError(
             f"layers {layers} are not in increasing order: the student keeps the teacher's layer "
@@ -163,7 +165,9 @@ def make_student_from_path(
         out_dir as a Path.
     """
     if (layers is None) == (num_layers is None):
-        raise UserError("give exactly one of layers (indices to keep) or num_layers (how many to keep)")
+        raise UserError(
+            "give exactly one of layers (indices to keep) or num_layers (how many to keep)"
+        )
     spec = teacher if isinstance(teacher, ModelSpec) else ModelSpec(path=str(teacher), dtype=dtype)
     teacher_model, tokenizer = load_model_and_tokenizer(spec)
     parent, attr = _layer_stack(teacher_model)

@@ -116,7 +116,11 @@ class Trainer:
         from promptkd.methods import get_method_class
         from promptkd.models.loading import ModelSpec, check_tokenizer_compatibility, load_model_and_tokenizer
 
+        from promptkd.config import config_warnings
+
         cfg = self.cfg
+        for w in config_warnings(cfg):
+            warnings.warn(w, UserWarning, stacklevel=2)
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)

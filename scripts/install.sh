@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install promptkd (+ test extras) into the active Python environment.
+#   bash scripts/install.sh            # library + tests
+#   EXTRAS=dev bash scripts/install.sh
+# If a CPU build of torch 2.13.0 is available on this machine's local wheel store, it is used
+# (no multi-GB CUDA download); elsewhere pip picks torch as usual from the `torch>=2.2` bound.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${EXTRAS:-test}"
+PIP="python -m pip"
+if ! python -c "import torch" 2>/dev/null; then
+  if $PIP install -q --no-index --no-deps "torch==2.13.0" 2>/dev/null; then
+    echo "install: using the local torch 2.13.0 wheel"
+  fi
+fi
+# (the grep only hides this machine's harmless local-index warnings; pip's status is kept)
+$PIP install -q -e ".[${EXTRAS}]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+python -c "import promptkd, torch; print(f'install: promptkd {promptkd.__version__}, torch {torch.__version__}')"
