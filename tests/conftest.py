@@ -12,7 +12,8 @@ from promptkd.testing import byte_tokenizer, save_tiny_pair, tiny_llama, write_t
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -122,3 +122,9 @@ def test_config_reference_lists_every_key():
     ref = config_reference_markdown()
     for key in ("`promptkd.base_coef`", "`train.learning_rate`", "`sampling.top_k`", "`gkd.lmbda`", "`kd.kd_ratio`"):
         assert key in ref
+
+
+def test_readme_config_reference_is_current():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[0]
+    assert section == config_reference_markdown(), "run: python scripts/update_readme_config.py"

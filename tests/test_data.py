@@ -437,6 +437,52 @@ def test_collate_sequences_loss_mask_is_exactly_the_response(lengths):
         assert int(lm[b].sum()) == r and bool(lm[b, P + r - 1]) and ids[b, P + r - 1] == 257
 
 
+# Text pieces, including the special tokens' spellings: data text must never become special.
+_PIECES = st.sampled_from(["a", "b", " ", "\n", "\u00e9", "</s>", "<pad>", "<s>"])
+_TEXT = st.lists(_PIECES, min_size=1, max_size=6).map("".join)
+_TOK = byte_tokenizer()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(_TEXT, _TEXT), min_size=1, max_size=5),
+    st.integers(2, 32),
+    st.integers(1, 12),
+)
+def test_built_and_collated_loss_mask_is_the_response_up_to_the_first_eos(pairs, prompt_limit, room):
+    """Records -> build_examples -> collate: for random prompt/response lengths, dropped long
+    prompts, cut responses and text spelling special tokens, the loss mask covers exactly the
+    response tokens up to and including the first EOS (the appended one; none when the response
+    was cut), nothing after, never a prompt or pad column."""
+    tok = _TOK
+    records = [InstructionRecord(instr, "", [out], {}) for instr, out in [("a", "b"), *pairs]]  # "a\n" always fits
+    examples, stats = build_examples(
+        records, tok, template="plain", max_prompt_length=prompt_limit, max_length=prompt_limit + room
+    )
+    assert stats.num_kept == len(examples) == len(records) - stats.num_dropped_long_prompt
+    batch = collate_sequences(examples, tok.pad_token_id)
+    P, eos = batch.prompt_length, tok.eos_token_id
+    assert not batch.loss_mask[:, :P].any()
+    cut = 0
+    for b, ex_ in enumerate(examples):
+        resp = batch.input_ids[b, P:]
+        real = batch.attention_mask[b, P:].bool()
+        eos_at = [t for t in range(len(resp)) if real[t] and resp[t] == eos]
+        first = eos_at[0] if eos_at else int(real.sum()) - 1
+        expected = real & (torch.arange(len(resp)) <= first)
+        assert torch.equal(batch.loss_mask[b, P:], expected)
+        assert torch.equal(expected, real)  # nothing real after the first EOS
+        n = len(ex_.response_ids)
+        assert len(ex_.prompt_ids) <= prompt_limit and len(ex_.prompt_ids) + n <= prompt_limit + room
+        assert int(expected.sum()) == n and resp[:n].tolist() == ex_.response_ids
+        if eos_at:  # complete response: exactly one EOS, the last token; the text round-trips
+            assert eos_at == [n - 1] and tok.decode(resp[: n - 1]) == ex_.references[0]
+        else:  # cut to max_length: no EOS, and prompt + response fill the budget exactly
+            cut += 1
+            assert len(ex_.prompt_ids) + n == prompt_limit + room
+    assert cut == stats.num_truncated_response
+
+
 def test_end_to_end_with_tiny_jsonl(tiny_jsonl, tokenizer):
     records = load_records(str(tiny_jsonl))
     examples, stats = build_examples(records, tokenizer, source=str(tiny_jsonl))

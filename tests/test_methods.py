@@ -131,8 +131,23 @@ def test_nonfinite_loss_is_skipped_with_warning(tmp_path, tiny_pair_dirs, tiny_j
 
 
 def test_nonfinite_stop_writes_checkpoint(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
-    tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "promptkd", train={"nonfinite": "stop"})
+    """nonfinite stop: the bad update is skipped, the step finishes and is checkpointed as a
+    consistent state (prompt updated, student not, data and RNG past the step), then it raises."""
+    from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state
+
+    tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "promptkd", train={"nonfinite": "stop", "max_steps": 3})
+    student0 = snapshot(tr.unwrapped_student)
+    prompt0 = [p.detach().clone() for p in tr.method.prompt_params]
     monkeypatch.setattr(tr.method, "student_loss", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
-    with pytest.raises(NonFiniteError, match="non-finite student update at step 1.*stopped with a checkpoint"):
-        tr.method.step(tr.next_micro_batches())
-    assert (tr.checkpoints_dir / "latest").is_file()
+    with pytest.raises(NonFiniteError, match="non-finite student update at step 1.*stopped with a checkpoint at step 1"):
+        tr.train()
+    ckpt = latest_checkpoint(tr.checkpoints_dir)
+    assert ckpt is not None and ckpt.name == "step-00000001"
+    state = load_trainer_state(ckpt)
+    assert (state["step"], state["nonfinite_skips"], state["data_position"]) == (1, 1, 2)
+    for k, v in snapshot(tr.unwrapped_student).items():
+        assert torch.equal(v, student0[k]), "a non-finite update was applied"
+    assert any(not torch.equal(p, q) for p, q in zip(tr.method.prompt_params, prompt0, strict=True))
+    records = [json.loads(x) for x in (tr.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1] and records[0]["nonfinite_skips"] == 1
+    assert not (tr.output_dir / "final").exists()

@@ -490,3 +490,44 @@ def test_llama_left_padding_matches_unpadded_generation(tokenizer):
         n = alone.input_ids.shape[1] - len(prompt)
         response = batch.input_ids[row, batch.prompt_length :]
         assert torch.equal(response[:n], alone.input_ids[0, len(prompt) :])
+
+
+# --------------------------------------------------------------------------------------------
+# sample_responses end to end: property test with the scripted model
+# --------------------------------------------------------------------------------------------
+
+
+@st.composite
+def scripted_cases(draw):
+    vocab = 16
+    batch = draw(st.integers(1, 4))
+    max_new = draw(st.integers(1, 7))
+    eos_ids = draw(st.lists(st.integers(1, vocab - 1), min_size=1, max_size=2, unique=True))
+    pad = draw(st.one_of(st.sampled_from(eos_ids), st.integers(0, vocab - 1)))
+    token = st.integers(0, vocab - 1)  # prompts and responses may contain EOS and pad ids
+    prompts = draw(st.lists(st.lists(token, min_size=1, max_size=5), min_size=batch, max_size=batch))
+    script = draw(
+        st.lists(st.lists(token, min_size=max_new, max_size=max_new), min_size=batch, max_size=batch)
+    )
+    return prompts, script, eos_ids, pad, max_new
+
+
+@settings(max_examples=40, deadline=None)
+@given(scripted_cases())
+def test_sampled_loss_mask_is_exactly_the_response_up_to_the_first_eos(case):
+    """For random prompt lengths (left padding), EOS positions (or none), several EOS ids and a
+    pad id equal to an EOS or not: the loss mask covers exactly the generated tokens up to and
+    including the first EOS, never a prompt or pad column; the width is the longest response."""
+    prompts, script, eos_ids, pad, max_new = case
+    batch, _, ids, mask = run_scripted(prompts, script, eos=eos_ids, pad=pad, max_new_tokens=max_new)
+    check_invariants(batch, mask)
+    P = max(len(p) for p in prompts)
+    lengths = [next((t + 1 for t, tok in enumerate(row) if tok in eos_ids), max_new) for row in script]
+    assert batch.prompt_length == P and batch.input_ids.shape == (len(prompts), P + max(lengths))
+    assert torch.equal(batch.input_ids[:, :P], ids)
+    for b, (row, n) in enumerate(zip(script, lengths, strict=True)):
+        response_ids = batch.input_ids[b, P:].tolist()
+        assert batch.loss_mask[b].tolist() == [False] * P + [True] * n + [False] * (max(lengths) - n)
+        assert response_ids[:n] == row[:n]
+        assert response_ids[n:] == [pad] * (max(lengths) - n)
+        assert sum(tok in eos_ids for tok in response_ids[:n]) == (1 if row[n - 1] in eos_ids else 0)

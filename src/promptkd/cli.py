@@ -8,8 +8,10 @@
     promptkd demo
     promptkd config-reference
 
-User errors (bad files, flags, values) print one line `promptkd: error: ...` and exit 2;
-anything else is a bug and keeps its traceback.
+User errors (bad files, flags, values) print one line `promptkd: error: ...` and exit 2.
+Training that diverged under `train.nonfinite stop` (NaN/Inf loss or gradient) prints one line
+`promptkd: training stopped: ...` and exits 3; its last step is checkpointed, so the run can
+continue with --resume once the cause is fixed. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from promptkd.errors import UserError
+from promptkd.errors import NonFiniteError, UserError
 
 
 def _int_list(text: str) -> list[int]:
@@ -111,6 +113,8 @@ def _cmd_train(args, overrides: list[str]) -> int:
     from promptkd.training.loop import run_training
 
     resume = args.resume is not None
+    if resume and args.overwrite:
+        raise UserError("--resume continues a run and --overwrite replaces it: pass one of them")
     config_path = args.config
     if isinstance(args.resume, str):
         run_dir = Path(args.resume)
@@ -210,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"promptkd: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"promptkd: training stopped: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("promptkd: interrupted", file=sys.stderr)
         return 130

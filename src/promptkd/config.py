@@ -107,6 +107,9 @@ class TrainConfig:
     log_every: int = opt(1, "Write a metrics record every N optimizer steps.", min=1)
     trackers: list = opt([], "accelerate trackers, e.g. [tensorboard].")
     cpu: bool = opt(False, "Force CPU even when a GPU is present.")
+    sampler: str = opt(
+        "hf", "On-policy sampler backend from the promptkd.samplers registry; hf = transformers generate.",
+    )
     deterministic: bool = opt(False, "torch.use_deterministic_algorithms (slower; for exact resume tests).")
     nonfinite: str = opt(
         "skip", "On a NaN/Inf loss or gradient: skip the update (warn + count) or stop with a checkpoint.",

@@ -106,13 +106,14 @@ def _rouge(model_path: str, eval_file: Path, out_dir: Path, seeds: list[int], ma
 
 
 def run_demo(out: str | None = None, steps: int | None = None, cache_dir: str | None = None,
-             heal_steps: int = 60, seeds: tuple[int, ...] = (10, 20), max_new_tokens: int = 48) -> str:
+             heal_steps: int = 40, seeds: tuple[int, ...] = (10, 20), max_new_tokens: int = 32,
+             mixed_precision: str = "bf16") -> str:
     from promptkd.demo_data import write_demo_data
 
     t_start = time.perf_counter()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     run_dir = Path(out).expanduser() if out else cache / "demo-run"
-    steps = steps or 40
+    steps = steps or 30
     timings = {}
 
     t = time.perf_counter()
@@ -125,21 +126,20 @@ def run_demo(out: str | None = None, steps: int | None = None, cache_dir: str | 
         "data": {"train": str(train_file), "max_prompt_length": 128, "max_length": 192},
         "sampling": {"max_new_tokens": max_new_tokens},
     }
+    fast = {"batch_size": 4, "warmup_steps": 5, "seed": 1, "mixed_precision": mixed_precision}
     print(f"[demo] teacher {gguf}\n[demo] student {student_dir} (layers {STUDENT_LAYERS})", flush=True)
 
     print(f"[demo] 1/3 healing the pruned student: KD, {heal_steps} steps", flush=True)
     timings["heal (KD)"] = _train({
         **common, "method": "kd",
-        "train": {"output_dir": str(run_dir / "init"), "max_steps": heal_steps, "batch_size": 8,
-                  "learning_rate": 3e-4, "warmup_steps": 5, "seed": 1},
+        "train": {**fast, "output_dir": str(run_dir / "init"), "max_steps": heal_steps, "learning_rate": 3e-4},
     })
     init_dir = run_dir / "init" / "final" / "student"
 
     print(f"[demo] 2/3 PromptKD from that init: {steps} steps", flush=True)
     timings["PromptKD"] = _train({
         **common, "method": "promptkd", "model": {"teacher": str(gguf), "student": str(init_dir)},
-        "train": {"output_dir": str(run_dir / "promptkd"), "max_steps": steps, "batch_size": 8,
-                  "learning_rate": 5e-5, "warmup_steps": 5, "seed": 1},
+        "train": {**fast, "output_dir": str(run_dir / "promptkd"), "max_steps": steps, "learning_rate": 5e-5},
         "promptkd": {"prompt_learning_rate": 1e-3},
     })
 

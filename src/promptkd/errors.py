@@ -19,3 +19,11 @@ class ConfigError(UserError):
         self.problems = list(problems)
         msg = "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(msg)
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a NaN/Inf loss or gradient (train.nonfinite = stop, or too many skips).
+
+    Not a `UserError`: the input was valid but the optimisation diverged. The trainer writes a
+    resumable checkpoint first; the CLI prints the message on one line and exits with status 3.
+    """

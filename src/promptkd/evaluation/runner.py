@@ -6,15 +6,18 @@
 For every set and seed: sample one response per prompt (T = 1, top_k 0, top_p 1,
 no_repeat_ngram_size 6, up to 256 new tokens, prompt cut to its last 256 tokens), decode with
 special tokens skipped, strip, score ROUGE-L F (rouge-score, stemmer on, max over references,
-x 100). Writes `predictions_<set>_seed<k>.jsonl` (re-used when complete, so an interrupted
-evaluation continues), `scores.json`, `scores.csv`, and returns a Markdown table with the mean
-and standard deviation over seeds per set and their average.
+x 100). Writes `predictions_<set>_seed<k>.jsonl` with a `.meta.json` sidecar naming the model
+and generation settings (a file is re-used only when it is complete, was written for the same
+records and the same settings, so an interrupted evaluation continues and a changed one is
+redone), `scores.json`, `scores.csv`, `scores.md`, and returns a Markdown table with the mean
+and standard deviation (population std over seeds) per set and their average.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +25,8 @@ from pathlib import Path
 import torch
 
 from promptkd.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 PROTOCOL = {
     "temperature": 1.0,
@@ -82,7 +87,7 @@ def predict(model, tokenizer, examples, *, seed: int, job: EvalJob, desc: str) -
         model, tokenizer, [examples[i] for i in order], sampling=sampling, batch_size=job.batch_size,
         eos_token_ids=_eos_ids(tokenizer, model), seed=seed, desc=desc, show_progress=job.show_progress,
     )
-    for i, (_, text) in zip(order, gen):
+    for i, (_, text) in zip(order, gen, strict=True):
         texts[i] = text
     return texts
 
@@ -90,7 +95,7 @@ def predict(model, tokenizer, examples, *, seed: int, job: EvalJob, desc: str) -
 def run_evaluation(job: EvalJob, model=None, tokenizer=None) -> str:
     """Evaluate `job.model` (or an already loaded model/tokenizer); return the Markdown table."""
     from promptkd.data.dataset import build_examples
-    from promptkd.evaluation.datasets import load_eval_set
+    from promptkd.evaluation.datasets import EVAL_SETS, load_eval_set
     from promptkd.evaluation.metric import corpus_rouge_l
     from promptkd.models.loading import ModelSpec, load_model_and_tokenizer
 
@@ -98,13 +103,21 @@ def run_evaluation(job: EvalJob, model=None, tokenizer=None) -> str:
         raise UserError("eval: --datasets is empty; name at least one set (dolly, selfinst, vicuna, sinst, uinst)")
     if not job.seeds:
         raise UserError("eval: --seeds is empty")
+    if len(set(job.seeds)) != len(job.seeds):
+        raise UserError(f"eval: --seeds {job.seeds} repeats a seed")
+    set_names = [str(n) if str(n) in EVAL_SETS else Path(str(n)).stem for n in job.datasets]
+    if len(set(set_names)) != len(set_names):
+        raise UserError(f"eval: --datasets {job.datasets} gives two sets the same name {set_names}: "
+                        "rename one file (outputs are named after the file stem)")
+    if model is not None and tokenizer is None:
+        raise ValueError("run_evaluation: pass the tokenizer together with a loaded model")
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
         model, tokenizer = load_model_and_tokenizer(ModelSpec(job.model, dtype=job.dtype))
     model.eval()
     scores: dict[str, dict[int, float]] = {}
-    for name in job.datasets:
+    for name, set_name in zip(job.datasets, set_names, strict=True):
         records = load_eval_set(name, job.data_dir)
         if job.limit:
             records = records[: job.limit]
@@ -113,15 +126,15 @@ def run_evaluation(job: EvalJob, model=None, tokenizer=None) -> str:
             max_length=job.max_prompt_length + job.max_new_tokens, drop_long_prompts=False,
             with_responses=False, source=str(name),
         )
-        set_name = Path(name).stem if name.endswith(".jsonl") else name
         scores[set_name] = {}
         for seed in job.seeds:
             pred_file = out / f"predictions_{set_name}_seed{seed}.jsonl"
-            texts = _read_predictions(pred_file, len(examples))
+            meta = _prediction_meta(job, seed, len(records))
+            texts = _read_predictions(pred_file, records, meta)
             if texts is None:
                 with torch.no_grad():
                     texts = predict(model, tokenizer, examples, seed=seed, job=job, desc=f"{set_name} seed {seed}")
-                _write_predictions(pred_file, records, texts)
+                _write_predictions(pred_file, records, texts, meta)
             scores[set_name][seed] = corpus_rouge_l(texts, [r.outputs for r in records])
     table = scores_table(scores)
     (out / "scores.json").write_text(
@@ -134,7 +147,9 @@ def run_evaluation(job: EvalJob, model=None, tokenizer=None) -> str:
         for set_name, by_seed in scores.items():
             for seed, v in by_seed.items():
                 w.writerow([set_name, seed, f"{v:.4f}"])
-    (out / "scores.md").write_text(table, encoding="utf-8")
+    notes = deviations(job)
+    md = table + (("\nDeviations from the protocol: " + "; ".join(notes) + ".\n") if notes else "")
+    (out / "scores.md").write_text(md, encoding="utf-8")
     return table
 
 
@@ -162,18 +177,55 @@ def scores_table(scores: dict[str, dict[int, float]], label: str | None = None) 
     return "\n".join([head, sep, row]) + "\n"
 
 
-def _write_predictions(path: Path, records, texts: list[str]) -> None:
+def _prediction_meta(job: EvalJob, seed: int, num_records: int) -> dict:
+    """What a predictions file depends on besides its records (checked before re-use)."""
+    return {
+        "model": str(job.model), "seed": seed, "num_records": num_records, "template": job.template,
+        "dtype": job.dtype, "max_new_tokens": job.max_new_tokens, "max_prompt_length": job.max_prompt_length,
+        "batch_size": job.batch_size, "decoding": {k: v for k, v in PROTOCOL.items() if k not in ("max_new_tokens", "max_prompt_length")},
+    }
+
+
+def _meta_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".meta.json")
+
+
+def _write_predictions(path: Path, records, texts: list[str], meta: dict) -> None:
+    if len(records) != len(texts):
+        raise UserError(f"{path}: {len(texts)} predictions for {len(records)} records")
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for rec, text in zip(records, texts):
+        for rec, text in zip(records, texts, strict=True):
             f.write(json.dumps({"instruction": rec.instruction, "input": rec.input, "prediction": text, "references": rec.outputs}, ensure_ascii=False) + "\n")
     tmp.replace(path)
+    # The sidecar goes last: a crash in between leaves new predictions with a stale (or no)
+    # sidecar, which only causes a regeneration, never the re-use of stale predictions.
+    meta_tmp = _meta_path(path).with_name(_meta_path(path).name + ".tmp")
+    meta_tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    meta_tmp.replace(_meta_path(path))
 
 
-def _read_predictions(path: Path, expected: int) -> list[str] | None:
+def _read_predictions(path: Path, records, meta: dict) -> list[str] | None:
+    """The saved predictions when they are complete and match `records` and `meta`, else None."""
     if not path.is_file():
         return None
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if len(rows) != expected:
+    meta_file = _meta_path(path)
+    try:
+        saved_meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        logger.warning("%s (or %s) is unreadable: regenerating", path, meta_file.name)
         return None
+    if saved_meta != meta:
+        changed = sorted(k for k in set(meta) | set(saved_meta) if meta.get(k) != saved_meta.get(k))
+        logger.warning("%s was written with other settings (%s): regenerating", path, ", ".join(changed))
+        return None
+    if len(rows) != len(records):
+        return None
+    for row, rec in zip(rows, records, strict=True):
+        if (row.get("instruction"), row.get("input"), row.get("references")) != (rec.instruction, rec.input, rec.outputs):
+            logger.warning("%s was written for other records: regenerating", path)
+            return None
+        if not isinstance(row.get("prediction"), str):
+            return None
     return [r["prediction"] for r in rows]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from promptkd.errors import UserError
 from promptkd.methods.base import Method
 
 
@@ -73,6 +74,12 @@ class PromptKD(Method):
             warmup_steps=self.cfg.train.warmup_steps,
             total_steps=self.cfg.train.max_steps,
         )
+        if getattr(tr.accelerator, "is_fsdp2", False):
+            # accelerate's FSDP2 prepare() takes an optimizer only together with its model
+            raise UserError(
+                "method promptkd does not run under FSDP2 (fsdp_version: 2): its prompt optimizer "
+                "cannot be prepared without a model; use fsdp_version: 1 (configs/accelerate/fsdp.yaml)"
+            )
         self.prompt_optimizer, self.prompt_scheduler = tr.accelerator.prepare(self.prompt_optimizer, self.prompt_scheduler)
         self.kd_loss = self.divergence("reverse_kl" if c.kd_direction == "reverse" else "forward_kl")
         self.reg_loss = self.divergence("reverse_kl" if c.reg_direction == "reverse" else "forward_kl")
@@ -111,7 +118,7 @@ class PromptKD(Method):
         model = tr.unwrapped_student
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), tr.gathered_student():
             logits = tr.response_logits(model, batch)
         model.train(was_training)
         return logits

@@ -4,11 +4,23 @@ Layout under `<output_dir>/checkpoints/`:
 
     step-00000100/        a complete checkpoint (accelerate state + trainer_state.json)
     .tmp-step-00000200/   a checkpoint being written (ignored, deleted on the next save)
+    .old-step-00000200/   the previous copy of a step being re-saved (deleted once replaced)
+    .del-step-00000050/   a pruned checkpoint being deleted
     latest                text file naming the newest complete checkpoint
 
 A checkpoint is written into a temporary directory and renamed into place only once every
 file is on disk, and `latest` is replaced atomically after that rename, so `latest` never
-names a partial checkpoint, whatever moment a crash (or SIGKILL) strikes.
+names a partial checkpoint, whatever moment a crash (or SIGKILL) strikes. Every `step-*`
+directory is complete by construction (trainer_state.json is written before the rename), so
+when `latest` is missing or names a directory that is gone, `latest_checkpoint` falls back
+to the set-aside copy of that step or to the newest `step-*` directory.
+
+Test hook: with the environment variable PROMPTKD_TEST_KILL_AT=<phase>:<step> the process
+SIGKILLs itself at that point of the checkpoint of that step (tests/test_kill_resume.py).
+Phases, in order: `state-written` (accelerate state in the tmp dir, no trainer_state.json
+yet), `tmp-complete` (tmp dir complete, not renamed), `set-aside` (re-saves only: the old copy
+renamed away, the new one not yet in place), `renamed` (renamed, `latest` not yet updated),
+`saved` (everything done). The hook does nothing unless the variable is set.
 """
 
 from __future__ import annotations
@@ -16,10 +28,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
+KILL_ENV = "PROMPTKD_TEST_KILL_AT"
+
+
+def _test_kill_point(phase: str, step: int) -> None:
+    """SIGKILL this process here when PROMPTKD_TEST_KILL_AT == f"{phase}:{step}" (tests only)."""
+    if os.environ.get(KILL_ENV) == f"{phase}:{step}":
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -59,22 +79,35 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, trainer_state
     name = f"step-{step:08d}"
     final = checkpoints_dir / name
     tmp = checkpoints_dir / f".tmp-{name}"
+    old = checkpoints_dir / f".old-{name}"
     if accelerator.is_main_process:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        for stale in checkpoints_dir.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
+        for pattern in (".tmp-*", ".del-*"):
+            for stale in checkpoints_dir.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
+    _test_kill_point("state-written", step)
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
         _fsync_tree(tmp)
+        _test_kill_point("tmp-complete", step)
+        # Re-saving a step (e.g. the final save of a run resumed at max_steps): the complete
+        # copy is set aside, not deleted, until the new one is in place.
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.rename(final, old)
+            _test_kill_point("set-aside", step)
         os.rename(tmp, final)
         _fsync_dir(checkpoints_dir)
+        _test_kill_point("renamed", step)
         atomic_write_text(checkpoints_dir / LATEST, name + "\n")
+        for stale in checkpoints_dir.glob(".old-*"):  # only now: `latest` names a complete dir
+            shutil.rmtree(stale, ignore_errors=True)
         _prune(checkpoints_dir, keep_last)
+        _test_kill_point("saved", step)
     accelerator.wait_for_everyone()
     return final
 
@@ -82,19 +115,28 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, trainer_state
 def _prune(checkpoints_dir: Path, keep_last: int) -> None:
     complete = sorted(p for p in checkpoints_dir.glob("step-*") if (p / TRAINER_STATE).is_file())
     for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        trash = old.with_name(f".del-{old.name}")  # a killed rmtree never leaves a torn step-*
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest complete checkpoint named by `latest`, or None when there is none."""
+    """The complete checkpoint named by `latest`, or None when there is none.
+
+    A crash between the steps of a save can leave `latest` missing (first save) or naming a
+    step whose directory was just set aside (re-save); then the set-aside copy, or else the
+    newest complete `step-*` directory, is used.
+    """
     checkpoints_dir = Path(checkpoints_dir)
     pointer = checkpoints_dir / LATEST
-    if not pointer.is_file():
-        return None
-    path = checkpoints_dir / pointer.read_text(encoding="utf-8").strip()
-    if not (path / TRAINER_STATE).is_file():
-        return None
-    return path
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        for path in (checkpoints_dir / name, checkpoints_dir / f".old-{name}"):
+            if name and (path / TRAINER_STATE).is_file():
+                return path
+    complete = sorted(p for p in checkpoints_dir.glob("step-*") if (p / TRAINER_STATE).is_file())
+    return complete[-1] if complete else None
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

@@ -12,6 +12,8 @@ guards, clipping and optimizer steps. Evaluation, logging and checkpointing happ
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -24,16 +26,18 @@ from pathlib import Path
 import torch
 
 from promptkd.config import Config
-from promptkd.errors import UserError
+from promptkd.errors import NonFiniteError, UserError
 from promptkd.sampling import SequenceBatch
 from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from promptkd.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
-
-class NonFiniteError(RuntimeError):
-    """Training stopped on a NaN/Inf loss or gradient (train.nonfinite = stop)."""
+# What a run writes into train.output_dir; --overwrite removes these and nothing else.
+RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "final.tmp", "best", "best.tmp")
+# accelerate's TensorBoard tracker logs under <output_dir>/<project name> (init_trackers below).
+TRACKER_DIR = "promptkd"
+TRACKER_FILES = ("events.out.tfevents.*", "hparams.yml")
 
 
 class DataOrder:
@@ -92,6 +96,7 @@ class Trainer:
         self.best_metric: float | None = None
         self.best_step: int | None = None
         self.teacher = None
+        self._stop_message: str | None = None  # set by the non-finite guard to end training
 
     # ------------------------------------------------------------------ setup
 
@@ -99,24 +104,47 @@ class Trainer:
         cfg_file = self.output_dir / "config.yaml"
         if self.resume:
             return
-        if cfg_file.exists() or (self.checkpoints_dir).exists():
+        exists = cfg_file.exists() or self.checkpoints_dir.exists()
+        # every process looks before the main one deletes: a process that looked afterwards
+        # would skip the barrier below and desynchronise the collectives that follow
+        self.accelerator.wait_for_everyone()
+        if exists:
             if not self.overwrite:
                 raise UserError(
                     f"output directory {self.output_dir} already holds a run; "
                     "pass --resume to continue it or --overwrite to replace it"
                 )
             if self.accelerator.is_main_process:
-                shutil.rmtree(self.output_dir)
+                self._remove_run_artefacts()
             self.accelerator.wait_for_everyone()
+
+    def _remove_run_artefacts(self) -> None:
+        """--overwrite: delete the previous run's files only; anything else in the directory stays."""
+        for name in RUN_ARTEFACTS:
+            path = self.output_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        tracker = self.output_dir / TRACKER_DIR
+        if tracker.is_dir() and not tracker.is_symlink():
+            files = [f for f in tracker.rglob("*") if not f.is_dir()]
+            if all(any(f.match(pat) for pat in TRACKER_FILES) for f in files):
+                shutil.rmtree(tracker)
+            else:
+                logger.warning("--overwrite: kept %s (it holds files other than tracker logs)", tracker)
 
     def setup(self) -> Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from promptkd.methods import get_method_class
-        from promptkd.models.loading import ModelSpec, check_tokenizer_compatibility, load_model_and_tokenizer
-
         from promptkd.config import config_warnings
+        from promptkd.methods import get_method_class
+        from promptkd.models.loading import (
+            ModelSpec,
+            check_tokenizer_compatibility,
+            load_model_and_tokenizer,
+        )
 
         cfg = self.cfg
         for w in config_warnings(cfg):
@@ -132,6 +160,7 @@ class Trainer:
             project_dir=str(self.output_dir),
         )
         self._check_output_dir()
+        self._check_distributed_backend()
         set_seed(cfg.train.seed)
 
         method_cls = get_method_class(cfg.method)
@@ -153,6 +182,9 @@ class Trainer:
         self.pad_token_id = self.tokenizer.pad_token_id
         self.eos_token_ids = _eos_ids(self.tokenizer, self.student)
 
+        from promptkd.samplers import build_sampler
+
+        self.sampler = build_sampler(cfg.train.sampler, self)
         self.method = method_cls(self)
         self.train_examples = self.method.load_train_examples()
         self.dev_examples = self._load_dev_examples()
@@ -189,6 +221,51 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return self
 
+    def _check_distributed_backend(self) -> None:
+        """Refuse what accelerate's DeepSpeed integration cannot run with this loop.
+
+        `accelerator.backward` under DeepSpeed runs the engine's backward *and* its optimizer
+        step on every call, so a second parameter set (PromptKD's prompt) would step the
+        student and gradient accumulation would step per micro-batch (docs/distributed.md).
+        """
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            return
+        cfg = self.cfg
+        if cfg.method == "promptkd" and not cfg.promptkd.freeze_prompt:
+            raise UserError(
+                "DeepSpeed is not supported for method promptkd: accelerate's DeepSpeed backward "
+                "also steps the student's engine, so the prompt update would step the student; "
+                "launch with DDP or FSDP instead (configs/accelerate/, docs/distributed.md)"
+            )
+        if cfg.train.gradient_accumulation_steps > 1:
+            raise UserError(
+                "DeepSpeed with train.gradient_accumulation_steps > 1 is not supported: the engine "
+                "would step after every micro-batch; set train.gradient_accumulation_steps 1 and "
+                "use more processes or a larger train.batch_size, or launch with DDP/FSDP"
+            )
+        ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            # no DataLoader goes through prepare(), so accelerate cannot infer it
+            ds_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+
+    def gathered_student(self):
+        """Context in which the *unwrapped* student may run forward / generate.
+
+        Under FSDP1 the root module's own parameters (embeddings, final norm, LM head) stay
+        sharded outside the wrapped forward, so they are gathered here (the decoder layers,
+        wrapped separately, gather themselves). A no-op for one process, DDP, FSDP2 and
+        DeepSpeed.
+        """
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP and not getattr(self.accelerator, "is_fsdp2", False):
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            return FSDP.summon_full_params(self.student, recurse=False, writeback=False)
+        return contextlib.nullcontext()
+
     def _load_dev_examples(self):
         if not self.cfg.data.dev:
             return []
@@ -217,7 +294,11 @@ class Trainer:
         self.method.load_extra_state_dict(state)
 
     def _trainer_state(self) -> dict:
-        offset = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+        offset = 0
+        if self.accelerator.is_main_process and self.metrics_path.exists():
+            with open(self.metrics_path, "ab") as f:  # the records the checkpoint vouches for are on disk
+                os.fsync(f.fileno())
+                offset = os.fstat(f.fileno()).st_size
         return {
             "step": self.step,
             "data_position": self.data_order.position,
@@ -226,6 +307,7 @@ class Trainer:
             "best_metric": self.best_metric,
             "best_step": self.best_step,
             "world_size": self.accelerator.num_processes,
+            "rng_fingerprint": _rng_fingerprint(),
         }
 
     def _restore(self) -> None:
@@ -235,15 +317,49 @@ class Trainer:
                 f"--resume: no complete checkpoint under {self.checkpoints_dir} "
                 "(set train.save_every so runs write checkpoints, or start without --resume)"
             )
-        self.accelerator.load_state(str(ckpt))
+        saved_cfg = self.output_dir / "config.yaml"
+        saved_method = (_read_yaml_mapping(saved_cfg) or {}).get("method") if saved_cfg.is_file() else None
+        if saved_method not in (None, self.cfg.method):
+            raise UserError(
+                f"--resume: {self.output_dir} holds a '{saved_method}' run but the config says method "
+                f"'{self.cfg.method}'; resume with the run's own config (omit --config) or use another "
+                "train.output_dir"
+            )
+        try:
+            self.accelerator.load_state(str(ckpt))
+        except (RuntimeError, KeyError, ValueError) as e:  # e.g. another student architecture
+            detail = " ".join(str(e).split())  # one line
+            detail = detail if len(detail) <= 300 else detail[:297] + "..."
+            raise UserError(
+                f"--resume: checkpoint {ckpt} does not fit this configuration ({type(e).__name__}: "
+                f"{detail}); resume with the run's own config (omit --config) or use another "
+                "train.output_dir"
+            ) from e
         state = load_trainer_state(ckpt)
         self.step = state["step"]
         self.data_order.position = state["data_position"]
         self.nonfinite_skips = state["nonfinite_skips"]
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
-        if self.accelerator.is_main_process and self.metrics_path.exists():
-            with open(self.metrics_path, "r+b") as f:  # drop records logged after the checkpoint
-                f.truncate(state["metrics_offset"])
+        if self.accelerator.is_main_process:
+            # accelerate ignores an unreadable RNG file silently; an inexact resume should not be
+            if state.get("rng_fingerprint") not in (None, _rng_fingerprint()):
+                warnings.warn(
+                    f"random-number generator states were not restored from {ckpt}: the resumed run "
+                    "will not reproduce an uninterrupted one exactly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            if self.metrics_path.exists():
+                offset = state["metrics_offset"]
+                with open(self.metrics_path, "r+b") as f:  # drop records logged after the checkpoint
+                    size = os.fstat(f.fileno()).st_size
+                    if size >= offset:
+                        f.truncate(offset)
+                    else:  # truncate() would pad with NUL bytes
+                        logger.warning(
+                            "%s is shorter (%d bytes) than when %s was written (%d bytes): records were lost",
+                            self.metrics_path, size, ckpt, offset,
+                        )
         logger.info("resumed from %s at step %d", ckpt, self.step)
 
     # ------------------------------------------------------------------ shared mechanics
@@ -280,12 +396,13 @@ class Trainer:
     def sample(self, examples, model=None) -> SequenceBatch:
         """Sampled responses (of the current student unless `model` is given) for these prompts."""
         from promptkd.data.collate import collate_prompts
-        from promptkd.sampling import SamplingConfig, sample_responses
+        from promptkd.sampling import SamplingConfig
 
         prompt_ids, prompt_mask = collate_prompts(examples, self.pad_token_id)
         s = self.cfg.sampling
-        with self.autocast():
-            batch = sample_responses(
+        gather = self.gathered_student() if model is None else contextlib.nullcontext()
+        with gather, self.autocast():
+            batch = self.sampler(
                 model if model is not None else self.unwrapped_student,
                 prompt_ids.to(self.accelerator.device),
                 prompt_mask.to(self.accelerator.device),
@@ -349,20 +466,26 @@ class Trainer:
         else:
             self._on_nonfinite(name, loss_value, grad_norm)
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            scheduler.step()
         return {f"{name}/grad_norm": grad_norm, f"{name}/lr": lr}
 
     def _on_nonfinite(self, name: str, loss_value: float, grad_norm: float) -> None:
+        """The update was skipped. With train.nonfinite stop (or after max_nonfinite_skips skips)
+        training ends once this step is complete: `train()` checkpoints the finished step and
+        raises NonFiniteError, so the checkpoint is a consistent, resumable state (stopping in
+        the middle of a step would mix one parameter set's new state with another's old one)."""
         self.nonfinite_skips += 1
         msg = (
             f"non-finite {name} update at step {self.step + 1} (loss {loss_value}, grad norm {grad_norm})"
         )
-        if self.cfg.train.nonfinite == "stop" or self.nonfinite_skips >= self.cfg.train.max_nonfinite_skips:
-            self.save(final=False)
-            raise NonFiniteError(
-                msg + f"; stopped with a checkpoint at step {self.step} in {self.checkpoints_dir} "
-                "(lower train.learning_rate, try train.mixed_precision no, or set train.nonfinite skip)"
-            )
+        t = self.cfg.train
+        if t.nonfinite == "stop" or self.nonfinite_skips >= t.max_nonfinite_skips:
+            if self._stop_message is None:
+                reason = "" if t.nonfinite == "stop" else f" ({self.nonfinite_skips} updates skipped, train.max_nonfinite_skips)"
+                self._stop_message = msg + reason
+            return
         warnings.warn(msg + f"; update skipped ({self.nonfinite_skips} so far)", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ data
@@ -393,11 +516,12 @@ class Trainer:
         was_training = model.training
         model.eval()
         total, count = 0.0, 0.0
-        bs = self.cfg.train.batch_size
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        for i in range(rank * bs, len(self.dev_examples), bs * world):
-            batch = self.collate(self.dev_examples[i : i + bs])
-            logits = self.response_logits(model, batch).float()
+        for chunk, indices in self._dev_shards():
+            batch = self.collate(chunk)
+            with self.gathered_student():
+                logits = self.response_logits(model, batch).float()
+            if indices is None:  # a filler batch that keeps the processes in step
+                continue
             mask = self.response_mask(batch)
             targets = batch.input_ids[:, batch.prompt_length :]
             nll = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
@@ -411,18 +535,40 @@ class Trainer:
 
         model = self.unwrapped_student
         was_training = model.training
-        preds, refs = [], []
-        bs = self.cfg.train.batch_size
-        for i in range(0, len(self.dev_examples), bs):
-            chunk = self.dev_examples[i : i + bs]
+        scored = []  # (dev index, prediction) of this process's share
+        for chunk, indices in self._dev_shards():
             batch = self.sample(chunk)
+            if indices is None:  # a filler batch that keeps the processes in step
+                continue
             resp = batch.input_ids[:, batch.prompt_length :]
             mask = batch.loss_mask[:, batch.prompt_length :]
-            for row, m, ex in zip(resp, mask, chunk):
-                preds.append(self.tokenizer.decode(row[m], skip_special_tokens=True).strip())
-                refs.append(ex.references)
+            for row, m, i in zip(resp, mask, indices, strict=True):
+                scored.append((i, self.tokenizer.decode(row[m], skip_special_tokens=True).strip()))
         model.train(was_training)
-        return corpus_rouge_l(preds, refs)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            # every process scores the same complete list, so best-checkpoint decisions agree
+            scored = gather_object(scored)
+        scored.sort(key=lambda x: x[0])
+        return corpus_rouge_l([p for _, p in scored], [self.dev_examples[i].references for i, _ in scored])
+
+    def _dev_shards(self):
+        """This process's dev batches as (examples, dev indices), the same count on every process.
+
+        A process with no examples left gets a filler copy of the first batch with indices
+        None, so that collectives inside forward / generate (FSDP) stay matched.
+        """
+        bs = self.cfg.train.batch_size
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        n = len(self.dev_examples)
+        for it in range(math.ceil(n / (bs * world))):
+            start = (it * world + rank) * bs
+            indices = list(range(start, min(start + bs, n)))
+            if indices:
+                yield [self.dev_examples[i] for i in indices], indices
+            else:
+                yield self.dev_examples[:bs], None
 
     # ------------------------------------------------------------------ outputs
 
@@ -443,11 +589,13 @@ class Trainer:
     def export(self, out_dir: Path) -> None:
         """Student in save_pretrained format (+ tokenizer) and the method's artefacts."""
         self.accelerator.wait_for_everyone()
+        # every process takes part: a collective under FSDP / ZeRO-3 (full weights on the main one)
+        state_dict = self.accelerator.get_state_dict(self.student)
         if self.accelerator.is_main_process:
             tmp = out_dir.with_name(out_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             student = self.unwrapped_student
-            student.save_pretrained(tmp / "student", safe_serialization=True)
+            student.save_pretrained(tmp / "student", state_dict=state_dict, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / "student")
             self.method.export(tmp)
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -468,7 +616,7 @@ class Trainer:
             disable=not (self.show_progress and self.accelerator.is_main_process),
             dynamic_ncols=True,
         )
-        last = {}
+        last = {"step": self.step}  # a run resumed at max_steps only re-exports
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             micro_batches = self.next_micro_batches()
@@ -500,6 +648,15 @@ class Trainer:
                 refresh=False,
             )
             bar.update(1)
+            if self._stop_message is not None:
+                bar.close()
+                self.save(final=False)
+                raise NonFiniteError(
+                    f"{self._stop_message}; the update was skipped and training stopped with a checkpoint "
+                    f"at step {self.step} in {self.checkpoints_dir}: lower train.learning_rate, try "
+                    "train.mixed_precision no or set train.nonfinite skip, then continue with "
+                    f"--resume {self.output_dir}"
+                )
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                 self.save(final=False)
         bar.close()
@@ -532,6 +689,31 @@ def _eos_ids(tokenizer, model) -> list[int]:
     if not ids:
         raise UserError("the tokenizer has no EOS token: set tokenizer.eos_token (responses end with EOS)")
     return ids
+
+
+def _read_yaml_mapping(path: Path) -> dict | None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _rng_fingerprint() -> str:
+    """A short hash of the python, numpy and torch RNG states (checks a resume restored them)."""
+    import random
+
+    import numpy as np
+
+    h = hashlib.sha256(torch.get_rng_state().numpy().tobytes())
+    h.update(repr(random.getstate()).encode())
+    h.update(np.random.get_state()[1].tobytes())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for state in torch.cuda.get_rng_state_all():
+            h.update(state.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

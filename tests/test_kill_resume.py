@@ -1,0 +1,149 @@
+"""Kill-and-resume: a PromptKD CLI run SIGKILLed again and again ends where an uninterrupted
+run with the same seed ends, bit for bit.
+
+The run goes through `python -m promptkd.cli train` in subprocesses. PROMPTKD_TEST_KILL_AT
+(promptkd/training/checkpoint.py) makes the process SIGKILL itself at a chosen point of a
+chosen checkpoint write; every later process resumes with `--resume RUN_DIR`. Compared with
+the uninterrupted run: the exported student and prompt adapter, every metrics record (timings
+aside) and the last checkpoint (both optimizers, both schedulers, RNG states, trainer state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from promptkd.testing import save_tiny_pair, write_tiny_jsonl
+from promptkd.training.checkpoint import KILL_ENV, latest_checkpoint
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL"),
+]
+
+MAX_STEPS = 6
+TIMING_KEYS = {"step_time", "trained_tokens_per_s"}
+# (kill point, what the run directory must look like right after the kill)
+KILLS = [
+    ("saved:2", "after step 2's checkpoint"),
+    ("state-written:4", "inside step 4's checkpoint write: tmp dir without trainer_state.json"),
+    ("renamed:5", "step 5's checkpoint renamed into place, `latest` still names step 4"),
+    ("saved:6", "final checkpoint written, student not exported yet"),
+    ("set-aside:6", "re-saving step 6 on resume: old copy renamed away, new one not in place"),
+]
+
+
+def cli(args: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
+    # one thread per process: the same float reductions in every run, and gentle on shared cores
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if kill_at:
+        env[KILL_ENV] = kill_at
+    return subprocess.run(
+        [sys.executable, "-m", "promptkd.cli", "train", *args, "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def metrics(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def assert_same(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif type(a).__module__ == "numpy":
+        assert repr(a) == repr(b), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def load_any(path: Path):
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    if path.suffix == ".json":
+        state = json.loads(path.read_text())
+        state.pop("metrics_offset")  # byte size of metrics.jsonl: its timings differ per run
+        return state
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_sigkill_at_any_point_then_resume_equals_uninterrupted_run(tmp_path):
+    teacher, student = save_tiny_pair(tmp_path / "models")
+    data = write_tiny_jsonl(tmp_path / "train.jsonl", 12)
+    with data.open("a") as f:  # one prompt over the limit: dropped, and the count is reported
+        f.write(json.dumps({"instruction": "x" * 80, "output": "y"}) + "\n")
+    cfg = {
+        "method": "promptkd",
+        "model": {"teacher": str(teacher), "student": str(student)},
+        "data": {"train": str(data), "template": "plain", "max_prompt_length": 40, "max_length": 56},
+        "train": {"output_dir": str(tmp_path / "ref"), "max_steps": MAX_STEPS, "batch_size": 2,
+                  "warmup_steps": 2, "learning_rate": 1e-3, "save_every": 1, "keep_last": 2,
+                  "seed": 11, "deterministic": True, "cpu": True},
+        "sampling": {"max_new_tokens": 4},
+    }
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+
+    ref = tmp_path / "ref"
+    done = cli(["--config", str(cfg_path)])
+    assert done.returncode == 0, done.stderr
+    assert "12/13 examples kept; 1 dropped (prompt too long)" in done.stderr
+
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    args = ["--config", str(cfg_path), "--train.output_dir", str(run)]
+    for kill_at, what in KILLS:
+        out = cli(args, kill_at)
+        assert out.returncode == -signal.SIGKILL, f"{kill_at} ({what}) did not kill:\n{out.stderr[-3000:]}"
+        assert "Traceback" not in out.stderr
+        if kill_at == "state-written:4":
+            assert not (ckpts / ".tmp-step-00000004" / "trainer_state.json").exists()
+            assert any((ckpts / ".tmp-step-00000004").iterdir())
+            assert latest_checkpoint(ckpts).name == "step-00000003"
+            assert len(metrics(run)) == 4  # step 4 was logged: the resume must drop it
+        if kill_at == "renamed:5":
+            assert (ckpts / "step-00000005" / "trainer_state.json").is_file()
+            assert (ckpts / "latest").read_text().strip() == "step-00000004"
+        if kill_at == "saved:6":
+            assert not (run / "final").exists()
+        if kill_at == "set-aside:6":
+            assert not (ckpts / "step-00000006").exists()
+            assert latest_checkpoint(ckpts).name == ".old-step-00000006"
+        args = ["--resume", str(run)]
+    done = cli(args)
+    assert done.returncode == 0, done.stderr
+    assert "were not restored" not in done.stderr
+
+    assert metrics(run) == metrics(ref)
+    assert [r["step"] for r in metrics(run)] == list(range(1, MAX_STEPS + 1))
+    for rel in ("final/student/model.safetensors", "final/prompt_adapter/adapter_model.safetensors"):
+        assert_same(load_any(ref / rel), load_any(run / rel), rel)
+    last_ref, last_run = latest_checkpoint(ref / "checkpoints"), latest_checkpoint(ckpts)
+    assert last_ref.name == last_run.name == f"step-{MAX_STEPS:08d}"
+    files = sorted(p.name for p in last_ref.iterdir())
+    assert files == sorted(p.name for p in last_run.iterdir())
+    assert {"optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin",
+            "random_states_0.pkl", "custom_checkpoint_0.pkl"} <= set(files)
+    for name in files:
+        assert_same(load_any(last_ref / name), load_any(last_run / name), name)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000005", "step-00000006"]

@@ -1,0 +1,259 @@
+"""Multi-process training on CPU (gloo) is the same optimisation as one process.
+
+2 processes x batch b must take the same first optimizer step as 1 process x batch 2b, for the
+student (DDP averages its gradients) and for the soft prompt (its gradients are averaged by
+`Trainer.all_reduce_grads`); checkpoints are written once, by the main process, and resume
+across world sizes. Greedy decoding (`sampling.do_sample false`) makes the on-policy samples
+the same whatever the per-process RNG; left padding differs between a 2-row and a 4-row batch,
+which leaves float32 rounding differences only (hence the tolerances below).
+
+Launchers: `torch.distributed.run` for the 2-process run and `accelerate launch` with the
+shipped configs/accelerate/cpu_2proc.yaml for the 2-process resume, both as subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from promptkd.testing import TINY_RECORDS, save_tiny_pair, write_tiny_jsonl
+from promptkd.training.loop import DataOrder, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_2PROC = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
+LR = 1e-3  # one AdamW step moves a weight by about LR
+STEP1_ATOL = 2e-5  # measured: student 3e-6, prompt 5e-10; without the prompt all-reduce 2e-3
+RUN_TIMEOUT = 600
+
+
+# --------------------------------------------------------------------------- data order
+
+
+def _shards(world: int, bs: int, accum: int, steps: int, n: int = 10) -> list[list[list[list[int]]]]:
+    """[step][rank] -> that process's micro-batches (example indices) from next_micro_batches."""
+    out = [[None] * world for _ in range(steps)]
+    for rank in range(world):
+        tr = Trainer.__new__(Trainer)  # only what next_micro_batches reads
+        tr.cfg = SimpleNamespace(train=SimpleNamespace(batch_size=bs, gradient_accumulation_steps=accum))
+        tr.accelerator = SimpleNamespace(num_processes=world, process_index=rank)
+        tr.data_order = DataOrder(n, seed=3)
+        tr.train_examples = list(range(n))
+        for k in range(steps):
+            out[k][rank] = tr.next_micro_batches()
+        assert tr.data_order.position == steps * bs * accum * world  # global, so resumable anywhere
+    return out
+
+
+@pytest.mark.parametrize("world,bs,accum", [(2, 2, 1), (2, 1, 2), (4, 1, 1), (1, 2, 2)])
+def test_global_batch_of_each_step_is_independent_of_world_size(world, bs, accum):
+    """Step k trains on the same examples, in the same order, for any (world, batch, accumulation)
+    with the same product; each process gets accum micro-batches of its batch_size."""
+    steps = 6  # 6 x 4 examples from 10: crosses two epoch boundaries
+    reference = [s[0][0] for s in _shards(1, 4, 1, steps)]  # 1 process, batch 4
+    for k, per_rank in enumerate(_shards(world, bs, accum, steps)):
+        assert all(len(mbs) == accum and all(len(mb) == bs for mb in mbs) for mbs in per_rank)
+        # micro-batch m of rank r holds global slots (m * world + r) * bs ...
+        ordered = [i for m in range(accum) for r in range(world) for i in per_rank[r][m]]
+        assert ordered == reference[k], f"step {k + 1}"
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",  # 2 ranks on 2 shared cores
+        CUDA_VISIBLE_DEVICES="",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+def _command(launcher: str, args: list[str]) -> list[str]:
+    train = ["-m", "promptkd.cli", "train", "--no-progress", *args]
+    if launcher == "single":
+        return [sys.executable, *train]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *train]
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+                "--main_process_port", str(_free_port()), *train]
+    raise ValueError(launcher)
+
+
+def _run_all(jobs: dict[str, tuple[str, list[str]]], logs: Path) -> dict[str, float]:
+    """Run the jobs concurrently (they are independent); fail with the log of any that fails."""
+    procs, started = {}, time.perf_counter()
+    for name, (launcher, args) in jobs.items():
+        log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed below
+        procs[name] = (subprocess.Popen(_command(launcher, args), stdout=log, stderr=subprocess.STDOUT,
+                                        env=_env(), cwd=ROOT), log)
+    times = {}
+    for name, (proc, log) in procs.items():
+        try:
+            rc = proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            for p, _ in procs.values():
+                p.kill()
+            raise
+        finally:
+            log.close()
+        times[name] = time.perf_counter() - started
+        if rc != 0:
+            tail = (logs / f"{name}.log").read_text(errors="replace")[-4000:]
+            pytest.fail(f"run {name} ({jobs[name][0]}) exited {rc}:\n{tail}")
+    return times
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Step 1 with 2 processes x 2 and 1 process x 4; then step 2 resumed across world sizes."""
+    root = tmp_path_factory.mktemp("mp")
+    teacher, student = save_tiny_pair(root / "models")
+    train = write_tiny_jsonl(root / "train.jsonl", 16)
+    dev = root / "dev.jsonl"
+    dev.write_text("".join(json.dumps(r) + "\n" for r in TINY_RECORDS[:5]), encoding="utf-8")  # 5: uneven shards
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "method": "promptkd",
+        "model": {"teacher": str(teacher), "student": str(student)},
+        "data": {"train": str(train), "dev": str(dev), "max_prompt_length": 256, "max_length": 300},
+        "train": {"max_steps": 1, "batch_size": 2, "warmup_steps": 0, "seed": 5, "learning_rate": LR,
+                  "cpu": True, "eval_metric": "rougeL"},
+        "sampling": {"max_new_tokens": 6, "do_sample": False},
+    }), encoding="utf-8")
+    out = {k: root / k for k in ("two", "one", "two_then_one", "one_then_one", "one_then_two")}
+    logs = root / "logs"
+    logs.mkdir()
+    base = ["--config", str(config)]
+    times = _run_all({
+        "two": ("torchrun", [*base, "--train.output_dir", str(out["two"])]),
+        "one": ("single", [*base, "--train.output_dir", str(out["one"]), "--train.batch_size", "4"]),
+    }, logs)
+    shutil.copytree(out["two"], out["two_then_one"])
+    shutil.copytree(out["one"], out["one_then_one"])
+    shutil.copytree(out["one"], out["one_then_two"])
+    # step 2 evaluates the dev loss (step 1: sampled ROUGE-L), so both sharded evaluations run
+    step2 = ["--train.max_steps", "2", "--train.eval_metric", "loss"]
+    times.update(_run_all({
+        "two_then_one": ("single", ["--resume", str(out["two_then_one"]), *step2, "--train.batch_size", "4"]),
+        "one_then_one": ("single", ["--resume", str(out["one_then_one"]), *step2]),
+        # 2 processes x 2 micro-batches of 1: also covers DDP no_sync + accumulation
+        "one_then_two": ("accelerate", ["--resume", str(out["one_then_two"]), *step2, "--train.batch_size", "1",
+                                        "--train.gradient_accumulation_steps", "2"]),
+    }, logs))
+    return SimpleNamespace(dirs=out, student_init=student, logs=logs, times=times)
+
+
+def _weights(run_dir: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    final = run_dir / "final"
+    return (load_file(final / "student" / "model.safetensors"),
+            load_file(final / "prompt_adapter" / "adapter_model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_same_first_step_as_one(runs):
+    from safetensors.torch import load_file
+
+    student2, prompt2 = _weights(runs.dirs["two"])
+    student1, prompt1 = _weights(runs.dirs["one"])
+    init = load_file(runs.student_init / "model.safetensors")
+    moved = _max_diff(student1, {k: init[k] for k in student1})
+    assert moved > 0.5 * LR, "the student did not take a step"
+    d_student, d_prompt = _max_diff(student2, student1), _max_diff(prompt2, prompt1)
+    print(f"\nstep 1, 2 procs x 2 vs 1 proc x 4: max |diff| student {d_student:.3g}, prompt {d_prompt:.3g}"
+          f" (step size ~{moved:.3g}); run times {json.dumps({k: round(v, 1) for k, v in runs.times.items()})}")
+    assert d_student <= STEP1_ATOL
+    assert d_prompt <= STEP1_ATOL
+    # the logged (globally reduced) values agree too: token-weighted losses and the gradient
+    # norms after the all-reduce, which a missing or wrong reduction would change
+    (m2,), (m1,) = _metrics(runs.dirs["two"]), _metrics(runs.dirs["one"])
+    for key in ("prompt/loss", "prompt/kd", "prompt/reg", "prompt/grad_norm", "student/loss",
+                "student/grad_norm", "generated_tokens", "dev/rougeL"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-9), key
+    assert m2["prompt/grad_norm"] > 0 and m2["student/grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_two_process_run_writes_one_complete_checkpoint_from_the_main_process(runs):
+    run = runs.dirs["two"]
+    ckpts = run / "checkpoints"
+    # no .tmp-/.old-/.del- leftovers, one step directory, named by `latest`
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000001"]
+    assert (ckpts / "latest").read_text().strip() == "step-00000001"
+    step = ckpts / "step-00000001"
+    files = {p.name for p in step.iterdir()}
+    # student + its optimizer/scheduler, prompt optimizer/scheduler, the prompt (custom state),
+    # one RNG file per process (each rank saves its own), the trainer state
+    assert {"model.safetensors", "optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin",
+            "custom_checkpoint_0.pkl", "random_states_0.pkl", "random_states_1.pkl",
+            "trainer_state.json"} <= files, files
+    state = json.loads((step / "trainer_state.json").read_text())
+    assert (state["step"], state["data_position"], state["world_size"]) == (1, 4, 2)
+    # only the main process logs and exports
+    assert len(_metrics(run)) == 1
+    assert sorted(p.name for p in run.iterdir()) == ["best", "checkpoints", "config.yaml", "final", "metrics.jsonl"]
+    for d in ("final", "best"):
+        assert (run / d / "student" / "model.safetensors").is_file()
+        assert (run / d / "prompt_adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resumed", ["two_then_one", "one_then_two"])
+def test_checkpoints_resume_across_world_sizes(runs, resumed):
+    """Step 2 after resuming a 2-process checkpoint with 1 process (and a 1-process one with 2
+    processes x 2 accumulated micro-batches of 1) matches step 2 of a 1-process run resumed with
+    1 process. Unlike step 1, AdamW's step 2 is not sign(grad)-like, so it is sensitive to the
+    restored optimizer states and to the gradient magnitudes."""
+    reference = runs.dirs["one_then_one"]
+    run = runs.dirs[resumed]
+    world = {"two_then_one": 1, "one_then_two": 2, "one_then_one": 1}
+    for name, d in ((resumed, run), ("one_then_one", reference)):
+        state = json.loads((d / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+        # the launcher really ran that many processes (`accelerate launch --cpu` would run one)
+        assert (state["step"], state["data_position"], state["world_size"]) == (2, 8, world[name])
+    assert [m["step"] for m in _metrics(run)] == [1, 2]
+    student, prompt = _weights(run)
+    ref_student, ref_prompt = _weights(reference)
+    d_student, d_prompt = _max_diff(student, ref_student), _max_diff(prompt, ref_prompt)
+    print(f"\nstep 2, {resumed} vs one_then_one: max |diff| student {d_student:.3g}, prompt {d_prompt:.3g}")
+    assert d_student <= 2 * STEP1_ATOL
+    assert d_prompt <= 2 * STEP1_ATOL
+    m, ref = _metrics(run)[-1], _metrics(reference)[-1]
+    for key in ("prompt/loss", "prompt/grad_norm", "student/loss", "student/grad_norm", "prompt/lambda", "dev/loss"):
+        assert m[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-9), key
+

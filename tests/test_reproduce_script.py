@@ -1,0 +1,64 @@
+"""benchmarks/reproduce.py: the verdict is computed from the numbers; SeqKD sees the right prompts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _summary(mean, std):
+    return {"average": {"mean": mean, "std": std}}
+
+
+def test_rank_statement_first_and_gaps(reproduce):
+    summary = {"PromptKD": _summary(20.0, 0.5), "GKD": _summary(19.8, 0.3), "KD": _summary(15.0, 1.0)}
+    text = "\n".join(reproduce.rank_statement(summary, ["KD", "GKD", "PromptKD"]))
+    assert "PromptKD ranks first of 3 distilled students (it does rank first)." in text
+    assert "PromptKD - GKD = +0.20 ROUGE-L; seed spread (sum of stds) 0.80: within the spread" in text
+    assert "PromptKD - KD = +5.00 ROUGE-L; seed spread (sum of stds) 1.50: the gap exceeds the spread." in text
+    assert "1 of 2 gaps exceed the seed spread." in text
+
+
+def test_rank_statement_not_first(reproduce):
+    summary = {"PromptKD": _summary(10.0, 0.0), "GKD": _summary(12.0, 0.0)}
+    text = "\n".join(reproduce.rank_statement(summary, ["GKD", "PromptKD"]))
+    assert "PromptKD ranks #2 of 2 distilled students (it does NOT rank first)." in text
+    assert "Ranking by average ROUGE-L: GKD (12.00) > PromptKD (10.00)." in text
+
+
+def test_seen_records_match_the_trainer_data_order(reproduce, tmp_path):
+    from promptkd.training.loop import DataOrder
+
+    lines = [json.dumps({"instruction": f"q{i}", "output": "a"}) for i in range(10)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    seen = reproduce.seen_records(path, steps=3, batch_size=2, seed=2)
+    order = DataOrder(10, 2)
+    assert seen == [lines[i] for i in order.take(6)]
+    assert len(set(seen)) == 6
+
+
+def test_key_of_is_stable_and_sensitive(reproduce):
+    assert reproduce.key_of({"a": 1, "b": [1, 2]}) == reproduce.key_of({"b": [1, 2], "a": 1})
+    assert reproduce.key_of({"a": 1}) != reproduce.key_of({"a": 2})
+
+
+def test_scales_have_every_knob(reproduce):
+    knobs = {"heal_steps", "steps", "batch_size", "max_new_tokens", "eval_limit", "seeds"}
+    for preset in reproduce.SCALES.values():
+        assert knobs <= set(preset)
+    args = reproduce.build_parser().parse_args(["--scale", "smoke", "--steps", "7"])
+    assert args.steps == 7 and args.scale == "smoke"
