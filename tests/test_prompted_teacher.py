@@ -249,3 +249,31 @@ def test_gradient_checkpointing_refuses_layer_level_dropout(tokenizer):
     )
     with pytest.raises(UserError, match="dropout"):
         PromptedTeacher(OPTForCausalLM(config), tokenizer, gradient_checkpointing=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_logits_to_keep_equals_slicing_the_full_output(tokenizer, arch):
+    build = (lambda: tiny_llama(seed=0)) if arch == "llama" else (lambda: tiny_gpt2(seed=0))
+    prompted = PromptedTeacher(build(), tokenizer)
+    ids = IDS.clone()
+    ids[1, :2] = PAD  # left padding on one row
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    weight = prompted.prompt_parameters()[0]
+
+    full = prompted(ids, mask)  # (2, 9, V)
+    full[:, -4:].float().log_softmax(-1)[..., 5].sum().backward()
+    grad_full, weight.grad = weight.grad.clone(), None
+    kept = prompted(ids, mask, logits_to_keep=4)  # (2, 4, V)
+    kept.float().log_softmax(-1)[..., 5].sum().backward()
+    assert kept.shape == (2, 4, 259)
+    torch.testing.assert_close(kept, full[:, -4:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(weight.grad, grad_full, rtol=1e-5, atol=1e-7)
+
+    base = prompted.forward_base(ids, mask)
+    torch.testing.assert_close(prompted.forward_base(ids, mask, logits_to_keep=3), base[:, -3:])
+    for k in (0, 9, 50):  # 0 and anything >= T mean every position
+        assert prompted(ids, mask, logits_to_keep=k).shape == (2, 9, 259)
+        assert prompted.forward_base(ids, mask, logits_to_keep=k).shape == (2, 9, 259)
+    with pytest.raises(UserError, match="logits_to_keep"):
+        prompted(ids, mask, logits_to_keep=-1)

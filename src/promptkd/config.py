@@ -21,16 +21,10 @@ from typing import Any
 import yaml
 
 from promptkd.errors import ConfigError, UserError
+from promptkd.losses import DIVERGENCES
 
 METHODS = ("promptkd", "gkd", "kd", "seqkd", "sft")
-DIVERGENCE_NAMES = (
-    "forward_kl",
-    "reverse_kl",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "generalized_jsd",
-    "total_variation",
-)
+DIVERGENCE_NAMES = tuple(DIVERGENCES)
 
 
 def opt(default, help: str, *, choices=None, min=None, max=None, min_exclusive=False):

@@ -100,17 +100,23 @@ class PromptKD(Method):
         """lambda_k = base_coef * (1 - k / K), k = optimizer steps done so far (SPEC 2)."""
         return self.cfg.promptkd.base_coef * (1.0 - step / self.cfg.train.max_steps)
 
-    def _slice(self, logits: torch.Tensor, batch) -> torch.Tensor:
-        # aligned (B, T, V) -> response predictions (B, T - P, V)
-        return logits[:, batch.prompt_length - 1 : -1, : self.trainer.vocab_size]
+    def _response_logits(self, forward, batch) -> torch.Tensor:
+        """(B, T - P, V) teacher logits predicting the response columns, like `response_logits`.
+
+        Only the last T - P + 1 positions go through the teacher's LM head (`logits_to_keep`):
+        the same values as slicing the full output, without the (B, T, V) logits.
+        """
+        keep = batch.input_ids.shape[1] - batch.prompt_length + 1
+        logits = forward(batch.input_ids, batch.attention_mask, logits_to_keep=keep)  # (B, keep, V)
+        return logits[:, :-1, : self.trainer.vocab_size]
 
     def prompted_logits(self, batch) -> torch.Tensor:
         with self.trainer.autocast():
-            return self._slice(self.prompted(batch.input_ids, batch.attention_mask), batch)
+            return self._response_logits(self.prompted, batch)
 
     def base_logits(self, batch) -> torch.Tensor:
         with torch.no_grad(), self.trainer.autocast():
-            return self._slice(self.prompted.forward_base(batch.input_ids, batch.attention_mask), batch)
+            return self._response_logits(self.prompted.forward_base, batch)
 
     def student_target_logits(self, batch) -> torch.Tensor:
         """sg p_S for the prompt loss: the student in eval mode, no grad."""

@@ -59,6 +59,15 @@ def _checkpointing_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
 
 
+def _positions_to_keep(logits_to_keep: int, length: int) -> int:
+    """How many trailing positions get logits: K clipped to 1..T; 0 (or K >= T) = all T."""
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise UserError(
+            f"logits_to_keep must be a non-negative integer (0 = every position), got {logits_to_keep!r}"
+        )
+    return length if logits_to_keep == 0 else min(logits_to_keep, length)
+
+
 class PromptedTeacher(torch.nn.Module):
     """A frozen causal LM with `num_virtual_tokens` trainable prompt vectors prepended.
 
@@ -233,19 +242,27 @@ class PromptedTeacher(torch.nn.Module):
             teacher.disable_input_require_grads()
 
     # ----------------------------------------------------------------- forwards
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+    ) -> torch.Tensor:
         """Prompted-teacher logits aligned with the input positions.
 
         Args:
             input_ids: (B, T) long, prompts left-padded.
             attention_mask: (B, T), 1 on real tokens.
+            logits_to_keep: K in 1..T: logits only for the last K input positions (the LM head,
+                a (H, V) matmul per position, runs on those only; what is kept is exactly the
+                same as slicing the full output). 0 (default) or K >= T: all T positions.
+                The virtual positions never go through the LM head.
         Returns:
-            (B, T, V) logits in the teacher's dtype; position t predicts token t+1, exactly
-            like the student's logits on the same batch (virtual positions dropped).
+            (B, T, V) logits in the teacher's dtype, or (B, K, V) for the last K positions;
+            position t predicts token t+1, exactly like the student's logits on the same
+            batch (virtual positions dropped).
         """
         teacher = self.teacher
         n = self.num_virtual_tokens
-        batch_size = input_ids.shape[0]
+        batch_size, length = input_ids.shape
+        keep = _positions_to_keep(logits_to_keep, length)
         self._set_teacher_mode(self.dropout and torch.is_grad_enabled())
         token_embeds = teacher.get_input_embeddings()(input_ids)  # (B, T, H)
         prompt = self.peft_model.get_prompt(batch_size=batch_size)  # (B, n, H) float32
@@ -259,18 +276,25 @@ class PromptedTeacher(torch.nn.Module):
             attention_mask=mask,
             position_ids=position_ids_from_mask(mask),
             use_cache=False,
+            logits_to_keep=keep,  # the last `keep` of n + T positions: all real ones
         )
-        return out.logits[:, n:]  # (B, T, V)
+        return out.logits  # (B, keep, V)
 
     @torch.no_grad()
-    def forward_base(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The teacher without the prompt (eval mode, no grad): (B, T) -> (B, T, V) logits."""
+    def forward_base(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+    ) -> torch.Tensor:
+        """The teacher without the prompt (eval mode, no grad): (B, T) -> (B, T, V) logits.
+
+        `logits_to_keep` as in `forward`: (B, K, V) logits of the last K positions.
+        """
         self._set_teacher_mode(False)
         return self.teacher(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
+            logits_to_keep=_positions_to_keep(logits_to_keep, input_ids.shape[1]),
         ).logits
 
     # ----------------------------------------------------------------- adapters
