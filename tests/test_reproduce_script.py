@@ -62,3 +62,13 @@ def test_scales_have_every_knob(reproduce):
         assert knobs <= set(preset)
     args = reproduce.build_parser().parse_args(["--scale", "smoke", "--steps", "7"])
     assert args.steps == 7 and args.scale == "smoke"
+
+
+def test_estimate_minutes_scales_with_the_knobs(reproduce):
+    s = dict(reproduce.SCALES["cpu"], seeds=[10, 20])
+    base = reproduce.estimate_minutes(s, 280)
+    assert base["total"] == pytest.approx(sum(v for k, v in base.items() if k != "total"))
+    assert base["total"] <= 150  # the cpu preset fits the 150-minute budget (projection)
+    more = reproduce.estimate_minutes(dict(s, steps=2 * s["steps"]), 280)
+    assert more["methods"] == pytest.approx(2 * base["methods"])
+    assert reproduce.estimate_minutes(s, 822)["evaluation"] > base["evaluation"]
