@@ -67,6 +67,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -237,7 +238,7 @@ def _serve_ours(spec: dict, variant: dict) -> dict:
     from promptkd.data.dataset import Example
     from promptkd.training.loop import Trainer
 
-    work = Path(tempfile.mkdtemp(prefix="bench_step_"))
+    work = Path(tempfile.mkdtemp(prefix="worker_", dir=spec["work"]))
     method = variant["kind"]
     cfg = config_from_dict(
         {
@@ -347,8 +348,7 @@ def _serve_trl(spec: dict, variant: dict) -> dict:
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    GKDConfig, GKDTrainer = import_trl_gkd()
 
     tokenizer = AutoTokenizer.from_pretrained(spec["student"])
     student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
@@ -367,7 +367,7 @@ def _serve_trl(spec: dict, variant: dict) -> dict:
         ids = torch.tensor([f + [pad] * (length - len(f)) for f in full])
         mask = torch.tensor([[1] * len(f) + [0] * (length - len(f)) for f in full])
         labels = torch.tensor(
-            [[-100] * len(e["prompt_ids"]) + e["response_ids"] + [-100] * (length - len(f)) for e, f in zip(examples, full)]
+            [[-100] * len(e["prompt_ids"]) + e["response_ids"] + [-100] * (length - len(f)) for e, f in zip(examples, full, strict=True)]
         )
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompts": prompts, "prompt_attention_mask": prompt_mask}
 
@@ -400,7 +400,7 @@ def _serve_trl(spec: dict, variant: dict) -> dict:
     # (d): the settings a fair comparison needs; (d0): TRL's own defaults for the rest.
     tuned = {} if variant.get("trl_defaults") else {"bf16": variant["precision"] == "bf16", "gradient_checkpointing": False}
     args = GKDConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench_trl_"),
+        output_dir=tempfile.mkdtemp(prefix="trl_", dir=spec["work"]),
         per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=1,
         learning_rate=spec["learning_rate"],
@@ -488,7 +488,7 @@ def run_bf16_check(spec_path: str, result_path: str, precision: str) -> None:
     from promptkd.sampling import SequenceBatch
     from promptkd.training.loop import Trainer
 
-    work = Path(tempfile.mkdtemp(prefix="bench_bf16_"))
+    work = Path(tempfile.mkdtemp(prefix="bf16_", dir=spec["work"]))
     cfg = config_from_dict(
         {
             "method": "promptkd",
@@ -558,7 +558,7 @@ def run_bf16_check(spec_path: str, result_path: str, precision: str) -> None:
 
 
 def bf16_summary(fp32: list[dict], bf16: list[dict]) -> dict:
-    steps = [{"step": i, "response_tokens": a["response_tokens"], "no": a, "bf16": b} for i, (a, b) in enumerate(zip(fp32, bf16))]
+    steps = [{"step": i, "response_tokens": a["response_tokens"], "no": a, "bf16": b} for i, (a, b) in enumerate(zip(fp32, bf16, strict=True))]
     diffs = {}
     for key in ("prompt/kd", "prompt/reg", "student/loss", "prompt/grad_norm", "student/grad_norm"):
         rel = [abs(s["bf16"][key] - s["no"][key]) / max(abs(s["no"][key]), 1e-12) for s in steps]
@@ -595,9 +595,19 @@ def versions() -> dict:
     return out
 
 
+def import_trl_gkd():
+    """(GKDConfig, GKDTrainer): trl >= 1.0 keeps them in trl.experimental.gkd, older trl at the top."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+    except ImportError:
+        from trl import GKDConfig, GKDTrainer
+    return GKDConfig, GKDTrainer
+
+
 def trl_status() -> str | None:
     """None when TRL's GKDTrainer can be imported, else the reason it cannot."""
-    code = "import os; os.environ['TRL_EXPERIMENTAL_SILENCE']='1'; from trl.experimental.gkd import GKDTrainer, GKDConfig"
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_step; bench_step.import_trl_gkd()"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if r.returncode == 0:
         return None
@@ -635,7 +645,7 @@ def prepare(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_step_spec_"))
     train_file = work / "train.jsonl"  # the Trainer's setup wants a train file; steps get their prompts from the spec
     with open(args.data, encoding="utf-8") as src, open(train_file, "w", encoding="utf-8") as dst:
-        for _, line in zip(range(8), src):
+        for _, line in zip(range(8), src, strict=False):
             dst.write(line)
     return {
         "teacher": str(dense),
@@ -739,7 +749,7 @@ def run_pair(spec: dict, spec_path: Path, x: str, y: str, log_dir: Path) -> dict
     out = {}
     for w in workers:
         out[w.name] = {"steps": w.steps, "load_peak_rss_mib": w.ready["load_peak_rss_mib"], **finals[w.name]}
-    measured = [(a, b) for a, b in zip(wx.steps, wy.steps) if not a["warmup"]]
+    measured = [(a, b) for a, b in zip(wx.steps, wy.steps, strict=True) if not a["warmup"]]
     ratios = [a["seconds"] / b["seconds"] for a, b in measured]
     return {"x": x, "y": y, "workers": out, "step_ratios": ratios}
 
@@ -891,6 +901,7 @@ def main(argv=None) -> int:
     p.add_argument("--bf16-check", type=int, default=0, metavar="STEPS", help="also run the fp32-vs-bf16 check for STEPS steps (0: off)")
     p.add_argument("--bf16-check-tokens", type=int, default=64, help="max new tokens of the bf16 check")
     p.add_argument("--out", default=None, help="write the markdown report here")
+    p.add_argument("--keep-work", action="store_true", help="keep the scratch directory (spec, worker logs, run dirs)")
     # worker mode (internal)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
@@ -967,6 +978,8 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report, encoding="utf-8")
+    if not args.keep_work:
+        shutil.rmtree(spec["work"], ignore_errors=True)
     print(json.dumps({"meta": meta, "results": results, "pairs": pairs, "ratios": ratios, "targets": targets, "skipped": skipped, "bf16_check": bf16}))
     return 0
 
@@ -976,7 +989,7 @@ def _run_once(spec: dict, spec_path: Path, worker: str) -> tuple[list | None, st
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false")
     result = Path(spec["work"]) / f"{worker}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--spec", str(spec_path), "--worker", worker, "--result", str(result)]
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stderr.splitlines():
         if line.startswith("[bf16-check]"):
             print(line, file=sys.stderr, flush=True)

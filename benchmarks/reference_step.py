@@ -150,7 +150,7 @@ class ReferencePromptKDStep:
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         loss_mask = torch.zeros((len(rows), length - 1), dtype=torch.float32)
-        for i, (row, target) in enumerate(zip(rows, targets)):
+        for i, (row, target) in enumerate(zip(rows, targets, strict=True)):
             input_ids[i, : len(row)] = torch.tensor(row)
             attention_mask[i, : len(row)] = 1
             loss_mask[i, : len(target)] = torch.tensor(target, dtype=torch.float32)

@@ -30,10 +30,10 @@ def test_fused_adamw_on_cpu_matches_the_default_update():
     for _ in range(3):
         grads = [torch.randn(p.shape, generator=g) for p in fused_params[:2]]
         for params in (fused_params, plain_params):
-            for p, grad in zip(params[:2], grads):
+            for p, grad in zip(params[:2], grads, strict=True):
                 p.grad = grad.clone()
         fused.step()
         plain.step()
-    for a, b in zip(fused_params[:2], plain_params[:2]):
+    for a, b in zip(fused_params[:2], plain_params[:2], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert torch.equal(fused_params[2], plain_params[2])  # the frozen one never moved

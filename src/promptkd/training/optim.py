@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from transformers import get_scheduler
 
-
 # Devices with a fused (single-kernel) AdamW in torch: same update rule as the per-tensor loop,
 # to float rounding, several times faster (CPU: ~7x on a 64M-parameter student).
 _FUSED_ADAMW_DEVICES = ("cpu", "cuda")
