@@ -122,6 +122,12 @@ class SamplingSection:
     top_p: float = opt(1.0, "Nucleus filter; 1.0 disables (reference).", min=0.0, max=1.0, min_exclusive=True)
     do_sample: bool = opt(True, "Sample (True) or greedy decode (False, for tests).")
 
+    def to_sampling_config(self):
+        """The sampler's own record (validated again by its __post_init__)."""
+        from promptkd.sampling import SamplingConfig
+
+        return SamplingConfig(**dataclasses.asdict(self))
+
 
 @dataclass
 class PromptKDSection:

@@ -396,7 +396,6 @@ class Trainer:
     def sample(self, examples, model=None) -> SequenceBatch:
         """Sampled responses (of the current student unless `model` is given) for these prompts."""
         from promptkd.data.collate import collate_prompts
-        from promptkd.sampling import SamplingConfig
 
         prompt_ids, prompt_mask = collate_prompts(examples, self.pad_token_id)
         s = self.cfg.sampling
@@ -408,13 +407,7 @@ class Trainer:
                 prompt_mask.to(self.accelerator.device),
                 eos_token_ids=self.eos_token_ids,
                 pad_token_id=self.pad_token_id,
-                config=SamplingConfig(
-                    max_new_tokens=s.max_new_tokens,
-                    temperature=s.temperature,
-                    top_k=s.top_k,
-                    top_p=s.top_p,
-                    do_sample=s.do_sample,
-                ),
+                config=s.to_sampling_config(),
             )
         return batch
 
