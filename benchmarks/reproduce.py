@@ -57,6 +57,7 @@ METHODS = {  # label -> (method, method section overrides)
     "PromptKD": ("promptkd", {"promptkd": {"base_coef": 1.0}}),
     "PromptKD (no reg.)": ("promptkd", {"promptkd": {"base_coef": 0.0}}),
 }
+METHOD_COST = {"KD": "kd", "SeqKD": "seqkd", "GKD": "gkd", "PromptKD": "promptkd", "PromptKD (no reg.)": "promptkd_noreg"}
 HEAL_SEED, METHOD_SEED = 1, 2
 # Prompt LR: the reference code uses the student's LR (5e-5) for ~900 optimizer steps (GPT-2
 # base: 20 epochs of 11k prompts at batch 256). AdamW moves each prompt coordinate by about
@@ -65,15 +66,16 @@ HEAL_SEED, METHOD_SEED = 1, 2
 
 # Budget presets; every key is also a flag (--heal-steps etc.). The cpu preset is sized with
 # `estimate_minutes` (MEASURED x CONSERVATIVE) to fit 150 minutes; `--dry-run` prints the
-# projection for any flags. The full eval sets (--eval-limit 0) alone would take about 100
-# minutes at the measured rates, so the preset evaluates the first 100 records of each set.
+# projection for any flags. The compared methods' training runs and the evaluated rows are
+# independent, so they share two worker processes of one thread each (--workers): that is
+# what lets the full eval sets (822 prompts x 2 seeds x 7 models) fit.
 SCALES = {
-    "cpu": dict(heal_steps=80, heal_batch_size=8, steps=40, batch_size=4, max_new_tokens=48, eval_limit=100,
+    "cpu": dict(heal_steps=80, heal_batch_size=8, steps=40, batch_size=4, max_new_tokens=48, eval_limit=0,
                 seeds="10,20", max_prompt_length=128, eval_prompt_length=256, dev_examples=48, eb_prompts=10,
-                eval_batch_size=16, lr=5e-5, prompt_lr=1e-3, heal_lr=3e-4, threads=1),
+                eval_batch_size=16, lr=5e-5, prompt_lr=1e-3, heal_lr=3e-4, threads=1, workers=2),
     "smoke": dict(heal_steps=3, heal_batch_size=2, steps=3, batch_size=2, max_new_tokens=8, eval_limit=3,
                   seeds="10,20", max_prompt_length=128, eval_prompt_length=128, dev_examples=4, eb_prompts=2,
-                  eval_batch_size=4, lr=5e-5, prompt_lr=1e-3, heal_lr=3e-4, threads=1),
+                  eval_batch_size=4, lr=5e-5, prompt_lr=1e-3, heal_lr=3e-4, threads=1, workers=2),
 }
 
 
@@ -119,6 +121,12 @@ def estimate_minutes(s: dict, num_eval_prompts: int) -> dict[str, float]:
         # fixed costs: model loading and setup of each of the 6 training runs and 7 evaluated rows
         "model loading": (6 * MEASURED["train_setup"] + 7 * MEASURED["eval_setup"]) / 60,
     }
+    # independent stages share s["workers"] processes (1 thread each: no slower per process on 2 cores)
+    w = max(1, min(s.get("workers", 1) or 1, os.cpu_count() or 1))
+    longest = max(st.values()) * step_scale(s["batch_size"]) * s["steps"] / 60
+    out["methods"] = max(out["methods"] / w, longest)
+    out["evaluation"] = out["evaluation"] / w
+    out["model loading"] = out["model loading"] / w
     out = {k: v * CONSERVATIVE for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
@@ -139,7 +147,7 @@ class Stages:
     def __init__(self, root: Path):
         self.path = root / "timings.json"
         self.saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.rows: list[tuple[str, float, bool]] = []  # (stage, seconds, ran now)
+        self.rows: list[tuple[str, float, object]] = []  # (stage, seconds, True: ran now, False: cached, "group"/None: in a parallel group)
 
     def run(self, name: str, key: str, done: bool, fn):
         """Run fn() unless `done`; record its time under (name, key)."""
@@ -159,6 +167,70 @@ class Stages:
         log(f"{name}: done in {secs:.0f} s")
         gc.collect()
         return out
+
+    def run_parallel(self, group: str, jobs: list[tuple[str, str, bool, object, tuple]], workers: int,
+                     threads: int) -> None:
+        """Run independent stages in `workers` processes (spawned, `threads` torch threads each).
+
+        jobs: (name, key, done, fn, args); fn must be a module-level function (it is pickled).
+        Each stage's own time is recorded, but in the report only the group's wall clock counts
+        toward the sum (the stages overlap). workers <= 1 runs them one after the other here.
+        """
+        todo = [j for j in jobs if not j[2]]
+        gident = f"{group}|" + ",".join(sorted(j[1] for j in jobs))
+        for name, key, done, _, _ in jobs:
+            if done:
+                secs = self.saved.get(f"{name}|{key}", float("nan"))
+                log(f"{name}: cached ({secs:.0f} s when it ran)")
+        t0 = time.perf_counter()
+        if todo and workers > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            log(f"{group}: {len(todo)} stage(s) in {min(workers, len(todo))} processes")
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn"),
+                                     initializer=_worker_init, initargs=(threads,)) as pool:
+                futures = {pool.submit(_timed, fn, *args): (name, key) for name, key, _, fn, args in todo}
+                for name, _ in futures.values():
+                    log(f"{name}: submitted")
+                for fut in as_completed(futures):
+                    name, key = futures[fut]
+                    secs = fut.result()  # re-raises a stage's error here
+                    self.saved[f"{name}|{key}"] = secs
+                    self.path.write_text(json.dumps(self.saved, indent=1))
+                    log(f"{name}: done in {secs:.0f} s (in a worker)")
+        else:
+            for name, key, _, fn, args in todo:
+                secs = _timed(fn, *args)
+                self.saved[f"{name}|{key}"] = secs
+                self.path.write_text(json.dumps(self.saved, indent=1))
+                log(f"{name}: done in {secs:.0f} s")
+                gc.collect()
+        for name, key, done, _, _ in jobs:
+            self.rows.append((f"{name} (in group: {group})", self.saved.get(f"{name}|{key}", float("nan")),
+                              None if done else "group"))
+        if todo:  # accumulated over invocations (a killed invocation's part is lost: an undercount)
+            self.saved[gident] = self.saved.get(gident, 0.0) + time.perf_counter() - t0
+            self.path.write_text(json.dumps(self.saved, indent=1))
+        secs = self.saved.get(gident, float("nan"))
+        self.rows.append((f"{group}: wall clock, {workers if workers > 1 else 1} process(es)", secs, bool(todo)))
+        log(f"{group}: {'done' if todo else 'cached'}, wall {secs:.0f} s")
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+    import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- stage 0
@@ -220,24 +292,33 @@ def filter_train(data_dir: Path, teacher: Path, cache: Path, max_prompt_length: 
 
 def train_run(name: str, cfg_dict: dict, run_dir: Path, stages: Stages, key: str) -> Path:
     """Train (or resume, or skip when finished) one run; return its final student directory."""
+    final = run_dir / "final" / "student"
+    stages.run(name, key, (final / "config.json").is_file(), lambda: train_stage(cfg_dict, str(run_dir)))
+    return final
+
+
+def train_stage(cfg_dict: dict, run_dir: str) -> None:
+    """Train (or resume) one run into run_dir; module-level so that a worker process can run it."""
     from promptkd.config import config_from_dict
     from promptkd.training.checkpoint import latest_checkpoint
     from promptkd.training.loop import run_training
 
-    final = run_dir / "final" / "student"
+    run_dir = Path(run_dir)
     cfg_dict = json.loads(json.dumps(cfg_dict))
     cfg_dict["train"]["output_dir"] = str(run_dir)
+    cfg = config_from_dict(cfg_dict)
+    resume = latest_checkpoint(run_dir / "checkpoints") is not None
+    run_training(cfg, resume=resume, overwrite=not resume, show_progress=sys.stderr.isatty())
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer state: ~1 GB, not needed
+    for extra in ("best",):
+        shutil.rmtree(run_dir / extra, ignore_errors=True)
 
-    def run():
-        cfg = config_from_dict(cfg_dict)
-        resume = latest_checkpoint(run_dir / "checkpoints") is not None
-        run_training(cfg, resume=resume, overwrite=not resume, show_progress=sys.stderr.isatty())
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer state: ~1 GB, not needed
-        for extra in ("best",):
-            shutil.rmtree(run_dir / extra, ignore_errors=True)
 
-    stages.run(name, key, (final / "config.json").is_file(), run)
-    return final
+def eval_stage(job) -> None:
+    """Evaluate one row (an EvalJob); module-level so that a worker process can run it."""
+    from promptkd.evaluation.runner import run_evaluation
+
+    run_evaluation(job)
 
 
 def seen_records(train_file: Path, steps: int, batch_size: int, seed: int) -> list[str]:
@@ -436,8 +517,12 @@ def write_report(path: Path, *, args, settings: dict, stages: Stages, rows: dict
     lines += ["", "## Wall time per stage", "", "| stage | seconds | |", "|---|---|---|"]
     total = 0.0
     for name, secs, ran in stages.rows:
-        total += secs if secs == secs else 0.0
-        lines.append(f"| {name} | {secs:.0f} | {'this invocation' if ran else 'cached: measured when it ran'} |")
+        if ran in ("group", None):  # overlapping stages of a parallel group: its wall clock row counts
+            note = "in a worker process, overlapping; not summed" + ("" if ran else " (cached)")
+        else:
+            total += secs if secs == secs else 0.0
+            note = "this invocation" if ran else "cached: measured when it ran"
+        lines.append(f"| {name} | {secs:.0f} | {note} |")
     lines += [f"| **sum of stages** | **{total:.0f}** ({total / 60:.1f} min) | |",
               f"| this invocation (wall clock) | {wall:.0f} ({wall / 60:.1f} min) | |", ""]
     if projection:
@@ -505,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="torch intra-op threads (presets: 1, measured 3-5x faster than 2 on the shared 2-core "
                         "machine; 0: torch's default)")
+    p.add_argument("--workers", type=int,
+                   help="processes for the stages that do not depend on each other (the compared methods' "
+                        "training, the evaluated rows); each uses --threads torch threads (presets: 2 x 1)")
     p.add_argument("--dry-run", action="store_true", help="print the settings and the projected time per stage, run nothing")
     return p
 
@@ -583,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
 
     finals: dict[str, Path] = {}
     run_dirs: dict[str, Path] = {}
+    train_jobs = []
     for label, (method, section) in METHODS.items():
         cfg = {"method": method, "model": {"teacher": str(teacher), "student": str(init)},
                "data": dict(common_data), "train": dict(base_train),
@@ -596,10 +685,15 @@ def main(argv: list[str] | None = None) -> int:
         key = key_of([heal_key, cfg])
         slug = label.lower().replace(" ", "").replace("(", "-").replace(")", "").replace(".", "")
         run_dirs[label] = cache / "runs" / f"{slug}-{key}"
-        finals[label] = train_run(f"train {label}, {s['steps']} steps", cfg, run_dirs[label], stages, key)
+        finals[label] = run_dirs[label] / "final" / "student"
+        train_jobs.append((f"train {label}, {s['steps']} steps", key, (finals[label] / "config.json").is_file(),
+                           train_stage, (cfg, str(run_dirs[label]))))
+    # slowest first, so that the two workers finish close together
+    train_jobs.sort(key=lambda j: -MEASURED["step"][METHOD_COST[j[0].split(",")[0].removeprefix("train ")]])
+    stages.run_parallel("methods", train_jobs, s["workers"], s["threads"])
 
     # 3. evaluation
-    from promptkd.evaluation.runner import EvalJob, run_evaluation
+    from promptkd.evaluation.runner import EvalJob
 
     rows_models = {"teacher (SmolLM2-135M-Instruct)": teacher, "init": init, **finals}
     eval_common = dict(datasets=EVAL_SETS, data_dir=str(data_dir), seeds=seeds, batch_size=s["eval_batch_size"],
@@ -607,12 +701,15 @@ def main(argv: list[str] | None = None) -> int:
                        limit=s["eval_limit"], show_progress=sys.stderr.isatty())
     rows: dict[str, dict] = {}
     eval_job = None
+    eval_jobs, score_files = [], {}
     for label, model_dir in rows_models.items():
         ekey = key_of([str(model_dir), {k: v for k, v in eval_common.items() if k != "show_progress"}])
         out = cache / "eval" / f"{model_dir.parent.parent.name if model_dir != teacher else 'teacher'}-{ekey}"
         eval_job = EvalJob(model=str(model_dir), out=str(out), **eval_common)
-        scores_file = out / "scores.json"
-        stages.run(f"eval {label}", ekey, scores_file.is_file(), lambda job=eval_job: run_evaluation(job))
+        score_files[label] = out / "scores.json"
+        eval_jobs.append((f"eval {label}", ekey, score_files[label].is_file(), eval_stage, (eval_job,)))
+    stages.run_parallel("evaluation", eval_jobs, s["workers"], s["threads"])  # teacher (slowest) first
+    for label, scores_file in score_files.items():
         raw = json.loads(scores_file.read_text())["scores"]
         rows["teacher" if label.startswith("teacher") else label] = {k: {int(a): b for a, b in v.items()} for k, v in raw.items()}
 
