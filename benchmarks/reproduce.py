@@ -480,11 +480,11 @@ def write_report(path: Path, *, args, settings: dict, stages: Stages, rows: dict
         lines += ["**Smoke run: a few optimizer steps and a handful of eval prompts. It checks that the pipeline "
                   "runs end to end; its numbers say nothing about the methods.**", ""]
     lines += ["## Command", "", "```", "python benchmarks/reproduce.py " + " ".join(sys.argv[1:]), "```", "",
-              "Resolved settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
+              "Resolved settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "code"), "",
               "## Environment", "", f"- hardware: {hardware()}",
               f"- load average at start / end (the machine is shared): {load[0]:.1f} / {os.getloadavg()[0]:.1f}",
               "- packages: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
-              f"- code: {git_revision()}", ""]
+              f"- code: {settings.get('code', git_revision())} (at the start of this invocation)", ""]
     lines += ["## Results: sampled ROUGE-L (mean ± std over seeds)", "",
               "| model | " + " | ".join(sets) + " | average | dev token loss |", "|---" * (len(sets) + 3) + "|"]
     for label, s in summaries.items():
@@ -610,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(x) for x in str(s["seeds"]).split(",") if x.strip()]
     warmup = min(100, max(1, s["steps"] // 10))
     settings = dict(s, seeds=seeds, warmup=warmup)
+    code_revision = git_revision()  # the code that runs (files edited later do not change this process)
     if s["threads"]:
         import torch
 
@@ -755,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. report
     wall = time.perf_counter() - t_start
-    write_report(results, args=args, settings=settings, stages=stages, rows=rows, dev_loss=dev_loss, eb=eb,
+    write_report(results, args=args, settings=dict(settings, code=code_revision), stages=stages, rows=rows, dev_loss=dev_loss, eb=eb,
                  plots=plots, wall=wall, load=load0, deviations_list=deviations(settings, eval_job),
                  projection=projection)
     log(f"wrote {results} ({wall / 60:.1f} min this invocation)")

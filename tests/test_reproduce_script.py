@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +15,14 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # importable by name (benchmarks/ on sys.path), so that spawned worker processes can
+    # unpickle the script's functions, as they do when it runs as a script
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        module = importlib.import_module("reproduce")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert Path(module.__file__).resolve() == SCRIPT
     return module
 
 
@@ -72,3 +79,50 @@ def test_estimate_minutes_scales_with_the_knobs(reproduce):
     more = reproduce.estimate_minutes(dict(s, steps=2 * s["steps"]), 280)
     assert more["methods"] == pytest.approx(2 * base["methods"])
     assert reproduce.estimate_minutes(s, 822)["evaluation"] > base["evaluation"]
+
+
+def test_cpu_preset_with_full_eval_sets_fits_the_budget(reproduce):
+    s = dict(reproduce.SCALES["cpu"], seeds=[10, 20])
+    assert s["eval_limit"] == 0  # the protocol's full Dolly / SelfInst / Vicuna test sets
+    assert reproduce.estimate_minutes(s, 500 + 242 + 80)["total"] <= 150
+    one = reproduce.estimate_minutes(dict(s, workers=1), 822)
+    two = reproduce.estimate_minutes(dict(s, workers=2), 822)
+    assert two["evaluation"] == pytest.approx(one["evaluation"] / min(2, os.cpu_count()))
+
+
+def _touch(path):
+    Path(path).write_text("x")
+
+
+def test_parallel_group_counts_its_wall_clock_once(reproduce, tmp_path):
+    stages = reproduce.Stages(tmp_path)
+    jobs = [(f"job{i}", f"k{i}", False, _touch, (tmp_path / f"out{i}",)) for i in range(3)]
+    stages.run_parallel("group", jobs, workers=1, threads=0)
+    assert all((tmp_path / f"out{i}").is_file() for i in range(3))
+    statuses = [r[2] for r in stages.rows]
+    assert statuses == ["group", "group", "group", True]  # members are not summed; the group row is
+    assert stages.rows[-1][0].startswith("group: wall clock")
+    # a second invocation finds every member cached and reports the saved times
+    again = reproduce.Stages(tmp_path)
+    cached = [(n, k, True, _touch, a) for n, k, _, _, a in jobs]
+    again.run_parallel("group", cached, workers=2, threads=0)
+    assert [r[2] for r in again.rows] == [None, None, None, False]
+    assert again.rows[-1][1] == pytest.approx(stages.rows[-1][1])
+
+
+def test_parallel_group_reraises_a_failing_stage(reproduce, tmp_path):
+    def boom():
+        raise RuntimeError("stage failed")
+
+    stages = reproduce.Stages(tmp_path)
+    with pytest.raises(RuntimeError, match="stage failed"):
+        stages.run_parallel("group", [("bad", "k", False, boom, ())], workers=1, threads=0)
+
+
+def test_parallel_group_in_worker_processes(reproduce, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # what spawned workers import the script by
+    stages = reproduce.Stages(tmp_path)
+    jobs = [(f"job{i}", f"k{i}", False, os.mkdir, (str(tmp_path / f"dir{i}"),)) for i in range(3)]
+    stages.run_parallel("group", jobs, workers=2, threads=1)
+    assert all((tmp_path / f"dir{i}").is_dir() for i in range(3))
+    assert [r[2] for r in stages.rows] == ["group", "group", "group", True]
