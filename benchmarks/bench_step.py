@@ -77,7 +77,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DEFAULT_DATA = "/work/shared/data/train/dolly_minillm_train.jsonl"
+sys.path.insert(0, str(HERE))  # sibling module (also when imported from a worker process)
+from reference_step import PHASES as REFERENCE_PHASES  # noqa: E402
+
+DEFAULT_DATA = str(REPO.parent / "shared" / "data" / "train" / "dolly_minillm_train.jsonl")  # ../shared/data
 MARK = "@@BENCH "  # prefix of the protocol lines a worker writes to stdout
 
 VARIANTS = {
@@ -91,19 +94,7 @@ VARIANTS = {
 }
 DEFAULT_PAIRS = "a:b,a:c,a:d,a:a_ckpt,a:a_fp32,a:d_default"
 QUICK_PAIRS = "a:b,a:c,a:d"
-PHASES = (
-    "generation",
-    "batch_rebuild",
-    "student_fwd",
-    "teacher_fwd_prompt_grad",
-    "teacher_fwd_base",
-    "teacher_fwd_target",
-    "losses",
-    "backward_prompt",
-    "backward_student",
-    "optimizer",
-    "other",
-)
+PHASES = REFERENCE_PHASES + ("other",)  # the same phase names in every variant
 PHASE_HELP = {
     "generation": "student sampling (generate, KV cache)",
     "batch_rebuild": "per-sample Python rebuild of the batch (reference only)",

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from promptkd.config import Config, config_from_dict, config_reference_markdown, load_config, parse_overrides
+from promptkd.config import (
+    Config,
+    config_from_dict,
+    config_reference_markdown,
+    load_config,
+    parse_overrides,
+)
 from promptkd.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]

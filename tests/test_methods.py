@@ -42,7 +42,7 @@ def test_promptkd_step_freezes_teacher_and_moves_prompt_and_student(tmp_path, ti
     for k, v in snapshot(tr.teacher).items():
         assert torch.equal(v, teacher0[k]), f"teacher weight {k} changed"
     assert all(not p.requires_grad for p in tr.teacher.parameters())
-    assert any(not torch.equal(p, q) for p, q in zip(tr.method.prompt_params, prompt0)), "prompt did not move"
+    assert any(not torch.equal(p, q) for p, q in zip(tr.method.prompt_params, prompt0, strict=True)), "prompt did not move"
     moved = [k for k, v in snapshot(tr.unwrapped_student).items() if not torch.equal(v, student0[k])]
     assert moved, "student did not move"
     for key in ("prompt/kd", "prompt/reg", "prompt/lambda", "student/loss"):
@@ -61,7 +61,7 @@ def test_frozen_prompt_is_plain_on_policy_reverse_kl(tmp_path, tiny_pair_dirs, t
     prompt0 = [p.detach().clone() for p in tr.method.prompt_params]
     torch.manual_seed(0)
     m1 = tr.method.step(tr.next_micro_batches())
-    assert all(torch.equal(p, q) for p, q in zip(tr.method.prompt_params, prompt0))
+    assert all(torch.equal(p, q) for p, q in zip(tr.method.prompt_params, prompt0, strict=True))
     assert "prompt/kd" not in m1
 
     g = trainer_for(tmp_path / "g", tiny_pair_dirs, tiny_jsonl, method="gkd", gkd={"lmbda": 1.0, "beta": 1.0})
@@ -108,7 +108,7 @@ def test_gradient_accumulation_uses_global_token_count(tmp_path, tiny_pair_dirs,
     ma = a.method.step(a.next_micro_batches())
     mb = b.method.step(b.next_micro_batches())
     assert ma["student/loss"] == pytest.approx(mb["student/loss"], rel=1e-5)
-    for (k, va), vb in zip(a.unwrapped_student.state_dict().items(), b.unwrapped_student.state_dict().values()):
+    for (k, va), vb in zip(a.unwrapped_student.state_dict().items(), b.unwrapped_student.state_dict().values(), strict=True):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-6, msg=k)
 
 

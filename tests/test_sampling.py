@@ -23,6 +23,7 @@ from promptkd.sampling import (
     mask_after_first_eos,
     position_ids_from_mask,
     prompt_batch_from_ids,
+    response_logits,
     sample_responses,
 )
 from promptkd.testing import tiny_llama
@@ -531,3 +532,19 @@ def test_sampled_loss_mask_is_exactly_the_response_up_to_the_first_eos(case):
         assert response_ids[:n] == row[:n]
         assert response_ids[n:] == [pad] * (max(lengths) - n)
         assert sum(tok in eos_ids for tok in response_ids[:n]) == (1 if row[n - 1] in eos_ids else 0)
+
+
+def test_response_logits_equal_slicing_the_full_output():
+    model = tiny_llama(num_layers=2, seed=5).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 200, (3, 9), generator=g)
+    attn = torch.ones_like(ids)
+    attn[0, :2] = 0  # left padding of the prompt (P = 4)
+    attn[2, 7:] = 0  # right padding of the response
+    batch = SequenceBatch(input_ids=ids, attention_mask=attn, loss_mask=attn.bool() & (torch.arange(9) >= 4),
+                          prompt_length=4)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=attn, position_ids=batch.position_ids).logits
+        got = response_logits(model, batch, vocab_size=250)
+    assert got.shape == (3, 5, 250)  # T - P positions, aligned with loss_mask[:, P:]
+    torch.testing.assert_close(got, full[:, 3:-1, :250], rtol=1e-5, atol=1e-6)

@@ -41,7 +41,7 @@ def decode_responses(tokenizer, batch) -> list[str]:
     """Response text of each row of a SequenceBatch (special tokens skipped, stripped)."""
     resp = batch.input_ids[:, batch.prompt_length :]
     mask = batch.loss_mask[:, batch.prompt_length :]
-    return [tokenizer.decode(row[m], skip_special_tokens=True).strip() for row, m in zip(resp, mask)]
+    return [tokenizer.decode(row[m], skip_special_tokens=True).strip() for row, m in zip(resp, mask, strict=True)]
 
 
 def generate_for_examples(
@@ -75,7 +75,7 @@ def generate_for_examples(
         )
         texts = decode_responses(tokenizer, batch)
         bar.update(len(chunk))
-        yield from zip(chunk, texts)
+        yield from zip(chunk, texts, strict=True)
     bar.close()
 
 

@@ -64,6 +64,27 @@ class SequenceBatch:
         ]
 
 
+def response_logits(
+    model: torch.nn.Module, batch: SequenceBatch, vocab_size: int | None = None, **model_kwargs
+) -> torch.Tensor:
+    """Next-token logits predicting the response columns: (B, T - P, V), aligned with loss_mask[:, P:].
+
+    Prompts are left-padded, so every response token sits at a column >= P and only the last
+    T - P + 1 positions need the LM head (`logits_to_keep`): the same values as slicing the full
+    (B, T, V) output, without materialising it. vocab_size cuts padding columns of the LM head.
+    """
+    keep = batch.input_ids.shape[1] - batch.prompt_length + 1
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=keep,
+        use_cache=False,
+        **model_kwargs,
+    )
+    return out.logits[:, :-1, :vocab_size]
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) positions counting only attended tokens: cumsum(mask) - 1, clamped at 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

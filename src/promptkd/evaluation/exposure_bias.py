@@ -160,19 +160,6 @@ def checkpoint_label(path: str | Path) -> str:
     return "/".join(parts)
 
 
-def _response_logits(model, batch, vocab: int) -> torch.Tensor:
-    """(B, R, V) next-token logits at the response positions, aligned with loss_mask[:, P:]."""
-    keep = batch.input_ids.shape[1] - batch.prompt_length + 1
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=keep,
-        use_cache=False,
-    )
-    return out.logits[:, :-1, :vocab]
-
-
 # ----------------------------------------------------------------------------- core
 
 
@@ -207,6 +194,7 @@ def per_step_kl(student, teacher, batches, *, max_new_tokens: int, vocab: int) -
     step t (0-based) is the prediction of response token t given the prompt and y_<t.
     """
     from promptkd.losses import forward_kl
+    from promptkd.sampling import response_logits
 
     kl_sum = torch.zeros(max_new_tokens, dtype=torch.float64)
     running = torch.zeros(max_new_tokens, dtype=torch.long)
@@ -216,8 +204,8 @@ def per_step_kl(student, teacher, batches, *, max_new_tokens: int, vocab: int) -
         n += mask.shape[0]
         if mask.shape[1] == 0 or not mask.any():
             continue
-        s_logits = _response_logits(student, batch, vocab)  # (B, R, V)
-        t_logits = _response_logits(teacher, batch.to(next(teacher.parameters()).device), vocab).to(s_logits.device)
+        s_logits = response_logits(student, batch, vocab)  # (B, R, V)
+        t_logits = response_logits(teacher, batch.to(next(teacher.parameters()).device), vocab).to(s_logits.device)
         # forward_kl(logits=q, target=p) = KL(p || q): here KL(p_T || p_S), float32 inside.
         values = forward_kl(s_logits, t_logits, mask, reduction="none")  # (N,)
         per_pos = torch.zeros(mask.shape, dtype=torch.float64)

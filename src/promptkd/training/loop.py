@@ -27,7 +27,7 @@ import torch
 
 from promptkd.config import Config
 from promptkd.errors import NonFiniteError, UserError
-from promptkd.sampling import SequenceBatch
+from promptkd.sampling import SequenceBatch, response_logits
 from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from promptkd.training.optim import build_optimizer, build_scheduler
 
@@ -372,22 +372,9 @@ class Trainer:
         return self.accelerator.autocast()
 
     def response_logits(self, model, batch: SequenceBatch, **kwargs) -> torch.Tensor:
-        """Logits predicting the response columns: (B, T - P, V) aligned with batch.loss_mask[:, P:].
-
-        Prompts are left-padded, so every response token sits at a column >= P and only the
-        last T - P + 1 positions need the LM head (`logits_to_keep`).
-        """
-        keep = batch.input_ids.shape[1] - batch.prompt_length + 1
+        """(B, T - P, V) logits predicting the response columns (`sampling.response_logits`), autocast."""
         with self.autocast():
-            out = model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                logits_to_keep=keep,
-                use_cache=False,
-                **kwargs,
-            )
-        return out.logits[:, :-1, : self.vocab_size]  # (B, T - P, V)
+            return response_logits(model, batch, self.vocab_size, **kwargs)
 
     @staticmethod
     def response_mask(batch: SequenceBatch) -> torch.Tensor:
