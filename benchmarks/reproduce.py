@@ -16,7 +16,8 @@ output is there, so an interrupted run resumes and a changed knob redoes only wh
    budget), converted once from GGUF (Q4_1, dequantised) to save_pretrained; the student is a
    depth-pruned copy with layers 0,1,2,8,13,18,23,27,28,29 (10 of 30). Train prompts longer
    than --max-prompt-length tokens are filtered out once so that every method indexes the
-   same record list.
+   same record list. The layer set was chosen by measurement: a layer-choice stage reports
+   the dev token loss right after pruning for every LAYER_CANDIDATES set.
 1. init: the pruned student healed with KD (0.5 CE + 0.5 forward KL to the teacher) on the
    Dolly train split for --heal-steps steps.
 2. methods, each from that init with the same optimizer steps, batch size, learning rate,
@@ -49,6 +50,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENT_LAYERS = [0, 1, 2, 8, 13, 18, 23, 27, 28, 29]
+# Which 10 of the 30 layers to keep, compared by the dev token loss before any training (the
+# layer-choice stage measures every candidate and the report lists them); STUDENT_LAYERS is
+# the one the comparison uses.
+LAYER_CANDIDATES = {
+    "kept (ends + evenly spaced middle)": STUDENT_LAYERS,
+    "evenly spaced": [0, 3, 6, 10, 13, 16, 19, 23, 26, 29],
+    "every third": list(range(0, 30, 3)),
+    "first five + last five": [0, 1, 2, 3, 4, 25, 26, 27, 28, 29],
+    "first ten": list(range(10)),
+}
 EVAL_SETS = ["dolly", "selfinst", "vicuna"]
 METHODS = {  # label -> (method, method section overrides)
     "KD": ("kd", {"kd": {"kd_ratio": 0.5, "divergence": "forward_kl"}}),
@@ -358,6 +369,29 @@ def dev_token_loss(model_dir: Path, dev_file: Path, n: int, max_prompt_length: i
     return total / max(count, 1.0)
 
 
+def layer_choice(teacher: Path, cache: Path, dev_file: Path, n: int, max_prompt_length: int, max_length: int,
+                 stages: Stages) -> dict[str, float]:
+    """Dev token loss of each LAYER_CANDIDATES student right after pruning (no training)."""
+    from promptkd.models.student import make_student_from_path
+
+    key = key_of([str(teacher), LAYER_CANDIDATES, n, max_prompt_length, max_length])
+    out = cache / "data" / f"layer_choice_{key}.json"
+
+    def run():
+        vals = {}
+        for label, layers in LAYER_CANDIDATES.items():
+            tmp = cache / "models" / ".layer-candidate"
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_student_from_path(str(teacher), tmp, layers=layers)
+            vals[label] = dev_token_loss(tmp, dev_file, n, max_prompt_length, max_length)
+            log(f"layers {layers}: dev token loss {vals[label]:.3f}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        out.write_text(json.dumps(vals, indent=1))
+
+    stages.run("layer choice: dev loss of pruned candidates", key, out.is_file(), run)
+    return json.loads(out.read_text())
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -470,7 +504,7 @@ def rank_statement(summary: dict[str, dict], students: list[str], target: str = 
 
 def write_report(path: Path, *, args, settings: dict, stages: Stages, rows: dict[str, dict], dev_loss: dict,
                  eb: dict, plots: dict, wall: float, load: tuple, deviations_list: list[str],
-                 projection: dict | None = None) -> None:
+                 projection: dict | None = None, layer_losses: dict | None = None) -> None:
     from promptkd.evaluation.runner import summarize
 
     summaries = {k: summarize(v) for k, v in rows.items()}
@@ -496,6 +530,12 @@ def write_report(path: Path, *, args, settings: dict, stages: Stages, rows: dict
         lines += ["", f"Dev token loss of the pruned student before healing: {dev_loss['pruned (before healing)']:.3f} "
                   f"(teacher {dev_loss.get('teacher', float('nan')):.3f}, init after healing "
                   f"{dev_loss.get('init', float('nan')):.3f})."]
+    if layer_losses:
+        lines += ["", "Layer choice (10 of the teacher's 30 layers; dev token loss right after pruning, before any "
+                  "training; the comparison uses the first row):", "", "| layers kept | indices | dev token loss |",
+                  "|---|---|---|"]
+        lines += [f"| {k} | {','.join(map(str, LAYER_CANDIDATES[k]))} | {v:.3f} |" for k, v in layer_losses.items()
+                  if k in LAYER_CANDIDATES]
     lines += ["", "std: population standard deviation over seeds; for the average, the std over seeds of the "
               "per-seed mean across sets. Dev token loss: mean cross-entropy of the Dolly dev reference "
               f"responses ({settings['dev_examples']} records; lower is better).", "", "## Verdict", ""]
@@ -635,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     train_file = filter_train(data_dir, teacher, cache, s["max_prompt_length"], stages)
     dev_file = data_dir / "train" / "dolly_minillm_dev.jsonl"
     max_length = s["max_prompt_length"] + s["max_new_tokens"]
+    layer_losses = layer_choice(teacher, cache, dev_file, s["dev_examples"], s["max_prompt_length"], max_length,
+                                stages)
     common_data = {"train": str(train_file), "dev": str(dev_file), "max_dev_examples": s["dev_examples"],
                    "max_prompt_length": s["max_prompt_length"], "max_length": max_length}
 
@@ -758,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_start
     write_report(results, args=args, settings=dict(settings, code=code_revision), stages=stages, rows=rows, dev_loss=dev_loss, eb=eb,
                  plots=plots, wall=wall, load=load0, deviations_list=deviations(settings, eval_job),
-                 projection=projection)
+                 projection=projection, layer_losses=layer_losses)
     log(f"wrote {results} ({wall / 60:.1f} min this invocation)")
     print(results.read_text())
     return 0
