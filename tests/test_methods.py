@@ -151,3 +151,21 @@ def test_nonfinite_stop_writes_checkpoint(tmp_path, tiny_pair_dirs, tiny_jsonl, 
     records = [json.loads(x) for x in (tr.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1] and records[0]["nonfinite_skips"] == 1
     assert not (tr.output_dir / "final").exists()
+
+
+def test_bf16_teacher_linear_weights_give_the_same_promptkd_step(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
+    """Under bf16 autocast the teacher's linears are held in bf16: the step is bit-identical."""
+    results = []
+    for cast in (True, False):
+        if not cast:
+            monkeypatch.setattr(Trainer, "_teacher_linears_to_compute_dtype", lambda self: None)
+        tr = trainer_for(tmp_path / str(cast), tiny_pair_dirs, tiny_jsonl, train={"mixed_precision": "bf16"})
+        dtypes = {m.weight.dtype for m in tr.teacher.modules() if isinstance(m, torch.nn.Linear)}
+        assert dtypes == ({torch.bfloat16, torch.float32} if cast else {torch.float32})  # tied LM head stays
+        torch.manual_seed(0)
+        metrics = tr.method.step(tr.next_micro_batches())
+        results.append((metrics, [p.detach().clone() for p in tr.method.prompt_params], snapshot(tr.unwrapped_student)))
+    (m1, p1, s1), (m2, p2, s2) = results
+    assert m1["student/loss"] == m2["student/loss"] and m1["prompt/kd"] == m2["prompt/kd"]
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
+    assert all(torch.equal(v, s2[k]) for k, v in s1.items())

@@ -277,3 +277,34 @@ def test_logits_to_keep_equals_slicing_the_full_output(tokenizer, arch):
         assert prompted.forward_base(ids, mask, logits_to_keep=k).shape == (2, 9, 259)
     with pytest.raises(UserError, match="logits_to_keep"):
         prompted(ids, mask, logits_to_keep=-1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_low_precision_linear_weights_are_exact_under_autocast(tokenizer, arch):
+    """Holding a frozen teacher's linear weights in bf16 changes nothing under bf16 autocast."""
+    from promptkd.models.loading import cast_frozen_linear_weights
+
+    build = (lambda: tiny_llama(seed=1)) if arch == "llama" else (lambda: tiny_gpt2(seed=1))
+    results = []
+    for cast in (False, True):
+        torch.manual_seed(0)
+        p = PromptedTeacher(build(), tokenizer, num_virtual_tokens=3, init="random")
+        if cast:
+            n = cast_frozen_linear_weights(p.teacher, torch.bfloat16)
+            assert n > 0
+            emb = p.teacher.get_input_embeddings().weight
+            assert emb.dtype == torch.float32  # tied LM head left alone (llama ties it)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = p(IDS, MASK)
+            base = p.forward_base(IDS, MASK)
+        logits.float().log_softmax(-1)[..., 7].sum().backward()
+        results.append((logits.detach(), base.detach(), p.prompt_parameters()[0].grad.clone()))
+    for a, b in zip(results[0], results[1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cast_frozen_linear_weights_refuses_trainable_weights():
+    from promptkd.models.loading import cast_frozen_linear_weights
+
+    with pytest.raises(ValueError, match="trainable"):
+        cast_frozen_linear_weights(tiny_llama(num_layers=1), torch.bfloat16)

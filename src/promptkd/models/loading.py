@@ -286,3 +286,39 @@ def check_tokenizer_compatibility(
             stacklevel=2,
         )
     return min(teacher_size, student_size)
+
+
+def cast_frozen_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Hold the weights and biases of a frozen model's linear layers in `dtype`; return elements cast.
+
+    For a model that only ever runs under autocast to `dtype` (the teacher with
+    train.mixed_precision bf16 / fp16): autocast casts a linear layer's weight and bias to `dtype`
+    at every call (it caches casts only for tensors that require grad), so holding them in
+    `dtype` gives bit-identical outputs and gradients with respect to the inputs, without the
+    per-forward casts and at half the memory. Covers torch.nn.Linear and transformers' Conv1D
+    (GPT-2; addmm is cast the same way). Weights shared with an embedding (tied LM heads) stay
+    as they are: the embedding's output starts the residual stream, which autocast keeps in the
+    weights' dtype.
+
+    Raises:
+        ValueError: a linear parameter requires grad (only for frozen models).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    embedding_ptrs = {
+        m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)
+    }
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear | Conv1D):
+            continue
+        if module.weight.data_ptr() in embedding_ptrs:
+            continue
+        params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+        if any(p.requires_grad for p in params):
+            raise ValueError("cast_frozen_linear_weights: the model has trainable linear weights")
+        for p in params:
+            if p.dtype != dtype and p.is_floating_point():
+                p.data = p.data.to(dtype)
+                cast += p.numel()
+    return cast
