@@ -155,8 +155,14 @@ def test_nonfinite_stop_writes_checkpoint(tmp_path, tiny_pair_dirs, tiny_jsonl, 
 
 def test_bf16_teacher_linear_weights_give_the_same_promptkd_step(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
     """Under bf16 autocast the teacher's linears are held in bf16: the step is bit-identical."""
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one mixed-precision setting per process: a fresh state for this test,
+    # the original one restored afterwards
+    monkeypatch.setattr(AcceleratorState, "_shared_state", {})
     results = []
     for cast in (True, False):
+        AcceleratorState._shared_state.clear()
         if not cast:
             monkeypatch.setattr(Trainer, "_teacher_linears_to_compute_dtype", lambda self: None)
         tr = trainer_for(tmp_path / str(cast), tiny_pair_dirs, tiny_jsonl, train={"mixed_precision": "bf16"})
