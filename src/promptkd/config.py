@@ -88,7 +88,10 @@ class TrainConfig:
     warmup_steps: int = opt(100, "Linear warm-up steps (SPEC 4: 100).", min=0)
     max_grad_norm: float = opt(1.0, "Gradient-norm clip per parameter set (SPEC 4: 1.0); 0 disables.", min=0.0)
     mixed_precision: str = opt(
-        "no", "Autocast for model compute; loss maths stays float32.", choices=["no", "bf16", "fp16"]
+        "no",
+        "Autocast for model compute; loss maths stays float32. bf16 (fp16 on CUDA) also holds the frozen "
+        "teacher's linear weights in that dtype (same results, less memory).",
+        choices=["no", "bf16", "fp16"],
     )
     gradient_checkpointing: bool = opt(False, "Gradient checkpointing for the student.")
     eval_every: int = opt(0, "Evaluate on data.dev every N optimizer steps (0: only at the end).", min=0)
