@@ -350,6 +350,7 @@ def dev_token_loss(model_dir: Path, dev_file: Path, n: int, max_prompt_length: i
     from promptkd.data.dataset import build_examples
     from promptkd.data.records import read_jsonl_records
     from promptkd.models.loading import load_model_and_tokenizer
+    from promptkd.sampling import response_logits
 
     model, tok = load_model_and_tokenizer(str(model_dir))
     examples, _ = build_examples(read_jsonl_records(dev_file), tok, max_prompt_length=max_prompt_length,
@@ -359,9 +360,7 @@ def dev_token_loss(model_dir: Path, dev_file: Path, n: int, max_prompt_length: i
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             b = collate_sequences(examples[i : i + batch_size], tok.pad_token_id)
-            keep = b.input_ids.shape[1] - b.prompt_length + 1
-            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                           logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
+            logits = response_logits(model, b).float()
             mask = b.loss_mask[:, b.prompt_length :]
             targets = b.input_ids[:, b.prompt_length :]
             total += float(torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum"))
