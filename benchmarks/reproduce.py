@@ -21,8 +21,10 @@ output is there, so an interrupted run resumes and a changed knob redoes only wh
 1. init: the pruned student healed with KD (0.5 CE + 0.5 forward KL to the teacher) on the
    Dolly train split for --heal-steps steps.
 2. methods, each from that init with the same optimizer steps, batch size, learning rate,
-   data order and seed: KD (0.5 CE + 0.5 forward KL), SeqKD (CE on teacher responses, which
-   are generated first for exactly the prompts the student will see), GKD (lmbda 1, beta 1 =
+   data order, seed and response-length cap (data.max_response_length = --max-new-tokens, so
+   the off-policy methods train on no longer responses than the on-policy ones sample): KD (0.5
+   CE + 0.5 forward KL), SeqKD (0.5 CE + 0.5 forward KL on teacher responses, which are
+   generated first for exactly the prompts the student will see), GKD (lmbda 1, beta 1 =
    on-policy reverse KL), PromptKD, PromptKD without the regulariser (base_coef 0).
 3. evaluation with promptkd.evaluation.runner (SPEC 6 decoding) on Dolly (500), SelfInst
    (242) and Vicuna (80) with --seeds, the teacher and the init as extra rows.
@@ -63,7 +65,7 @@ LAYER_CANDIDATES = {
 EVAL_SETS = ["dolly", "selfinst", "vicuna"]
 METHODS = {  # label -> (method, method section overrides)
     "KD": ("kd", {"kd": {"kd_ratio": 0.5, "divergence": "forward_kl"}}),
-    "SeqKD": ("seqkd", {"seqkd": {"kd_ratio": 0.0}}),
+    "SeqKD": ("seqkd", {"seqkd": {"kd_ratio": 0.5}}),  # the reference's recipe: 0.5 CE + 0.5 forward KL
     "GKD": ("gkd", {"gkd": {"lmbda": 1.0, "divergence": "generalized_jsd", "beta": 1.0}}),
     "PromptKD": ("promptkd", {"promptkd": {"base_coef": 1.0}}),
     "PromptKD (no reg.)": ("promptkd", {"promptkd": {"base_coef": 0.0}}),
@@ -301,6 +303,31 @@ def filter_train(data_dir: Path, teacher: Path, cache: Path, max_prompt_length: 
 # ----------------------------------------------------------------------------- training
 
 
+def data_config(s: dict, train_file: Path, dev_file: Path) -> dict:
+    """The data section every run shares (the init's healing and every compared method)."""
+    return {"train": str(train_file), "dev": str(dev_file), "max_dev_examples": s["dev_examples"],
+            "max_prompt_length": s["max_prompt_length"], "max_length": s["max_prompt_length"] + s["max_new_tokens"],
+            # every method's responses are capped alike: sampled ones at max_new_tokens,
+            # reference and teacher ones at the same number of tokens
+            "max_response_length": s["max_new_tokens"]}
+
+
+def method_config(label: str, s: dict, *, teacher: Path, init: Path, common_data: dict, base_train: dict,
+                  seqkd_file: Path) -> dict:
+    """The training config of one compared method: same data, steps, seed and response cap for all."""
+    method, section = METHODS[label]
+    cfg = {"method": method, "model": {"teacher": str(teacher), "student": str(init)},
+           "data": dict(common_data), "train": dict(base_train),
+           "sampling": {"max_new_tokens": s["max_new_tokens"]}, **json.loads(json.dumps(section))}
+    if method == "seqkd":
+        # the file holds exactly the prompts in the order the other methods see them: one
+        # epoch over it, permuted by the same seed, is the same set of prompts
+        cfg["data"]["teacher_responses"] = str(seqkd_file)
+    if method == "promptkd" and s["prompt_lr"]:
+        cfg["promptkd"]["prompt_learning_rate"] = s["prompt_lr"]
+    return cfg
+
+
 def train_run(name: str, cfg_dict: dict, run_dir: Path, stages: Stages, key: str) -> Path:
     """Train (or resume, or skip when finished) one run; return its final student directory."""
     final = run_dir / "final" / "student"
@@ -501,9 +528,25 @@ def rank_statement(summary: dict[str, dict], students: list[str], target: str = 
     return lines
 
 
+def mean_trained_tokens(metrics_file: Path) -> float | None:
+    """Mean response (loss) tokens per optimizer step over a run's metrics records, or None."""
+    if not metrics_file.is_file():
+        return None
+    vals = []
+    for line in metrics_file.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if "trained_tokens" in r:
+                vals.append(r["trained_tokens"])
+            elif "trained_tokens_per_s" in r and "step_time" in r:  # runs logged before trained_tokens existed
+                vals.append(r["trained_tokens_per_s"] * r["step_time"])
+    return sum(vals) / len(vals) if vals else None
+
+
 def write_report(path: Path, *, args, settings: dict, stages: Stages, rows: dict[str, dict], dev_loss: dict,
                  eb: dict, plots: dict, wall: float, load: tuple, deviations_list: list[str],
-                 projection: dict | None = None, layer_losses: dict | None = None) -> None:
+                 projection: dict | None = None, layer_losses: dict | None = None,
+                 trained_tokens: dict | None = None) -> None:
     from promptkd.evaluation.runner import summarize
 
     summaries = {k: summarize(v) for k, v in rows.items()}
@@ -519,11 +562,14 @@ def write_report(path: Path, *, args, settings: dict, stages: Stages, rows: dict
               "- packages: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
               f"- code: {settings.get('code', git_revision())} (at the start of this invocation)", ""]
     lines += ["## Results: sampled ROUGE-L (mean ± std over seeds)", "",
-              "| model | " + " | ".join(sets) + " | average | dev token loss |", "|---" * (len(sets) + 3) + "|"]
+              "| model | " + " | ".join(sets) + " | average | dev token loss | trained tokens / step |",
+              "|---" * (len(sets) + 4) + "|"]
+    trained_tokens = trained_tokens or {}
     for label, s in summaries.items():
         cells = [f"{s[x]['mean']:.2f} ± {s[x]['std']:.2f}" for x in sets + ["average"]]
-        dl = dev_loss.get(label)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {dl:.3f} |" if dl is not None else f"| {label} | " + " | ".join(cells) + " | |")
+        dl, tt = dev_loss.get(label), trained_tokens.get(label)
+        cells += [f"{dl:.3f}" if dl is not None else "", f"{tt:.0f}" if tt is not None else ""]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     students = [k for k in rows if k in METHODS]
     if "pruned (before healing)" in dev_loss:
         lines += ["", f"Dev token loss of the pruned student before healing: {dev_loss['pruned (before healing)']:.3f} "
@@ -537,7 +583,9 @@ def write_report(path: Path, *, args, settings: dict, stages: Stages, rows: dict
                   if k in LAYER_CANDIDATES]
     lines += ["", "std: population standard deviation over seeds; for the average, the std over seeds of the "
               "per-seed mean across sets. Dev token loss: mean cross-entropy of the Dolly dev reference "
-              f"responses ({settings['dev_examples']} records; lower is better).", "", "## Verdict", ""]
+              f"responses ({settings['dev_examples']} records; lower is better). Trained tokens / step: the "
+              "mean number of response tokens in each optimizer step's loss (sampled, reference or teacher "
+              f"responses, all capped at {settings['max_new_tokens']} tokens).", "", "## Verdict", ""]
     lines += rank_statement(summaries, students)
     if "init" in summaries and "PromptKD" in summaries:
         d = summaries["PromptKD"]["average"]["mean"] - summaries["init"]["average"]["mean"]
@@ -616,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, help="only the first N records of each eval set (0: all, the protocol)")
     p.add_argument("--seeds", help="evaluation seeds, comma-separated (protocol: 10,20,30,40,50)")
     p.add_argument("--max-prompt-length", type=int, help="training prompts longer than this are dropped")
-    p.add_argument("--eval-prompt-length", type=int, help="evaluation prompts are cut to their last N tokens (protocol: 256)")
+    p.add_argument("--eval-prompt-length", type=int, help="evaluation prompts are cut to their first N tokens (protocol: 256)")
     p.add_argument("--eval-batch-size", type=int, help="prompts per generate call in evaluation")
     p.add_argument("--dev-examples", type=int, help="Dolly dev records for the dev token loss")
     p.add_argument("--lr", type=float, help="student learning rate of the compared methods (paper, GPT-2 base: 5e-5)")
@@ -676,8 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     max_length = s["max_prompt_length"] + s["max_new_tokens"]
     layer_losses = layer_choice(teacher, cache, dev_file, s["dev_examples"], s["max_prompt_length"], max_length,
                                 stages)
-    common_data = {"train": str(train_file), "dev": str(dev_file), "max_dev_examples": s["dev_examples"],
-                   "max_prompt_length": s["max_prompt_length"], "max_length": max_length}
+    common_data = data_config(s, train_file, dev_file)
 
     # 1. init: KD healing of the pruned student
     heal_cfg = {
@@ -714,16 +761,9 @@ def main(argv: list[str] | None = None) -> int:
     finals: dict[str, Path] = {}
     run_dirs: dict[str, Path] = {}
     train_jobs = []
-    for label, (method, section) in METHODS.items():
-        cfg = {"method": method, "model": {"teacher": str(teacher), "student": str(init)},
-               "data": dict(common_data), "train": dict(base_train),
-               "sampling": {"max_new_tokens": s["max_new_tokens"]}, **json.loads(json.dumps(section))}
-        if method == "seqkd":
-            # the file holds exactly the prompts in the order the other methods see them: one
-            # epoch over it, permuted by the same seed, is the same set of prompts
-            cfg["data"]["teacher_responses"] = str(seqkd_file)
-        if method == "promptkd" and s["prompt_lr"]:
-            cfg["promptkd"]["prompt_learning_rate"] = s["prompt_lr"]
+    for label in METHODS:
+        cfg = method_config(label, s, teacher=teacher, init=init, common_data=common_data, base_train=base_train,
+                            seqkd_file=seqkd_file)
         key = key_of([heal_key, cfg])
         slug = label.lower().replace(" ", "").replace("(", "-").replace(")", "").replace(".", "")
         run_dirs[label] = cache / "runs" / f"{slug}-{key}"
@@ -754,6 +794,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, scores_file in score_files.items():
         raw = json.loads(scores_file.read_text())["scores"]
         rows["teacher" if label.startswith("teacher") else label] = {k: {int(a): b for a, b in v.items()} for k, v in raw.items()}
+
+    # trained (loss) tokens per optimizer step of every run: the budgets must be comparable
+    trained_tokens = {}
+    for label, run_dir in [("init", init.parent.parent), *((k, v) for k, v in run_dirs.items())]:
+        trained_tokens[label] = mean_trained_tokens(run_dir / "metrics.jsonl")
 
     # dev token loss of every row (the trainer logs it at the end of each run)
     dev_loss = {}
@@ -799,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_start
     write_report(results, args=args, settings=dict(settings, code=code_revision), stages=stages, rows=rows, dev_loss=dev_loss, eb=eb,
                  plots=plots, wall=wall, load=load0, deviations_list=deviations(settings, eval_job),
-                 projection=projection, layer_losses=layer_losses)
+                 projection=projection, layer_losses=layer_losses, trained_tokens=trained_tokens)
     log(f"wrote {results} ({wall / 60:.1f} min this invocation)")
     print(results.read_text())
     return 0

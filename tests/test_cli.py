@@ -115,3 +115,17 @@ def test_generate_cli_is_resumable(tmp_path, tiny_pair_dirs, tiny_jsonl):
 def test_config_reference(capsys):
     assert main(["config-reference"]) == 0
     assert "`promptkd.num_virtual_tokens`" in capsys.readouterr().out
+
+
+def test_prompt_truncation_flag_reaches_generate_and_exposure_bias_jobs(monkeypatch, capsys):
+    from promptkd import generate
+    from promptkd.evaluation import exposure_bias
+
+    jobs = []
+    monkeypatch.setattr(generate, "run_generation", lambda job: jobs.append(job) or "out.jsonl")
+    monkeypatch.setattr(exposure_bias, "run_exposure_bias", lambda job: jobs.append(job) or "summary")
+    gen = ["generate", "--model", "m", "--data", "d.jsonl", "--out", "o.jsonl"]
+    eb = ["exposure-bias", "--student", "s", "--teacher", "t", "--out", "o"]
+    for argv in (gen, gen + ["--prompt-truncation", "keep_last"], eb, eb + ["--prompt-truncation", "keep_last"]):
+        assert main(argv) == 0
+    assert [j.prompt_truncation for j in jobs] == ["keep_first", "keep_last"] * 2

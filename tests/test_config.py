@@ -134,3 +134,22 @@ def test_readme_config_reference_is_current():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[0]
     assert section == config_reference_markdown(), "run: python scripts/update_readme_config.py"
+
+
+def test_seqkd_default_is_the_references_half_ce_half_forward_kl():
+    """Reference SeqKD = --type kd --kd-ratio 0.5 on teacher responses (PromptKD / MiniLLM
+    scripts/gpt2/seqkd/seqkd_base.sh): the default and every shipped seqkd recipe use 0.5."""
+    seqkd = {"method": "seqkd", "model": {"teacher": "t", "student": "s"}, "data": {"teacher_responses": "r.jsonl"}}
+    assert config_from_dict(seqkd).seqkd.kd_ratio == 0.5
+    with pytest.raises(ConfigError, match="--seqkd.kd_ratio 0"):  # 0.5 needs the teacher
+        config_from_dict({**seqkd, "model": {"student": "s"}})
+    recipes = [load_config(p) for p in SHIPPED if "accelerate" not in p.parts]
+    shipped = [c for c in recipes if c.method == "seqkd"]
+    assert len(shipped) >= 2 and all(c.seqkd.kd_ratio == 0.5 and c.model.teacher for c in shipped)
+
+    paper = load_config(ROOT / "configs/paper/gpt2-base_seqkd.yaml")
+    t = paper.train
+    assert (t.learning_rate, t.lr_scheduler, t.warmup_steps, t.weight_decay, t.max_grad_norm) == (5e-4, "cosine", 0, 0.01, 1.0)
+    assert t.batch_size * t.gradient_accumulation_steps * 8 == 32
+    assert t.max_steps == (11_435 // 32) * 20 and t.eval_every == 11_435 // 32  # 20 epochs, eval each epoch
+    assert (paper.data.max_prompt_length, paper.data.max_length) == (256, 512)

@@ -319,9 +319,11 @@ def test_eval_prompts_keep_the_last_tokens():
         max_prompt_length=4,
         drop_long_prompts=False,
         with_responses=False,
+        prompt_truncation="keep_last",
     )
     assert tok.decode(ex.prompt_ids) == "789\n" and ex.response_ids is None
     assert stats.num_truncated_prompt == 1 and stats.num_dropped_long_prompt == 0
+    assert "1 prompts truncated (keep_last)" in stats.summary()
     # with a BOS-adding tokenizer the BOS stays in front
     (ex,), _ = build_examples(
         [r],
@@ -330,8 +332,43 @@ def test_eval_prompts_keep_the_last_tokens():
         max_prompt_length=4,
         drop_long_prompts=False,
         with_responses=False,
+        prompt_truncation="keep_last",
     )
     assert ex.prompt_ids[0] == tok.bos_token_id and tok.decode(ex.prompt_ids[1:]) == "89\n"
+
+
+def test_eval_prompts_keep_the_first_tokens_by_default():
+    """As MiniLLM / PromptKD's evaluation: prompt_ids[:max_prompt_length] (a BOS stays first)."""
+    tok = byte_tokenizer()
+    r = InstructionRecord("0123456789", "", ["x"], {})
+    kw = dict(template="plain", max_prompt_length=4, drop_long_prompts=False, with_responses=False)
+    (ex,), stats = build_examples([r], tok, **kw)
+    assert tok.decode(ex.prompt_ids) == "0123" and stats.num_truncated_prompt == 1
+    assert "1 prompts truncated (keep_first)" in stats.summary()
+    (ex,), _ = build_examples([r], bos_byte_tokenizer(), **kw)
+    assert ex.prompt_ids[0] == tok.bos_token_id and tok.decode(ex.prompt_ids[1:]) == "012"
+    # a prompt within the limit is untouched either way
+    (ex,), _ = build_examples([r], tok, **{**kw, "max_prompt_length": 11})
+    assert tok.decode(ex.prompt_ids) == "0123456789\n"
+    with pytest.raises(UserError, match="prompt_truncation = 'left'.*keep_first"):
+        build_examples([r], tok, **kw, prompt_truncation="left")
+
+
+def test_response_eos_follows_the_ended_flag():
+    """A generated response cut at max_new_tokens (ended: false) gets no EOS; no flag -> EOS."""
+    tok = byte_tokenizer()
+    yo = tok("yo", add_special_tokens=False)["input_ids"]
+    records = [
+        InstructionRecord("Hi.", "", ["yo"], {"ended": True}),
+        InstructionRecord("Hi.", "", ["yo"], {"ended": False}),
+        InstructionRecord("Hi.", "", ["yo"], {}),
+    ]
+    examples, _ = build_examples(records, tok, template="plain")
+    assert [e.response_ids for e in examples] == [yo + [tok.eos_token_id], yo, yo + [tok.eos_token_id]]
+    assert examples[1].metadata == {"ended": False}
+    bad = records[:2] + [InstructionRecord("Hi.", "", ["yo"], {"ended": "no"})]
+    with pytest.raises(UserError, match=r"gen\.jsonl: record 3: field 'ended' must be true or false.*'no'"):
+        build_examples(bad, tok, template="plain", source="gen.jsonl")
 
 
 def test_response_truncated_to_max_length():

@@ -161,3 +161,50 @@ def test_deviations_protocol_job_has_none():
     assert deviations(EvalJob(model="m", out="o")) == []
     devs = deviations(EvalJob(model="m", out="o", seeds=[10, 20], limit=50, max_new_tokens=128))
     assert len(devs) == 3
+    devs = deviations(EvalJob(model="m", out="o", prompt_truncation="keep_last"))
+    assert devs == ["long prompts keep their last tokens (protocol: the first)"]
+
+
+def test_long_prompts_keep_their_first_tokens_by_default_and_the_choice_is_recorded(tmp_path, eval_jsonl, monkeypatch):
+    """The reference evaluation (MiniLLM / PromptKD PromptDataset) keeps prompt_ids[:256]."""
+    from promptkd.data.records import read_jsonl_records
+    from promptkd.data.templates import format_prompt
+    from promptkd.testing import byte_tokenizer, tiny_llama
+
+    tok, model = byte_tokenizer(), tiny_llama(num_layers=1)
+    full = [tok(format_prompt(r, "alpaca", tok))["input_ids"] for r in read_jsonl_records(eval_jsonl)]
+    assert all(len(ids) > 16 for ids in full)
+    seen = []
+    monkeypatch.setattr(runner, "predict", lambda m, t, examples, **k: seen.append(examples) or [""] * len(examples))
+
+    out = tmp_path / "eval"
+    job = EvalJob(model="tiny", out=str(out), datasets=[str(eval_jsonl)], seeds=[10], max_prompt_length=16,
+                  show_progress=False)
+    run_evaluation(job, model=model, tokenizer=tok)
+    assert [e.prompt_ids for e in seen[-1]] == [ids[:16] for ids in full]
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["job"]["prompt_truncation"] == "keep_first"
+    assert not any("keep their" in d for d in scores["deviations"])
+    meta = json.loads((out / "predictions_tinyset_seed10.meta.json").read_text())
+    assert meta["prompt_truncation"] == "keep_first"
+
+    # keep_last still works, is a recorded deviation, and does not re-use keep_first predictions
+    run_evaluation(EvalJob(**{**job.__dict__, "prompt_truncation": "keep_last"}), model=model, tokenizer=tok)
+    assert len(seen) == 2 and [e.prompt_ids for e in seen[-1]] == [ids[-16:] for ids in full]
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["job"]["prompt_truncation"] == "keep_last"
+    assert "long prompts keep their last tokens (protocol: the first)" in scores["deviations"]
+    assert "keep their last tokens" in (out / "scores.md").read_text()
+
+    with pytest.raises(UserError, match="--prompt-truncation 'right'"):
+        run_evaluation(EvalJob(**{**job.__dict__, "prompt_truncation": "right"}), model=model, tokenizer=tok)
+
+
+def test_eval_cli_prompt_truncation_reaches_the_job(monkeypatch):
+    jobs = []
+    monkeypatch.setattr(runner, "run_evaluation", lambda job: jobs.append(job) or "table")
+    assert main(["eval", "--model", "m", "--out", "o"]) == 0
+    assert main(["eval", "--model", "m", "--out", "o", "--prompt-truncation", "keep_last"]) == 0
+    assert [j.prompt_truncation for j in jobs] == ["keep_first", "keep_last"]
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "m", "--out", "o", "--prompt-truncation", "left"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -33,6 +34,73 @@ def snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def full_logits(model, batch) -> torch.Tensor:
+    """(B, T, V) logits of a plain forward; position t predicts token t + 1."""
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding skipped
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos, use_cache=False).logits
+
+
+def token_losses(name, logits, target_logits, batch, alpha=0.1) -> torch.Tensor:
+    """(N,) per response token, written out: q = softmax(logits) (student), p = softmax(target_logits)."""
+    mask = batch.loss_mask[:, 1:]  # (B, T-1)
+    q = logits[:, :-1][mask].softmax(-1)  # (N, V)
+    p = None if target_logits is None else target_logits[:, :-1][mask].softmax(-1)  # (N, V)
+
+    def kl(a, b):
+        return (a * (a.log() - b.log())).sum(-1)
+
+    return {
+        "ce": lambda: -q.log().gather(-1, batch.input_ids[:, 1:][mask][:, None])[:, 0],
+        "forward_kl": lambda: kl(p, q),
+        "reverse_kl": lambda: kl(q, p),
+        "skew_forward_kl": lambda: kl(p, alpha * p + (1 - alpha) * q),
+        "skew_reverse_kl": lambda: kl(q, alpha * q + (1 - alpha) * p),
+    }[name]()
+
+
+def supervised_terms(student, teacher, batches, divergence=None) -> tuple[float, float | None]:
+    """(CE, divergence(student, teacher) or None), each a mean over the step's response tokens (float64)."""
+    student = copy.deepcopy(student).double()
+    teacher = copy.deepcopy(teacher).double() if divergence else None
+    ce = kd = 0.0
+    with torch.no_grad():
+        for b in batches:
+            s = full_logits(student, b)
+            ce += token_losses("ce", s, None, b).sum()
+            if divergence:
+                kd += token_losses(divergence, s, full_logits(teacher, b), b).sum()
+    n = sum(b.loss_mask.sum() for b in batches)
+    return float(ce / n), float(kd / n) if divergence else None
+
+
+def record_batches(tr, monkeypatch) -> list:
+    """[(step, source, batch)] for every batch the method trains on; source: "data" (collated
+    dataset / file responses), "student" or "teacher" (sampled by that model)."""
+    seen = []
+    collate, sample = tr.collate, tr.sample
+
+    def recording_collate(examples):
+        seen.append((tr.step, "data", collate(examples)))
+        return seen[-1][2]
+
+    def recording_sample(examples, model=None, **kwargs):
+        seen.append((tr.step, "teacher" if model is tr.teacher else "student", sample(examples, model, **kwargs)))
+        return seen[-1][2]
+
+    monkeypatch.setattr(tr, "collate", recording_collate)
+    monkeypatch.setattr(tr, "sample", recording_sample)
+    return seen
+
+
+def train_two_steps(tr) -> list[dict]:
+    """tr.train() for 2 steps; checks the export and the metrics log; returns the records."""
+    assert tr.train()["step"] == 2
+    assert (tr.output_dir / "final" / "student" / "config.json").is_file()
+    records = [json.loads(x) for x in (tr.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    return records
+
+
 def test_promptkd_step_freezes_teacher_and_moves_prompt_and_student(tmp_path, tiny_pair_dirs, tiny_jsonl):
     tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl)
     teacher0 = snapshot(tr.teacher)
@@ -47,12 +115,19 @@ def test_promptkd_step_freezes_teacher_and_moves_prompt_and_student(tmp_path, ti
     assert moved, "student did not move"
     for key in ("prompt/kd", "prompt/reg", "prompt/lambda", "student/loss"):
         assert torch.isfinite(torch.tensor(metrics[key]))
-    assert metrics["prompt/lambda"] == 1.0  # base_coef * (1 - 0/K)
+    assert metrics["prompt/lambda"] == 0.5  # base_coef * (1 - k/K) for step k = 1 of K = 2
 
 
-def test_regulariser_schedule(tmp_path, tiny_pair_dirs, tiny_jsonl):
+def test_regulariser_schedule_counts_steps_from_one_and_reaches_zero(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    """lambda_k = base_coef (1 - k/K) with k = 1..K as in the reference (global_step starts at 1),
+    so the last step's weight is exactly 0 and the first is below base_coef."""
     tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, promptkd={"base_coef": 0.5}, train={"max_steps": 4})
-    assert [tr.method.regulariser_weight(k) for k in range(5)] == [0.5, 0.375, 0.25, 0.125, 0.0]
+    assert [tr.method.regulariser_weight(done) for done in range(4)] == [0.375, 0.25, 0.125, 0.0]
+    lambdas = []
+    for _ in range(4):
+        lambdas.append(tr.method.step(tr.next_micro_batches())["prompt/lambda"])
+        tr.step += 1
+    assert lambdas == [0.375, 0.25, 0.125, 0.0]
 
 
 def test_frozen_prompt_is_plain_on_policy_reverse_kl(tmp_path, tiny_pair_dirs, tiny_jsonl):
@@ -70,34 +145,107 @@ def test_frozen_prompt_is_plain_on_policy_reverse_kl(tmp_path, tiny_pair_dirs, t
     assert m1["student/loss"] == pytest.approx(m2["student/loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("method,sections", [
-    ("sft", {}),
-    ("kd", {"kd": {"kd_ratio": 0.5}}),
-    ("kd", {"kd": {"divergence": "skew_forward_kl"}}),
-    ("gkd", {"gkd": {"lmbda": 0.5, "divergence": "skew_reverse_kl"}}),
-    ("gkd", {"gkd": {"lmbda": 0.0, "seq_kd": True}}),
-    ("promptkd", {"promptkd": {"lagged_target": True, "base_coef": 0.0}}),
-    ("promptkd", {"promptkd": {"teacher_gradient_checkpointing": True}, "train": {"gradient_accumulation_steps": 2}}),
+@pytest.mark.parametrize("method,sections,source,kd_ratio,divergence", [
+    ("sft", {}, "data", 0.0, None),
+    ("kd", {"kd": {"kd_ratio": 0.5}}, "data", 0.5, "forward_kl"),
+    ("kd", {"kd": {"divergence": "skew_forward_kl"}}, "data", 0.5, "skew_forward_kl"),
+    # lmbda 0.5 with seed 5 draws on-policy for both steps; lmbda 0 is the dataset path
+    ("gkd", {"gkd": {"lmbda": 0.5, "divergence": "skew_reverse_kl"}}, "student", 1.0, "skew_reverse_kl"),
+    ("gkd", {"gkd": {"lmbda": 0.0}}, "data", 1.0, "reverse_kl"),  # generalized_jsd, beta 1
+    ("gkd", {"gkd": {"lmbda": 0.0, "seq_kd": True}}, "teacher", 1.0, "reverse_kl"),
 ])
-def test_methods_run_end_to_end(tmp_path, tiny_pair_dirs, tiny_jsonl, method, sections):
+def test_methods_train_on_their_data_with_their_loss(
+    tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch, method, sections, source, kd_ratio, divergence
+):
+    """End to end (train, log, export), and the first step's logged loss is the method's loss
+    written out in float64 on the very batches it trained on, which came from the right source."""
     tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, method, **sections)
-    last = tr.train()
-    assert last["step"] == 2
-    assert (tr.output_dir / "final" / "student" / "config.json").is_file()
-    records = [json.loads(x) for x in (tr.output_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2]
-    assert all(torch.isfinite(torch.tensor(r["student/loss"])) for r in records)
+    student0 = copy.deepcopy(tr.unwrapped_student)
+    seen = record_batches(tr, monkeypatch)
+    records = train_two_steps(tr)
+    assert [(step, src) for step, src, _ in seen] == [(0, source), (1, source)]
+    if method == "gkd":
+        assert [r["on_policy"] for r in records] == [float(source == "student")] * 2
+    batches = [b for step, _, b in seen if step == 0]
+    num_tokens = float(sum(b.loss_mask.sum() for b in batches))
+    assert records[0]["trained_tokens"] == num_tokens
+    assert records[0]["generated_tokens"] == (num_tokens if source == "student" else 0.0)
+    # the terms one by one: the divergence is ~1e-3 of the CE, and forward and reverse KL of two
+    # near-uniform tiny models differ by only 1.1e-3 to 1.9e-3 relative (observed float32 error
+    # of the divergence: up to 5.8e-6 relative, of the CE 2e-8)
+    ce, kd = supervised_terms(student0, tr.teacher, batches, divergence)
+    assert records[0]["student/ce"] == pytest.approx(ce, rel=1e-5)
+    if kd_ratio > 0:
+        assert records[0]["student/kd"] == pytest.approx(kd, rel=5e-5)
+    assert records[0]["student/loss"] == pytest.approx((1 - kd_ratio) * ce + kd_ratio * (kd or 0.0), rel=5e-5)
 
 
-def test_seqkd_trains_on_generated_teacher_responses(tmp_path, tiny_pair_dirs, tiny_jsonl):
+def test_promptkd_lagged_target_without_regulariser_end_to_end(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
+    """base_coef 0: no regulariser at any step; lagged_target: the first step's student loss is
+    KL(p_S || p_TP) with the initial prompt, on the student's own samples."""
+    from test_promptkd_step_pinned import prompted_forward  # checked against PromptedTeacher there
+
+    tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, promptkd={"lagged_target": True, "base_coef": 0.0})
+    student0, prompt0 = copy.deepcopy(tr.unwrapped_student).double(), tr.method.prompt_params[0].detach().double()
+    seen = record_batches(tr, monkeypatch)
+    records = train_two_steps(tr)
+    assert all(r["prompt/lambda"] == 0.0 and r["prompt/reg"] == 0.0 for r in records)
+    assert [(step, src) for step, src, _ in seen] == [(0, "student"), (1, "student")]
+    (batch,) = [b for step, _, b in seen if step == 0]
+    with torch.no_grad():
+        s, tp = full_logits(student0, batch), prompted_forward(copy.deepcopy(tr.teacher).double(), prompt0, batch)
+    n = batch.loss_mask.sum()
+    # observed float32 error 7e-6 relative; the other KL direction is 7.8e-4 away, the plain teacher 7e-3
+    assert records[0]["student/loss"] == pytest.approx(float(token_losses("reverse_kl", s, tp, batch).sum() / n), rel=5e-5)
+    assert records[0]["prompt/kd"] == pytest.approx(float(token_losses("forward_kl", s, tp, batch).sum() / n), rel=5e-5)
+
+
+def test_promptkd_teacher_gradient_checkpointing_changes_memory_not_the_run(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    """2 steps with 2 micro-batches each: the same logged losses, prompt and student with the
+    teacher checkpointed during the prompt backward as without."""
+    runs = []
+    for checkpointing in (True, False):
+        tr = trainer_for(tmp_path / str(checkpointing), tiny_pair_dirs, tiny_jsonl,
+                         promptkd={"teacher_gradient_checkpointing": checkpointing},
+                         train={"gradient_accumulation_steps": 2})
+        runs.append((train_two_steps(tr), tr.method.prompt_params[0].detach().clone(), snapshot(tr.unwrapped_student)))
+    (records, prompt, student), (records_ref, prompt_ref, student_ref) = runs
+    for r, r_ref in zip(records, records_ref, strict=True):
+        for key in ("prompt/kd", "prompt/reg", "student/loss"):
+            assert r[key] == pytest.approx(r_ref[key], rel=1e-5), (r["step"], key)
+    torch.testing.assert_close(prompt, prompt_ref, rtol=1e-5, atol=1e-7)
+    for k, v in student.items():
+        torch.testing.assert_close(v, student_ref[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_seqkd_trains_on_generated_teacher_responses(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
+    """Every trained response is one of the file's teacher responses (not a dataset output), and
+    the loss is CE (kd_ratio 0: no teacher loaded) or, by default, the reference's SeqKD:
+    0.5 CE + 0.5 forward KL to the teacher."""
     from promptkd.generate import GenerationJob, run_generation
 
     teacher, _ = tiny_pair_dirs
     out = run_generation(GenerationJob(model=str(teacher), data=str(tiny_jsonl), out=str(tmp_path / "t.jsonl"),
                                        max_new_tokens=5, batch_size=8), show_progress=False)
-    tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "seqkd", data={"teacher_responses": str(out)})
-    assert tr.teacher is None  # kd_ratio 0: no teacher loaded
-    assert tr.train()["step"] == 2
+    generated = {json.loads(x)["output"] for x in out.read_text().splitlines()}
+    assert generated.isdisjoint(json.loads(x).get("output") for x in tiny_jsonl.read_text().splitlines())
+    for kd_ratio, seqkd in ((0.0, {"kd_ratio": 0.0}), (0.5, {})):
+        tr = trainer_for(tmp_path / str(kd_ratio), tiny_pair_dirs, tiny_jsonl, "seqkd",
+                         data={"teacher_responses": str(out)}, seqkd=seqkd)
+        assert tr.cfg.seqkd.kd_ratio == kd_ratio and (tr.teacher is None) == (kd_ratio == 0)
+        student0 = copy.deepcopy(tr.unwrapped_student)
+        seen = record_batches(tr, monkeypatch)
+        records = train_two_steps(tr)
+        assert [(step, src) for step, src, _ in seen] == [(0, "data"), (1, "data")]
+        batches = [b for step, _, b in seen if step == 0]
+        for b in batches:
+            for ids, mask in zip(b.input_ids, b.loss_mask, strict=True):
+                assert tr.tokenizer.decode(ids[mask], skip_special_tokens=True) in generated
+        ce, kd = supervised_terms(student0, tr.teacher, batches, "forward_kl" if kd_ratio else None)
+        assert records[0]["student/ce"] == pytest.approx(ce, rel=1e-5)
+        if kd_ratio:
+            assert records[0]["student/kd"] == pytest.approx(kd, rel=5e-5)
+        assert records[0]["student/loss"] == pytest.approx((1 - kd_ratio) * ce + kd_ratio * (kd or 0.0), rel=5e-5)
 
 
 def test_gradient_accumulation_uses_global_token_count(tmp_path, tiny_pair_dirs, tiny_jsonl):
@@ -175,3 +323,48 @@ def test_bf16_teacher_linear_weights_give_the_same_promptkd_step(tmp_path, tiny_
     assert m1["student/loss"] == m2["student/loss"] and m1["prompt/kd"] == m2["prompt/kd"]
     assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
     assert all(torch.equal(v, s2[k]) for k, v in s1.items())
+
+
+def _fake_trainer(cfg):
+    """The narrow context `Method.load_train_examples` uses: cfg, tokenizer, accelerator."""
+    from types import SimpleNamespace
+
+    from promptkd.testing import byte_tokenizer
+
+    return SimpleNamespace(cfg=cfg, tokenizer=byte_tokenizer(), accelerator=SimpleNamespace(is_main_process=True))
+
+
+def test_seqkd_warns_once_for_teacher_responses_without_the_ended_flag(tmp_path, tiny_pair_dirs, tiny_jsonl, caplog):
+    from promptkd.methods.seqkd import SeqKD
+    from promptkd.methods.sft import SFT
+
+    old = tiny_jsonl  # a file written before `promptkd generate` recorded `ended`
+    rows = [dict(json.loads(line), ended=i % 2 == 0) for i, line in enumerate(old.read_text().splitlines())]
+    new = tmp_path / "new.jsonl"
+    new.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def flag_warnings(method, **data):
+        caplog.clear()
+        trainer = _fake_trainer(make_cfg(tmp_path, *tiny_pair_dirs, tiny_jsonl, method.name, data=data))
+        with caplog.at_level("WARNING"):
+            examples = method(trainer).load_train_examples()
+        return examples, [r.getMessage() for r in caplog.records if "'ended' flag" in r.getMessage()]
+
+    eos = _fake_trainer(None).tokenizer.eos_token_id
+
+    examples, warned = flag_warnings(SeqKD, teacher_responses=str(old))
+    assert len(warned) == 1 and "16 of 16" in warned[0] and "promptkd generate" in warned[0]
+    assert all(e.response_ids[-1] == eos for e in examples)  # flagless: EOS appended, as before
+    examples, warned = flag_warnings(SeqKD, teacher_responses=str(new))
+    assert warned == []
+    assert [e.response_ids[-1] == eos for e in examples] == [r["ended"] for r in rows]
+    _, warned = flag_warnings(SFT)  # ordinary reference data has no flag and needs none
+    assert warned == []
+
+
+def test_max_response_length_caps_reference_responses_and_the_trained_tokens(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    """data.max_response_length gives off-policy methods the on-policy response budget."""
+    tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "kd", data={"max_response_length": 3})
+    assert max(len(e.response_ids) for e in tr.train_examples) == 3
+    record = tr.train()
+    assert record["trained_tokens"] <= tr.cfg.train.batch_size * 3

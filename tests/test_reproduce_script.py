@@ -126,3 +126,26 @@ def test_parallel_group_in_worker_processes(reproduce, tmp_path, monkeypatch):
     stages.run_parallel("group", jobs, workers=2, threads=1)
     assert all((tmp_path / f"dir{i}").is_dir() for i in range(3))
     assert [r[2] for r in stages.rows] == ["group", "group", "group", True]
+
+
+@pytest.mark.parametrize("scale", ["cpu", "smoke"])
+def test_every_method_gets_the_same_response_budget(reproduce, tmp_path, scale):
+    """Reference and teacher responses are capped at the on-policy methods' max_new_tokens."""
+    s = dict(reproduce.SCALES[scale])
+    common = reproduce.data_config(s, tmp_path / "train.jsonl", tmp_path / "dev.jsonl")
+    budgets = set()
+    for label in reproduce.METHODS:
+        cfg = reproduce.method_config(label, s, teacher=tmp_path / "t", init=tmp_path / "i", common_data=common,
+                                      base_train={"max_steps": 1}, seqkd_file=tmp_path / "seqkd.jsonl")
+        budgets.add((cfg["data"]["max_response_length"], cfg["sampling"]["max_new_tokens"]))
+        assert cfg["data"]["max_length"] - cfg["data"]["max_prompt_length"] == s["max_new_tokens"]
+    assert budgets == {(s["max_new_tokens"], s["max_new_tokens"])}
+    assert reproduce.METHODS["SeqKD"][1]["seqkd"]["kd_ratio"] == 0.5  # the reference's SeqKD recipe
+
+
+def test_mean_trained_tokens_reads_new_and_old_metrics(reproduce, tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text(json.dumps({"step": 1, "trained_tokens": 10.0}) + "\n"
+                 + json.dumps({"step": 2, "trained_tokens_per_s": 5.0, "step_time": 4.0}) + "\n")
+    assert reproduce.mean_trained_tokens(f) == 15.0
+    assert reproduce.mean_trained_tokens(tmp_path / "missing.jsonl") is None

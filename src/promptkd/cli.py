@@ -11,7 +11,9 @@
 User errors (bad files, flags, values) print one line `promptkd: error: ...` and exit 2.
 Training that diverged under `train.nonfinite stop` (NaN/Inf loss or gradient) prints one line
 `promptkd: training stopped: ...` and exits 3; its last step is checkpointed, so the run can
-continue with --resume once the cause is fixed. Anything else is a bug and keeps its traceback.
+continue with --resume once the cause is fixed. SIGINT (Ctrl-C) or SIGTERM during training
+finishes the current step, checkpoints it, prints one line saying how to resume and exits 130 or
+143; a second Ctrl-C stops at once. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
-from promptkd.errors import NonFiniteError, UserError
+from promptkd.errors import NonFiniteError, TrainingInterrupted, UserError
 
 
 def _int_list(text: str) -> list[int]:
@@ -57,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--template", default="alpaca", choices=["alpaca", "chat", "plain"])
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--max-prompt-length", type=int, default=256)
+    g.add_argument("--prompt-truncation", default="keep_first", choices=["keep_first", "keep_last"],
+                   help="A longer prompt keeps its first (default, as the reference code) or last --max-prompt-length tokens.")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -78,12 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="ROUGE-L evaluation protocol (SPEC 6): sampled responses, several seeds.")
     e.add_argument("--model", required=True, help="Hub id, save_pretrained dir or .gguf file.")
     e.add_argument("--datasets", default="dolly,selfinst,vicuna", help="Comma-separated names (dolly, selfinst, vicuna, sinst, uinst) or JSONL paths.")
-    e.add_argument("--data-dir", default=None, help="Directory with the eval JSONL files (default: ../shared/data/eval if present).")
+    e.add_argument("--data-dir", default=None,
+                   help="Directory with local copies of the named sets (DIR/eval/dolly_eval.jsonl or DIR/dolly_eval.jsonl, ...); "
+                   "default $PROMPTKD_DATA_DIR. A set without a local file is read from MiniLLM's Hub release.")
     e.add_argument("--seeds", type=_int_list, default=[10, 20, 30, 40, 50])
     e.add_argument("--out", required=True, help="Output directory for predictions and scores.")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--max-prompt-length", type=int, default=256)
+    e.add_argument("--prompt-truncation", default="keep_first", choices=["keep_first", "keep_last"],
+                   help="A longer prompt keeps its first (protocol, as the reference evaluation) or last "
+                   "--max-prompt-length tokens (a deviation; recorded).")
     e.add_argument("--limit", type=int, default=None, help="Only the first N records of each set (deviation from the protocol; recorded).")
     e.add_argument("--template", default="alpaca", choices=["alpaca", "chat", "plain"])
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -92,10 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--student", required=True)
     x.add_argument("--teacher", required=True)
     x.add_argument("--data", default="dolly", help="Eval set name or JSONL path (prompts).")
-    x.add_argument("--data-dir", default=None)
+    x.add_argument("--data-dir", default=None,
+                   help="Directory with a local copy of the named set (as for eval); default $PROMPTKD_DATA_DIR, else the Hub.")
     x.add_argument("--num-prompts", type=int, default=50)
     x.add_argument("--samples-per-prompt", type=int, default=3)
     x.add_argument("--max-new-tokens", type=int, default=64)
+    x.add_argument("--prompt-truncation", default="keep_first", choices=["keep_first", "keep_last"],
+                   help="A prompt longer than 256 tokens keeps its first (default, as the reference code) or last ones.")
     x.add_argument("--seed", type=int, default=10)
     x.add_argument("--out", required=True, help="Output directory (CSV + PNG).")
 
@@ -137,7 +149,7 @@ def _cmd_generate(args) -> int:
     job = GenerationJob(
         model=args.model, data=args.data, out=args.out, split=args.split, template=args.template,
         batch_size=args.batch_size, max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        prompt_truncation=args.prompt_truncation, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         no_repeat_ngram_size=args.no_repeat_ngram_size, do_sample=not args.greedy, seed=args.seed,
         limit=args.limit, dtype=args.dtype,
     )
@@ -160,7 +172,8 @@ def _cmd_eval(args) -> int:
     job = EvalJob(
         model=args.model, datasets=[s for s in args.datasets.split(",") if s], data_dir=args.data_dir,
         seeds=args.seeds, out=args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        max_prompt_length=args.max_prompt_length, limit=args.limit, template=args.template, dtype=args.dtype,
+        max_prompt_length=args.max_prompt_length, prompt_truncation=args.prompt_truncation, limit=args.limit,
+        template=args.template, dtype=args.dtype,
     )
     table = run_evaluation(job)
     print(table)
@@ -173,7 +186,7 @@ def _cmd_exposure_bias(args) -> int:
     job = ExposureBiasJob(
         student=args.student, teacher=args.teacher, data=args.data, data_dir=args.data_dir,
         num_prompts=args.num_prompts, samples_per_prompt=args.samples_per_prompt,
-        max_new_tokens=args.max_new_tokens, seed=args.seed, out=args.out,
+        max_new_tokens=args.max_new_tokens, prompt_truncation=args.prompt_truncation, seed=args.seed, out=args.out,
     )
     print(run_exposure_bias(job))
     return 0
@@ -217,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"promptkd: training stopped: {e}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as e:
+        print(f"promptkd: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("promptkd: interrupted", file=sys.stderr)
         return 130

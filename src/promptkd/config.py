@@ -39,8 +39,9 @@ def opt(default, help: str, *, choices=None, min=None, max=None, min_exclusive=F
 class ModelConfig:
     teacher: str | None = opt(
         None,
-        "Teacher: Hub id, local save_pretrained directory or a .gguf file. Unused by sft/seqkd "
-        "training (seqkd reads teacher responses from data.teacher_responses).",
+        "Teacher: Hub id, local save_pretrained directory or a .gguf file (dequantised once into a cached dense "
+        "copy). Unused by sft, and by seqkd with seqkd.kd_ratio 0 (seqkd reads teacher responses from "
+        "data.teacher_responses).",
     )
     student: str = opt("", "Student: Hub id, local save_pretrained directory or a .gguf file.")
     dtype: str = opt(
@@ -53,10 +54,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = opt("", "Training data: JSONL file (instruction/input/output schema) or a datasets Hub id.")
-    train_split: str = opt("train", "Split name when data.train is a Hub id.")
-    dev: str | None = opt(None, "Dev data for periodic evaluation / best-checkpoint selection (JSONL or Hub id).")
-    dev_split: str = opt("train", "Split name when data.dev is a Hub id.")
+    train: str = opt("", "Training data: JSONL file (instruction/input/output schema), a datasets Hub id or a local dataset directory.")
+    train_data_files: str | None = opt(
+        None, "File inside a Hub id / directory data.train (datasets data_files), e.g. raw.jsonl of MiniLLM/dolly; "
+        "null = the repository's own splits. Ignored for a JSONL file.",
+    )
+    train_split: str = opt(
+        "train", "Split of a Hub id / directory data.train, slices allowed: train[1000:] is MiniLLM's training part "
+        "of MiniLLM/dolly raw.jsonl (its first 1,000 records are dev). Ignored for a JSONL file.",
+    )
+    dev: str | None = opt(
+        None, "Dev data for periodic evaluation / best-checkpoint selection (JSONL, Hub id or directory); "
+        "never an evaluation set such as MiniLLM/dolly valid.jsonl (checked).",
+    )
+    dev_data_files: str | None = opt(None, "As data.train_data_files, for data.dev.")
+    dev_split: str = opt(
+        "train", "As data.train_split, for data.dev: train[:1000] of MiniLLM/dolly raw.jsonl is MiniLLM's dev split.",
+    )
     teacher_responses: str | None = opt(
         None, "seqkd only: JSONL of teacher responses written by `promptkd generate`."
     )
@@ -66,6 +80,11 @@ class DataConfig:
     )
     max_prompt_length: int = opt(256, "Training prompts longer than this (tokens) are dropped and counted (SPEC 4).", min=1)
     max_length: int = opt(512, "Prompt + response limit in tokens; reference responses are cut to fit (SPEC 4).", min=2)
+    max_response_length: int | None = opt(
+        None, "Reference / teacher responses are cut to this many tokens (EOS included; a cut response loses its EOS). "
+        "Set it to sampling.max_new_tokens to give off-policy methods the same response budget as on-policy ones; "
+        "null = only data.max_length limits them.", min=1,
+    )
     max_train_examples: int | None = opt(None, "Use only the first N training records (after filtering).", min=1)
     max_dev_examples: int | None = opt(None, "Use only the first N dev records.", min=1)
 
@@ -99,7 +118,11 @@ class TrainConfig:
         "loss", "Dev metric for best-checkpoint selection: reference-response token loss (fast) or sampled ROUGE-L.",
         choices=["loss", "rougeL"],
     )
-    save_every: int = opt(0, "Write a resumable checkpoint every N optimizer steps (0: only at the end).", min=0)
+    save_every: int = opt(0, "Write a resumable checkpoint every N optimizer steps (0: only by time and at the end).", min=0)
+    save_every_minutes: float = opt(
+        30.0, "Also write a checkpoint when this many minutes passed since the last one (0: off). SIGINT / SIGTERM "
+        "always checkpoint the last completed step before exiting.", min=0.0,
+    )
     keep_last: int = opt(2, "Keep the last N checkpoints (older ones are deleted).", min=1)
     log_every: int = opt(1, "Write a metrics record every N optimizer steps.", min=1)
     trackers: list = opt([], "accelerate trackers, e.g. [tensorboard].")
@@ -124,12 +147,22 @@ class SamplingSection:
     top_k: int = opt(0, "Top-k filter; 0 disables (reference).", min=0)
     top_p: float = opt(1.0, "Nucleus filter; 1.0 disables (reference).", min=0.0, max=1.0, min_exclusive=True)
     do_sample: bool = opt(True, "Sample (True) or greedy decode (False, for tests).")
+    eos_at_cap: bool | None = opt(
+        None,
+        "A sample that hits max_new_tokens without EOS gets EOS as its last token, so capped samples "
+        "are trained to end. null = the method's default: on for promptkd (reference code overwrites "
+        "the last position), off for gkd (like TRL's GKDTrainer, which trains capped samples as they are).",
+    )
 
-    def to_sampling_config(self):
-        """The sampler's own record (validated again by its __post_init__)."""
+    def to_sampling_config(self, eos_at_cap_default: bool = False):
+        """The sampler's own record (validated again by its __post_init__); a null eos_at_cap
+        takes the method's default."""
         from promptkd.sampling import SamplingConfig
 
-        return SamplingConfig(**dataclasses.asdict(self))
+        settings = dataclasses.asdict(self)
+        if settings["eos_at_cap"] is None:
+            settings["eos_at_cap"] = eos_at_cap_default
+        return SamplingConfig(**settings)
 
 
 @dataclass
@@ -177,9 +210,15 @@ class KDSection:
 
 @dataclass
 class SeqKDSection:
-    """SeqKD: CE on teacher-generated responses (data.teacher_responses), optional KD term."""
+    """SeqKD: (1 - kd_ratio) * CE + kd_ratio * forward KL on teacher-generated responses
+    (data.teacher_responses), as the reference's SeqKD scripts (--type kd --kd-ratio 0.5)."""
 
-    kd_ratio: float = opt(0.0, "Weight of an extra forward-KL term to the teacher (needs model.teacher).", min=0.0, max=1.0)
+    kd_ratio: float = opt(
+        0.5,
+        "Weight of the forward-KL term to the teacher (needs model.teacher); 0 = CE on the teacher responses "
+        "only. Reference SeqKD: 0.5 (PromptKD / MiniLLM scripts/*/seqkd/*.sh --kd-ratio 0.5).",
+        min=0.0, max=1.0,
+    )
 
 
 @dataclass
@@ -302,7 +341,10 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.method not in TEACHER_FREE_METHODS and not cfg.model.teacher and not (
         cfg.method == "seqkd" and cfg.seqkd.kd_ratio == 0
     ):
-        problems.append(f"'model.teacher' is not set but method '{cfg.method}' needs a teacher")
+        fix = ""
+        if cfg.method == "seqkd":
+            fix = f" (seqkd.kd_ratio = {cfg.seqkd.kd_ratio} adds a forward-KL term; --seqkd.kd_ratio 0 trains on the teacher responses alone)"
+        problems.append(f"'model.teacher' is not set but method '{cfg.method}' needs a teacher{fix}")
     if not cfg.data.train and not (cfg.method == "seqkd" and cfg.data.teacher_responses):
         problems.append("'data.train' is not set: give a JSONL file or a datasets Hub id")
     if cfg.method == "seqkd" and not cfg.data.teacher_responses:
@@ -317,6 +359,20 @@ def _cross_checks(cfg: Config) -> list[str]:
         )
     if cfg.train.eval_metric == "rougeL" and not cfg.data.dev and cfg.train.eval_every:
         problems.append("'train.eval_every' is set but 'data.dev' is not: give dev data or set eval_every 0")
+    from promptkd.evaluation.datasets import eval_set_for_source
+
+    for key, source, data_files in (
+        ("train", cfg.data.train, cfg.data.train_data_files),
+        ("dev", cfg.data.dev, cfg.data.dev_data_files),
+    ):
+        name = eval_set_for_source(source, data_files) if source else None
+        if name is not None:
+            files = f" with data_files {data_files!r}" if data_files else ""
+            problems.append(
+                f"'data.{key}' = {source!r}{files} is the '{name}' evaluation set: training or checkpoint "
+                "selection on it leaks the test set into the results. For Dolly use MiniLLM's training file "
+                "as configs/paper/*.yaml do (data_files raw.jsonl, split train[1000:] to train, train[:1000] as dev)"
+            )
     return problems
 
 

@@ -35,11 +35,12 @@ from promptkd.errors import UserError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STUDENT_LAYERS = [0, 1, 2, 8, 13, 18, 23, 27, 28, 29]
-DEFAULT_CACHE = Path("~/.cache/promptkd").expanduser()
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("PROMPTKD_CACHE", DEFAULT_CACHE)).expanduser()
+    from promptkd.models.loading import default_cache_dir as cache_dir
+
+    return cache_dir()
 
 
 def ensure_smollm2(cache_dir: Path | None = None) -> Path:

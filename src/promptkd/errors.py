@@ -27,3 +27,15 @@ class NonFiniteError(RuntimeError):
     Not a `UserError`: the input was valid but the optimisation diverged. The trainer writes a
     resumable checkpoint first; the CLI prints the message on one line and exits with status 3.
     """
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGINT or SIGTERM after checkpointing its last completed step.
+
+    `signum` is the signal; the CLI prints the message (which says how to resume) on one line and
+    exits with 128 + signum (130 for SIGINT, 143 for SIGTERM), the shells' convention.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -4,8 +4,10 @@
 
 Used for SeqKD (teacher responses become the student's training targets) and by evaluation.
 Output records keep the input schema: `instruction`, `input`, `output` (the generated
-response) plus `references` (the original outputs) and the input's metadata. Re-running with
-the same --out continues after the last complete line.
+response) plus `references` (the original outputs), the input's metadata and `ended`: true
+when the response ended with EOS, false when it was cut at --max-new-tokens (training then
+appends no EOS to it, see data/dataset.py). Re-running with the same --out continues after
+the last complete line.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class GenerationJob:
     limit: int | None = None
     dtype: str = "float32"
     split: str = "train"
+    prompt_truncation: str = "keep_first"  # over-long prompts: "keep_first" / "keep_last" tokens
 
 
 def decode_responses(tokenizer, batch) -> list[str]:
@@ -44,11 +47,26 @@ def decode_responses(tokenizer, batch) -> list[str]:
     return [tokenizer.decode(row[m], skip_special_tokens=True).strip() for row, m in zip(resp, mask, strict=True)]
 
 
+def response_ended(batch, eos_token_ids) -> list[bool]:
+    """Per row of a SequenceBatch: True when the response ended with EOS, False when capped.
+
+    The loss mask keeps response tokens up to and including the first EOS, so a row ended iff
+    its last kept token is one of `eos_token_ids` (int or list). Only meaningful for a batch
+    sampled with `eos_at_cap` off (that option writes an EOS over a capped row's last token).
+    """
+    eos = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids))
+    resp = batch.input_ids[:, batch.prompt_length :].cpu()  # (B, R)
+    mask = batch.loss_mask[:, batch.prompt_length :].cpu()  # (B, R)
+    return [bool(m.any()) and bool(torch.isin(row[m][-1], eos)) for row, m in zip(resp, mask, strict=True)]
+
+
 def generate_for_examples(
     model, tokenizer, examples, *, sampling, batch_size: int, eos_token_ids, seed: int | None = None,
     first_index: int = 0, desc: str = "generate", show_progress: bool = True,
 ):
-    """Yield (example, response_text) in order, generating `batch_size` prompts at a time.
+    """Yield (example, response_text, ended) in order, generating `batch_size` prompts at a time.
+
+    `ended` is True when the response ended with EOS, False when it hit max_new_tokens.
 
     With `seed`, each batch is seeded with seed + (index of its first example + first_index),
     so a run resumed at a batch boundary samples exactly what the uninterrupted run would.
@@ -74,8 +92,9 @@ def generate_for_examples(
             config=sampling,
         )
         texts = decode_responses(tokenizer, batch)
+        ended = response_ended(batch, eos_token_ids)
         bar.update(len(chunk))
-        yield from zip(chunk, texts, strict=True)
+        yield from zip(chunk, texts, ended, strict=True)
     bar.close()
 
 
@@ -103,6 +122,7 @@ def run_generation(job: GenerationJob, show_progress: bool = True) -> Path:
         drop_long_prompts=False,
         with_responses=False,
         source=job.data,
+        prompt_truncation=job.prompt_truncation,
     )
     sampling = SamplingConfig(
         max_new_tokens=job.max_new_tokens,
@@ -115,7 +135,7 @@ def run_generation(job: GenerationJob, show_progress: bool = True) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
         recs = records[done:]
-        for i, (_, text) in enumerate(
+        for i, (_, text, ended) in enumerate(
             generate_for_examples(
                 model, tokenizer, examples[done:], sampling=sampling, batch_size=job.batch_size,
                 eos_token_ids=_eos_ids(tokenizer, model), seed=job.seed, first_index=done,
@@ -123,7 +143,8 @@ def run_generation(job: GenerationJob, show_progress: bool = True) -> Path:
             )
         ):
             rec = recs[i]
-            row = {"instruction": rec.instruction, "input": rec.input, "output": text, "references": rec.outputs, **rec.metadata}
+            row = {"instruction": rec.instruction, "input": rec.input, "output": text, "references": rec.outputs,
+                   **rec.metadata, "ended": ended}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
     return out

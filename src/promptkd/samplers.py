@@ -19,7 +19,7 @@ Contract of a sampler call (what every method relies on, see docs/conventions.md
   keeps its own copy (a vLLM engine) must refresh it before sampling from new weights.
 - `prompt_ids` / `prompt_mask`: (B, P) long on the training device, prompts LEFT-padded.
 - `config`: a `promptkd.sampling.SamplingConfig` (temperature, top_k, top_p, do_sample,
-  max_new_tokens); every knob must be honoured.
+  max_new_tokens, eos_at_cap); every knob must be honoured.
 - returns a `SequenceBatch` on the same device: prompt + response, each response cut after its
   first EOS (kept), `attention_mask` / `loss_mask` as in `sample_responses`, `prompt_length` P.
 - randomness comes from the process's torch RNG (seeded per run and restored on resume) or is

@@ -167,6 +167,13 @@ class SamplingConfig:
     do_sample: bool = field(
         default=True, metadata={"help": "Sample (True) or decode greedily (False)."}
     )
+    eos_at_cap: bool = field(
+        default=False,
+        metadata={
+            "help": "A response that reaches max_new_tokens without an EOS gets its last token "
+            "replaced by EOS (kept in the loss mask), so capped samples are trained to end."
+        },
+    )
 
     def __post_init__(self):
         problems = []
@@ -201,6 +208,8 @@ class SamplingConfig:
             )
         if not isinstance(self.do_sample, bool):
             problems.append(f"do_sample = {self.do_sample!r} is invalid: must be true or false")
+        if not isinstance(self.eos_at_cap, bool):
+            problems.append(f"eos_at_cap = {self.eos_at_cap!r} is invalid: must be true or false")
         if problems:
             raise ConfigError([f"sampling: {p}" for p in problems])
 
@@ -407,7 +416,8 @@ def sample_responses(
         SequenceBatch with input_ids = prompt + response (B, P + R), attention_mask 1 on prompt
         tokens and on response tokens up to and including the first EOS, loss_mask True on
         exactly those response tokens, prompt_length P. R is the longest kept response, so
-        trailing all-padding columns are trimmed; a response without EOS keeps all its tokens.
+        trailing all-padding columns are trimmed; a response without EOS keeps all its tokens,
+        its last one replaced by eos_token_ids[0] when `config.eos_at_cap`.
         Tensors are on the model's device.
 
     Raises:
@@ -445,6 +455,12 @@ def sample_responses(
     )  # (B, L), (B, L)
     width = int(response_mask.sum(-1).max().item()) if response_mask.numel() else 0
     response_ids, response_mask = response_ids[:, :width], response_mask[:, :width]  # (B, R)
+    if config.eos_at_cap and width > 0:
+        # A row without EOS ran to the cap (generate stops early only once every row ended),
+        # so its last column is its last token: overwrite it with EOS, as the reference does.
+        eos = torch.as_tensor(eos_ids, device=device)
+        capped = ~torch.isin(response_ids, eos).any(-1)  # (B,)
+        response_ids[capped, width - 1] = eos_ids[0]
 
     return SequenceBatch(
         input_ids=torch.cat([prompt_ids, response_ids], dim=1),

@@ -6,11 +6,16 @@ Conventions (MiniLLM / PromptKD data processing, SPEC section 4):
   tokens and are tokenized with add_special_tokens=False so BOS is not doubled.
 - Special-token strings inside the data text (instruction, input, reference) are split into
   ordinary tokens, so a record that happens to contain "</s>" cannot plant an early EOS.
-- response ids = tokenizer(outputs[0], add_special_tokens=False) + [eos_token_id].
+- response ids = tokenizer(outputs[0], add_special_tokens=False) + [eos_token_id], except for
+  a record whose `ended` field is false (`promptkd generate` writes it: that response was cut
+  at max_new_tokens, so the student must not learn to stop there): no EOS. A record without
+  `ended` gets the EOS.
 - Training (drop_long_prompts=True): prompts longer than max_prompt_length are dropped and
   counted, never truncated. Evaluation (drop_long_prompts=False): long prompts keep their
-  LAST max_prompt_length tokens (so the "### Response:" cue stays next to the generation),
-  plus the leading BOS when the tokenizer added one.
+  FIRST max_prompt_length tokens (prompt_truncation="keep_first", as MiniLLM / PromptKD's
+  evaluation does, `prompt_ids[:max_prompt_length]`; a leading BOS stays), or with
+  "keep_last" their LAST ones (the "### Response:" cue stays next to the generation) plus the
+  leading BOS when the tokenizer added one.
 - Responses are cut so that prompt + response <= max_length; a cut response loses its EOS
   (it did not end there), as in MiniLLM.
 """
@@ -27,14 +32,18 @@ from promptkd.data.records import InstructionRecord
 from promptkd.data.templates import PromptTemplate, format_prompt, parse_template
 from promptkd.errors import UserError
 
+# How an over-long evaluation prompt is cut: keep its first tokens (the reference evaluation)
+# or its last ones.
+PROMPT_TRUNCATIONS = ("keep_first", "keep_last")
+
 
 @dataclass
 class Example:
     """One tokenised example.
 
     prompt_ids:   templated prompt ids (<= max_prompt_length).
-    response_ids: reference response ids ending in EOS unless cut at max_length; None for
-                  prompt-only examples (generation / evaluation).
+    response_ids: reference response ids ending in EOS unless cut at max_length or the record
+                  says `ended: false`; None for prompt-only examples (generation / evaluation).
     references:   every reference text (for ROUGE-L).
     """
 
@@ -53,6 +62,7 @@ class FilterStats:
     num_dropped_long_prompt: int
     num_truncated_response: int
     num_truncated_prompt: int = 0
+    prompt_truncation: str = "keep_first"
 
     def summary(self) -> str:
         text = (
@@ -61,7 +71,7 @@ class FilterStats:
             f"{self.num_truncated_response} responses truncated"
         )
         if self.num_truncated_prompt:
-            text += f", {self.num_truncated_prompt} prompts truncated (left)"
+            text += f", {self.num_truncated_prompt} prompts truncated ({self.prompt_truncation})"
         return text
 
 
@@ -72,9 +82,11 @@ def build_examples(
     template: str | PromptTemplate = "alpaca",
     max_prompt_length: int = 256,
     max_length: int = 512,
+    max_response_length: int | None = None,
     drop_long_prompts: bool = True,
     with_responses: bool = True,
     source: str | None = None,
+    prompt_truncation: str = "keep_first",
 ) -> tuple[list[Example], FilterStats]:
     """Tokenise records into examples and report what was filtered.
 
@@ -83,17 +95,24 @@ def build_examples(
         tokenizer: a Hugging Face tokenizer (needs eos_token_id when with_responses).
         max_prompt_length: prompt token limit (data.max_prompt_length).
         max_length: prompt + response token limit (data.max_length).
-        drop_long_prompts: drop (True, training) or left-truncate (False, evaluation) long prompts.
-        with_responses: tokenize outputs[0] as the response; False gives response_ids=None.
+        max_response_length: response token limit (data.max_response_length); None = no own limit.
+        drop_long_prompts: drop (True, training) or truncate (False, evaluation) long prompts.
+        with_responses: tokenize outputs[0] as the response (+ EOS unless the record's
+            `ended` is false); False gives response_ids=None.
         source: the data's name or path, used in error messages.
+        prompt_truncation: with drop_long_prompts=False, a long prompt keeps its first
+            ("keep_first", the reference evaluation) or last ("keep_last") tokens.
 
-    Returns (examples, FilterStats). Raises UserError for invalid limits, a record without a
-    reference when responses are needed, or when no example is left after filtering.
+    Returns (examples, FilterStats). Raises UserError for invalid limits or prompt_truncation,
+    a record without a reference when responses are needed, a non-boolean `ended`, or when
+    no example is left after filtering.
     """
     kind = parse_template(template)
     where = source or "the data"
     if max_prompt_length < 1:
         raise UserError(f"data.max_prompt_length must be >= 1, got {max_prompt_length}")
+    if prompt_truncation not in PROMPT_TRUNCATIONS:
+        raise UserError(f"prompt_truncation = {prompt_truncation!r}: choose one of {PROMPT_TRUNCATIONS}")
     if with_responses and max_length <= max_prompt_length:
         raise UserError(
             f"data.max_length ({max_length}) must be larger than data.max_prompt_length "
@@ -129,6 +148,13 @@ def build_examples(
                 f"{where}: record {missing[0] + 1} has no reference output ('output' / 'outputs'); "
                 "training needs one for every record"
             )
+        for i, r in enumerate(records):
+            ended = r.metadata.get("ended")
+            if ended is not None and not isinstance(ended, bool):
+                raise UserError(
+                    f"{where}: record {i + 1}: field 'ended' must be true or false (did the response "
+                    f"end with EOS?), got {ended!r}"
+                )
         responses_all = tokenizer(
             [r.outputs[0] for r in records], add_special_tokens=False, split_special_tokens=True
         )["input_ids"]
@@ -142,14 +168,20 @@ def build_examples(
                 num_dropped += 1
                 continue
             num_cut_prompt += 1
-            if adds_bos and prompt_ids[0] == bos_id and max_prompt_length > 1:
+            if prompt_truncation == "keep_first":  # a leading BOS stays first
+                prompt_ids = prompt_ids[:max_prompt_length]
+            elif adds_bos and prompt_ids[0] == bos_id and max_prompt_length > 1:
                 prompt_ids = [bos_id] + prompt_ids[-(max_prompt_length - 1) :]
             else:
                 prompt_ids = prompt_ids[-max_prompt_length:]
         response_ids = None
         if responses_all is not None:
-            response_ids = list(responses_all[i]) + [eos_id]
+            # A response cut at generation (ended: false) did not end: no EOS to learn.
+            eos = [] if record.metadata.get("ended") is False else [eos_id]
+            response_ids = list(responses_all[i]) + eos
             budget = max_length - len(prompt_ids)
+            if max_response_length is not None:
+                budget = min(budget, max_response_length)
             if len(response_ids) > budget:
                 response_ids = response_ids[:budget]
                 num_cut_response += 1
@@ -168,6 +200,7 @@ def build_examples(
         num_dropped_long_prompt=num_dropped,
         num_truncated_response=num_cut_response,
         num_truncated_prompt=num_cut_prompt,
+        prompt_truncation=prompt_truncation,
     )
     if not examples:
         raise UserError(

@@ -1,6 +1,6 @@
 """Instruction records: reading and validating JSONL files and Hugging Face datasets.
 
-One schema everywhere (see ../shared/data/README.md):
+One schema everywhere (MiniLLM's released files use it too):
 
     {"instruction": str, "input": str ("" or missing when none), "output": str}
     {"instruction": str, "input": str, "outputs": [str, ...]}      # several references
@@ -13,8 +13,10 @@ input), `context` for `input`, `response` for `output`, and `output` holding a l
 Every problem with the user's data raises `promptkd.errors.UserError` naming the file, the
 1-based line and the field.
 
-    records = load_records("../shared/data/train/dolly_minillm_dev.jsonl")
+    records = load_records("my_data/dev.jsonl")
     records = load_records("databricks/databricks-dolly-15k", split="train")  # needs internet
+    # MiniLLM's Dolly training file and its dev split (the first 1,000 records), as MiniLLM splits it
+    records = load_records("MiniLLM/dolly", split="train[:1000]", data_files="raw.jsonl")
 """
 
 from __future__ import annotations
@@ -278,8 +280,9 @@ def _load_hub(source: str, split: str, data_files):
     try:
         return datasets.load_dataset(source, split=split, data_files=data_files)
     except Exception as e:  # network, missing dataset, bad split: all fixable by the user
+        files = f", data_files {data_files!r}" if data_files is not None else ""
         raise UserError(
-            f"could not load {source!r} (split {split!r}): it is not a local .jsonl/.json file, "
+            f"could not load {source!r} (split {split!r}{files}): it is not a local .jsonl/.json file, "
             f"and loading it with datasets.load_dataset failed: {type(e).__name__}: {e}"
         ) from e
 

@@ -4,11 +4,15 @@
     records = load_eval_set("sinst")                        # no local file: MiniLLM/sinst on the Hub
     records = load_eval_set("my_eval.jsonl")                # any JSONL in the record schema
 
-The local data directory is `data_dir`, else $PROMPTKD_DATA_DIR, else ../shared/data relative
-to the working directory; a set's file is looked up as <data_dir>/eval/<file> and
-<data_dir>/<file>. Without a local file the set is read from MiniLLM's Hub release (needs
-internet), whose valid.jsonl files hold the Alpaca-templated `prompt` and `output` (a string
-or a list of references); the record loader maps both back to the common schema.
+The local data directory is `data_dir`, else $PROMPTKD_DATA_DIR; there is no implicit
+directory (nothing relative to the working directory). A set's file is looked up as
+<data_dir>/eval/<file> and <data_dir>/<file>. Without a local file the set is read from
+MiniLLM's Hub release (needs internet), whose valid.jsonl files hold the Alpaca-templated
+`prompt` and `output` (a string or a list of references); the record loader maps both back to
+the common schema.
+
+`eval_set_for_source` tells whether a training or dev source is one of these sets (the config
+check that keeps checkpoint selection off the test set).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from promptkd.data.records import InstructionRecord, load_records, read_jsonl_re
 from promptkd.errors import UserError
 
 DATA_DIR_ENV = "PROMPTKD_DATA_DIR"
-DEFAULT_DATA_DIR = Path("..") / "shared" / "data"
 
 
 @dataclass(frozen=True)
@@ -52,16 +55,18 @@ EVAL_SETS: dict[str, EvalSetSpec] = {
 }
 
 
-def default_data_dir() -> Path:
-    """$PROMPTKD_DATA_DIR if set, else ../shared/data (relative to the working directory)."""
+def default_data_dir() -> Path | None:
+    """$PROMPTKD_DATA_DIR if set, else None (the sets then come from the Hub)."""
     env = os.environ.get(DATA_DIR_ENV)
-    return Path(env) if env else DEFAULT_DATA_DIR
+    return Path(env).expanduser() if env else None
 
 
 def local_eval_file(name: str, data_dir: str | Path | None = None) -> Path | None:
-    """The local file of a named set, or None when it is not on disk."""
+    """The local file of a named set under data_dir (else $PROMPTKD_DATA_DIR), or None."""
     spec = EVAL_SETS[name]
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if root is None:
+        return None
     for candidate in (root / "eval" / spec.filename, root / spec.filename):
         if candidate.is_file():
             return candidate
@@ -98,3 +103,35 @@ def load_eval_set(
         f"unknown evaluation set {key!r}: not one of {sorted(EVAL_SETS)} and not an existing "
         ".jsonl file"
     )
+
+
+def eval_set_for_source(source: str | Path, data_files: str | None = None) -> str | None:
+    """The name of the evaluation set that a training / dev data source resolves to, or None.
+
+    source, data_files: as `load_records` takes them (data.train / data.train_data_files).
+    A source is an evaluation set when it is
+      - a set's Hub repo read with that set's data file, or with no data_files (datasets then
+        infers a single "validation" split from valid.jsonl: MiniLLM/dolly is the Dolly test set);
+      - a local copy of that repo (a directory named like it, e.g. data/dolly) read the same way;
+      - a file named like a set's local file (dolly_eval.jsonl, ...) or laid out as MiniLLM's
+        README downloads the repos (<dir>/dolly/valid.jsonl, <dir>/sinst/11_/valid.jsonl).
+    MiniLLM/dolly with data_files raw.jsonl is the training file, not an evaluation set.
+    """
+    text = str(source).replace("\\", "/").rstrip("/")
+    if not text:
+        return None
+    files = None if data_files is None else str(data_files).replace("\\", "/").removeprefix("./")
+    lower = text.lower()
+    path = Path(text)
+    for spec in EVAL_SETS.values():
+        repo = spec.hub_id.split("/")[-1].lower()
+        reads_eval_file = files is None or files == spec.hub_data_files
+        if lower == spec.hub_id.lower() and reads_eval_file:
+            return spec.name
+        if path.name == spec.filename or lower == f"{repo}/{spec.hub_data_files}" or lower.endswith(
+            f"/{repo}/{spec.hub_data_files}"
+        ):
+            return spec.name
+        if path.name.lower() == repo and path.is_dir() and reads_eval_file:
+            return spec.name
+    return None

@@ -63,6 +63,7 @@ class ExposureBiasJob:
     samples_per_prompt: int = 3
     max_new_tokens: int = 64
     max_prompt_length: int = 256
+    prompt_truncation: str = "keep_first"  # over-long prompts: "keep_first" / "keep_last" tokens
     seed: int = 10
     batch_size: int = 8
     template: str = "alpaca"
@@ -321,7 +322,7 @@ def _load_examples(job_like, tokenizer):
     examples, _ = build_examples(
         records, tokenizer, template=job_like.template, max_prompt_length=job_like.max_prompt_length,
         max_length=job_like.max_prompt_length + job_like.max_new_tokens, drop_long_prompts=False,
-        with_responses=False, source=str(job_like.data),
+        with_responses=False, source=str(job_like.data), prompt_truncation=job_like.prompt_truncation,
     )
     return examples
 

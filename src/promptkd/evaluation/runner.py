@@ -4,13 +4,15 @@
         --seeds 10,20,30,40,50 --out runs/promptkd/eval
 
 For every set and seed: sample one response per prompt (T = 1, top_k 0, top_p 1,
-no_repeat_ngram_size 6, up to 256 new tokens, prompt cut to its last 256 tokens), decode with
-special tokens skipped, strip, score ROUGE-L F (rouge-score, stemmer on, max over references,
-x 100). Writes `predictions_<set>_seed<k>.jsonl` with a `.meta.json` sidecar naming the model
-and generation settings (a file is re-used only when it is complete, was written for the same
-records and the same settings, so an interrupted evaluation continues and a changed one is
-redone), `scores.json`, `scores.csv`, `scores.md`, and returns a Markdown table with the mean
-and standard deviation (population std over seeds) per set and their average.
+no_repeat_ngram_size 6, up to 256 new tokens, a longer prompt cut to its FIRST 256 tokens as
+MiniLLM / PromptKD's evaluation does; `prompt_truncation="keep_last"` keeps the last ones
+instead, a recorded deviation), decode with special tokens skipped, strip, score ROUGE-L F
+(rouge-score, stemmer on, max over references, x 100). Writes `predictions_<set>_seed<k>.jsonl`
+with a `.meta.json` sidecar naming the model and generation settings (a file is re-used only
+when it is complete, was written for the same records and the same settings, so an interrupted
+evaluation continues and a changed one is redone), `scores.json` (with the job's settings and
+deviations from the protocol), `scores.csv`, `scores.md`, and returns a Markdown table with the
+mean and standard deviation (population std over seeds) per set and their average.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ PROTOCOL = {
     "no_repeat_ngram_size": 6,
     "max_new_tokens": 256,
     "max_prompt_length": 256,
+    "prompt_truncation": "keep_first",
 }
 
 
@@ -48,6 +51,7 @@ class EvalJob:
     batch_size: int = 16
     max_new_tokens: int = 256
     max_prompt_length: int = 256
+    prompt_truncation: str = "keep_first"  # over-long prompts: "keep_first" / "keep_last" tokens
     limit: int | None = None
     template: str = "alpaca"
     dtype: str = "float32"
@@ -61,6 +65,9 @@ def deviations(job: EvalJob) -> list[str]:
         out.append(f"max_new_tokens {job.max_new_tokens} (protocol: 256)")
     if job.max_prompt_length != PROTOCOL["max_prompt_length"]:
         out.append(f"prompts cut to {job.max_prompt_length} tokens (protocol: 256)")
+    if job.prompt_truncation != PROTOCOL["prompt_truncation"]:
+        out.append(f"long prompts keep their {job.prompt_truncation.removeprefix('keep_')} tokens "
+                   "(protocol: the first)")
     if job.limit:
         out.append(f"only the first {job.limit} records of each set")
     if len(job.seeds) < 5:
@@ -87,14 +94,14 @@ def predict(model, tokenizer, examples, *, seed: int, job: EvalJob, desc: str) -
         model, tokenizer, [examples[i] for i in order], sampling=sampling, batch_size=job.batch_size,
         eos_token_ids=_eos_ids(tokenizer, model), seed=seed, desc=desc, show_progress=job.show_progress,
     )
-    for i, (_, text) in zip(order, gen, strict=True):
+    for i, (_, text, _) in zip(order, gen, strict=True):
         texts[i] = text
     return texts
 
 
 def run_evaluation(job: EvalJob, model=None, tokenizer=None) -> str:
     """Evaluate `job.model` (or an already loaded model/tokenizer); return the Markdown table."""
-    from promptkd.data.dataset import build_examples
+    from promptkd.data.dataset import PROMPT_TRUNCATIONS, build_examples
     from promptkd.evaluation.datasets import EVAL_SETS, load_eval_set
     from promptkd.evaluation.metric import corpus_rouge_l
     from promptkd.models.loading import ModelSpec, load_model_and_tokenizer
@@ -105,6 +112,8 @@ def run_evaluation(job: EvalJob, model=None, tokenizer=None) -> str:
         raise UserError("eval: --seeds is empty")
     if len(set(job.seeds)) != len(job.seeds):
         raise UserError(f"eval: --seeds {job.seeds} repeats a seed")
+    if job.prompt_truncation not in PROMPT_TRUNCATIONS:
+        raise UserError(f"eval: --prompt-truncation {job.prompt_truncation!r}: choose one of {PROMPT_TRUNCATIONS}")
     set_names = [str(n) if str(n) in EVAL_SETS else Path(str(n)).stem for n in job.datasets]
     if len(set(set_names)) != len(set_names):
         raise UserError(f"eval: --datasets {job.datasets} gives two sets the same name {set_names}: "
@@ -124,7 +133,7 @@ def run_evaluation(job: EvalJob, model=None, tokenizer=None) -> str:
         examples, _ = build_examples(
             records, tokenizer, template=job.template, max_prompt_length=job.max_prompt_length,
             max_length=job.max_prompt_length + job.max_new_tokens, drop_long_prompts=False,
-            with_responses=False, source=str(name),
+            with_responses=False, source=str(name), prompt_truncation=job.prompt_truncation,
         )
         scores[set_name] = {}
         for seed in job.seeds:
@@ -182,7 +191,8 @@ def _prediction_meta(job: EvalJob, seed: int, num_records: int) -> dict:
     return {
         "model": str(job.model), "seed": seed, "num_records": num_records, "template": job.template,
         "dtype": job.dtype, "max_new_tokens": job.max_new_tokens, "max_prompt_length": job.max_prompt_length,
-        "batch_size": job.batch_size, "decoding": {k: v for k, v in PROTOCOL.items() if k not in ("max_new_tokens", "max_prompt_length")},
+        "prompt_truncation": job.prompt_truncation, "batch_size": job.batch_size,
+        "decoding": {k: v for k, v in PROTOCOL.items() if k not in ("max_new_tokens", "max_prompt_length", "prompt_truncation")},
     }
 
 

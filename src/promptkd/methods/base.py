@@ -22,6 +22,9 @@ class Method:
     """
 
     name = "base"
+    # sampling.eos_at_cap when the config leaves it null: whether the student's samples that hit
+    # max_new_tokens get EOS as their last token
+    eos_at_cap_default = False
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -38,13 +41,17 @@ class Method:
 
         data = self.cfg.data
         source = source or data.train
-        records = load_records(source, split=data.train_split)
+        if source == data.train:
+            records = load_records(source, split=data.train_split, data_files=data.train_data_files)
+        else:  # another file (seqkd's teacher responses): data.train's split and data_files are not its own
+            records = load_records(source)
         examples, stats = build_examples(
             records,
             self.trainer.tokenizer,
             template=data.template,
             max_prompt_length=data.max_prompt_length,
             max_length=data.max_length,
+            max_response_length=data.max_response_length,
             source=source,
         )
         if self.trainer.accelerator.is_main_process:

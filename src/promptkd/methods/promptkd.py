@@ -45,6 +45,9 @@ def _has_active_dropout(model: torch.nn.Module) -> bool:
 
 class PromptKD(Method):
     name = "promptkd"
+    # the reference overwrites the last position of a capped sample with EOS (pad = EOS there):
+    # gmkim-ai/PromptKD train_promptkd.py:321-327, 342
+    eos_at_cap_default = True
 
     # ------------------------------------------------------------------ setup
     def setup(self):
@@ -97,8 +100,13 @@ class PromptKD(Method):
 
     # ------------------------------------------------------------------ helpers
     def regulariser_weight(self, step: int) -> float:
-        """lambda_k = base_coef * (1 - k / K), k = optimizer steps done so far (SPEC 2)."""
-        return self.cfg.promptkd.base_coef * (1.0 - step / self.cfg.train.max_steps)
+        """lambda_k = base_coef * (1 - k / K) for the optimizer step k = 1..K being taken.
+
+        The reference counts k from 1 (gmkim-ai/PromptKD train_promptkd.py:293 starts
+        `global_step` at 1; :360-364 compute the weight), so lambda reaches 0 at the last step K.
+        `step` is the number of optimizer steps already done (k - 1).
+        """
+        return self.cfg.promptkd.base_coef * (1.0 - (step + 1) / self.cfg.train.max_steps)
 
     def _response_logits(self, forward, batch) -> torch.Tensor:
         """(B, T - P, V) teacher logits predicting the response columns, like `response_logits`.

@@ -12,6 +12,7 @@ in `save_pretrained` format.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import warnings
@@ -153,6 +154,55 @@ def dequantized_copy(model):
     return new
 
 
+CACHE_ENV = "PROMPTKD_CACHE"
+DEFAULT_CACHE = Path("~/.cache/promptkd")
+DENSE_GGUF_ENV = "PROMPTKD_DENSE_GGUF"  # "0" turns the dense copy off
+
+
+def default_cache_dir() -> Path:
+    """$PROMPTKD_CACHE, else ~/.cache/promptkd: models promptkd derives (dense GGUF copies, students)."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def dense_gguf_dir(gguf_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Where the dense save_pretrained copy of a GGUF file lives: named after the file's resolved
+    path, size and modification time, so a changed file gets a new copy."""
+    import hashlib
+
+    path = Path(gguf_path).expanduser().resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return Path(cache_dir or default_cache_dir()) / "dense" / f"{path.stem}-{key}"
+
+
+def ensure_dense_gguf_copy(gguf_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """A save_pretrained directory (float32 weights + tokenizer) holding the dequantised GGUF model.
+
+    Dequantising a GGUF file takes a while and shows its own progress bar; every later load of
+    the same file reads this copy instead. Written to a temporary directory and renamed into
+    place, so an interrupted conversion is never used.
+    """
+    import shutil
+
+    out = dense_gguf_dir(gguf_path, cache_dir)
+    if (out / "config.json").is_file():
+        return out
+    model, tokenizer = _load(ModelSpec(str(gguf_path)))
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process finished the same copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
+    logger.info("dense copy of %s written to %s", gguf_path, out)
+    return out
+
+
 def load_model_and_tokenizer(spec: ModelSpec | str):
     """Load a causal LM and its tokenizer.
 
@@ -165,10 +215,20 @@ def load_model_and_tokenizer(spec: ModelSpec | str):
         UserError: a local path that does not exist or is not a model, an unknown dtype,
         or a Hub id / directory transformers cannot load.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not isinstance(spec, ModelSpec):
         spec = ModelSpec(path=str(spec))
+    source, gguf_file = _resolve(spec)
+    local_gguf = Path(source).expanduser() / gguf_file if gguf_file is not None else None
+    if local_gguf is not None and local_gguf.is_file() and os.environ.get(DENSE_GGUF_ENV, "1") != "0":
+        # dequantise once into a cached save_pretrained copy, then load that (same weights)
+        dense = ensure_dense_gguf_copy(local_gguf)
+        return _load(dataclasses.replace(spec, path=str(dense), gguf_file=None))
+    return _load(spec)
+
+
+def _load(spec: ModelSpec):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     source, gguf_file = _resolve(spec)
     common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if gguf_file is not None:

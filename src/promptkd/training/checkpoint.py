@@ -25,7 +25,10 @@ renamed away, the new one not yet in place), `renamed` (renamed, `latest` not ye
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -73,6 +76,51 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+class _TiedWeightRemovalFilter(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...} while saving" when every removed name is a
+    tied weight of the saved models (e.g. an LM head tied to the input embeddings): safetensors
+    stores one copy and `from_pretrained` / `load_state` re-tie it. Any other removal still warns."""
+
+    def __init__(self, tied_names: set[str]):
+        super().__init__()
+        self.tied_names = tied_names
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()  # accelerate may prefix "[RANK n] "
+        head = "Removed shared tensor "
+        start = message.find(head)
+        if start < 0:
+            return True
+        try:
+            names = ast.literal_eval(message[start + len(head) : message.index(" while saving")])
+        except (ValueError, SyntaxError):
+            return True
+        return not (isinstance(names, set) and names <= self.tied_names)
+
+
+def tied_parameter_names(model) -> set[str]:
+    """Names of parameters that share their storage with another parameter of `model`."""
+    by_storage: dict = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_storage.setdefault((param.untyped_storage().data_ptr(), param.device), []).append(name)
+    return {name for names in by_storage.values() if len(names) > 1 for name in names}
+
+
+@contextlib.contextmanager
+def _quiet_tied_weight_removal(models):
+    tied = set()
+    for model in models:
+        tied |= tied_parameter_names(model)
+        tied |= {n.removeprefix("module.") for n in tied_parameter_names(model)}  # DDP's prefix
+    target = logging.getLogger("accelerate.utils.other")
+    quiet = _TiedWeightRemovalFilter(tied)
+    target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        target.removeFilter(quiet)
+
+
 def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
     """Write a complete checkpoint for `step` (every process must call this)."""
     checkpoints_dir = Path(checkpoints_dir)
@@ -86,7 +134,8 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, trainer_state
             for stale in checkpoints_dir.glob(pattern):
                 shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _quiet_tied_weight_removal(accelerator._models):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     _test_kill_point("state-written", step)
     if accelerator.is_main_process:

@@ -13,12 +13,15 @@ guards, clipping and optimizer steps. Evaluation, logging and checkpointing happ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 
 from promptkd.config import Config
-from promptkd.errors import NonFiniteError, UserError
+from promptkd.errors import NonFiniteError, TrainingInterrupted, UserError
 from promptkd.sampling import SequenceBatch, response_logits
 from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from promptkd.training.optim import build_optimizer, build_scheduler
@@ -70,6 +73,34 @@ class DataOrder:
         return out
 
 
+class _StopSignals:
+    """While training: SIGINT and SIGTERM only set `signum`, which the loop reads after each step
+    (it then checkpoints and stops). A second SIGINT raises KeyboardInterrupt at once. Handlers
+    are installed only in the main thread and the previous ones are restored on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            logger.warning("%s received: finishing step, then checkpointing (Ctrl-C again to stop now)",
+                           signal.Signals(signum).name)
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 class PromptState:
     """Adapter so accelerate's checkpointing saves and restores a method's extra tensors."""
 
@@ -93,6 +124,7 @@ class Trainer:
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.step = 0
         self.nonfinite_skips = 0
+        self.overflows: dict[str, int] = {}  # fp16 loss-scale overflows per parameter set
         self.best_metric: float | None = None
         self.best_step: int | None = None
         self.teacher = None
@@ -273,13 +305,14 @@ class Trainer:
         from promptkd.data.dataset import build_examples
         from promptkd.data.records import load_records
 
-        records = load_records(self.cfg.data.dev, split=self.cfg.data.dev_split)
+        records = load_records(self.cfg.data.dev, split=self.cfg.data.dev_split, data_files=self.cfg.data.dev_data_files)
         examples, _ = build_examples(
             records,
             self.tokenizer,
             template=self.cfg.data.template,
             max_prompt_length=self.cfg.data.max_prompt_length,
             max_length=self.cfg.data.max_length,
+            max_response_length=self.cfg.data.max_response_length,
             source=self.cfg.data.dev,
         )
         if self.cfg.data.max_dev_examples:
@@ -305,6 +338,7 @@ class Trainer:
             "data_position": self.data_order.position,
             "metrics_offset": offset,
             "nonfinite_skips": self.nonfinite_skips,
+            "overflows": self.overflows,
             "best_metric": self.best_metric,
             "best_step": self.best_step,
             "world_size": self.accelerator.num_processes,
@@ -340,6 +374,7 @@ class Trainer:
         self.step = state["step"]
         self.data_order.position = state["data_position"]
         self.nonfinite_skips = state["nonfinite_skips"]
+        self.overflows = dict(state.get("overflows", {}))
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
         if self.accelerator.is_main_process:
             # accelerate ignores an unreadable RNG file silently; an inexact resume should not be
@@ -396,8 +431,11 @@ class Trainer:
     def response_mask(batch: SequenceBatch) -> torch.Tensor:
         return batch.loss_mask[:, batch.prompt_length :]  # (B, T - P)
 
-    def sample(self, examples, model=None) -> SequenceBatch:
-        """Sampled responses (of the current student unless `model` is given) for these prompts."""
+    def sample(self, examples, model=None, *, training: bool = True) -> SequenceBatch:
+        """Sampled responses (of the current student unless `model` is given) for these prompts.
+
+        `sampling.eos_at_cap` (or the method's default) applies to the student's training
+        samples only, never to teacher samples or dev evaluation (`training=False`)."""
         from promptkd.data.collate import collate_prompts
 
         prompt_ids, prompt_mask = collate_prompts(examples, self.pad_token_id)
@@ -410,7 +448,9 @@ class Trainer:
                 prompt_mask.to(self.accelerator.device),
                 eos_token_ids=self.eos_token_ids,
                 pad_token_id=self.pad_token_id,
-                config=s.to_sampling_config(),
+                config=s.to_sampling_config(self.method.eos_at_cap_default)
+                if model is None and training
+                else dataclasses.replace(s.to_sampling_config(), eos_at_cap=False),
             )
         return batch
 
@@ -445,27 +485,54 @@ class Trainer:
                 p.grad = self.accelerator.reduce(p.grad, "mean")
 
     def apply_update(self, name: str, optimizer, scheduler, params, loss_value: float) -> dict:
-        """Non-finite guard, clipping, optimizer and scheduler step for one parameter set."""
+        """Non-finite guard, clipping, optimizer and scheduler step for one parameter set.
+
+        Under fp16 loss scaling (a GradScaler, CUDA) an infinite gradient with a finite loss is
+        an overflow, which is normal: the update goes through the scaler, which skips it and
+        lowers the scale (GradScaler's protocol), and it is counted in `{name}/overflows`, not as
+        a non-finite failure; the learning-rate schedule does not advance on an overflow. A
+        non-finite loss is a failure with or without a scaler (`train.nonfinite`).
+        """
         params = list(params)
+        scaler = self.accelerator.scaler
         max_norm = self.cfg.train.max_grad_norm
         if max_norm > 0:
-            grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
+            grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)  # unscales first
         else:
+            if scaler is not None:
+                self.accelerator.unscale_gradients()
             grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
             grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
-        grad_norm = float(grad_norm)
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        finite = self.reduce_sum(0.0 if finite else 1.0) == 0.0
+        grad_norm = float(grad_norm)  # of the unscaled gradients
+        loss_finite = self.reduce_sum(0.0 if math.isfinite(loss_value) else 1.0) == 0.0
+        grads_finite = self.reduce_sum(0.0 if math.isfinite(grad_norm) else 1.0) == 0.0
         lr = scheduler.get_last_lr()[0]
-        if finite:
+        out = {f"{name}/grad_norm": grad_norm, f"{name}/lr": lr}
+        overflow = False
+        if scaler is not None and loss_finite:
+            # The scaler decides: it steps on finite gradients, and on inf/NaN gradients it skips
+            # the step and lowers the scale. Not calling optimizer.step() here would leave the
+            # gradients unscaled without scaler.update(), and the next unscale_() would fail.
+            optimizer.step()
+            overflow = not grads_finite
+            if overflow:
+                self.overflows[name] = self.overflows.get(name, 0) + 1
+                logger.info("fp16 overflow in the %s update at step %d: skipped, loss scale now %g",
+                            name, self.step + 1, scaler.get_scale())
+            out[f"{name}/overflows"] = self.overflows.get(name, 0)
+        elif loss_finite and grads_finite:
             optimizer.step()
         else:
+            if scaler is not None:
+                # close the scaler's iteration (the gradients were unscaled above) with a backoff
+                scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
             self._on_nonfinite(name, loss_value, grad_norm)
         optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-            scheduler.step()
-        return {f"{name}/grad_norm": grad_norm, f"{name}/lr": lr}
+        if not overflow:
+            with warnings.catch_warnings():  # a skipped non-finite update advances the schedule, on purpose
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
+        return out
 
     def _on_nonfinite(self, name: str, loss_value: float, grad_norm: float) -> None:
         """The update was skipped. With train.nonfinite stop (or after max_nonfinite_skips skips)
@@ -533,7 +600,7 @@ class Trainer:
         was_training = model.training
         scored = []  # (dev index, prediction) of this process's share
         for chunk, indices in self._dev_shards():
-            batch = self.sample(chunk)
+            batch = self.sample(chunk, training=False)
             if indices is None:  # a filler batch that keeps the processes in step
                 continue
             resp = batch.input_ids[:, batch.prompt_length :]
@@ -576,6 +643,7 @@ class Trainer:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
     def save(self, final: bool) -> None:
+        self._last_save_time = time.monotonic()
         save_checkpoint(
             self.accelerator, self.checkpoints_dir, self.step, self._trainer_state(), self.cfg.train.keep_last
         )
@@ -613,6 +681,18 @@ class Trainer:
             dynamic_ncols=True,
         )
         last = {"step": self.step}  # a run resumed at max_steps only re-exports
+        self._last_save_time = time.monotonic()
+        with _StopSignals() as signals:  # the final save, too, completes before a signal is acted on
+            last = self._train_steps(bar, last, signals)
+            bar.close()
+            self.save(final=True)
+        if cfg.trackers:
+            self.accelerator.end_training()
+        return last
+
+    def _train_steps(self, bar, last: dict, signals: _StopSignals) -> dict:
+        """Optimizer steps until max_steps; a SIGINT / SIGTERM checkpoints and raises after a step."""
+        cfg = self.cfg.train
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             micro_batches = self.next_micro_batches()
@@ -622,7 +702,8 @@ class Trainer:
             trained = self.reduce_sum(metrics.pop("_trained_tokens", 0.0))
             generated = self.reduce_sum(metrics.pop("_generated_tokens", 0.0))
             record = {"step": self.step, "epoch": round(self.data_order.epoch, 4), **metrics}
-            record.update(step_time=dt, trained_tokens_per_s=trained / dt, generated_tokens=generated)
+            record.update(step_time=dt, trained_tokens=trained, trained_tokens_per_s=trained / dt,
+                          generated_tokens=generated)
             if self.nonfinite_skips:
                 record["nonfinite_skips"] = self.nonfinite_skips
             do_eval = bool(self.dev_examples) and (
@@ -653,13 +734,38 @@ class Trainer:
                     "train.mixed_precision no or set train.nonfinite skip, then continue with "
                     f"--resume {self.output_dir}"
                 )
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+            if self.step >= cfg.max_steps:
+                break
+            stop_signal, time_due = self._poll_stop_and_timer(signals)
+            if (cfg.save_every and self.step % cfg.save_every == 0) or time_due or stop_signal:
                 self.save(final=False)
-        bar.close()
-        self.save(final=True)
-        if cfg.trackers:
-            self.accelerator.end_training()
+            if stop_signal:
+                bar.close()
+                name = signal.Signals(stop_signal).name
+                raise TrainingInterrupted(
+                    f"{name} received: stopped after step {self.step} of {cfg.max_steps}, checkpoint written "
+                    f"to {self.checkpoints_dir / f'step-{self.step:08d}'}; continue with: "
+                    f"promptkd train --resume {self.output_dir}",
+                    stop_signal,
+                )
         return last
+
+    def _poll_stop_and_timer(self, signals: _StopSignals) -> tuple[int, bool]:
+        """(signal to stop on or 0, whether a time-based checkpoint is due), agreed by every process.
+
+        A signal that reached any process stops all of them; the main process's clock decides
+        the time-based checkpoint (train.save_every_minutes).
+        """
+        minutes = self.cfg.train.save_every_minutes
+        due = minutes > 0 and time.monotonic() - self._last_save_time >= 60.0 * minutes
+        flags = torch.tensor(
+            [signals.signum == signal.SIGINT, signals.signum == signal.SIGTERM,
+             due and self.accelerator.is_main_process],
+            dtype=torch.float64, device=self.accelerator.device,
+        )
+        flags = self.accelerator.reduce(flags, "sum") if self.accelerator.num_processes > 1 else flags
+        stop = signal.SIGTERM if flags[1] > 0 else signal.SIGINT if flags[0] > 0 else 0
+        return int(stop), bool(flags[2] > 0)
 
     def _maybe_save_best(self, record: dict) -> None:
         key = "dev/loss" if self.cfg.train.eval_metric == "loss" else "dev/rougeL"
