@@ -475,8 +475,8 @@ def run_bf16_check(spec_path: str, result_path: str, precision: str) -> None:
 
     torch.set_num_threads(spec["threads"])
     from promptkd.config import config_from_dict
+    from promptkd.data.batch import SequenceBatch
     from promptkd.data.dataset import Example
-    from promptkd.sampling import SequenceBatch
     from promptkd.training.loop import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="bf16_", dir=spec["work"]))

@@ -14,7 +14,6 @@ from promptkd.data import (
     ALPACA_PROMPT_NO_INPUT,
     ALPACA_PROMPT_WITH_INPUT,
     Example,
-    ExampleDataset,
     InstructionRecord,
     build_examples,
     collate_prompts,
@@ -523,8 +522,8 @@ def test_built_and_collated_loss_mask_is_the_response_up_to_the_first_eos(pairs,
 def test_end_to_end_with_tiny_jsonl(tiny_jsonl, tokenizer):
     records = load_records(str(tiny_jsonl))
     examples, stats = build_examples(records, tokenizer, source=str(tiny_jsonl))
-    assert stats.num_kept == 16 and len(ExampleDataset(examples)) == 16
-    batch = collate_sequences(ExampleDataset(examples)[0:4], tokenizer.pad_token_id)
+    assert stats.num_kept == 16 and len(examples) == 16
+    batch = collate_sequences(examples[0:4], tokenizer.pad_token_id)
     assert batch.num_loss_tokens == sum(len(e.response_ids) for e in examples[:4])
     assert "### Response:\n" in tokenizer.decode(batch.input_ids[0, : batch.prompt_length])
 

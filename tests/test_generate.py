@@ -7,8 +7,8 @@ import string
 
 import torch
 
+from promptkd.data.batch import SequenceBatch
 from promptkd.generate import GenerationJob, response_ended, run_generation
-from promptkd.sampling import SequenceBatch
 from promptkd.testing import byte_tokenizer
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from promptkd.data.batch import position_ids_from_mask
 from promptkd.errors import UserError
 from promptkd.models import PromptedTeacher, prompt_init_ids
-from promptkd.sampling import position_ids_from_mask
 from promptkd.testing import tiny_llama
 
 PAD = 258

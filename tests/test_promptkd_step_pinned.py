@@ -18,7 +18,7 @@ import pytest
 import torch
 from test_methods import trainer_for
 
-from promptkd.sampling import SequenceBatch
+from promptkd.data.batch import SequenceBatch
 
 K = 4  # max_steps: the first step's lambda is base_coef * (1 - 1/K) = 0.75
 LR, PROMPT_LR = 1e-3, 3e-3  # different, so swapping the two would show

@@ -16,13 +16,11 @@ from hypothesis import strategies as st
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from promptkd.data.batch import SequenceBatch, position_ids_from_mask, prompt_batch_from_ids
 from promptkd.errors import ConfigError, UserError
 from promptkd.sampling import (
     SamplingConfig,
-    SequenceBatch,
     mask_after_first_eos,
-    position_ids_from_mask,
-    prompt_batch_from_ids,
     response_logits,
     sample_responses,
 )

@@ -101,9 +101,8 @@ def generate_for_examples(
 def run_generation(job: GenerationJob, show_progress: bool = True) -> Path:
     from promptkd.data.dataset import build_examples
     from promptkd.data.records import load_records
-    from promptkd.models.loading import ModelSpec, load_model_and_tokenizer
+    from promptkd.models.loading import ModelSpec, eos_token_ids, load_model_and_tokenizer
     from promptkd.sampling import SamplingConfig
-    from promptkd.training.loop import _eos_ids
 
     out = Path(job.out)
     records = load_records(job.data, split=job.split, require_outputs=False)
@@ -138,7 +137,7 @@ def run_generation(job: GenerationJob, show_progress: bool = True) -> Path:
         for i, (_, text, ended) in enumerate(
             generate_for_examples(
                 model, tokenizer, examples[done:], sampling=sampling, batch_size=job.batch_size,
-                eos_token_ids=_eos_ids(tokenizer, model), seed=job.seed, first_index=done,
+                eos_token_ids=eos_token_ids(tokenizer, model), seed=job.seed, first_index=done,
                 show_progress=show_progress,
             )
         ):

@@ -1,7 +1,8 @@
 """Data: instruction records, prompt templates, tokenised examples and batch collation."""
 
+from promptkd.data.batch import SequenceBatch, position_ids_from_mask, prompt_batch_from_ids
 from promptkd.data.collate import collate_prompts, collate_sequences
-from promptkd.data.dataset import Example, ExampleDataset, FilterStats, build_examples
+from promptkd.data.dataset import Example, FilterStats, build_examples
 from promptkd.data.records import InstructionRecord, load_records, read_jsonl_records
 from promptkd.data.templates import (
     ALPACA_PROMPT_NO_INPUT,
@@ -14,14 +15,16 @@ __all__ = [
     "ALPACA_PROMPT_NO_INPUT",
     "ALPACA_PROMPT_WITH_INPUT",
     "Example",
-    "ExampleDataset",
     "FilterStats",
     "InstructionRecord",
     "PromptTemplate",
+    "SequenceBatch",
     "build_examples",
     "collate_prompts",
     "collate_sequences",
     "format_prompt",
     "load_records",
+    "position_ids_from_mask",
+    "prompt_batch_from_ids",
     "read_jsonl_records",
 ]

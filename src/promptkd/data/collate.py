@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from promptkd.data.batch import SequenceBatch
 from promptkd.data.dataset import Example
-from promptkd.sampling import SequenceBatch
 
 
 def _lengths(seqs: Sequence[Sequence[int]]) -> torch.Tensor:

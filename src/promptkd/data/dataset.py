@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch.utils.data import Dataset
-
 from promptkd.data.records import InstructionRecord
 from promptkd.data.templates import PromptTemplate, format_prompt, parse_template
 from promptkd.errors import UserError
@@ -209,16 +207,3 @@ def build_examples(
             "(or check data.template and the tokenizer)"
         )
     return examples, stats
-
-
-class ExampleDataset(Dataset):
-    """A map-style torch Dataset over examples (collate with data/collate.py)."""
-
-    def __init__(self, examples: Sequence[Example]):
-        self.examples = list(examples)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> Example:
-        return self.examples[index]

@@ -248,7 +248,7 @@ def exposure_bias_curve(student, teacher, tokenizer, examples, *, samples_per_pr
     them; use `sample_sequences` with seed + _TEACHER_SEED_OFFSET) to evaluate many students
     against one set of teacher prefixes.
     """
-    from promptkd.training.loop import _eos_ids
+    from promptkd.models.loading import eos_token_ids
 
     if samples_per_prompt < 1 or max_new_tokens < 1 or not examples:
         raise UserError("exposure bias needs >= 1 prompt, samples_per_prompt >= 1 and max_new_tokens >= 1")
@@ -256,7 +256,7 @@ def exposure_bias_curve(student, teacher, tokenizer, examples, *, samples_per_pr
         raise UserError(f"ended = {ended!r}: choose one of {ENDED_MODES}")
     if vocab is None:
         vocab = min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
-    eos = sorted(set(_eos_ids(tokenizer, student)) | set(_eos_ids(tokenizer, teacher)))
+    eos = sorted(set(eos_token_ids(tokenizer, student)) | set(eos_token_ids(tokenizer, teacher)))
     student.eval()
     teacher.eval()
     common = dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
@@ -346,8 +346,7 @@ def exposure_bias_over_checkpoints(checkpoints: Sequence[str | Path] | Mapping[s
     student's samples use the same seeds, so curves differ only through the students.
     With `write`, saves `exposure_bias_curves.csv` / `.png` and `exposure_bias.json` in job.out.
     """
-    from promptkd.models.loading import check_tokenizer_compatibility
-    from promptkd.training.loop import _eos_ids
+    from promptkd.models.loading import check_tokenizer_compatibility, eos_token_ids
 
     _check_job(job)
     items = dict(checkpoints) if isinstance(checkpoints, Mapping) else {checkpoint_label(p): p for p in checkpoints}
@@ -362,7 +361,7 @@ def exposure_bias_over_checkpoints(checkpoints: Sequence[str | Path] | Mapping[s
         student, s_tok = load_model_for_eval(path, job.dtype)
         vocab = check_tokenizer_compatibility(tokenizer, s_tok, teacher, student)
         if teacher_batches is None:
-            eos = sorted(set(_eos_ids(tokenizer, student)) | set(_eos_ids(tokenizer, teacher)))
+            eos = sorted(set(eos_token_ids(tokenizer, student)) | set(eos_token_ids(tokenizer, teacher)))
             teacher_batches = sample_sequences(
                 teacher, tokenizer, examples, samples_per_prompt=job.samples_per_prompt,
                 max_new_tokens=job.max_new_tokens, seed=job.seed + _TEACHER_SEED_OFFSET,

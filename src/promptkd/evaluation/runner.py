@@ -78,8 +78,8 @@ def deviations(job: EvalJob) -> list[str]:
 def predict(model, tokenizer, examples, *, seed: int, job: EvalJob, desc: str) -> list[str]:
     """Sampled responses in the order of `examples` (batched longest-first to limit padding)."""
     from promptkd.generate import generate_for_examples
+    from promptkd.models.loading import eos_token_ids
     from promptkd.sampling import SamplingConfig
-    from promptkd.training.loop import _eos_ids
 
     sampling = SamplingConfig(
         max_new_tokens=job.max_new_tokens,
@@ -92,7 +92,7 @@ def predict(model, tokenizer, examples, *, seed: int, job: EvalJob, desc: str) -
     texts = [""] * len(examples)
     gen = generate_for_examples(
         model, tokenizer, [examples[i] for i in order], sampling=sampling, batch_size=job.batch_size,
-        eos_token_ids=_eos_ids(tokenizer, model), seed=seed, desc=desc, show_progress=job.show_progress,
+        eos_token_ids=eos_token_ids(tokenizer, model), seed=seed, desc=desc, show_progress=job.show_progress,
     )
     for i, (_, text, _) in zip(order, gen, strict=True):
         texts[i] = text

@@ -264,6 +264,25 @@ def _load(spec: ModelSpec):
     return model, tokenizer
 
 
+def eos_token_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS plus the model's generation_config EOS
+    ids (e.g. an end-of-turn token), deduplicated, the tokenizer's first.
+
+    Raises UserError when there is none (responses are trained to end with EOS).
+    """
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for v in (tokenizer.eos_token_id, gen_eos):
+        if v is None:
+            continue
+        for i in v if isinstance(v, (list, tuple)) else [v]:
+            if int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise UserError("the tokenizer has no EOS token: set tokenizer.eos_token (responses end with EOS)")
+    return ids
+
+
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     """Save model (+ tokenizer if given) in save_pretrained format; GGUF-derived models too."""
     out_dir = Path(out_dir)

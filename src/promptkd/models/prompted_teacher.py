@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
+from promptkd.data.batch import position_ids_from_mask
 from promptkd.errors import UserError
-from promptkd.sampling import position_ids_from_mask
 
 DEFAULT_INIT_TEXT = "Suppose you are a student."
 PROMPT_KEY = "prompt_embeddings"  # the key PEFT uses for prompt-tuning weights

@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 
 from promptkd.config import Config
+from promptkd.data.batch import SequenceBatch
 from promptkd.errors import NonFiniteError, TrainingInterrupted, UserError
-from promptkd.sampling import SequenceBatch, response_logits
+from promptkd.models.loading import eos_token_ids
+from promptkd.sampling import response_logits
 from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from promptkd.training.optim import build_optimizer, build_scheduler
 
@@ -213,7 +215,7 @@ class Trainer:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.student.config.use_cache = False
         self.pad_token_id = self.tokenizer.pad_token_id
-        self.eos_token_ids = _eos_ids(self.tokenizer, self.student)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, self.student)
 
         from promptkd.samplers import build_sampler
 
@@ -777,20 +779,6 @@ class Trainer:
             self.best_metric, self.best_step = value, self.step
             record["best"] = True
             self.export(self.output_dir / "best")
-
-
-def _eos_ids(tokenizer, model) -> list[int]:
-    ids = []
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for v in (tokenizer.eos_token_id, gen_eos):
-        if v is None:
-            continue
-        for i in v if isinstance(v, (list, tuple)) else [v]:
-            if i not in ids:
-                ids.append(int(i))
-    if not ids:
-        raise UserError("the tokenizer has no EOS token: set tokenizer.eos_token (responses end with EOS)")
-    return ids
 
 
 def _read_yaml_mapping(path: Path) -> dict | None:
