@@ -209,6 +209,10 @@ class PhaseTimer:
 
         setattr(obj, attr, timed)
 
+    def add(self, name: str, seconds: float) -> None:
+        """The trainer's on_phase hook: seconds spent in one named phase."""
+        self.totals[name] = self.totals.get(name, 0.0) + seconds
+
     def finish(self, total: float) -> dict:
         out = dict(self.totals)
         out["other"] = max(0.0, total - sum(v for k, v in out.items() if k != "other"))
@@ -251,31 +255,11 @@ def _serve_ours(spec: dict, variant: dict) -> dict:
             "gkd": {"lmbda": 1.0, "beta": 1.0, "divergence": "generalized_jsd"},
         }
     )
-    tr = Trainer(cfg, overwrite=True, show_progress=False).setup()
-    tr.student.train()
-    m = tr.method
     timer = PhaseTimer()
-    timer.wrap(tr, "sample", "generation")
-    timer.wrap(tr, "response_logits", lambda model, *a, **k: "teacher_fwd_base" if model is tr.teacher else "student_fwd")
-    timer.wrap(tr.accelerator, "backward", lambda *a, **k: f"backward_{timer.stage}")
-    update = tr.apply_update
-
-    def apply_update(name, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return update(name, *args, **kwargs)
-        finally:
-            timer.totals["optimizer"] += time.perf_counter() - start
-            timer.stage = "student"
-
-    tr.apply_update = apply_update
-    if method == "promptkd":
-        timer.wrap(m, "prompted_logits", lambda *a, **k: "teacher_fwd_prompt_grad" if torch.is_grad_enabled() else "teacher_fwd_target")
-        timer.wrap(m, "base_logits", "teacher_fwd_base")
-        for name in ("kd_loss", "reg_loss", "student_loss"):
-            timer.wrap(m, name, "losses")
-    else:
-        timer.wrap(m, "div", "losses")
+    # the trainer reports each named phase of a step (generation, forwards, losses, backward,
+    # optimizer) through its supported on_phase hook
+    tr = Trainer(cfg, overwrite=True, show_progress=False, on_phase=timer.add).setup()
+    tr.student.train()
     emit({"ready": True, "load_peak_rss_mib": peak_rss_mib()})
 
     for i, rows in step_plan(spec):
@@ -286,12 +270,11 @@ def _serve_ours(spec: dict, variant: dict) -> dict:
         probe = probe_ms()
         torch.manual_seed(step_seed(spec, i))
         start = time.perf_counter()
-        out = m.step([examples])
+        out = tr.train_step([examples])
         seconds = time.perf_counter() - start
         probe = (probe + probe_ms()) / 2
-        tr.step += 1
-        losses = {k: v for k, v in out.items() if "loss" in k or k in ("prompt/kd", "prompt/reg", "student/kd")}
-        emit(record(i, seconds, probe, out.get("_generated_tokens", 0.0), out.get("_trained_tokens", 0.0), timer.finish(seconds), losses))
+        losses = {k: v for k, v in out.metrics.items() if "loss" in k or k in ("prompt/kd", "prompt/reg", "student/kd")}
+        emit(record(i, seconds, probe, out.generated_tokens, out.trained_tokens, timer.finish(seconds), losses))
     return {"precision": variant["precision"]}
 
 
@@ -499,39 +482,52 @@ def run_bf16_check(spec_path: str, result_path: str, precision: str) -> None:
             "promptkd": {"prompt_learning_rate": spec["bf16_check_prompt_lr"]},
         }
     )
+    from promptkd import samplers
+
+    replay: list = []  # the batch the next sampler call returns; empty: really sample
+
+    class ReplaySampler(samplers.HFSampler):
+        def __call__(self, *args, **kwargs):
+            return replay.pop() if replay else super().__call__(*args, **kwargs)
+
+    samplers.register_sampler("bf16-check-replay", ReplaySampler, replace=True)
+    cfg.train.sampler = "bf16-check-replay"
     tr = Trainer(cfg, overwrite=True, show_progress=False).setup()
     tr.student.train()
     batches_file = Path(spec["work"]) / "bf16_check_batches.pt"
     saved = torch.load(batches_file) if precision != "no" else []
-    sample = tr.sample
     grads_file = Path(spec["work"]) / "bf16_check_step0_grads.pt"
-    step0 = {}
-    update = tr.apply_update
+    step0: dict[str, dict[int, torch.Tensor]] = {"prompt": {}, "student": {}}
+    capture = {"on": True}
 
-    def apply_update(name, optimizer, scheduler, params, loss_value):
-        params = list(params)
-        if tr.step == 0:  # both runs are in the same state: compare their gradients
-            step0[name] = torch.cat([q.grad.detach().float().flatten() for q in params if q.grad is not None])
-        return update(name, optimizer, scheduler, params, loss_value)
+    def keep(name, index):  # step 0: both runs are in the same state, so compare their gradients
+        def hook(p):
+            if capture["on"]:
+                step0[name][index] = p.grad.detach().float().flatten().clone()
+        return hook
 
-    tr.apply_update = apply_update
+    for i, p in enumerate(tr.method.prompt_params):
+        p.register_post_accumulate_grad_hook(keep("prompt", i))
+    for i, p in enumerate(q for q in tr.unwrapped_student.parameters() if q.requires_grad):
+        p.register_post_accumulate_grad_hook(keep("student", i))
     records = []
     for i in range(spec["bf16_check_steps"]):
         rows = spec["examples"][i * spec["batch_size"] : (i + 1) * spec["batch_size"]]
         examples = [Example(prompt_ids=r["prompt_ids"], response_ids=None, references=[]) for r in rows]
         if precision == "no":
             torch.manual_seed(step_seed(spec, i))
-            batch = sample(examples)
+            batch = tr.ctx.sample(examples)
             saved.append({k: getattr(batch, k) for k in ("input_ids", "attention_mask", "loss_mask", "prompt_length")})
         else:
             batch = SequenceBatch(**saved[i])
-        tr.sample = lambda *a, _b=batch, **k: _b
+        replay.append(batch)
         start = time.perf_counter()
-        out = tr.method.step([examples])
-        tr.step += 1
-        record = {k: v for k, v in out.items() if not k.startswith("_") and not k.endswith("/lr")}
+        out = tr.train_step([examples]).metrics
+        capture["on"] = False
+        record = {k: v for k, v in out.items() if not k.endswith("/lr")}
         record.update(seconds=time.perf_counter() - start, response_tokens=float(batch.loss_mask.sum()))
         if i == 0:
+            step0 = {name: torch.cat([g[k] for k in sorted(g)]) for name, g in step0.items()}
             if precision == "no":
                 torch.save(step0, grads_file)
             else:

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import yaml
 
-    from promptkd.evaluation.runner import EvalJob, summarize
+    from promptkd.evaluation.runner import summarize
 
     base_cfg = yaml.safe_load((fp32_run / "config.yaml").read_text())
     orig_seed = int(base_cfg["train"]["seed"])
@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         if run_dir == fp32_run:
             continue
         for eseed in eval_seeds:
-            job = EvalJob(model=str(run_dir / "final" / "student"), out=str(run_dir / "eval" / f"seed{eseed}"),
-                          datasets=reproduce.EVAL_SETS, data_dir=str(reproduce.REPO.parent / "shared" / "data"),
-                          seeds=[eseed], batch_size=16, max_new_tokens=fp32_meta.get("max_new_tokens", 48),
-                          max_prompt_length=fp32_meta.get("max_prompt_length", 256), limit=0, show_progress=False)
+            job = reproduce.eval_config(str(run_dir / "final" / "student"), str(run_dir / "eval" / f"seed{eseed}"), dict(
+                datasets=reproduce.EVAL_SETS, data_dir=str(reproduce.REPO.parent / "shared" / "data"), seeds=[eseed],
+                batch_size=16, max_new_tokens=fp32_meta.get("sampling", fp32_meta).get("max_new_tokens", 48),
+                max_prompt_length=fp32_meta.get("max_prompt_length", 256), limit=None))
             done = (Path(job.out) / "scores.json").is_file()
             jobs.append((f"eval {precision} train seed {seed}, eval seed {eseed}", f"{run_dir.name}-{eseed}", done,
                          reproduce.eval_stage, (job,)))

@@ -352,11 +352,24 @@ def train_stage(cfg_dict: dict, run_dir: str) -> None:
         shutil.rmtree(run_dir / extra, ignore_errors=True)
 
 
-def eval_stage(job) -> None:
-    """Evaluate one row (an EvalJob); module-level so that a worker process can run it."""
+def eval_stage(cfg, show_progress: bool = False) -> None:
+    """Evaluate one row (an EvalConfig); module-level so that a worker process can run it."""
     from promptkd.evaluation.runner import run_evaluation
 
-    run_evaluation(job)
+    run_evaluation(cfg, show_progress=show_progress)
+
+
+def eval_config(model: str, out: str, settings: dict):
+    """The EvalConfig of one row: the protocol with this run's lengths, seeds and limit."""
+    from dataclasses import replace
+
+    from promptkd.config import EvalConfig
+
+    protocol = EvalConfig()
+    return EvalConfig(model=model, out=out, datasets=list(settings["datasets"]), data_dir=settings["data_dir"],
+                      seeds=list(settings["seeds"]), batch_size=settings["batch_size"],
+                      max_prompt_length=settings["max_prompt_length"], limit=settings["limit"] or None,
+                      sampling=replace(protocol.sampling, max_new_tokens=settings["max_new_tokens"]))
 
 
 def seen_records(train_file: Path, steps: int, batch_size: int, seed: int) -> list[str]:
@@ -745,14 +758,17 @@ def main(argv: list[str] | None = None) -> int:
     seqkd_file = cache / "data" / f"seqkd_teacher_{key_of([models_key, base_train, s['max_new_tokens'], s['max_prompt_length']])}.jsonl"
 
     def seqkd_data():
-        from promptkd.generate import GenerationJob, run_generation
+        from promptkd.config import GenerateConfig
+        from promptkd.generate import run_generation
+        from promptkd.sampling import SamplingConfig
 
         prompts = cache / "data" / (seqkd_file.stem + "_prompts.jsonl")
         prompts.write_text("\n".join(seen_records(train_file, s["steps"], s["batch_size"], METHOD_SEED)) + "\n")
         tmp = seqkd_file.with_name(seqkd_file.name + ".part")  # resumable: run_generation continues it
-        run_generation(GenerationJob(model=str(teacher), data=str(prompts), out=str(tmp), batch_size=s["batch_size"],
-                                     max_prompt_length=s["max_prompt_length"], max_new_tokens=s["max_new_tokens"],
-                                     seed=METHOD_SEED), show_progress=sys.stderr.isatty())
+        run_generation(GenerateConfig(model=str(teacher), data=str(prompts), out=str(tmp), batch_size=s["batch_size"],
+                                      max_prompt_length=s["max_prompt_length"], seed=METHOD_SEED,
+                                      sampling=SamplingConfig(max_new_tokens=s["max_new_tokens"])),
+                       show_progress=sys.stderr.isatty())
         os.replace(tmp, seqkd_file)
 
     stages.run(f"SeqKD data: teacher responses for {s['steps'] * s['batch_size']} prompts", seqkd_file.name,
@@ -775,21 +791,19 @@ def main(argv: list[str] | None = None) -> int:
     stages.run_parallel("methods", train_jobs, s["workers"], s["threads"])
 
     # 3. evaluation
-    from promptkd.evaluation.runner import EvalJob
-
     rows_models = {"teacher (SmolLM2-135M-Instruct)": teacher, "init": init, **finals}
-    eval_common = dict(datasets=EVAL_SETS, data_dir=str(data_dir), seeds=seeds, batch_size=s["eval_batch_size"],
-                       max_new_tokens=s["max_new_tokens"], max_prompt_length=s["eval_prompt_length"],
-                       limit=s["eval_limit"], show_progress=sys.stderr.isatty())
+    eval_settings = dict(datasets=EVAL_SETS, data_dir=str(data_dir), seeds=seeds, batch_size=s["eval_batch_size"],
+                         max_new_tokens=s["max_new_tokens"], max_prompt_length=s["eval_prompt_length"],
+                         limit=s["eval_limit"])
     rows: dict[str, dict] = {}
     eval_job = None
     eval_jobs, score_files = [], {}
     for label, model_dir in rows_models.items():
-        ekey = key_of([str(model_dir), {k: v for k, v in eval_common.items() if k != "show_progress"}])
+        ekey = key_of([str(model_dir), eval_settings])
         out = cache / "eval" / f"{model_dir.parent.parent.name if model_dir != teacher else 'teacher'}-{ekey}"
-        eval_job = EvalJob(model=str(model_dir), out=str(out), **eval_common)
+        eval_job = eval_config(str(model_dir), str(out), eval_settings)
         score_files[label] = out / "scores.json"
-        eval_jobs.append((f"eval {label}", ekey, score_files[label].is_file(), eval_stage, (eval_job,)))
+        eval_jobs.append((f"eval {label}", ekey, score_files[label].is_file(), eval_stage, (eval_job, sys.stderr.isatty())))
     stages.run_parallel("evaluation", eval_jobs, s["workers"], s["threads"])  # teacher (slowest) first
     for label, scores_file in score_files.items():
         raw = json.loads(scores_file.read_text())["scores"]
@@ -822,12 +836,15 @@ def main(argv: list[str] | None = None) -> int:
     # 4. plots
     assets.parent.mkdir(parents=True, exist_ok=True)
     plots = {"training curves": plot_training_curves(run_dirs, Path(f"{assets}_training.png"))}
-    from promptkd.evaluation.exposure_bias import ExposureBiasJob, exposure_bias_over_checkpoints
+    from promptkd.config import ExposureBiasConfig
+    from promptkd.evaluation.exposure_bias import exposure_bias_over_checkpoints
+    from promptkd.sampling import SamplingConfig
 
-    eb_job = ExposureBiasJob(student="", teacher=str(teacher), data="dolly", data_dir=str(data_dir),
-                             num_prompts=s["eb_prompts"], samples_per_prompt=3, max_new_tokens=s["max_new_tokens"],
-                             max_prompt_length=s["eval_prompt_length"], seed=10, batch_size=s["eval_batch_size"],
-                             out=str(cache / "exposure_bias" / key_of([heal_key, [str(v) for v in finals.values()],
+    eb_job = ExposureBiasConfig(teacher=str(teacher), data="dolly", data_dir=str(data_dir),
+                                num_prompts=s["eb_prompts"], samples_per_prompt=3,
+                                sampling=SamplingConfig(max_new_tokens=s["max_new_tokens"]),
+                                max_prompt_length=s["eval_prompt_length"], seed=10, batch_size=s["eval_batch_size"],
+                                out=str(cache / "exposure_bias" / key_of([heal_key, [str(v) for v in finals.values()],
                                                                         s["eb_prompts"], s["max_new_tokens"]])))
     eb_json = Path(eb_job.out) / "exposure_bias.json"
     stages.run("exposure bias (ExAccErr)", Path(eb_job.out).name, eb_json.is_file(),

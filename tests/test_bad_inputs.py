@@ -83,8 +83,17 @@ def test_bad_training_record(tmp_path, pair, capsys, case):
     line, needles = BAD_RECORDS[case]
     data = tmp_path / "bad.jsonl"
     data.write_bytes(GOOD.encode() + b"\n" + line + b"\n" + GOOD.encode() + b"\n")
-    cfg = write_config(tmp_path, *pair, data)
+    # a missing reference is an error only for methods that train on references (not PromptKD)
+    cfg = write_config(tmp_path, *pair, data, method="kd" if case == "missing-output" else "promptkd")
     user_error(capsys, ["train", "--config", str(cfg)], f"{data} line 2", *needles)
+
+
+def test_on_policy_methods_train_on_prompt_only_records(tmp_path, pair, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"task {i}"}) + "\n" for i in range(4)))
+    for method in ("promptkd", "gkd"):
+        cfg = write_config(tmp_path / method, *pair, data, method=method)
+        assert main(["train", "--config", str(cfg), "--no-progress"]) == 0, capsys.readouterr().err
 
 
 def test_missing_data_file(tmp_path, pair, capsys):
@@ -134,7 +143,56 @@ def test_bad_config_value(tmp_path, pair, tiny_jsonl, capsys, case):
 
 def test_bad_override_flag(tmp_path, pair, tiny_jsonl, capsys):
     cfg = write_config(tmp_path, *pair, tiny_jsonl)
-    user_error(capsys, ["train", "--config", str(cfg), "--train.max_steps"], "override '--train.max_steps' has no value")
+    user_error(capsys, ["train", "--config", str(cfg), "--train.max_steps"],
+               "option '--train.max_steps' has no value: write --train.max_steps VALUE")
+
+
+@pytest.mark.parametrize(
+    "method, section, needle",
+    [
+        ("kd", {"kd": {"beta": 0.3}}, "'kd.beta' = 0.3 is set but kd.divergence 'forward_kl' does not use it "
+                                      "(beta is a parameter of generalized_jsd): remove kd.beta, or set "
+                                      "kd.divergence to generalized_jsd"),
+        ("gkd", {"gkd": {"alpha": 0.2}}, "'gkd.alpha' = 0.2 is set but gkd.divergence 'generalized_jsd' does not use it"),
+        ("gkd", {"gkd": {"seq_kd": True}}, "'gkd.seq_kd' = True has no effect with gkd.lmbda = 1.0"),
+    ],
+)
+def test_method_knob_that_does_not_apply(tmp_path, pair, tiny_jsonl, capsys, method, section, needle):
+    cfg = write_config(tmp_path, *pair, tiny_jsonl, method=method, **section)
+    user_error(capsys, ["train", "--config", str(cfg)], "invalid configuration", needle, one_line=False)
+    # the same knob as a flag
+    (name, knobs), = section.items()
+    (knob, value), = knobs.items()
+    cfg = write_config(tmp_path, *pair, tiny_jsonl, method=method)
+    user_error(capsys, ["train", "--config", str(cfg), f"--{name}.{knob}", str(value)], needle, one_line=False)
+
+
+# --------------------------------------------------------------------------- other commands' flags
+
+COMMAND_ERRORS = {
+    "old-flag": (["eval", "--model", "m", "--out", "o", "--max-new-tokens", "5"],
+                 ["unknown key 'max_new_tokens'; did you mean 'sampling.max_new_tokens'?"]),
+    "required": (["generate"], ["'model' is not set", "'data' is not set", "'out' is not set"]),
+    "out-of-range": (["exposure-bias", "--student", "s", "--teacher", "t", "--out", "o", "--num-prompts", "0",
+                      "--sampling.temperature", "0"],
+                     ["'num_prompts' = 0: must be >= 1",
+                      "'sampling.temperature' = 0.0: must be > 0.0; for greedy decoding set sampling.do_sample false"]),
+    "eos-at-cap": (["eval", "--model", "m", "--out", "o", "--sampling.eos_at_cap", "true"],
+                   ["'sampling.eos_at_cap' = True: only training samples can end in a forced EOS; eval keeps responses "
+                    "as they were sampled"]),
+    "both-layer-keys": (["make-student", "--teacher", "t", "--out", "o", "--layers", "0,3", "--num-layers", "2"],
+                        ["'layers' = [0, 3] and 'num_layers' = 2 are both set: give only one"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMMAND_ERRORS))
+def test_bad_command_flags(capsys, case):
+    argv, needles = COMMAND_ERRORS[case]
+    user_error(capsys, argv, "invalid configuration", *needles, one_line=False)
+
+
+def test_command_flag_without_value(capsys):
+    user_error(capsys, ["eval", "--model", "m", "--out"], "option '--out' has no value: write --out VALUE")
 
 
 def test_invalid_yaml(tmp_path, capsys):
@@ -255,8 +313,8 @@ def test_nonfinite_stop_exits_3_with_one_line_and_resumes(tmp_path, pair, tiny_j
 
     setup = PromptKD.setup
 
-    def poisoned_setup(self):
-        setup(self)
+    def poisoned_setup(self, ctx):
+        setup(self, ctx)
         self.student_loss = lambda *a, **k: torch.tensor(float("inf"), requires_grad=True)
 
     monkeypatch.setattr(PromptKD, "setup", poisoned_setup)

@@ -7,7 +7,10 @@ import json
 import pytest
 import yaml
 
-from promptkd.cli import build_parser, main
+from promptkd import cli
+from promptkd.cli import build_parser, flag_for, main
+from promptkd.config import COMMANDS
+from promptkd.options import leaves, type_name
 
 SUBCOMMANDS = ["train", "generate", "make-student", "eval", "exposure-bias", "demo", "config-reference"]
 
@@ -102,7 +105,7 @@ def test_generate_cli_is_resumable(tmp_path, tiny_pair_dirs, tiny_jsonl):
     teacher, _ = tiny_pair_dirs
     out = tmp_path / "gen.jsonl"
     args = ["generate", "--model", str(teacher), "--data", str(tiny_jsonl), "--out", str(out),
-            "--batch-size", "4", "--max-new-tokens", "5", "--limit", "8"]
+            "--batch-size", "4", "--sampling.max_new_tokens", "5", "--limit", "8"]
     assert main(args) == 0
     full = out.read_text().splitlines()
     assert len(full) == 8
@@ -115,6 +118,9 @@ def test_generate_cli_is_resumable(tmp_path, tiny_pair_dirs, tiny_jsonl):
 def test_config_reference(capsys):
     assert main(["config-reference"]) == 0
     assert "`promptkd.num_virtual_tokens`" in capsys.readouterr().out
+    assert main(["config-reference", "--command", "eval"]) == 0
+    out = capsys.readouterr().out
+    assert "| `sampling.no_repeat_ngram_size` | `6` |" in out and "promptkd." not in out
 
 
 def test_prompt_truncation_flag_reaches_generate_and_exposure_bias_jobs(monkeypatch, capsys):
@@ -129,3 +135,122 @@ def test_prompt_truncation_flag_reaches_generate_and_exposure_bias_jobs(monkeypa
     for argv in (gen, gen + ["--prompt-truncation", "keep_last"], eb, eb + ["--prompt-truncation", "keep_last"]):
         assert main(argv) == 0
     assert [j.prompt_truncation for j in jobs] == ["keep_first", "keep_last"] * 2
+
+
+# --------------------------------------------------------------------------- flags from the configs
+
+# What each command needs besides the key under test (make-student takes one of two keys).
+REQUIRED = {
+    "train": {"model.teacher": "t", "model.student": "s", "data.train": "x.jsonl"},
+    "generate": {"model": "m", "data": "d.jsonl", "out": "o.jsonl"},
+    "eval": {"model": "m", "out": "o"},
+    "exposure-bias": {"student": "s", "teacher": "t", "out": "o"},
+    "make-student": {"teacher": "t", "out": "o", "num_layers": 2},
+    "demo": {},
+}
+
+
+def other_value(leaf):
+    """A valid value that differs from the key's default (and passes the cross-field checks)."""
+    meta, default, tp = leaf.field.metadata, leaf.default, type_name(leaf.type)
+    if meta.get("choices"):
+        return next(c for c in meta["choices"] if c != default)
+    if tp.startswith("bool"):
+        return False if default in (None, True) else True
+    if "list[int]" in tp:
+        return [3, 4]
+    if tp.startswith("list"):
+        return ["a/one.jsonl", "b/two.jsonl"]
+    if tp.startswith("int"):
+        return 2 if default is None else default + 1
+    if tp.startswith("float"):
+        return 0.5 if default is None else default / 2 if default else 0.5
+    return f"value-of-{leaf.key}"
+
+
+def as_flag_text(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def parsed(monkeypatch, command, flags: dict):
+    """The config `main` hands to the command for these {key: value} flags."""
+    seen = []
+    monkeypatch.setitem(cli.RUN, command, lambda cfg, args: seen.append(cfg) or 0)
+    argv = [command]
+    for key, value in flags.items():
+        argv += [flag_for(key), as_flag_text(value)]
+    assert main(argv) == 0
+    return seen[0]
+
+
+def get_key(cfg, key):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+CASES = [(command, leaf) for command, cls in COMMANDS.items() for leaf in leaves(cls)]
+
+
+@pytest.mark.parametrize("command, leaf", CASES, ids=[f"{c}:{leaf.key}" for c, leaf in CASES])
+def test_every_config_key_is_a_flag_that_round_trips(monkeypatch, command, leaf):
+    value = other_value(leaf)
+    flags = {**REQUIRED[command], leaf.key: value}
+    if command == "make-student" and leaf.key == "layers":
+        del flags["num_layers"]
+    cfg = parsed(monkeypatch, command, flags)
+    assert isinstance(cfg, COMMANDS[command])
+    assert get_key(cfg, leaf.key) == value != leaf.default
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_lists_every_config_key(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    for leaf in leaves(COMMANDS[command]):
+        assert flag_for(leaf.key) in out
+
+
+def test_flag_spelling_hyphens_and_underscores_are_interchangeable(monkeypatch):
+    seen = []
+    monkeypatch.setitem(cli.RUN, "eval", lambda cfg, args: seen.append(cfg) or 0)
+    assert main(["eval", "--model", "m", "--out=o", "--batch_size", "3", "--sampling.max-new-tokens=7",
+                 "--prompt_truncation", "keep_last", "--seeds", "10"]) == 0
+    cfg = seen[0]
+    assert (cfg.batch_size, cfg.sampling.max_new_tokens, cfg.prompt_truncation, cfg.seeds) == (3, 7, "keep_last", [10])
+
+
+def test_config_file_for_every_command_and_flags_override_it(tmp_path, monkeypatch):
+    f = tmp_path / "gen.yaml"
+    f.write_text("model: m\ndata: d.jsonl\nout: o.jsonl\nsampling: {max_new_tokens: 9, top_k: 5}\n")
+    seen = []
+    monkeypatch.setitem(cli.RUN, "generate", lambda cfg, args: seen.append(cfg) or 0)
+    assert main(["generate", "--config", str(f), "--sampling.top_k", "7"]) == 0
+    assert (seen[0].model, seen[0].sampling.max_new_tokens, seen[0].sampling.top_k) == ("m", 9, 7)
+
+
+def test_string_keys_keep_their_text_and_null_clears_an_optional_key(monkeypatch):
+    cfg = parsed(monkeypatch, "eval", {"model": "1e-5", "out": "true", "data_dir": "null"})
+    assert (cfg.model, cfg.out, cfg.data_dir) == ("1e-5", "true", None)
+
+
+def test_old_flags_get_the_new_spelling_in_the_error(capsys):
+    assert main(["eval", "--model", "m", "--out", "o", "--max-new-tokens", "5", "--greedy", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'max_new_tokens'; did you mean 'sampling.max_new_tokens'?" in err
+    assert "unknown key 'greedy'" in err and "Traceback" not in err
+
+
+def test_flag_errors_are_one_clean_message(capsys):
+    assert main(["eval", "--model", "m", "--out", "o", "--batch-size", "0", "--sampling.top_p", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "'batch_size' = 0: must be >= 1" in err and "'sampling.top_p' = 2.0: must be > 0.0 and <= 1.0" in err
+    assert main(["eval", "--model"]) == 2
+    assert capsys.readouterr().err == "promptkd: error: option '--model' has no value: write --model VALUE\n"
+    assert main(["make-student", "--teacher", "t", "--out", "o", "--layers", "0,3", "--num-layers", "2"]) == 2
+    assert "'layers' = [0, 3] and 'num_layers' = 2 are both set" in capsys.readouterr().err

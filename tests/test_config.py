@@ -5,15 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from promptkd.config import (
+    COMMANDS,
     Config,
+    EvalConfig,
+    ExposureBiasConfig,
+    GenerateConfig,
     config_from_dict,
     config_reference_markdown,
+    load_command_config,
     load_config,
     parse_overrides,
 )
 from promptkd.errors import ConfigError, UserError
+from promptkd.options import leaves
+from promptkd.sampling import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -153,3 +161,151 @@ def test_seqkd_default_is_the_references_half_ce_half_forward_kl():
     assert t.batch_size * t.gradient_accumulation_steps * 8 == 32
     assert t.max_steps == (11_435 // 32) * 20 and t.eval_every == 11_435 // 32  # 20 epochs, eval each epoch
     assert (paper.data.max_prompt_length, paper.data.max_length) == (256, 512)
+
+
+# --------------------------------------------------------------------------- method knobs
+
+
+@pytest.mark.parametrize(
+    "section, divergence, knob, value, fix",
+    [
+        ("kd", "forward_kl", "beta", 0.3, "set kd.divergence to generalized_jsd"),
+        ("kd", "generalized_jsd", "alpha", 0.2, "set kd.divergence to skew_forward_kl or skew_reverse_kl"),
+        ("gkd", "skew_reverse_kl", "beta", 0.5, "set gkd.divergence to generalized_jsd"),
+        ("gkd", "generalized_jsd", "alpha", 0.1, "set gkd.divergence to skew_forward_kl or skew_reverse_kl"),
+    ],
+)
+def test_a_knob_the_divergence_does_not_read_is_an_error(section, divergence, knob, value, fix):
+    """Set by the user (in the mapping), even to its default value: it would be ignored."""
+    data = {**MINIMAL, "method": section, section: {"divergence": divergence, knob: value}}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    (problem,) = e.value.problems
+    assert problem.startswith(f"'{section}.{knob}' = {value!r} is set but {section}.divergence '{divergence}' does not use it")
+    assert f"remove {section}.{knob}" in problem and fix in problem
+
+
+def test_knobs_the_divergence_reads_or_nobody_set_are_fine():
+    config_from_dict({**MINIMAL, "method": "kd", "kd": {"divergence": "generalized_jsd", "beta": 0.3}})
+    config_from_dict({**MINIMAL, "method": "kd", "kd": {"divergence": "skew_reverse_kl", "alpha": 0.3}})
+    config_from_dict({**MINIMAL, "method": "gkd", "gkd": {"divergence": "reverse_kl"}})  # defaults left alone
+    # another method's section is ignored as a whole (the trainer warns), not an error
+    config_from_dict({**MINIMAL, "method": "promptkd", "kd": {"divergence": "forward_kl", "beta": 0.3}})
+
+
+def test_knob_set_in_python_counts_when_it_differs_from_its_default():
+    from promptkd.config import validate_config
+
+    cfg = config_from_dict({**MINIMAL, "method": "kd", "kd": {"kd_ratio": 0.4}})
+    cfg.kd.beta = 0.5  # the default: nothing to report
+    validate_config(cfg)
+    cfg.kd.beta = 0.9
+    with pytest.raises(ConfigError, match="'kd.beta' = 0.9 is set but kd.divergence 'forward_kl'"):
+        validate_config(cfg)
+
+
+def test_gkd_seq_kd_needs_off_policy_steps():
+    with pytest.raises(ConfigError, match="'gkd.seq_kd' = True has no effect with gkd.lmbda = 1.0"):
+        config_from_dict({**MINIMAL, "method": "gkd", "gkd": {"seq_kd": True}})
+    config_from_dict({**MINIMAL, "method": "gkd", "gkd": {"seq_kd": True, "lmbda": 0.5}})
+
+
+@pytest.mark.parametrize("method", ["kd", "gkd", "promptkd"])
+def test_saved_config_leaves_out_unused_knobs_and_loads_again(tmp_path, method):
+    """The resolved config of a kd run must load again (with --resume) under the knob rule."""
+    cfg = config_from_dict({**MINIMAL, "method": method})
+    cfg.save(tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "beta" not in saved["kd"] and "alpha" not in saved["kd"] and "alpha" not in saved["gkd"]
+    assert saved["gkd"]["beta"] == 1.0  # generalized_jsd reads it
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+# --------------------------------------------------------------------------- every command's config
+
+
+def test_every_command_has_a_default_constructible_config_with_help_on_every_key():
+    for command, cls in COMMANDS.items():
+        keys = [leaf.key for leaf in leaves(cls)]
+        assert keys and len(keys) == len(set(keys)), command
+        for leaf in leaves(cls):
+            assert leaf.help.strip(), f"{command}: {leaf.key} has no help text"
+
+
+def test_one_sampling_record_for_training_generation_evaluation_and_exposure_bias():
+    for command in ("train", "generate", "eval", "exposure-bias"):
+        assert isinstance(COMMANDS[command]().sampling, SamplingConfig)
+
+
+def test_eval_defaults_are_the_papers_protocol():
+    cfg = EvalConfig()
+    s = cfg.sampling
+    assert (s.temperature, s.top_k, s.top_p, s.no_repeat_ngram_size, s.max_new_tokens, s.do_sample) == (1.0, 0, 1.0, 6, 256, True)
+    assert (cfg.max_prompt_length, cfg.prompt_truncation, cfg.seeds) == (256, "keep_first", [10, 20, 30, 40, 50])
+    assert (cfg.datasets, cfg.template) == (["dolly", "selfinst", "vicuna"], "alpaca")
+    # the other commands sample as in training
+    assert GenerateConfig().sampling == SamplingConfig()
+    assert ExposureBiasConfig().sampling == SamplingConfig(max_new_tokens=64)
+
+
+def test_command_configs_report_every_problem_with_key_value_and_guess():
+    with pytest.raises(ConfigError) as e:
+        load_command_config("eval", overrides={
+            "batch_size": 0, "max_new_tokens": 5, "sampling": {"top_p": 2, "temperatur": 1.0},
+            "prompt_truncation": "left", "seeds": "10,x",
+        })
+    assert sorted(e.value.problems) == sorted([
+        "'batch_size' = 0: must be >= 1",
+        "unknown key 'max_new_tokens'; did you mean 'sampling.max_new_tokens'?",
+        "'sampling.top_p' = 2.0: must be > 0.0 and <= 1.0",
+        "unknown key 'sampling.temperatur'; did you mean 'sampling.temperature'?",
+        "'prompt_truncation' = 'left': must be one of keep_first, keep_last",
+        "'seeds' = '10,x': expected list[int]",
+    ])
+
+
+def test_command_configs_required_and_cross_field_checks():
+    with pytest.raises(ConfigError) as e:
+        load_command_config("generate", overrides={"sampling": {"eos_at_cap": True}})
+    msg = str(e.value)
+    assert "'model' is not set" in msg and "'data' is not set" in msg and "'out' is not set" in msg
+    assert "'sampling.eos_at_cap' = True: only training samples can end in a forced EOS" in msg
+    with pytest.raises(ConfigError) as e:
+        load_command_config("eval", overrides={"model": "m", "out": "o", "seeds": [10, 10], "datasets": ["a/x.jsonl", "b/x.jsonl"]})
+    assert "'seeds' = [10, 10] repeats a seed" in str(e.value) and "two sets the same name ['x', 'x']" in str(e.value)
+    with pytest.raises(ConfigError, match="'layers' = \\[0, 3\\] and 'num_layers' = 2 are both set"):
+        load_command_config("make-student", overrides={"teacher": "t", "out": "o", "layers": "0,3", "num_layers": 2})
+    with pytest.raises(ConfigError, match="neither 'layers' nor 'num_layers' is set"):
+        load_command_config("make-student", overrides={"teacher": "t", "out": "o"})
+    with pytest.raises(ConfigError, match="'student' is not set"):
+        load_command_config("exposure-bias", overrides={"teacher": "t", "out": "o"})
+
+
+def test_command_config_from_yaml_file_with_overrides(tmp_path):
+    f = tmp_path / "eval.yaml"
+    f.write_text("model: m\nout: o\nseeds: [1, 2]\nsampling: {max_new_tokens: 64}\n")
+    cfg = load_command_config("eval", f, ["--sampling.top_k", "5", "--limit", "3"])
+    assert (cfg.seeds, cfg.limit, cfg.sampling.max_new_tokens, cfg.sampling.top_k) == ([1, 2], 3, 64, 5)
+    assert cfg.sampling.no_repeat_ngram_size == 6  # the protocol default survives a partial section
+
+
+def test_configs_built_in_python_are_validated_by_the_library():
+    from promptkd.evaluation.runner import run_evaluation
+    from promptkd.generate import run_generation
+
+    with pytest.raises(ConfigError) as e:
+        run_evaluation(EvalConfig(model="m", out="o", batch_size=0, seeds=[]))
+    assert e.value.problems == ["'batch_size' = 0: must be >= 1"]  # cross-field rules wait for valid fields
+    with pytest.raises(ConfigError, match="'seeds' is empty"):
+        run_evaluation(EvalConfig(model="m", out="o", seeds=[]))
+    with pytest.raises(ConfigError, match="'sampling' = 3: expected a SamplingConfig"):
+        run_generation(GenerateConfig(model="m", data="d", out="o", sampling=3))
+
+
+def test_config_reference_for_every_command():
+    for command, cls in COMMANDS.items():
+        ref = config_reference_markdown(command)
+        for leaf in leaves(cls):
+            assert f"| `{leaf.key}` | `{leaf.default!r}` |" in ref
+    assert "| `sampling.no_repeat_ngram_size` | `6` |" in config_reference_markdown("eval")
+    assert config_reference_markdown() == config_reference_markdown("train")

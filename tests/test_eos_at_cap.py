@@ -7,7 +7,7 @@ import torch
 from test_methods import trainer_for
 from test_sampling import check_invariants, run_scripted
 
-from promptkd.config import SamplingSection
+from promptkd.sampling import SamplingConfig
 
 
 def test_capped_rows_get_eos_as_their_last_token_and_ended_rows_are_untouched():
@@ -33,22 +33,22 @@ def test_the_method_default_applies_to_student_training_samples_only(
 ):
     tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, method, sampling={"eos_at_cap": setting})
     seen = []
-    real = tr.sampler
+    real = tr.ctx.sampler
 
     def spy(model, ids, mask, *, config, **kw):
         seen.append(config.eos_at_cap)
         return real(model, ids, mask, config=config, **kw)
 
-    monkeypatch.setattr(tr, "sampler", spy)
+    monkeypatch.setattr(tr.ctx, "sampler", spy)
     examples = tr.train_examples[:2]
-    tr.sample(examples)
-    tr.sample(examples, model=tr.teacher)
-    tr.sample(examples, training=False)
+    tr.ctx.sample(examples)
+    tr.ctx.sample(examples, from_teacher=True)
+    tr.ctx.sample(examples, training=False)
     assert seen == [expected, False, False]
 
 
 def test_section_default_is_null_and_resolves_to_the_given_default():
-    s = SamplingSection()
+    s = SamplingConfig()
     assert s.eos_at_cap is None
     assert s.to_sampling_config(True).eos_at_cap is True
     assert s.to_sampling_config().eos_at_cap is False

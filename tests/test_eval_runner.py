@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import pytest
 
 from promptkd.cli import main
+from promptkd.config import EvalConfig
 from promptkd.errors import UserError
 from promptkd.evaluation import runner
 from promptkd.evaluation.metric import corpus_rouge_l
-from promptkd.evaluation.runner import EvalJob, deviations, run_evaluation, scores_table, summarize
+from promptkd.evaluation.runner import deviations, run_evaluation, scores_table, summarize
+from promptkd.sampling import SamplingConfig
 
 EVAL_RECORDS = [
     {"instruction": "Say hello.", "input": "", "output": "hello there"},
@@ -30,7 +33,7 @@ def eval_jsonl(tmp_path):
 
 def _eval_args(model, data, out, *extra):
     return ["eval", "--model", str(model), "--datasets", str(data), "--seeds", "10,20", "--out", str(out),
-            "--max-new-tokens", "6", "--batch-size", "2", *extra]
+            "--sampling.max_new_tokens", "6", "--batch-size", "2", *extra]
 
 
 def _read_jsonl(path):
@@ -61,8 +64,10 @@ def test_eval_cli_writes_predictions_and_scores(tmp_path, tiny_pair_dirs, eval_j
     assert summary["tinyset"]["mean"] == pytest.approx(sum(vals) / 2)
     assert summary["tinyset"]["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2)  # population std
     assert summary["average"]["mean"] == pytest.approx(summary["tinyset"]["mean"])
-    assert "max_new_tokens 6 (protocol: 256)" in scores["deviations"][0]
-    assert scores["job"]["seeds"] == [10, 20]
+    assert scores["deviations"] == ["sampling.max_new_tokens 6 (protocol: 256)",
+                                    "seeds [10, 20] (protocol: [10, 20, 30, 40, 50])"]
+    assert scores["config"]["seeds"] == [10, 20]
+    assert scores["config"]["sampling"]["no_repeat_ngram_size"] == 6
 
     with open(out / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -101,23 +106,23 @@ def test_rerun_reuses_complete_predictions(tmp_path, tiny_pair_dirs, eval_jsonl,
 
     # other generation settings are not silently re-used
     calls.clear()
-    assert main(_eval_args(student, eval_jsonl, out, "--max-new-tokens", "4")) == 0
+    assert main(_eval_args(student, eval_jsonl, out, "--sampling.max_new_tokens", "4")) == 0
     assert sorted(calls) == [10, 20]
 
 
 def test_changed_records_are_not_reused(tmp_path, tiny_pair_dirs, eval_jsonl, monkeypatch):
     _, student = tiny_pair_dirs
     out = tmp_path / "eval"
-    job = EvalJob(model=str(student), out=str(out), datasets=[str(eval_jsonl)], seeds=[10], batch_size=2,
-                  max_new_tokens=4, show_progress=False)
-    run_evaluation(job)
+    job = EvalConfig(model=str(student), out=str(out), datasets=[str(eval_jsonl)], seeds=[10], batch_size=2,
+                     sampling=SamplingConfig(max_new_tokens=4, no_repeat_ngram_size=6))
+    run_evaluation(job, show_progress=False)
     changed = [dict(r) for r in EVAL_RECORDS]
     changed[0]["instruction"] = "Say goodbye."
     eval_jsonl.write_text("".join(json.dumps(r) + "\n" for r in changed))
     calls = []
     real_predict = runner.predict
     monkeypatch.setattr(runner, "predict", lambda *a, **k: calls.append(k["seed"]) or real_predict(*a, **k))
-    run_evaluation(job)
+    run_evaluation(job, show_progress=False)
     assert calls == [10]
     assert _read_jsonl(out / "predictions_tinyset_seed10.jsonl")[0]["instruction"] == "Say goodbye."
 
@@ -157,12 +162,17 @@ def test_summary_and_table_two_sets():
     assert "15.00 ± 5.00" in table and "22.50 ± 2.50" in table
 
 
-def test_deviations_protocol_job_has_none():
-    assert deviations(EvalJob(model="m", out="o")) == []
-    devs = deviations(EvalJob(model="m", out="o", seeds=[10, 20], limit=50, max_new_tokens=128))
-    assert len(devs) == 3
-    devs = deviations(EvalJob(model="m", out="o", prompt_truncation="keep_last"))
-    assert devs == ["long prompts keep their last tokens (protocol: the first)"]
+def test_deviations_are_differences_from_the_configs_defaults():
+    assert deviations(EvalConfig(model="m", out="o")) == []
+    devs = deviations(EvalConfig(model="m", out="o", seeds=[10, 20], limit=50,
+                                 sampling=SamplingConfig(max_new_tokens=128, no_repeat_ngram_size=6)))
+    assert devs == ["sampling.max_new_tokens 128 (protocol: 256)", "seeds [10, 20] (protocol: [10, 20, 30, 40, 50])",
+                    "only the first 50 records of each set"]
+    devs = deviations(EvalConfig(model="m", out="o", prompt_truncation="keep_last"))
+    assert devs == ["prompt_truncation 'keep_last' (protocol: 'keep_first')"]
+    # every sampling setting counts, e.g. the training sampler's missing n-gram block
+    devs = deviations(EvalConfig(model="m", out="o", sampling=SamplingConfig(eos_at_cap=False)))
+    assert devs == ["sampling.no_repeat_ngram_size 0 (protocol: 6)"]
 
 
 def test_long_prompts_keep_their_first_tokens_by_default_and_the_choice_is_recorded(tmp_path, eval_jsonl, monkeypatch):
@@ -178,26 +188,25 @@ def test_long_prompts_keep_their_first_tokens_by_default_and_the_choice_is_recor
     monkeypatch.setattr(runner, "predict", lambda m, t, examples, **k: seen.append(examples) or [""] * len(examples))
 
     out = tmp_path / "eval"
-    job = EvalJob(model="tiny", out=str(out), datasets=[str(eval_jsonl)], seeds=[10], max_prompt_length=16,
-                  show_progress=False)
-    run_evaluation(job, model=model, tokenizer=tok)
+    job = EvalConfig(model="tiny", out=str(out), datasets=[str(eval_jsonl)], seeds=[10], max_prompt_length=16)
+    run_evaluation(job, model=model, tokenizer=tok, show_progress=False)
     assert [e.prompt_ids for e in seen[-1]] == [ids[:16] for ids in full]
     scores = json.loads((out / "scores.json").read_text())
-    assert scores["job"]["prompt_truncation"] == "keep_first"
+    assert scores["config"]["prompt_truncation"] == "keep_first"
     assert not any("keep their" in d for d in scores["deviations"])
     meta = json.loads((out / "predictions_tinyset_seed10.meta.json").read_text())
     assert meta["prompt_truncation"] == "keep_first"
 
     # keep_last still works, is a recorded deviation, and does not re-use keep_first predictions
-    run_evaluation(EvalJob(**{**job.__dict__, "prompt_truncation": "keep_last"}), model=model, tokenizer=tok)
+    run_evaluation(replace(job, prompt_truncation="keep_last"), model=model, tokenizer=tok, show_progress=False)
     assert len(seen) == 2 and [e.prompt_ids for e in seen[-1]] == [ids[-16:] for ids in full]
     scores = json.loads((out / "scores.json").read_text())
-    assert scores["job"]["prompt_truncation"] == "keep_last"
-    assert "long prompts keep their last tokens (protocol: the first)" in scores["deviations"]
-    assert "keep their last tokens" in (out / "scores.md").read_text()
+    assert scores["config"]["prompt_truncation"] == "keep_last"
+    assert "prompt_truncation 'keep_last' (protocol: 'keep_first')" in scores["deviations"]
+    assert "prompt_truncation 'keep_last'" in (out / "scores.md").read_text()
 
-    with pytest.raises(UserError, match="--prompt-truncation 'right'"):
-        run_evaluation(EvalJob(**{**job.__dict__, "prompt_truncation": "right"}), model=model, tokenizer=tok)
+    with pytest.raises(UserError, match="'prompt_truncation' = 'right': must be one of keep_first, keep_last"):
+        run_evaluation(replace(job, prompt_truncation="right"), model=model, tokenizer=tok)
 
 
 def test_eval_cli_prompt_truncation_reaches_the_job(monkeypatch):
@@ -206,5 +215,5 @@ def test_eval_cli_prompt_truncation_reaches_the_job(monkeypatch):
     assert main(["eval", "--model", "m", "--out", "o"]) == 0
     assert main(["eval", "--model", "m", "--out", "o", "--prompt-truncation", "keep_last"]) == 0
     assert [j.prompt_truncation for j in jobs] == ["keep_first", "keep_last"]
-    with pytest.raises(SystemExit):
-        main(["eval", "--model", "m", "--out", "o", "--prompt-truncation", "left"])
+    assert main(["eval", "--model", "m", "--out", "o", "--prompt-truncation", "left"]) == 2
+    assert len(jobs) == 2

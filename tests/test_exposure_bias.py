@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from promptkd.cli import main
+from promptkd.config import ExposureBiasConfig
 from promptkd.data.dataset import build_examples
 from promptkd.data.records import read_jsonl_records
 from promptkd.errors import UserError
 from promptkd.evaluation.exposure_bias import (
-    ExposureBiasJob,
     curve_from_sums,
     exaccerr,
     exposure_bias_curve,
@@ -21,6 +21,7 @@ from promptkd.evaluation.exposure_bias import (
     load_model_for_eval,
     run_exposure_bias,
 )
+from promptkd.sampling import SamplingConfig
 from promptkd.testing import tiny_llama
 
 
@@ -57,7 +58,7 @@ def test_curve_from_sums_ended_modes():
 def test_identical_student_and_teacher_give_zero(tokenizer, tiny_jsonl):
     model = tiny_llama(num_layers=2, seed=3)
     curve = exposure_bias_curve(model, model, tokenizer, _examples(tokenizer, tiny_jsonl),
-                                samples_per_prompt=3, max_new_tokens=6, seed=1, batch_size=3)
+                                samples_per_prompt=3, sampling=SamplingConfig(max_new_tokens=6), seed=1, batch_size=3)
     assert curve.lengths == list(range(1, 7))
     assert curve.R == [0.0] * 6 and curve.eps == [0.0] * 6
     assert curve.exaccerr == [0.0] * 6
@@ -67,7 +68,7 @@ def test_identical_student_and_teacher_give_zero(tokenizer, tiny_jsonl):
 
 def test_different_models_shapes_and_monotone(tokenizer, tiny_jsonl, teacher_model, student_model):
     curve = exposure_bias_curve(student_model, teacher_model, tokenizer, _examples(tokenizer, tiny_jsonl),
-                                samples_per_prompt=2, max_new_tokens=5, seed=2, batch_size=4)
+                                samples_per_prompt=2, sampling=SamplingConfig(max_new_tokens=5), seed=2, batch_size=4)
     assert len(curve.R) == len(curve.eps) == len(curve.exaccerr) == 5
     assert curve.R[0] > 0 and curve.eps[0] > 0
     assert all(b >= a for a, b in zip(curve.R, curve.R[1:], strict=False))  # ended sequences add 0
@@ -79,14 +80,14 @@ def test_different_models_shapes_and_monotone(tokenizer, tiny_jsonl, teacher_mod
     assert all(b <= a for a, b in zip(curve.student_running, curve.student_running[1:], strict=False))
     # same seeds -> same curve
     again = exposure_bias_curve(student_model, teacher_model, tokenizer, _examples(tokenizer, tiny_jsonl),
-                                samples_per_prompt=2, max_new_tokens=5, seed=2, batch_size=4)
+                                samples_per_prompt=2, sampling=SamplingConfig(max_new_tokens=5), seed=2, batch_size=4)
     assert again.R == curve.R and again.eps == curve.eps
 
 
 def test_run_exposure_bias_writes_csv_and_png(tmp_path, tiny_pair_dirs, tiny_jsonl):
     teacher, student = tiny_pair_dirs
-    job = ExposureBiasJob(student=str(student), teacher=str(teacher), data=str(tiny_jsonl), num_prompts=3,
-                          samples_per_prompt=2, max_new_tokens=4, seed=5, out=str(tmp_path / "eb"))
+    job = ExposureBiasConfig(student=str(student), teacher=str(teacher), data=str(tiny_jsonl), num_prompts=3,
+                             samples_per_prompt=2, sampling=SamplingConfig(max_new_tokens=4), seed=5, out=str(tmp_path / "eb"))
     text = run_exposure_bias(job)
     assert "ExAccErr" in text
     with open(tmp_path / "eb" / "exposure_bias.csv", newline="") as f:
@@ -100,8 +101,8 @@ def test_run_exposure_bias_writes_csv_and_png(tmp_path, tiny_pair_dirs, tiny_jso
 
 def test_identical_saved_models_via_job(tmp_path, tiny_pair_dirs, tiny_jsonl):
     teacher, _ = tiny_pair_dirs
-    job = ExposureBiasJob(student=str(teacher), teacher=str(teacher), data=str(tiny_jsonl), num_prompts=2,
-                          samples_per_prompt=3, max_new_tokens=3, out=str(tmp_path / "same"))
+    job = ExposureBiasConfig(student=str(teacher), teacher=str(teacher), data=str(tiny_jsonl), num_prompts=2,
+                             samples_per_prompt=3, sampling=SamplingConfig(max_new_tokens=3), out=str(tmp_path / "same"))
     run_exposure_bias(job)
     with open(tmp_path / "same" / "exposure_bias.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -110,8 +111,8 @@ def test_identical_saved_models_via_job(tmp_path, tiny_pair_dirs, tiny_jsonl):
 
 def test_over_checkpoints_shares_teacher_samples(tmp_path, tiny_pair_dirs, tiny_jsonl):
     teacher, student = tiny_pair_dirs
-    job = ExposureBiasJob(student="", teacher=str(teacher), data=str(tiny_jsonl), num_prompts=2,
-                          samples_per_prompt=2, max_new_tokens=3, out=str(tmp_path / "curves"))
+    job = ExposureBiasConfig(teacher=str(teacher), data=str(tiny_jsonl), num_prompts=2,
+                             samples_per_prompt=2, sampling=SamplingConfig(max_new_tokens=3), out=str(tmp_path / "curves"))
     curves = exposure_bias_over_checkpoints({"teacher": teacher, "student": student}, job)
     assert list(curves) == ["teacher", "student"]
     assert curves["teacher"].exaccerr == [0.0] * 3
@@ -145,8 +146,8 @@ def test_training_checkpoint_loads(tmp_path, tiny_pair_dirs, tiny_jsonl):
     assert not torch.equal(sd[name], sb[name])  # trained for one step
     assert not torch.equal(sd[name], sf[name])  # and not yet the final weights
     assert sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()  # still tied
-    job = ExposureBiasJob(student="", teacher=str(teacher), data=str(tiny_jsonl), num_prompts=2,
-                          samples_per_prompt=1, max_new_tokens=3, out=str(tmp_path / "through"))
+    job = ExposureBiasConfig(teacher=str(teacher), data=str(tiny_jsonl), num_prompts=2,
+                             samples_per_prompt=1, sampling=SamplingConfig(max_new_tokens=3), out=str(tmp_path / "through"))
     curves = exposure_bias_over_checkpoints([ckpt, tmp_path / "run" / "checkpoints" / "step-00000002"], job)
     assert list(curves) == ["step 1", "step 2"]
 
@@ -155,7 +156,7 @@ def test_cli_exposure_bias(tmp_path, tiny_pair_dirs, tiny_jsonl, capsys):
     teacher, student = tiny_pair_dirs
     out = tmp_path / "cli"
     rc = main(["exposure-bias", "--student", str(student), "--teacher", str(teacher), "--data", str(tiny_jsonl),
-               "--num-prompts", "2", "--samples-per-prompt", "2", "--max-new-tokens", "3", "--out", str(out)])
+               "--num-prompts", "2", "--samples-per-prompt", "2", "--sampling.max_new_tokens", "3", "--out", str(out)])
     assert rc == 0
     assert "ExAccErr" in capsys.readouterr().out
     assert (out / "exposure_bias.csv").is_file() and (out / "exposure_bias.png").is_file()
@@ -166,7 +167,7 @@ def test_cli_exposure_bias_user_errors(tmp_path, tiny_pair_dirs, tiny_jsonl, cap
     rc = main(["exposure-bias", "--student", str(student), "--teacher", str(teacher), "--data", str(tiny_jsonl),
                "--num-prompts", "0", "--out", str(tmp_path / "x")])
     assert rc == 2
-    assert "--num-prompts" in capsys.readouterr().err
+    assert "'num_prompts' = 0: must be >= 1" in capsys.readouterr().err
     rc = main(["exposure-bias", "--student", str(tmp_path / "missing"), "--teacher", str(teacher),
                "--data", str(tiny_jsonl), "--out", str(tmp_path / "x")])
     assert rc == 2

@@ -41,8 +41,7 @@ def test_overflow_lowers_the_scale_skips_the_update_and_the_next_step_succeeds(
     hooks = [p.register_hook(lambda g: g * float("inf")) for p in params.values()]  # every update overflows
     before = {k: p.detach().clone() for k, p in params.items()}
 
-    metrics = tr.method.step(tr.next_micro_batches())
-    tr.step += 1
+    metrics = tr.train_step().metrics
     for h in hooks:
         h.remove()
 
@@ -57,7 +56,7 @@ def test_overflow_lowers_the_scale_skips_the_update_and_the_next_step_succeeds(
 
     # the next, finite step must run (it raised "unscale_() has already been called" before)
     student0 = snapshot(tr.unwrapped_student)
-    metrics = tr.method.step(tr.next_micro_batches())
+    metrics = tr.train_step().metrics
     assert metrics["student/overflows"] == 1  # no new overflow
     assert any(not torch.equal(v, student0[k]) for k, v in snapshot(tr.unwrapped_student).items())
     assert scaler.get_scale() == scale0 * 0.5**num_updates
@@ -71,16 +70,15 @@ def test_nonfinite_loss_under_a_scaler_is_a_failure_and_keeps_the_scaler_usable(
     scaler = install_cpu_scaler(tr)
     # a NaN loss value with NaN gradients: poison the first step's gradients and its loss
     hooks = [p.register_hook(lambda g: g * float("nan")) for p in tr.unwrapped_student.parameters()]
-    real_apply = tr.apply_update
-    monkeypatch.setattr(tr, "apply_update", lambda name, o, s, ps, loss: real_apply(name, o, s, ps, float("nan")))
+    real_apply = tr.ctx.apply_update
+    monkeypatch.setattr(tr.ctx, "apply_update", lambda name, loss: real_apply(name, float("nan")))
     with pytest.warns(RuntimeWarning, match="non-finite student update at step 1"):
-        tr.method.step(tr.next_micro_batches())
-    tr.step += 1
+        tr.train_step()
     for h in hooks:
         h.remove()
-    monkeypatch.setattr(tr, "apply_update", real_apply)
+    monkeypatch.setattr(tr.ctx, "apply_update", real_apply)
     assert tr.nonfinite_skips == 1
     assert scaler.get_scale() < 2.0**12
     student0 = snapshot(tr.unwrapped_student)
-    tr.method.step(tr.next_micro_batches())  # the scaler's protocol was closed: no error
+    tr.train_step()  # the scaler's protocol was closed: no error
     assert any(not torch.equal(v, student0[k]) for k, v in snapshot(tr.unwrapped_student).items())

@@ -7,8 +7,10 @@ import string
 
 import torch
 
+from promptkd.config import GenerateConfig
 from promptkd.data.batch import SequenceBatch
-from promptkd.generate import GenerationJob, response_ended, run_generation
+from promptkd.generate import response_ended, run_generation
+from promptkd.sampling import SamplingConfig
 from promptkd.testing import byte_tokenizer
 
 
@@ -41,8 +43,8 @@ def test_generate_records_flag_responses_capped_at_max_new_tokens(tmp_path, tiny
     cfg["eos_token_id"] = [tok.eos_token_id, *letters]
     cfg_path.write_text(json.dumps(cfg))
 
-    out = run_generation(GenerationJob(model=str(teacher), data=str(tiny_jsonl), out=str(tmp_path / "g.jsonl"),
-                                       max_new_tokens=3, batch_size=4), show_progress=False)
+    out = run_generation(GenerateConfig(model=str(teacher), data=str(tiny_jsonl), out=str(tmp_path / "g.jsonl"),
+                                        sampling=SamplingConfig(max_new_tokens=3), batch_size=4), show_progress=False)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 16 and all(isinstance(r["ended"], bool) for r in rows)
     assert {r["ended"] for r in rows} == {True, False}

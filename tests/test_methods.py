@@ -77,18 +77,18 @@ def record_batches(tr, monkeypatch) -> list:
     """[(step, source, batch)] for every batch the method trains on; source: "data" (collated
     dataset / file responses), "student" or "teacher" (sampled by that model)."""
     seen = []
-    collate, sample = tr.collate, tr.sample
+    collate, sample = tr.ctx.collate, tr.ctx.sample
 
     def recording_collate(examples):
         seen.append((tr.step, "data", collate(examples)))
         return seen[-1][2]
 
-    def recording_sample(examples, model=None, **kwargs):
-        seen.append((tr.step, "teacher" if model is tr.teacher else "student", sample(examples, model, **kwargs)))
+    def recording_sample(examples, *, from_teacher=False, **kwargs):
+        seen.append((tr.step, "teacher" if from_teacher else "student", sample(examples, from_teacher=from_teacher, **kwargs)))
         return seen[-1][2]
 
-    monkeypatch.setattr(tr, "collate", recording_collate)
-    monkeypatch.setattr(tr, "sample", recording_sample)
+    monkeypatch.setattr(tr.ctx, "collate", recording_collate)
+    monkeypatch.setattr(tr.ctx, "sample", recording_sample)
     return seen
 
 
@@ -106,7 +106,7 @@ def test_promptkd_step_freezes_teacher_and_moves_prompt_and_student(tmp_path, ti
     teacher0 = snapshot(tr.teacher)
     prompt0 = [p.detach().clone() for p in tr.method.prompt_params]
     student0 = snapshot(tr.unwrapped_student)
-    metrics = tr.method.step(tr.next_micro_batches())
+    metrics = tr.train_step().metrics
     for k, v in snapshot(tr.teacher).items():
         assert torch.equal(v, teacher0[k]), f"teacher weight {k} changed"
     assert all(not p.requires_grad for p in tr.teacher.parameters())
@@ -125,8 +125,7 @@ def test_regulariser_schedule_counts_steps_from_one_and_reaches_zero(tmp_path, t
     assert [tr.method.regulariser_weight(done) for done in range(4)] == [0.375, 0.25, 0.125, 0.0]
     lambdas = []
     for _ in range(4):
-        lambdas.append(tr.method.step(tr.next_micro_batches())["prompt/lambda"])
-        tr.step += 1
+        lambdas.append(tr.train_step().metrics["prompt/lambda"])
     assert lambdas == [0.375, 0.25, 0.125, 0.0]
 
 
@@ -135,13 +134,13 @@ def test_frozen_prompt_is_plain_on_policy_reverse_kl(tmp_path, tiny_pair_dirs, t
     tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, promptkd={"freeze_prompt": True})
     prompt0 = [p.detach().clone() for p in tr.method.prompt_params]
     torch.manual_seed(0)
-    m1 = tr.method.step(tr.next_micro_batches())
+    m1 = tr.train_step().metrics
     assert all(torch.equal(p, q) for p, q in zip(tr.method.prompt_params, prompt0, strict=True))
     assert "prompt/kd" not in m1
 
     g = trainer_for(tmp_path / "g", tiny_pair_dirs, tiny_jsonl, method="gkd", gkd={"lmbda": 1.0, "beta": 1.0})
     torch.manual_seed(0)
-    m2 = g.method.step(g.next_micro_batches())
+    m2 = g.train_step().metrics
     assert m1["student/loss"] == pytest.approx(m2["student/loss"], rel=1e-5)
 
 
@@ -222,11 +221,13 @@ def test_seqkd_trains_on_generated_teacher_responses(tmp_path, tiny_pair_dirs, t
     """Every trained response is one of the file's teacher responses (not a dataset output), and
     the loss is CE (kd_ratio 0: no teacher loaded) or, by default, the reference's SeqKD:
     0.5 CE + 0.5 forward KL to the teacher."""
-    from promptkd.generate import GenerationJob, run_generation
+    from promptkd.config import GenerateConfig
+    from promptkd.generate import run_generation
+    from promptkd.sampling import SamplingConfig
 
     teacher, _ = tiny_pair_dirs
-    out = run_generation(GenerationJob(model=str(teacher), data=str(tiny_jsonl), out=str(tmp_path / "t.jsonl"),
-                                       max_new_tokens=5, batch_size=8), show_progress=False)
+    out = run_generation(GenerateConfig(model=str(teacher), data=str(tiny_jsonl), out=str(tmp_path / "t.jsonl"),
+                                        sampling=SamplingConfig(max_new_tokens=5), batch_size=8), show_progress=False)
     generated = {json.loads(x)["output"] for x in out.read_text().splitlines()}
     assert generated.isdisjoint(json.loads(x).get("output") for x in tiny_jsonl.read_text().splitlines())
     for kd_ratio, seqkd in ((0.0, {"kd_ratio": 0.0}), (0.5, {})):
@@ -253,26 +254,22 @@ def test_gradient_accumulation_uses_global_token_count(tmp_path, tiny_pair_dirs,
     a = trainer_for(tmp_path / "a", tiny_pair_dirs, tiny_jsonl, "sft", train={"batch_size": 4, "max_grad_norm": 0.0})
     b = trainer_for(tmp_path / "b", tiny_pair_dirs, tiny_jsonl, "sft",
                     train={"batch_size": 2, "gradient_accumulation_steps": 2, "max_grad_norm": 0.0})
-    ma = a.method.step(a.next_micro_batches())
-    mb = b.method.step(b.next_micro_batches())
+    ma = a.train_step().metrics
+    mb = b.train_step().metrics
     assert ma["student/loss"] == pytest.approx(mb["student/loss"], rel=1e-5)
     for (k, va), vb in zip(a.unwrapped_student.state_dict().items(), b.unwrapped_student.state_dict().values(), strict=True):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_nonfinite_loss_is_skipped_with_warning(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
+def test_nonfinite_loss_is_skipped_with_warning(tmp_path, tiny_pair_dirs, tiny_jsonl):
     tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "sft", train={"max_steps": 3})
     before = snapshot(tr.unwrapped_student)
-    original = tr.method.supervised_step
-
-    def poisoned(batches, **kw):
-        for p in tr.unwrapped_student.parameters():  # a NaN gradient reaches the guard
-            p.register_hook(lambda g: g * float("nan")) if tr.step == 0 and p.ndim > 1 else None
-        return original(batches, **kw)
-
-    monkeypatch.setattr(tr.method, "supervised_step", poisoned)
+    hooks = [p.register_hook(lambda g: g * float("nan"))  # a NaN gradient reaches the guard
+             for p in tr.unwrapped_student.parameters() if p.ndim > 1]
     with pytest.warns(RuntimeWarning, match="non-finite student update at step 1"):
-        tr.method.step(tr.next_micro_batches())
+        tr.train_step()
+    for h in hooks:
+        h.remove()
     assert tr.nonfinite_skips == 1
     for k, v in snapshot(tr.unwrapped_student).items():
         assert torch.equal(v, before[k]), "a non-finite update was applied"
@@ -317,7 +314,7 @@ def test_bf16_teacher_linear_weights_give_the_same_promptkd_step(tmp_path, tiny_
         dtypes = {m.weight.dtype for m in tr.teacher.modules() if isinstance(m, torch.nn.Linear)}
         assert dtypes == ({torch.bfloat16, torch.float32} if cast else {torch.float32})  # tied LM head stays
         torch.manual_seed(0)
-        metrics = tr.method.step(tr.next_micro_batches())
+        metrics = tr.train_step().metrics
         results.append((metrics, [p.detach().clone() for p in tr.method.prompt_params], snapshot(tr.unwrapped_student)))
     (m1, p1, s1), (m2, p2, s2) = results
     assert m1["student/loss"] == m2["student/loss"] and m1["prompt/kd"] == m2["prompt/kd"]
@@ -325,40 +322,27 @@ def test_bf16_teacher_linear_weights_give_the_same_promptkd_step(tmp_path, tiny_
     assert all(torch.equal(v, s2[k]) for k, v in s1.items())
 
 
-def _fake_trainer(cfg):
-    """The narrow context `Method.load_train_examples` uses: cfg, tokenizer, accelerator."""
-    from types import SimpleNamespace
-
-    from promptkd.testing import byte_tokenizer
-
-    return SimpleNamespace(cfg=cfg, tokenizer=byte_tokenizer(), accelerator=SimpleNamespace(is_main_process=True))
-
-
 def test_seqkd_warns_once_for_teacher_responses_without_the_ended_flag(tmp_path, tiny_pair_dirs, tiny_jsonl, caplog):
-    from promptkd.methods.seqkd import SeqKD
-    from promptkd.methods.sft import SFT
-
     old = tiny_jsonl  # a file written before `promptkd generate` recorded `ended`
     rows = [dict(json.loads(line), ended=i % 2 == 0) for i, line in enumerate(old.read_text().splitlines())]
     new = tmp_path / "new.jsonl"
     new.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def flag_warnings(method, **data):
+    def flag_warnings(method, run, **sections):
         caplog.clear()
-        trainer = _fake_trainer(make_cfg(tmp_path, *tiny_pair_dirs, tiny_jsonl, method.name, data=data))
         with caplog.at_level("WARNING"):
-            examples = method(trainer).load_train_examples()
-        return examples, [r.getMessage() for r in caplog.records if "'ended' flag" in r.getMessage()]
+            tr = trainer_for(tmp_path / run, tiny_pair_dirs, tiny_jsonl, method, **sections)
+        return tr, [r.getMessage() for r in caplog.records if "'ended' flag" in r.getMessage()]
 
-    eos = _fake_trainer(None).tokenizer.eos_token_id
-
-    examples, warned = flag_warnings(SeqKD, teacher_responses=str(old))
+    seqkd = {"seqkd": {"kd_ratio": 0.0}}
+    tr, warned = flag_warnings("seqkd", "old", data={"teacher_responses": str(old)}, **seqkd)
+    eos = tr.tokenizer.eos_token_id
     assert len(warned) == 1 and "16 of 16" in warned[0] and "promptkd generate" in warned[0]
-    assert all(e.response_ids[-1] == eos for e in examples)  # flagless: EOS appended, as before
-    examples, warned = flag_warnings(SeqKD, teacher_responses=str(new))
+    assert all(e.response_ids[-1] == eos for e in tr.train_examples)  # flagless: EOS appended, as before
+    tr, warned = flag_warnings("seqkd", "new", data={"teacher_responses": str(new)}, **seqkd)
     assert warned == []
-    assert [e.response_ids[-1] == eos for e in examples] == [r["ended"] for r in rows]
-    _, warned = flag_warnings(SFT)  # ordinary reference data has no flag and needs none
+    assert [e.response_ids[-1] == eos for e in tr.train_examples] == [r["ended"] for r in rows]
+    _, warned = flag_warnings("sft", "sft")  # ordinary reference data has no flag and needs none
     assert warned == []
 
 

@@ -2,7 +2,7 @@
 
 2 processes x batch b must take the same first optimizer step as 1 process x batch 2b, for the
 student (DDP averages its gradients) and for the soft prompt (its gradients are averaged by
-`Trainer.all_reduce_grads`); checkpoints are written once, by the main process, and resume
+`TrainingContext.all_reduce_grads`); checkpoints are written once, by the main process, and resume
 across world sizes. Greedy decoding (`sampling.do_sample false`) makes the on-policy samples
 the same whatever the per-process RNG; left padding differs between a 2-row and a 4-row batch,
 which leaves float32 rounding differences only (hence the tolerances below).
@@ -20,14 +20,14 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from promptkd.testing import TINY_RECORDS, save_tiny_pair, write_tiny_jsonl
-from promptkd.training.loop import DataOrder, Trainer
+from promptkd.training.loop import DataOrder
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_2PROC = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
@@ -40,17 +40,13 @@ RUN_TIMEOUT = 600
 
 
 def _shards(world: int, bs: int, accum: int, steps: int, n: int = 10) -> list[list[list[list[int]]]]:
-    """[step][rank] -> that process's micro-batches (example indices) from next_micro_batches."""
+    """[step][rank] -> that process's micro-batches (example indices), as the trainer takes them."""
     out = [[None] * world for _ in range(steps)]
     for rank in range(world):
-        tr = Trainer.__new__(Trainer)  # only what next_micro_batches reads
-        tr.cfg = SimpleNamespace(train=SimpleNamespace(batch_size=bs, gradient_accumulation_steps=accum))
-        tr.accelerator = SimpleNamespace(num_processes=world, process_index=rank)
-        tr.data_order = DataOrder(n, seed=3)
-        tr.train_examples = list(range(n))
+        order = DataOrder(n, seed=3)
         for k in range(steps):
-            out[k][rank] = tr.next_micro_batches()
-        assert tr.data_order.position == steps * bs * accum * world  # global, so resumable anywhere
+            out[k][rank] = order.micro_batches(bs, accum, world, rank)
+        assert order.position == steps * bs * accum * world  # global, so resumable anywhere
     return out
 
 
@@ -65,6 +61,16 @@ def test_global_batch_of_each_step_is_independent_of_world_size(world, bs, accum
         # micro-batch m of rank r holds global slots (m * world + r) * bs ...
         ordered = [i for m in range(accum) for r in range(world) for i in per_rank[r][m]]
         assert ordered == reference[k], f"step {k + 1}"
+
+
+@dataclass
+class Runs:
+    """The finished runs of the module's fixture: run directories, the init, logs, wall times."""
+
+    dirs: dict
+    student_init: Path
+    logs: dict
+    times: dict
 
 
 # --------------------------------------------------------------------------- launching
@@ -162,7 +168,7 @@ def runs(tmp_path_factory):
         "one_then_two": ("accelerate", ["--resume", str(out["one_then_two"]), *step2, "--train.batch_size", "1",
                                         "--train.gradient_accumulation_steps", "2"]),
     }, logs))
-    return SimpleNamespace(dirs=out, student_init=student, logs=logs, times=times)
+    return Runs(dirs=out, student_init=student, logs=logs, times=times)
 
 
 def _weights(run_dir: Path) -> tuple[dict, dict]:

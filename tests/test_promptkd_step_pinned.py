@@ -5,8 +5,9 @@
 The trainer's step (float32, `response_logits` slices, chunked KL with a closed-form backward,
 fused AdamW) must equal `reference_step`: plain forwards with full (B, T, V) logits in float64,
 the KLs written out, `torch.autograd.grad`, and AdamW's first update written as a formula. Both
-see the SAME sampled batch: the test records what `tr.sample` returned and each parameter set's
-gradients as `tr.apply_update` receives them (before clipping and the optimizer step).
+see the SAME sampled batch: the test records what the step context's `sample` returned and each
+parameter set's gradients as its `apply_update` receives them (before clipping and the optimizer
+step).
 """
 
 from __future__ import annotations
@@ -160,29 +161,30 @@ class Run:
 def recorded_step(tr, monkeypatch, feed=None) -> Run:
     """One trainer step, recording its batches and gradients.
 
-    feed: micro-batches for `tr.sample` to return (in order) instead of sampling. Without it,
+    feed: micro-batches for `tr.ctx.sample` to return (in order) instead of sampling. Without it,
     row 0 of each sampled micro-batch is made to end early (`ended_early`).
     """
-    sample, apply_update = tr.sample, tr.apply_update
+    ctx = tr.ctx
+    sample, apply_update = ctx.sample, ctx.apply_update
     batches, grads = [], {}
 
     def record_sample(examples, *args, **kwargs):
         if feed:
             batch = feed.pop(0)
         else:
-            batch = ended_early(sample(examples, *args, **kwargs), 0, 3, tr.eos_token_ids[0], tr.pad_token_id)
+            batch = ended_early(sample(examples, *args, **kwargs), 0, 3, ctx.eos_token_ids[0], ctx.pad_token_id)
         batches.append(batch)
         return batch
 
-    def record_update(name, optimizer, scheduler, params, loss_value):
-        params = list(params)
+    def record_update(name, loss_value):
+        params = list(tr.student.parameters()) if name == "student" else ctx.param_sets[name].params
         grads[name] = [p.grad.detach().clone() for p in params]
-        return apply_update(name, optimizer, scheduler, params, loss_value)
+        return apply_update(name, loss_value)
 
-    monkeypatch.setattr(tr, "sample", record_sample)
-    monkeypatch.setattr(tr, "apply_update", record_update)
+    monkeypatch.setattr(ctx, "sample", record_sample)
+    monkeypatch.setattr(ctx, "apply_update", record_update)
     prompt0, student0 = tr.method.prompt_params[0].detach().clone(), copy.deepcopy(tr.unwrapped_student)
-    metrics = tr.method.step(tr.next_micro_batches())
+    metrics = tr.train_step().metrics
     return Run(prompt0, student0, batches, grads, metrics, tr.method.prompt_params[0].detach().clone(),
                [p.detach().clone() for p in tr.unwrapped_student.parameters()])
 
@@ -240,7 +242,7 @@ def assert_step_matches(run: Run, ref: dict, *, max_norm=0.0):
 def test_reference_prompted_forward_is_the_prompted_teacher(tmp_path, tiny_pair_dirs, tiny_jsonl):
     """The reference's own prompt-in-front forward equals PromptedTeacher's (ragged padding)."""
     tr = promptkd_trainer(tmp_path, tiny_pair_dirs, tiny_jsonl)
-    batch = ended_early(tr.sample(tr.train_examples[:3]), 1, 2, tr.eos_token_ids[0], tr.pad_token_id)
+    batch = ended_early(tr.ctx.sample(tr.train_examples[:3]), 1, 2, tr.ctx.eos_token_ids[0], tr.ctx.pad_token_id)
     assert batch.attention_mask[:, 0].tolist().count(0) >= 1  # some prompt is left-padded
     prompted = tr.method.prompted
     with torch.no_grad():
@@ -265,8 +267,8 @@ def test_one_step_equals_the_float64_reference(tmp_path, tiny_pair_dirs, tiny_js
     if two_forwards:  # what a student with dropout gets: an eval-mode target forward + a train forward
         monkeypatch.setattr(tr.method, "student_dropout", True)
     target_forwards = []
-    student_target_logits = tr.method.student_target_logits
-    monkeypatch.setattr(tr.method, "student_target_logits", lambda b: target_forwards.append(b) or student_target_logits(b))
+    student_target_logits = tr.ctx.student_target_logits
+    monkeypatch.setattr(tr.ctx, "student_target_logits", lambda b: target_forwards.append(b) or student_target_logits(b))
     run = recorded_step(tr, monkeypatch)
     assert len(target_forwards) == int(two_forwards)  # the path under test was taken
     max_norm = tr.cfg.train.max_grad_norm

@@ -35,7 +35,7 @@ def test_trainer_samples_through_the_configured_backend(tmp_path, tiny_pair_dirs
 
     class Recording(samplers.HFSampler):
         def __call__(self, model, prompt_ids, prompt_mask, **kw):
-            calls.append((self.trainer, tuple(prompt_ids.shape), kw["config"].max_new_tokens))
+            calls.append((self.context, tuple(prompt_ids.shape), kw["config"].max_new_tokens))
             return super().__call__(model, prompt_ids, prompt_mask, **kw)
 
     samplers.register_sampler("recording", Recording)
@@ -48,6 +48,6 @@ def test_trainer_samples_through_the_configured_backend(tmp_path, tiny_pair_dirs
         "sampling": {"max_new_tokens": 4},
     })
     tr = Trainer(cfg, show_progress=False).setup()
-    metrics = tr.method.step(tr.next_micro_batches())
-    assert len(calls) == 1 and calls[0][0] is tr and calls[0][1][0] == 2 and calls[0][2] == 4
+    metrics = tr.train_step().metrics
+    assert len(calls) == 1 and calls[0][0] is tr.ctx and calls[0][1][0] == 2 and calls[0][2] == 4
     assert metrics["student/loss"] >= 0

@@ -110,9 +110,9 @@ def test_time_based_checkpoints(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatc
     monkeypatch.setattr(tr, "save", save)
     real_step = tr.method.step
 
-    def step(mb):
+    def step(ctx, mb):
         clock[0] += 6 * 60.0  # every step takes 6 minutes
-        return real_step(mb)
+        return real_step(ctx, mb)
 
     monkeypatch.setattr(tr.method, "step", step)
     tr.train()

@@ -1,38 +1,58 @@
-"""Configuration: one dataclass per section, loaded from YAML plus dotted overrides.
+"""Configuration: one validated dataclass per command, built from shared sub-configs.
 
     promptkd train --config configs/promptkd.yaml --train.max_steps 50 --promptkd.base_coef 0
+    promptkd eval --model runs/x/final/student --sampling.max_new_tokens 128 --limit 50
 
-Every field carries its help text, its source (paper / reference code / our choice) and its
-valid range in `field(metadata=...)`. `load_config` reports *all* problems at once (unknown
-keys, wrong types, out-of-range values, cross-field conflicts), each naming the key, the value
-and the fix. The resolved config is saved beside every checkpoint.
+`COMMANDS` maps each subcommand to its config: `Config` (train), `GenerateConfig`,
+`EvalConfig`, `ExposureBiasConfig`, `MakeStudentConfig` and `DemoConfig`. They share
+`SamplingConfig` (the one generation-settings record, from `promptkd.sampling`) and
+`PromptOptions` (how a record becomes a prompt). Every field carries its help text, its source
+(paper / reference code / our choice) and its valid range (`promptkd.options.opt`), and the
+command line has one flag per field (promptkd.cli). A YAML file plus flags become a config
+through one validator that reports *all* problems at once (unknown keys with a guess, wrong
+types, out-of-range values, cross-field conflicts), each naming the key, the value and the fix.
+Library functions take these objects (`run_evaluation(EvalConfig(model=..., out=...))`) and
+validate them again. The resolved train config is saved beside every checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from promptkd.data.dataset import PROMPT_TRUNCATIONS
+from promptkd.data.templates import TEMPLATE_NAMES
 from promptkd.errors import ConfigError, UserError
 from promptkd.losses import DIVERGENCES
+from promptkd.options import ConfigBase, field_problems, opt, reference_markdown, was_given
+from promptkd.sampling import SamplingConfig
 
 METHODS = ("promptkd", "gkd", "kd", "seqkd", "sft")
 DIVERGENCE_NAMES = tuple(DIVERGENCES)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+ENDED_MODES = ("zero", "alive")  # exposure bias: how responses that ended before step t count
 
 
-def opt(default, help: str, *, choices=None, min=None, max=None, min_exclusive=False):
-    """A config field with help text and validation metadata."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+def _dtype_opt(help: str):
+    return opt("float32", help, choices=list(DTYPE_NAMES))
+
+
+# =========================================================================== train
+
+
+@dataclass
+class StudentLoRAConfig:
+    """LoRA adapters on the student (peft): only the adapters train; r 0 = full fine-tuning."""
+
+    r: int = opt(0, "LoRA rank; 0 trains the whole student (no LoRA).", min=0)
+    alpha: float = opt(16.0, "LoRA scaling numerator (lora_alpha); the update is scaled by alpha / r.", min=0.0, min_exclusive=True)
+    dropout: float = opt(0.0, "Dropout on the LoRA branch (lora_dropout).", min=0.0, max=1.0)
+    target_modules: list[str] = opt([], "Module names to adapt, e.g. [q_proj, v_proj]; [] = every linear layer but the LM head.")
+    merge: bool = opt(False, "Also export the merged student (final/student); the adapter is always exported (final/student_adapter).")
 
 
 @dataclass
@@ -44,12 +64,9 @@ class ModelConfig:
         "data.teacher_responses).",
     )
     student: str = opt("", "Student: Hub id, local save_pretrained directory or a .gguf file.")
-    dtype: str = opt(
-        "float32",
-        "Weight dtype of both models. Mixed precision for compute is train.mixed_precision.",
-        choices=["float32", "bfloat16", "float16"],
-    )
+    dtype: str = _dtype_opt("Weight dtype of both models. Mixed precision for compute is train.mixed_precision.")
     trust_remote_code: bool = opt(False, "Passed to from_pretrained for custom architectures.")
+    student_lora: StudentLoRAConfig = field(default_factory=StudentLoRAConfig)
 
 
 @dataclass
@@ -76,7 +93,7 @@ class DataConfig:
     )
     template: str = opt(
         "alpaca", "Prompt template: the Alpaca strings of MiniLLM, the model's chat template, or plain.",
-        choices=["alpaca", "chat", "plain"],
+        choices=list(TEMPLATE_NAMES),
     )
     max_prompt_length: int = opt(256, "Training prompts longer than this (tokens) are dropped and counted (SPEC 4).", min=1)
     max_length: int = opt(512, "Prompt + response limit in tokens; reference responses are cut to fit (SPEC 4).", min=2)
@@ -125,7 +142,7 @@ class TrainConfig:
     )
     keep_last: int = opt(2, "Keep the last N checkpoints (older ones are deleted).", min=1)
     log_every: int = opt(1, "Write a metrics record every N optimizer steps.", min=1)
-    trackers: list = opt([], "accelerate trackers, e.g. [tensorboard].")
+    trackers: list[str] = opt([], "accelerate trackers, e.g. [tensorboard].")
     cpu: bool = opt(False, "Force CPU even when a GPU is present.")
     sampler: str = opt(
         "hf", "On-policy sampler backend from the promptkd.samplers registry; hf = transformers generate.",
@@ -136,33 +153,6 @@ class TrainConfig:
         choices=["skip", "stop"],
     )
     max_nonfinite_skips: int = opt(20, "Stop when this many updates were skipped for non-finite values.", min=1)
-
-
-@dataclass
-class SamplingSection:
-    """On-policy sampling settings (SPEC 2.1: T = 1, top_k off, top_p 1, 256 new tokens)."""
-
-    max_new_tokens: int = opt(256, "Maximum new tokens per sampled response (reference: 256).", min=1)
-    temperature: float = opt(1.0, "Sampling temperature (reference: 1.0).", min=0.0, min_exclusive=True)
-    top_k: int = opt(0, "Top-k filter; 0 disables (reference).", min=0)
-    top_p: float = opt(1.0, "Nucleus filter; 1.0 disables (reference).", min=0.0, max=1.0, min_exclusive=True)
-    do_sample: bool = opt(True, "Sample (True) or greedy decode (False, for tests).")
-    eos_at_cap: bool | None = opt(
-        None,
-        "A sample that hits max_new_tokens without EOS gets EOS as its last token, so capped samples "
-        "are trained to end. null = the method's default: on for promptkd (reference code overwrites "
-        "the last position), off for gkd (like TRL's GKDTrainer, which trains capped samples as they are).",
-    )
-
-    def to_sampling_config(self, eos_at_cap_default: bool = False):
-        """The sampler's own record (validated again by its __post_init__); a null eos_at_cap
-        takes the method's default."""
-        from promptkd.sampling import SamplingConfig
-
-        settings = dataclasses.asdict(self)
-        if settings["eos_at_cap"] is None:
-            settings["eos_at_cap"] = eos_at_cap_default
-        return SamplingConfig(**settings)
 
 
 @dataclass
@@ -222,157 +212,118 @@ class SeqKDSection:
 
 
 @dataclass
-class Config:
+class Config(ConfigBase):
+    """`promptkd train`: the method, its models and data, the loop, sampling and method knobs."""
+
     method: str = opt("promptkd", "Distillation method.", choices=list(METHODS))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sampling: SamplingSection = field(default_factory=SamplingSection)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     promptkd: PromptKDSection = field(default_factory=PromptKDSection)
     gkd: GKDSection = field(default_factory=GKDSection)
     kd: KDSection = field(default_factory=KDSection)
     seqkd: SeqKDSection = field(default_factory=SeqKDSection)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def required_problems(self, provided: frozenset[str] | set[str] = frozenset()) -> list[str]:
+        """Unset entries the run needs; `provided` names the objects a Python caller passed to
+        the Trainer instead (student, teacher, tokenizer, train_dataset, eval_dataset)."""
+        problems = []
+        if not self.model.student and "student" not in provided:
+            problems.append("'model.student' is not set: give a Hub id, a save_pretrained directory or a .gguf file")
+        if self.method not in TEACHER_FREE_METHODS and not self.model.teacher and "teacher" not in provided and not (
+            self.method == "seqkd" and self.seqkd.kd_ratio == 0
+        ):
+            fix = ""
+            if self.method == "seqkd":
+                fix = f" (seqkd.kd_ratio = {self.seqkd.kd_ratio} adds a forward-KL term; --seqkd.kd_ratio 0 trains on the teacher responses alone)"
+            problems.append(f"'model.teacher' is not set but method '{self.method}' needs a teacher{fix}")
+        if not self.data.train and "train_dataset" not in provided and not (
+            self.method == "seqkd" and self.data.teacher_responses
+        ):
+            problems.append("'data.train' is not set: give a JSONL file or a datasets Hub id")
+        if self.method == "seqkd" and not self.data.teacher_responses and "train_dataset" not in provided:
+            problems.append(
+                "'data.teacher_responses' is not set but method 'seqkd' trains on teacher responses: "
+                "write them with `promptkd generate --model TEACHER --data TRAIN --out FILE`"
+            )
+        if self.train.eval_metric == "rougeL" and not self.data.dev and "eval_dataset" not in provided and self.train.eval_every:
+            problems.append("'train.eval_every' is set but 'data.dev' is not: give dev data or set eval_every 0")
+        return problems
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+    def cross_checks(self) -> list[str]:
+        problems = []
+        if self.data.max_prompt_length >= self.data.max_length:
+            problems.append(
+                f"'data.max_prompt_length' = {self.data.max_prompt_length} must be smaller than "
+                f"'data.max_length' = {self.data.max_length} (room is needed for the response)"
+            )
+        from promptkd.evaluation.datasets import eval_set_for_source
+
+        for key, source, data_files in (
+            ("train", self.data.train, self.data.train_data_files),
+            ("dev", self.data.dev, self.data.dev_data_files),
+        ):
+            name = eval_set_for_source(source, data_files) if source else None
+            if name is not None:
+                files = f" with data_files {data_files!r}" if data_files else ""
+                problems.append(
+                    f"'data.{key}' = {source!r}{files} is the '{name}' evaluation set: training or checkpoint "
+                    "selection on it leaks the test set into the results. For Dolly use MiniLLM's training file "
+                    "as configs/paper/*.yaml do (data_files raw.jsonl, split train[1000:] to train, train[:1000] as dev)"
+                )
+        problems += _method_knob_problems(self)
+        return problems
+
+    def to_dict(self) -> dict:
+        """The resolved config; a kd / gkd knob that section's divergence does not read is left
+        out (it has no effect, and setting it is an error), so the saved file loads again."""
+        out = dataclasses.asdict(self)
+        for name in DIVERGENCE_SECTIONS:
+            for knob in unused_divergence_knobs(getattr(self, name)):
+                del out[name][knob]
+        return out
 
 
 METHOD_SECTIONS = {"promptkd": "promptkd", "gkd": "gkd", "kd": "kd", "seqkd": "seqkd"}
 TEACHER_FREE_METHODS = {"sft"}
+DIVERGENCE_SECTIONS = ("kd", "gkd")  # sections with a `divergence` and its knobs beta / alpha
+DIVERGENCE_KNOBS = ("beta", "alpha")
 
 
-# --------------------------------------------------------------------------- parsing
+def _divergences_reading(knob: str) -> list[str]:
+    """The divergences that take `knob` (read from the loss functions' signatures)."""
+    return [name for name, fn in DIVERGENCES.items() if knob in inspect.signature(fn).parameters]
 
 
-def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
-    """Check (and gently coerce) a YAML value against a field annotation."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return True, None
-        for a in args:
-            if a is type(None):
-                continue
-            ok, v = _type_ok(value, a)
-            if ok:
-                return True, v
-        return False, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return (isinstance(value, int) and not isinstance(value, bool)), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):  # YAML reads 5e-5 as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    if tp is list or origin is list:
-        if isinstance(value, str):
-            return True, [v for v in value.split(",") if v]
-        return isinstance(value, list), value
-    return True, value
+def unused_divergence_knobs(section) -> list[str]:
+    """The knobs (beta, alpha) of a kd / gkd section that its divergence does not read."""
+    return [k for k in DIVERGENCE_KNOBS if section.divergence not in _divergences_reading(k)]
 
 
-def _type_name(tp: Any) -> str:
-    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+def _method_knob_problems(cfg: Config) -> list[str]:
+    """A knob of the chosen method that cannot take effect is an error, not silently ignored.
 
-
-def _build_section(cls, data: Any, prefix: str, problems: list[str]):
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{prefix.rstrip('.')}: expected a mapping of keys, got {data!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), list(names), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            problems.append(f"unknown key '{prefix}{key}'{hint}")
-            continue
-        f = names[key]
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build_section(tp, value, f"{prefix}{key}.", problems)
-            continue
-        ok, coerced = _type_ok(value, tp)
-        if not ok:
-            problems.append(f"'{prefix}{key}' = {value!r}: expected {_type_name(tp)}")
-            continue
-        problems.extend(_check_range(f, coerced, f"{prefix}{key}"))
-        kwargs[key] = coerced
-    return cls(**kwargs)
-
-
-def _check_range(f: dataclasses.Field, value: Any, name: str) -> list[str]:
-    meta = f.metadata
-    out = []
-    if value is None:
-        return out
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        out.append(f"'{name}' = {value!r}: must be one of {', '.join(map(str, choices))}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
-            rel = ">" if meta.get("min_exclusive") else ">="
-            out.append(f"'{name}' = {value!r}: must be {rel} {lo}")
-        if hi is not None and value > hi:
-            out.append(f"'{name}' = {value!r}: must be <= {hi}")
-    return out
-
-
-def _cross_checks(cfg: Config) -> list[str]:
+    Decided by whether the user set it (the key is in the YAML or on the command line; for a
+    config built in Python, whether it differs from its default).
+    """
     problems = []
-    if not cfg.model.student:
-        problems.append("'model.student' is not set: give a Hub id, a save_pretrained directory or a .gguf file")
-    if cfg.method not in TEACHER_FREE_METHODS and not cfg.model.teacher and not (
-        cfg.method == "seqkd" and cfg.seqkd.kd_ratio == 0
-    ):
-        fix = ""
-        if cfg.method == "seqkd":
-            fix = f" (seqkd.kd_ratio = {cfg.seqkd.kd_ratio} adds a forward-KL term; --seqkd.kd_ratio 0 trains on the teacher responses alone)"
-        problems.append(f"'model.teacher' is not set but method '{cfg.method}' needs a teacher{fix}")
-    if not cfg.data.train and not (cfg.method == "seqkd" and cfg.data.teacher_responses):
-        problems.append("'data.train' is not set: give a JSONL file or a datasets Hub id")
-    if cfg.method == "seqkd" and not cfg.data.teacher_responses:
+    if cfg.method in DIVERGENCE_SECTIONS:
+        name = cfg.method
+        section = getattr(cfg, name)
+        for knob in unused_divergence_knobs(section):
+            if was_given(section, knob):
+                readers = " / ".join(_divergences_reading(knob))
+                problems.append(
+                    f"'{name}.{knob}' = {getattr(section, knob)!r} is set but {name}.divergence "
+                    f"'{section.divergence}' does not use it ({knob} is a parameter of {readers}): remove "
+                    f"{name}.{knob}, or set {name}.divergence to {readers.replace(' / ', ' or ')}"
+                )
+    if cfg.method == "gkd" and cfg.gkd.seq_kd and cfg.gkd.lmbda == 1.0:
         problems.append(
-            "'data.teacher_responses' is not set but method 'seqkd' trains on teacher responses: "
-            "write them with `promptkd generate --model TEACHER --data TRAIN --out FILE`"
+            "'gkd.seq_kd' = True has no effect with gkd.lmbda = 1.0 (every step is on-policy, so no step "
+            "uses teacher responses): set gkd.lmbda below 1 or remove gkd.seq_kd"
         )
-    if cfg.data.max_prompt_length >= cfg.data.max_length:
-        problems.append(
-            f"'data.max_prompt_length' = {cfg.data.max_prompt_length} must be smaller than "
-            f"'data.max_length' = {cfg.data.max_length} (room is needed for the response)"
-        )
-    if cfg.train.eval_metric == "rougeL" and not cfg.data.dev and cfg.train.eval_every:
-        problems.append("'train.eval_every' is set but 'data.dev' is not: give dev data or set eval_every 0")
-    from promptkd.evaluation.datasets import eval_set_for_source
-
-    for key, source, data_files in (
-        ("train", cfg.data.train, cfg.data.train_data_files),
-        ("dev", cfg.data.dev, cfg.data.dev_data_files),
-    ):
-        name = eval_set_for_source(source, data_files) if source else None
-        if name is not None:
-            files = f" with data_files {data_files!r}" if data_files else ""
-            problems.append(
-                f"'data.{key}' = {source!r}{files} is the '{name}' evaluation set: training or checkpoint "
-                "selection on it leaks the test set into the results. For Dolly use MiniLLM's training file "
-                "as configs/paper/*.yaml do (data_files raw.jsonl, split train[1000:] to train, train[:1000] as dev)"
-            )
     return problems
 
 
@@ -392,52 +343,270 @@ def config_warnings(cfg: Config) -> list[str]:
     return out
 
 
-def config_from_dict(data: dict, *, check_required: bool = True) -> Config:
-    problems: list[str] = []
-    cfg = _build_section(Config, data, "", problems)
-    if not problems and check_required:
-        problems.extend(_cross_checks(cfg))
+def validate_config(cfg: Config, *, provided: frozenset[str] | set[str] = frozenset()) -> Config:
+    """Check a Config built in Python (types, ranges, cross-field rules), reporting every problem.
+
+    provided: the objects passed to the Trainer in place of config entries ("student",
+    "teacher", "tokenizer", "train_dataset", "eval_dataset"), which make those entries optional.
+    Raises ConfigError listing every problem.
+    """
+    problems = field_problems(cfg)
+    if not problems:
+        problems = cfg.required_problems(provided) + cfg.cross_checks()
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
+def config_from_dict(data: dict, *, check_required: bool = True) -> Config:
+    """A validated train Config from a mapping (YAML + overrides); ConfigError lists every problem."""
+    return Config.from_dict(data, check_required=check_required)
+
+
+# =========================================================================== generation commands
+
+
+@dataclass
+class PromptOptions(ConfigBase):
+    """How a record becomes a prompt for generate, eval and exposure-bias (shared by the three).
+
+    Unlike training (data.max_prompt_length drops longer prompts), these commands keep every
+    record and cut a longer prompt.
+    """
+
+    template: str = opt(
+        "alpaca", "Prompt template: the Alpaca strings of MiniLLM, the model's chat template, or plain text.",
+        choices=list(TEMPLATE_NAMES),
+    )
+    max_prompt_length: int = opt(256, "A longer prompt is cut to this many tokens (evaluation protocol: 256).", min=1)
+    prompt_truncation: str = opt(
+        "keep_first", "Which tokens of a longer prompt are kept: the first (as MiniLLM / PromptKD's evaluation "
+        "does) or the last.", choices=list(PROMPT_TRUNCATIONS),
+    )
+
+
+def _sampled_as_is(sampling: SamplingConfig, command: str) -> list[str]:
+    if sampling.eos_at_cap:
+        return [
+            f"'sampling.eos_at_cap' = True: only training samples can end in a forced EOS; {command} keeps "
+            "responses as they were sampled (and records whether each one ended): leave sampling.eos_at_cap unset"
+        ]
+    return []
+
+
+def _model_problem(key: str, value: str, what: str) -> list[str]:
+    return [] if value else [f"'{key}' is not set: give the {what} (a Hub id, a save_pretrained directory or a .gguf file)"]
+
+
+@dataclass
+class GenerateConfig(PromptOptions):
+    """`promptkd generate`: sample one response per prompt of a JSONL file (SeqKD teacher data)."""
+
+    model: str = opt("", "Model that writes the responses: Hub id, save_pretrained directory or .gguf file.")
+    data: str = opt("", "Prompts: JSONL (instruction / input [/ output]), a datasets Hub id or a local dataset directory.")
+    out: str = opt("", "Output JSONL; an existing file is continued after its last complete batch.")
+    split: str = opt("train", "Split of a Hub id / directory `data`, slices allowed (e.g. train[1000:]). Ignored for a JSONL file.")
+    limit: int | None = opt(None, "Only the first N records; null = all.", min=1)
+    batch_size: int = opt(8, "Prompts per generate call.", min=1)
+    seed: int = opt(42, "Seed: each batch is seeded with seed + the index of its first record, so a resumed run "
+                        "samples what an uninterrupted one would.")
+    dtype: str = _dtype_opt("Weight dtype of the model.")
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def required_problems(self) -> list[str]:
+        problems = _model_problem("model", self.model, "model that writes the responses")
+        if not self.data:
+            problems.append("'data' is not set: give a JSONL file of prompts or a datasets Hub id")
+        if not self.out:
+            problems.append("'out' is not set: give the output JSONL file")
+        return problems
+
+    def cross_checks(self) -> list[str]:
+        return _sampled_as_is(self.sampling, "generate")
+
+
+@dataclass
+class EvalConfig(PromptOptions):
+    """`promptkd eval`: the paper's ROUGE-L protocol. The defaults ARE the protocol (SPEC 6):
+    sampling at T 1, top_k 0, top_p 1, no_repeat_ngram_size 6, up to 256 new tokens, prompts
+    cut to their first 256 tokens, seeds 10..50; `deviations()` lists every departure."""
+
+    model: str = opt("", "Model to evaluate: Hub id, save_pretrained directory or .gguf file.")
+    out: str = opt("", "Output directory: predictions per set and seed, scores.json / .csv / .md.")
+    datasets: list[str] = opt(
+        ["dolly", "selfinst", "vicuna"],
+        "Evaluation sets: names (dolly, selfinst, vicuna, sinst, uinst) or JSONL paths; comma-separated on the command line.",
+    )
+    data_dir: str | None = opt(
+        None, "Directory with local copies of the named sets (DIR/eval/dolly_eval.jsonl or DIR/dolly_eval.jsonl, ...); "
+        "null = $PROMPTKD_DATA_DIR. A set without a local file is read from MiniLLM's Hub release.",
+    )
+    seeds: list[int] = opt([10, 20, 30, 40, 50], "Sampling seeds, one score per set and seed (protocol: 10,20,30,40,50).")
+    limit: int | None = opt(None, "Only the first N records of each set (a recorded deviation); null = all.", min=1)
+    batch_size: int = opt(16, "Prompts per generate call.", min=1)
+    dtype: str = _dtype_opt("Weight dtype of the model.")
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(no_repeat_ngram_size=6))
+
+    def required_problems(self) -> list[str]:
+        problems = _model_problem("model", self.model, "model to evaluate")
+        if not self.out:
+            problems.append("'out' is not set: give the output directory")
+        return problems
+
+    def cross_checks(self) -> list[str]:
+        from promptkd.evaluation.datasets import EVAL_SETS
+
+        problems = []
+        if not self.datasets:
+            problems.append(f"'datasets' is empty: name at least one set ({', '.join(EVAL_SETS)}) or JSONL file")
+        if not self.seeds:
+            problems.append("'seeds' is empty: give at least one seed (protocol: 10,20,30,40,50)")
+        elif len(set(self.seeds)) != len(self.seeds):
+            problems.append(f"'seeds' = {self.seeds} repeats a seed: give each seed once")
+        names = [n if n in EVAL_SETS else Path(n).stem for n in self.datasets]
+        if len(set(names)) != len(names):
+            problems.append(
+                f"'datasets' = {self.datasets} gives two sets the same name {names}: rename one file "
+                "(outputs are named after the file stem)"
+            )
+        return problems + _sampled_as_is(self.sampling, "eval")
+
+
+@dataclass
+class ExposureBiasConfig(PromptOptions):
+    """`promptkd exposure-bias`: ExAccErr(l) of a student against a teacher (SPEC 6). Both models
+    sample with `sampling` (default: T 1, no filters, up to 64 new tokens)."""
+
+    student: str = opt(
+        "", "Student: save_pretrained directory, Hub id, .gguf file or a training checkpoint (<run>/checkpoints/step-N)."
+    )
+    teacher: str = opt("", "Teacher, the oracle p_T: Hub id, save_pretrained directory or .gguf file.")
+    out: str = opt("", "Output directory: exposure_bias.csv / .png / .json.")
+    data: str = opt("dolly", "Prompts: an evaluation set name (dolly, selfinst, vicuna, sinst, uinst) or a JSONL path.")
+    data_dir: str | None = opt(
+        None, "Directory with a local copy of the named set (as for eval); null = $PROMPTKD_DATA_DIR, else the Hub."
+    )
+    num_prompts: int = opt(50, "Use the first N prompts of the set.", min=1)
+    samples_per_prompt: int = opt(3, "Responses sampled per prompt from each model.", min=1)
+    seed: int = opt(10, "Seed of the student's samples (the teacher's use a disjoint seed stream).")
+    batch_size: int = opt(8, "Prompts per generate / forward call.", min=1)
+    ended: str = opt(
+        "zero", "A response that ended before step t counts 0 in the mean over all responses (zero), or is left "
+        "out of the mean (alive).", choices=list(ENDED_MODES),
+    )
+    dtype: str = _dtype_opt("Weight dtype of both models.")
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64))
+
+    def required_problems(self) -> list[str]:
+        problems = _model_problem("student", self.student, "student")
+        problems += _model_problem("teacher", self.teacher, "teacher")
+        if not self.out:
+            problems.append("'out' is not set: give the output directory")
+        return problems
+
+    def cross_checks(self) -> list[str]:
+        return _sampled_as_is(self.sampling, "exposure-bias")
+
+
+# =========================================================================== other commands
+
+
+@dataclass
+class MakeStudentConfig(ConfigBase):
+    """`promptkd make-student`: a depth-pruned student that keeps some of the teacher's layers."""
+
+    teacher: str = opt("", "Teacher to prune: Hub id, save_pretrained directory or .gguf file.")
+    out: str = opt("", "Output directory (save_pretrained format, plus promptkd_student.json).")
+    layers: list[int] | None = opt(
+        None, "Teacher layer indices to keep, increasing, e.g. 0,1,2,8,13,18,23,27,28,29; give this or num_layers."
+    )
+    num_layers: int | None = opt(None, "Keep N evenly spaced layers, first and last included; give this or layers.", min=1)
+    dtype: str = _dtype_opt("Weight dtype of the loaded teacher and the saved student.")
+
+    def required_problems(self) -> list[str]:
+        problems = _model_problem("teacher", self.teacher, "teacher to prune")
+        if not self.out:
+            problems.append("'out' is not set: give the output directory")
+        if self.layers is None and self.num_layers is None:
+            problems.append("neither 'layers' nor 'num_layers' is set: give the layer indices to keep or how many")
+        return problems
+
+    def cross_checks(self) -> list[str]:
+        if self.layers is not None and self.num_layers is not None:
+            return [
+                f"'layers' = {self.layers} and 'num_layers' = {self.num_layers} are both set: give only one "
+                "(layers picks the indices, num_layers spaces them evenly)"
+            ]
+        return []
+
+
+@dataclass
+class DemoConfig(ConfigBase):
+    """`promptkd demo`: PromptKD end to end on SmolLM2-135M-Instruct (see promptkd.demo)."""
+
+    out: str | None = opt(None, "Run directory; null = ~/.cache/promptkd/demo-run.")
+    steps: int | None = opt(None, "PromptKD optimizer steps; null = the demo's own budget.", min=1)
+    cache_dir: str | None = opt(
+        None, "Where the model and the derived student are cached; null = ~/.cache/promptkd ($PROMPTKD_CACHE)."
+    )
+
+
+COMMANDS: dict[str, type[ConfigBase]] = {
+    "train": Config,
+    "generate": GenerateConfig,
+    "make-student": MakeStudentConfig,
+    "eval": EvalConfig,
+    "exposure-bias": ExposureBiasConfig,
+    "demo": DemoConfig,
+}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
 def parse_overrides(args: list[str]) -> dict:
-    """['--train.max_steps', '5', '--model.student=x'] -> nested dict (values parsed as YAML)."""
+    """['--train.max_steps', '5', '--model.student=x'] -> nested dict (values parsed as YAML;
+    '-' in a key is read as '_')."""
     out: dict = {}
     i = 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
-            raise UserError(f"unexpected argument '{arg}': overrides look like --section.key value")
+            raise UserError(f"unexpected argument '{arg}': options look like --key value (--section.key value for a nested key)")
         key = arg[2:]
         if "=" in key:
             key, raw = key.split("=", 1)
             i += 1
         else:
             if i + 1 >= len(args):
-                raise UserError(f"override '{arg}' has no value: write {arg} VALUE")
+                raise UserError(f"option '{arg}' has no value: write {arg} VALUE")
             raw = args[i + 1]
             i += 2
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise UserError(f"override '{arg}' conflicts with another override of '{p}'")
-        node[parts[-1]] = value
+        set_key(out, key.replace("-", "_"), value, arg)  # flags may be written in kebab-case
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
+def set_key(out: dict, key: str, value, flag: str | None = None) -> None:
+    """out['a']['b'] = value for key 'a.b' (creating the nested mappings)."""
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{flag or key}' conflicts with another override of '{p}'")
+    node[parts[-1]] = value
+
+
+def merge_dicts(base: dict, over: dict) -> dict:
+    """`over` merged into `base`, recursively for nested mappings (neither is changed)."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_dicts(out[k], v)
         else:
             out[k] = v
     return out
@@ -463,40 +632,23 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None, *, check_required: bool = True) -> Config:
-    """YAML file (optional) + overrides -> validated Config. Raises ConfigError listing every problem."""
+def load_command_config(
+    command: str, path: str | Path | None = None, overrides: list[str] | dict | None = None, *, check_required: bool = True
+) -> ConfigBase:
+    """YAML file (optional) + overrides -> the validated config of `command` (a COMMANDS key).
+    Raises ConfigError listing every problem."""
     data = read_yaml(path) if path else {}
     if overrides:
         over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        data = _merge(data, over)
-    return config_from_dict(data, check_required=check_required)
+        data = merge_dicts(data, over)
+    return COMMANDS[command].from_dict(data, check_required=check_required)
 
 
-def config_reference_markdown() -> str:
-    """The config reference (README / docs), generated from the dataclasses' metadata."""
-    lines = []
-    hints = typing.get_type_hints(Config)
-    top = [f for f in dataclasses.fields(Config) if not dataclasses.is_dataclass(hints[f.name])]
-    sections = [f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])]
-    lines.append("| key | default | allowed | meaning |\n|---|---|---|---|")
-    for f in top:
-        lines.append(_ref_row(f.name, f))
-    for s in sections:
-        cls = hints[s.name]
-        for f in dataclasses.fields(cls):
-            lines.append(_ref_row(f"{s.name}.{f.name}", f))
-    return "\n".join(lines) + "\n"
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None, *, check_required: bool = True) -> Config:
+    """YAML file (optional) + overrides -> validated train Config. Raises ConfigError listing every problem."""
+    return load_command_config("train", path, overrides, check_required=check_required)
 
 
-def _ref_row(name: str, f: dataclasses.Field) -> str:
-    m = f.metadata
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    allowed = ""
-    if m.get("choices"):
-        allowed = " / ".join(map(str, m["choices"]))
-    elif m.get("min") is not None or m.get("max") is not None:
-        lo = m.get("min")
-        hi = m.get("max")
-        op = ">" if m.get("min_exclusive") else ">="
-        allowed = " and ".join(x for x in (f"{op} {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "") if x)
-    return f"| `{name}` | `{default!r}` | {allowed} | {m.get('help', '')} |"
+def config_reference_markdown(command: str = "train") -> str:
+    """The config reference of one command (README / docs), generated from its dataclasses."""
+    return reference_markdown(COMMANDS[command])

@@ -100,11 +100,15 @@ def _train(cfg_dict: dict) -> float:
 
 
 def _rouge(model_path: str, eval_file: Path, out_dir: Path, seeds: list[int], max_new_tokens: int) -> tuple[float, float]:
-    from promptkd.evaluation.runner import EvalJob, run_evaluation, summarize
+    from dataclasses import replace
 
-    job = EvalJob(model=model_path, out=str(out_dir), datasets=[str(eval_file)], seeds=seeds,
-                  batch_size=30, max_new_tokens=max_new_tokens, show_progress=False)
-    run_evaluation(job)
+    from promptkd.config import EvalConfig
+    from promptkd.evaluation.runner import run_evaluation, summarize
+
+    protocol = EvalConfig()
+    cfg = EvalConfig(model=model_path, out=str(out_dir), datasets=[str(eval_file)], seeds=seeds, batch_size=30,
+                     sampling=replace(protocol.sampling, max_new_tokens=max_new_tokens))
+    run_evaluation(cfg, show_progress=False)
     scores = json.loads((out_dir / "scores.json").read_text())["scores"]
     s = summarize({k: {int(kk): vv for kk, vv in v.items()} for k, v in scores.items()})["average"]
     return s["mean"], s["std"]

@@ -2,42 +2,25 @@
 
     promptkd generate --model TEACHER --data train.jsonl --out teacher_responses.jsonl
 
+    from promptkd.config import GenerateConfig
+    run_generation(GenerateConfig(model="teacher", data="train.jsonl", out="responses.jsonl"))
+
 Used for SeqKD (teacher responses become the student's training targets) and by evaluation.
 Output records keep the input schema: `instruction`, `input`, `output` (the generated
 response) plus `references` (the original outputs), the input's metadata and `ended`: true
-when the response ended with EOS, false when it was cut at --max-new-tokens (training then
-appends no EOS to it, see data/dataset.py). Re-running with the same --out continues after
+when the response ended with EOS, false when it was cut at sampling.max_new_tokens (training
+then appends no EOS to it, see data/dataset.py). Re-running with the same `out` continues after
 the last complete line.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-
-@dataclass
-class GenerationJob:
-    model: str
-    data: str
-    out: str
-    template: str = "alpaca"
-    batch_size: int = 8
-    max_prompt_length: int = 256
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    no_repeat_ngram_size: int = 0
-    do_sample: bool = True
-    seed: int = 42
-    limit: int | None = None
-    dtype: str = "float32"
-    split: str = "train"
-    prompt_truncation: str = "keep_first"  # over-long prompts: "keep_first" / "keep_last" tokens
+from promptkd.config import GenerateConfig
 
 
 def decode_responses(tokenizer, batch) -> list[str]:
@@ -98,46 +81,40 @@ def generate_for_examples(
     bar.close()
 
 
-def run_generation(job: GenerationJob, show_progress: bool = True) -> Path:
+def run_generation(cfg: GenerateConfig, show_progress: bool = True) -> Path:
+    """Sample one response per record of `cfg.data` into the JSONL `cfg.out` (continued if it
+    exists); returns its path. Raises ConfigError for an invalid config."""
     from promptkd.data.dataset import build_examples
     from promptkd.data.records import load_records
     from promptkd.models.loading import ModelSpec, eos_token_ids, load_model_and_tokenizer
-    from promptkd.sampling import SamplingConfig
 
-    out = Path(job.out)
-    records = load_records(job.data, split=job.split, require_outputs=False)
-    if job.limit:
-        records = records[: job.limit]
-    done = _count_complete_lines(out, multiple_of=job.batch_size)
+    cfg.validate()
+    out = Path(cfg.out)
+    records = load_records(cfg.data, split=cfg.split, require_outputs=False)
+    if cfg.limit:
+        records = records[: cfg.limit]
+    done = _count_complete_lines(out, multiple_of=cfg.batch_size)
     if done >= len(records):
         return out
-    model, tokenizer = load_model_and_tokenizer(ModelSpec(job.model, dtype=job.dtype))
+    model, tokenizer = load_model_and_tokenizer(ModelSpec(cfg.model, dtype=cfg.dtype))
     examples, _ = build_examples(
         records,
         tokenizer,
-        template=job.template,
-        max_prompt_length=job.max_prompt_length,
-        max_length=job.max_prompt_length + job.max_new_tokens,
+        template=cfg.template,
+        max_prompt_length=cfg.max_prompt_length,
+        max_length=cfg.max_prompt_length + cfg.sampling.max_new_tokens,
         drop_long_prompts=False,
         with_responses=False,
-        source=job.data,
-        prompt_truncation=job.prompt_truncation,
-    )
-    sampling = SamplingConfig(
-        max_new_tokens=job.max_new_tokens,
-        temperature=job.temperature,
-        top_k=job.top_k,
-        top_p=job.top_p,
-        no_repeat_ngram_size=job.no_repeat_ngram_size,
-        do_sample=job.do_sample,
+        source=cfg.data,
+        prompt_truncation=cfg.prompt_truncation,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as f:
         recs = records[done:]
         for i, (_, text, ended) in enumerate(
             generate_for_examples(
-                model, tokenizer, examples[done:], sampling=sampling, batch_size=job.batch_size,
-                eos_token_ids=eos_token_ids(tokenizer, model), seed=job.seed, first_index=done,
+                model, tokenizer, examples[done:], sampling=cfg.sampling, batch_size=cfg.batch_size,
+                eos_token_ids=eos_token_ids(tokenizer, model), seed=cfg.seed, first_index=done,
                 show_progress=show_progress,
             )
         ):

@@ -53,8 +53,8 @@ class Sampler(Protocol):
 class HFSampler:
     """transformers `generate` (batched, KV cache) via `sample_responses`: the default."""
 
-    def __init__(self, trainer=None):
-        self.trainer = trainer
+    def __init__(self, context=None):
+        self.context = context
 
     def __call__(self, model, prompt_ids, prompt_mask, *, eos_token_ids, pad_token_id, config) -> SequenceBatch:
         return sample_responses(
@@ -66,7 +66,7 @@ _REGISTRY: dict[str, Callable[..., Sampler]] = {"hf": HFSampler}
 
 
 def register_sampler(name: str, factory: Callable[..., Sampler], *, replace: bool = False) -> None:
-    """Make `train.sampler: name` build `factory(trainer)`."""
+    """Make `train.sampler: name` build `factory(context)` (the run's TrainingContext)."""
     if not name or not isinstance(name, str):
         raise UserError(f"sampler name must be a non-empty string, got {name!r}")
     if name in _REGISTRY and not replace:
@@ -78,11 +78,11 @@ def available_samplers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_sampler(name: str, trainer=None) -> Sampler:
-    """The sampler `train.sampler` names, built for this trainer."""
+def build_sampler(name: str, context=None) -> Sampler:
+    """The sampler `train.sampler` names, built for this run's training context."""
     if name not in _REGISTRY:
         raise UserError(
             f"train.sampler = {name!r} is not a registered sampler; available: "
             f"{', '.join(available_samplers())} (register others with promptkd.samplers.register_sampler)"
         )
-    return _REGISTRY[name](trainer)
+    return _REGISTRY[name](context)

@@ -8,15 +8,16 @@ first EOS.
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from promptkd.data.batch import SequenceBatch
 from promptkd.errors import ConfigError, UserError
+from promptkd.options import field_problems, opt
 
 
 def response_logits(
@@ -47,77 +48,52 @@ def response_logits(
 
 @dataclass
 class SamplingConfig:
-    """How responses are sampled from a model (defaults = the paper's training sampler).
+    """How responses are sampled: the one generation-settings record of every command.
 
+    Training (`sampling:` in a train config), `promptkd generate`, `promptkd eval` and
+    `promptkd exposure-bias` all hold one; the class defaults are the paper's training sampler
+    and the evaluation protocol changes no_repeat_ngram_size to 6 (see promptkd.config).
     Every field is passed to `generate` explicitly, so a checkpoint's own generation_config.json
-    (e.g. `top_k: 50`, `repetition_penalty: 1.1`) never changes what is sampled.
+    (e.g. `top_k: 50`, `repetition_penalty: 1.1`) never changes what is sampled. Built with bad
+    values it raises ConfigError listing every problem (promptkd.options does the checking).
     """
 
-    max_new_tokens: int = field(
-        default=256, metadata={"help": "Most response tokens per prompt (>= 1)."}
+    max_new_tokens: int = opt(
+        256, "Most new tokens per response (paper: 256, in training and in evaluation).", min=1
     )
-    temperature: float = field(
-        default=1.0, metadata={"help": "Softmax temperature for sampling (> 0); 1.0 = unchanged."}
+    temperature: float = opt(
+        1.0,
+        "Softmax temperature (paper: 1.0).",
+        min=0.0,
+        min_exclusive=True,
+        fix="for greedy decoding set sampling.do_sample false",
     )
-    top_k: int = field(
-        default=0, metadata={"help": "Keep only the k most likely tokens (>= 0); 0 = off."}
+    top_k: int = opt(0, "Keep only the k most likely tokens; 0 = off (paper).", min=0)
+    top_p: float = opt(
+        1.0, "Nucleus sampling mass; 1.0 = off (paper).", min=0.0, max=1.0, min_exclusive=True
     )
-    top_p: float = field(
-        default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]; 1.0 = off."}
+    no_repeat_ngram_size: int = opt(
+        0,
+        "Forbid repeating any n-gram of this size; 0 = off. The evaluation protocol uses 6 "
+        "(MiniLLM / PromptKD evaluation); training samples use 0.",
+        min=0,
     )
-    no_repeat_ngram_size: int = field(
-        default=0,
-        metadata={"help": "Forbid repeating any n-gram of this size (>= 0); 0 = off."},
+    do_sample: bool = opt(
+        True, "Sample (true) or decode greedily (false: temperature, top_k, top_p are ignored)."
     )
-    do_sample: bool = field(
-        default=True, metadata={"help": "Sample (True) or decode greedily (False)."}
-    )
-    eos_at_cap: bool = field(
-        default=False,
-        metadata={
-            "help": "A response that reaches max_new_tokens without an EOS gets its last token "
-            "replaced by EOS (kept in the loss mask), so capped samples are trained to end."
-        },
+    eos_at_cap: bool | None = opt(
+        None,
+        "Training only. A sample that hits max_new_tokens without EOS gets EOS as its last token, "
+        "so capped samples are trained to end. null = the method's default: on for promptkd "
+        "(reference code overwrites the last position), off for gkd (like TRL's GKDTrainer, which "
+        "trains capped samples as they are). generate / eval / exposure-bias keep responses as "
+        "sampled and refuse true.",
     )
 
     def __post_init__(self):
-        problems = []
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_real(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            problems.append(
-                f"max_new_tokens = {self.max_new_tokens!r} is out of range: must be an integer >= 1"
-            )
-        if not is_real(self.temperature) or self.temperature <= 0:
-            problems.append(
-                f"temperature = {self.temperature!r} is out of range: must be a finite number > 0 "
-                "(use do_sample=False for greedy decoding)"
-            )
-        if not is_int(self.top_k) or self.top_k < 0:
-            problems.append(
-                f"top_k = {self.top_k!r} is out of range: must be an integer >= 0 (0 turns top-k off)"
-            )
-        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
-            problems.append(
-                f"top_p = {self.top_p!r} is out of range: must be in (0, 1] (1.0 turns top-p off)"
-            )
-        if not is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
-            problems.append(
-                f"no_repeat_ngram_size = {self.no_repeat_ngram_size!r} is out of range: must be an "
-                "integer >= 0 (0 turns it off)"
-            )
-        if not isinstance(self.do_sample, bool):
-            problems.append(f"do_sample = {self.do_sample!r} is invalid: must be true or false")
-        if not isinstance(self.eos_at_cap, bool):
-            problems.append(f"eos_at_cap = {self.eos_at_cap!r} is invalid: must be true or false")
+        problems = field_problems(self, "sampling.")
         if problems:
-            raise ConfigError([f"sampling: {p}" for p in problems])
-
+            raise ConfigError(problems)
         if not self.do_sample:
             ignored = [
                 f"{name}={getattr(self, name)!r}"
@@ -130,6 +106,12 @@ class SamplingConfig:
                     UserWarning,
                     stacklevel=3,
                 )
+
+    def to_sampling_config(self, eos_at_cap_default: bool = False) -> SamplingConfig:
+        """The record for the sampler in training: a copy whose null eos_at_cap takes the
+        method's default (`eos_at_cap_default`)."""
+        default = self.eos_at_cap is None
+        return dataclasses.replace(self, eos_at_cap=eos_at_cap_default if default else self.eos_at_cap)
 
 
 def _eos_id_list(eos_token_ids: int | Sequence[int]) -> list[int]:
@@ -322,7 +304,7 @@ def sample_responses(
         tokens and on response tokens up to and including the first EOS, loss_mask True on
         exactly those response tokens, prompt_length P. R is the longest kept response, so
         trailing all-padding columns are trimmed; a response without EOS keeps all its tokens,
-        its last one replaced by eos_token_ids[0] when `config.eos_at_cap`.
+        its last one replaced by eos_token_ids[0] when `config.eos_at_cap` (null counts as off).
         Tensors are on the model's device.
 
     Raises:

@@ -22,19 +22,86 @@ TINY_CHAT_TEMPLATE = (
 
 def byte_tokenizer():
     """A 259-token byte-level tokenizer (256 bytes + <pad>, <s>, </s>) built in memory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_byte_backend(), pad_token=PAD, bos_token=BOS, eos_token=EOS
+    )
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+# Chat templates of two model families, reduced to their turn structure (no default system
+# prompt, no tools): ChatML as Qwen2 / Qwen2.5 / SmolLM2 write it, and Llama 3's (which writes
+# the BOS itself, so a tokenizer that also adds one must not double it).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+# family -> (template, pad, bos, eos, other special tokens, whether the tokenizer adds BOS);
+# eos is the end-of-turn token, as the instruct models' tokenizers set it.
+_CHAT_FAMILIES = {
+    "chatml": (CHATML_TEMPLATE, "<|endoftext|>", None, "<|im_end|>", ["<|im_start|>"], False),
+    "llama3": (
+        LLAMA3_CHAT_TEMPLATE,
+        "<|finetune_right_pad_id|>",
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        ["<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"],
+        True,
+    ),
+}
+CHAT_FAMILIES = tuple(_CHAT_FAMILIES)
+
+
+def chat_tokenizer(family: str = "chatml", eos_token: str | None = None):
+    """A byte-level tokenizer with a model family's special tokens and chat template.
+
+    family: "chatml" (Qwen2 / SmolLM2 style: no BOS, eos <|im_end|>) or "llama3" (adds
+        <|begin_of_text|> like Llama 3's tokenizer, and its template writes it too; eos <|eot_id|>).
+    eos_token: override the EOS (e.g. "<|endoftext|>", as a base model's tokenizer has).
+    Ids: the 256 bytes, then the family's special tokens (no model needed: data tests only).
+    """
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    template, pad, bos, eos, others, adds_bos = _CHAT_FAMILIES[family]
+    specials = {"pad_token": pad, "eos_token": eos, "additional_special_tokens": others}
+    if bos is not None:
+        specials["bos_token"] = bos
+    tok = PreTrainedTokenizerFast(tokenizer_object=_byte_backend(), **specials)
+    if adds_bos:
+        tok._tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))]
+        )
+    if eos_token is not None:
+        tok.eos_token = eos_token
+    tok.chat_template = template
+    return tok
+
+
+def _byte_backend():
+    """Byte-level BPE without merges: every byte is one token (ids 0-255)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS
-    )
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    return tok
+    return backend
 
 
 def tiny_llama(

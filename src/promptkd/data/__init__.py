@@ -1,13 +1,15 @@
-"""Data: instruction records, prompt templates, tokenised examples and batch collation."""
+"""Data: instruction records and conversations, prompt templates, tokenised examples and batch
+collation."""
 
 from promptkd.data.batch import SequenceBatch, position_ids_from_mask, prompt_batch_from_ids
 from promptkd.data.collate import collate_prompts, collate_sequences
 from promptkd.data.dataset import Example, FilterStats, build_examples
-from promptkd.data.records import InstructionRecord, load_records, read_jsonl_records
+from promptkd.data.records import InstructionRecord, load_records, read_jsonl_records, records_from
 from promptkd.data.templates import (
     ALPACA_PROMPT_NO_INPUT,
     ALPACA_PROMPT_WITH_INPUT,
     PromptTemplate,
+    chat_turn_end,
     format_prompt,
 )
 
@@ -20,6 +22,7 @@ __all__ = [
     "PromptTemplate",
     "SequenceBatch",
     "build_examples",
+    "chat_turn_end",
     "collate_prompts",
     "collate_sequences",
     "format_prompt",
@@ -27,4 +30,5 @@ __all__ = [
     "position_ids_from_mask",
     "prompt_batch_from_ids",
     "read_jsonl_records",
+    "records_from",
 ]

@@ -6,28 +6,41 @@ Conventions (MiniLLM / PromptKD data processing, SPEC section 4):
   tokens and are tokenized with add_special_tokens=False so BOS is not doubled.
 - Special-token strings inside the data text (instruction, input, reference) are split into
   ordinary tokens, so a record that happens to contain "</s>" cannot plant an early EOS.
+- Conversations (records with `messages`, TRL's chat formats) need template "chat": the prompt
+  turns are rendered with the tokenizer's chat template and its generation prompt, so prompt
+  ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True).
 - response ids = tokenizer(outputs[0], add_special_tokens=False) + [eos_token_id], except for
   a record whose `ended` field is false (`promptkd generate` writes it: that response was cut
   at max_new_tokens, so the student must not learn to stop there): no EOS. A record without
   `ended` gets the EOS.
+- With the chat template too, the response ends with tokenizer.eos_token_id, not with the
+  template's own end-of-turn text (TRL's SFT/GKD collators take the completion as the rendered
+  full conversation minus the rendered prompt: content + "<|im_end|>\n" for ChatML). The EOS
+  keeps training and generation consistent: sampling stops at eos_token_ids(tokenizer, model),
+  which always holds tokenizer.eos_token_id, and chat models' tokenizers (Qwen2.5 / Qwen3 /
+  SmolLM2-Instruct: <|im_end|>; Llama-3.1+-Instruct: <|eot_id|>) set eos_token to the
+  end-of-turn token. When the template ends a turn with another token (e.g. a base model's
+  tokenizer with a chat template added) `build_examples` warns: set tokenizer.eos_token to
+  the template's end-of-turn token (TRL's SFTConfig.eos_token does the same).
 - Training (drop_long_prompts=True): prompts longer than max_prompt_length are dropped and
   counted, never truncated. Evaluation (drop_long_prompts=False): long prompts keep their
   FIRST max_prompt_length tokens (prompt_truncation="keep_first", as MiniLLM / PromptKD's
   evaluation does, `prompt_ids[:max_prompt_length]`; a leading BOS stays), or with
   "keep_last" their LAST ones (the "### Response:" cue stays next to the generation) plus the
-  leading BOS when the tokenizer added one.
+  leading BOS when the tokenizer (or the chat template) put one there.
 - Responses are cut so that prompt + response <= max_length; a cut response loses its EOS
   (it did not end there), as in MiniLLM.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from promptkd.data.records import InstructionRecord
-from promptkd.data.templates import PromptTemplate, format_prompt, parse_template
+from promptkd.data.templates import PromptTemplate, chat_turn_end, format_prompt, parse_template
 from promptkd.errors import UserError
 
 # How an over-long evaluation prompt is cut: keep its first tokens (the reference evaluation)
@@ -102,8 +115,9 @@ def build_examples(
             ("keep_first", the reference evaluation) or last ("keep_last") tokens.
 
     Returns (examples, FilterStats). Raises UserError for invalid limits or prompt_truncation,
-    a record without a reference when responses are needed, a non-boolean `ended`, or when
-    no example is left after filtering.
+    a conversation record with a template other than "chat", a record without a reference
+    when responses are needed, a non-boolean `ended`, or when no example is left after
+    filtering. Warns when the chat template ends assistant turns with a token other than EOS.
     """
     kind = parse_template(template)
     where = source or "the data"
@@ -124,11 +138,31 @@ def build_examples(
     if not records:
         raise UserError(f"{where} contains no records")
 
+    if kind is not PromptTemplate.CHAT:
+        chat = next((i for i, r in enumerate(records) if r.messages is not None), None)
+        if chat is not None:
+            raise UserError(
+                f"{where}: record {chat + 1} is a conversation (messages / a prompt of turns), "
+                f"which data.template={kind.value!r} cannot render; set data.template: chat (the "
+                "tokenizer's chat template)"
+            )
     prompts = [format_prompt(r, kind, tokenizer) for r in records]
     if kind is PromptTemplate.CHAT:
-        # The rendered chat template already holds its special tokens (as text).
+        # The rendered chat template already holds its special tokens (as text), a BOS too
+        # when the template writes one (Llama 3): the tokenizer adds none, so none is doubled.
         prompt_ids_all = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        adds_bos = False
+        adds_bos = tokenizer.bos_token_id is not None  # kept by keep_last when it leads
+        turn_end = chat_turn_end(tokenizer) if with_responses else None
+        if turn_end is not None and tokenizer.convert_tokens_to_ids(turn_end) != eos_id:
+            warnings.warn(
+                f"the chat template ends an assistant turn with {turn_end!r} but "
+                f"tokenizer.eos_token is {tokenizer.eos_token!r}: reference responses are trained "
+                f"to end with {tokenizer.eos_token!r}, not with {turn_end!r}. To keep the chat "
+                f"format, set tokenizer.eos_token = {turn_end!r} (as TRL's SFTConfig.eos_token "
+                "does)",
+                UserWarning,
+                stacklevel=2,
+            )
     else:
         # Tokenizer-default special tokens (BOS when it adds one); data text never turns
         # into special tokens.
@@ -143,8 +177,8 @@ def build_examples(
         missing = [i for i, r in enumerate(records) if not r.outputs]
         if missing:
             raise UserError(
-                f"{where}: record {missing[0] + 1} has no reference output ('output' / 'outputs'); "
-                "training needs one for every record"
+                f"{where}: record {missing[0] + 1} has no reference output ('output' / 'outputs', "
+                "or a conversation's final assistant turn); training needs one for every record"
             )
         for i, r in enumerate(records):
             ended = r.metadata.get("ended")

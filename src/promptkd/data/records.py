@@ -10,6 +10,17 @@ accepted so that MiniLLM's released files and common Hub datasets load unchanged
 `prompt` for `instruction` (an Alpaca-templated prompt is split back into instruction and
 input), `context` for `input`, `response` for `output`, and `output` holding a list.
 
+Conversations in TRL's formats load too (they need `data.template: chat`):
+
+    {"messages": [{"role": "system", "content": ...}, {"role": "user", "content": ...},
+                  {"role": "assistant", "content": ...}]}     # the final assistant turn is the reference
+    {"prompt": [{"role": "user", "content": ...}]}           # prompt-only (on-policy methods)
+    {"prompt": [...], "completion": [{"role": "assistant", "content": ...}]}
+
+A conversation whose final turn is not an assistant turn is prompt-only, unless an `output` /
+`outputs` / `response` field gives its reference (as `promptkd generate` writes it). A `prompt`
+holding a string is not a conversation: it is the instruction (see the aliases above).
+
 Every problem with the user's data raises `promptkd.errors.UserError` naming the file, the
 1-based line and the field.
 
@@ -17,6 +28,7 @@ Every problem with the user's data raises `promptkd.errors.UserError` naming the
     records = load_records("databricks/databricks-dolly-15k", split="train")  # needs internet
     # MiniLLM's Dolly training file and its dev split (the first 1,000 records), as MiniLLM splits it
     records = load_records("MiniLLM/dolly", split="train[:1000]", data_files="raw.jsonl")
+    records = records_from(my_hf_dataset)  # or a list of dicts, or a path: objects in
 """
 
 from __future__ import annotations
@@ -34,6 +46,10 @@ from promptkd.errors import UserError
 INSTRUCTION_KEYS = ("instruction", "prompt")
 INPUT_KEYS = ("input", "context")
 OUTPUT_KEYS = ("outputs", "output", "response")
+# A conversation: `messages` (TRL's conversational language modeling), or `prompt` holding a
+# list of turns (TRL's conversational prompt-only / prompt-completion, with `completion`).
+MESSAGES_KEY = "messages"
+COMPLETION_KEY = "completion"
 
 _LOCAL_SUFFIXES = (".jsonl", ".json")
 
@@ -54,29 +70,41 @@ _ALPACA_SPLIT = re.compile(
 class InstructionRecord:
     """One instruction-following example.
 
-    instruction: the task text (never empty).
-    input:       optional context, "" when there is none.
+    instruction: the task text (never empty). For a conversation: its last user turn's
+                 content (what logs and reports show).
+    input:       optional context, "" when there is none (always "" for a conversation).
     outputs:     reference responses; outputs[0] is the training target. May be empty only
                  for prompt-only data (generation), never for training or evaluation.
     metadata:    every other key of the source object (category, id, ...).
+    messages:    None for an instruction record. For a conversation: the prompt turns, every
+                 `{"role": str, "content": str, ...}` before the reference response (system
+                 turns and earlier exchanges included, at least one user turn, never ending
+                 with an assistant turn); rendered with the tokenizer's chat template and
+                 its generation prompt (data.template: chat).
     """
 
     instruction: str
     input: str = ""
     outputs: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, Any]] | None = None
 
 
 def record_from_dict(obj: Any, where: str, *, require_outputs: bool = True) -> InstructionRecord:
     """Validate one decoded object and build a record.
 
     `where` locates the object for error messages, e.g. "data.jsonl line 7".
+    An object with `messages`, or with a list under `prompt`, is a conversation (see
+    `conversation_record`).
     Raises UserError for a non-object, missing / empty / mistyped fields.
     """
     if not isinstance(obj, dict):
         raise UserError(
-            f"{where}: expected a JSON object with an 'instruction' field, got {type(obj).__name__}"
+            f"{where}: expected a JSON object with an 'instruction' (or 'messages') field, got "
+            f"{type(obj).__name__}"
         )
+    if obj.get(MESSAGES_KEY) is not None or isinstance(obj.get("prompt"), list):
+        return conversation_record(obj, where, require_outputs=require_outputs)
     rest = dict(obj)
 
     instruction_key = next((k for k in INSTRUCTION_KEYS if k in rest), None)
@@ -114,6 +142,18 @@ def record_from_dict(obj: Any, where: str, *, require_outputs: bool = True) -> I
             )
         input_text = value
 
+    outputs = _pop_outputs(rest, where, require_outputs)
+    return InstructionRecord(
+        instruction=instruction, input=input_text, outputs=outputs, metadata=rest
+    )
+
+
+def _pop_outputs(rest: dict[str, Any], where: str, require_outputs: bool) -> list[str]:
+    """Remove the reference field (output / outputs / response) from `rest`; its strings.
+
+    [] when there is none; raises UserError when there is none and require_outputs, or for
+    a mistyped or empty reference.
+    """
     # A null reference (e.g. an empty cell of a Hub dataset) counts as missing.
     for k in OUTPUT_KEYS:
         if k in rest and rest[k] is None:
@@ -152,9 +192,145 @@ def record_from_dict(obj: Any, where: str, *, require_outputs: bool = True) -> I
                 f"{where}: field '{output_key}' must be a string or a list of strings, got "
                 f"{type(value).__name__}"
             )
+    return outputs
+
+
+def conversation_record(
+    obj: dict[str, Any], where: str, *, require_outputs: bool = True
+) -> InstructionRecord:
+    """Build a record from a conversation in one of TRL's formats.
+
+    - `messages`: a list of turns; a final assistant turn is the reference, the turns before it
+      are the prompt. Without a final assistant turn every turn is prompt.
+    - `prompt` (a list of turns) with an optional `completion` (a list holding one assistant turn,
+      the reference).
+    A turn is `{"role": str, "content": str}`; its other keys (name, tool_calls, ...) are kept
+    for the chat template, except null ones (a `datasets` column fills absent keys with null).
+    A conversation without its own reference may take it from `output` / `outputs` /
+    `response` (a `promptkd generate` file). The record's `messages` are the prompt turns,
+    `instruction` the last user turn's content; the other keys go to metadata.
+
+    Raises UserError naming `where` and the field for: a field that is not a list of turns, a
+    turn without a string role / content, no user turn (or an empty last one), prompt turns
+    ending with an assistant turn, a `completion` that is not one assistant turn, two
+    references, and (with require_outputs) no reference.
+    """
+    rest = dict(obj)
+    reference: str | None = None
+    if rest.get(MESSAGES_KEY) is not None:
+        key = MESSAGES_KEY
+        turns = _turns(rest.pop(MESSAGES_KEY), where, key)
+        if turns[-1]["role"] == "assistant":
+            reference = turns.pop()["content"]
+    else:
+        key = "prompt"
+        turns = _turns(rest.pop("prompt"), where, key)
+        if rest.get(COMPLETION_KEY) is not None:
+            completion = _turns(rest.pop(COMPLETION_KEY), where, COMPLETION_KEY)
+            roles = [t["role"] for t in completion]
+            if roles != ["assistant"]:
+                raise UserError(
+                    f"{where}: field '{COMPLETION_KEY}' must hold exactly one assistant turn (the "
+                    f"reference response), got roles {roles}"
+                )
+            reference = completion[0]["content"]
+
+    user_turns = [t for t in turns if t["role"] == "user"]
+    if not user_turns:
+        raise UserError(
+            f"{where}: field '{key}' has no user turn before the reference (roles: "
+            f"{[t['role'] for t in turns]}); a prompt needs at least one "
+            '{"role": "user", "content": ...} turn'
+        )
+    if turns[-1]["role"] == "assistant":
+        # The chat template's generation prompt opens a new assistant turn after the prompt.
+        where_ref = (
+            "the reference is the final assistant turn alone"
+            if key == MESSAGES_KEY
+            else f"put the reference in '{COMPLETION_KEY}'"
+        )
+        raise UserError(
+            f"{where}: field '{key}': the prompt turns end with an assistant turn (item "
+            f"{len(turns) - 1}); {where_ref}, and the prompt must end with a user (or other "
+            "non-assistant) turn"
+        )
+    instruction = user_turns[-1]["content"]
+    if not instruction.strip():
+        raise UserError(
+            f"{where}: field '{key}': the last user turn is empty; give it non-empty content"
+        )
+
+    has_output_field = any(rest.get(k) is not None for k in OUTPUT_KEYS)
+    if reference is not None:
+        if has_output_field:
+            found = next(k for k in OUTPUT_KEYS if rest.get(k) is not None)
+            source = (
+                "the final assistant turn of 'messages'"
+                if key == MESSAGES_KEY
+                else f"field '{COMPLETION_KEY}'"
+            )
+            raise UserError(
+                f"{where}: two references: {source} and field '{found}'; keep one of them"
+            )
+        outputs = [reference]
+    elif has_output_field or not require_outputs:
+        outputs = _pop_outputs(rest, where, require_outputs)
+    elif key == MESSAGES_KEY:
+        raise UserError(
+            f"{where}: field 'messages' does not end with an assistant turn (roles: "
+            f"{[t['role'] for t in turns]}); training and evaluation need the reference response "
+            "as the final assistant turn (prompt-only data loads with require_outputs=False, "
+            "for on-policy methods and generation)"
+        )
+    else:
+        raise UserError(
+            f"{where}: field 'prompt' is a conversation without 'completion'; training and "
+            "evaluation need a reference response: add "
+            '"completion": [{"role": "assistant", "content": ...}] (prompt-only data loads with '
+            "require_outputs=False, for on-policy methods and generation)"
+        )
     return InstructionRecord(
-        instruction=instruction, input=input_text, outputs=outputs, metadata=rest
+        instruction=instruction, input="", outputs=outputs, metadata=rest, messages=turns
     )
+
+
+def _turns(value: Any, where: str, key: str) -> list[dict[str, Any]]:
+    """Validate a list of chat turns; return copies without null-valued extra keys."""
+    shape = '{"role": ..., "content": ...}'
+    if not isinstance(value, list):
+        raise UserError(
+            f"{where}: field '{key}' must be a list of {shape} turns, got {type(value).__name__}"
+        )
+    if not value:
+        raise UserError(f"{where}: field '{key}' is an empty list; give at least one turn")
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise UserError(
+                f"{where}: field '{key}' item {i} must be an object {shape}, got "
+                f"{type(turn).__name__}"
+            )
+        missing = [k for k in ("role", "content") if k not in turn]
+        if missing:
+            hint = " (ShareGPT 'from' / 'value' turns: rename them)" if "from" in turn else ""
+            raise UserError(
+                f"{where}: field '{key}' item {i} has no {' or '.join(repr(k) for k in missing)} "
+                f"(keys found: {sorted(turn)}); every turn is {shape}{hint}"
+            )
+        role, content = turn["role"], turn["content"]
+        if not isinstance(role, str) or not role:
+            raise UserError(
+                f"{where}: field '{key}' item {i}: 'role' must be a non-empty string "
+                f"(system / user / assistant), got {role!r}"
+            )
+        if not isinstance(content, str):
+            kind = "null" if content is None else type(content).__name__
+            raise UserError(
+                f"{where}: field '{key}' item {i} ({role}): 'content' must be a string, got "
+                f"{kind} (content lists / multimodal turns are not supported)"
+            )
+        turns.append({k: v for k, v in turn.items() if v is not None or k in ("role", "content")})
+    return turns
 
 
 def read_jsonl_records(
@@ -298,17 +474,90 @@ def records_from_dataset(
     columns = list(getattr(dataset, "column_names", None) or [])
     if columns:
         missing = []
-        if not any(k in columns for k in INSTRUCTION_KEYS):
-            missing.append("an instruction column (" + " / ".join(INSTRUCTION_KEYS) + ")")
-        if require_outputs and not any(k in columns for k in OUTPUT_KEYS):
-            missing.append("a reference column (" + " / ".join(OUTPUT_KEYS) + ")")
+        if not any(k in columns for k in (*INSTRUCTION_KEYS, MESSAGES_KEY)):
+            missing.append(
+                "an instruction column (" + " / ".join(INSTRUCTION_KEYS) + ") or a 'messages' "
+                "conversation"
+            )
+        # A conversation's reference is its final assistant turn or its completion: checked per row.
+        references = (*OUTPUT_KEYS, MESSAGES_KEY, COMPLETION_KEY)
+        if require_outputs and not any(k in columns for k in references):
+            names = " / ".join((*OUTPUT_KEYS, COMPLETION_KEY))
+            missing.append(f"a reference column ({names})")
         if missing:
             raise UserError(
                 f"{name}: cannot map columns to instruction records: no {' or '.join(missing)}; "
                 f"columns found: {columns}. Rename the columns or convert the data to JSONL with "
-                "instruction / input / output keys"
+                "instruction / input / output keys (or TRL's messages / prompt + completion)"
             )
     return [
         record_from_dict(row, f"{name} row index {i}", require_outputs=require_outputs)
         for i, row in enumerate(dataset)
     ]
+
+
+def records_from(
+    data: Any,
+    *,
+    split: str = "train",
+    data_files: str | list[str] | None = None,
+    require_outputs: bool = True,
+    name: str | None = None,
+) -> list[InstructionRecord]:
+    """Records from whatever the user holds: objects in, paths optional.
+
+    data: a path or dataset id (str / Path, read by `load_records` with split and data_files);
+        a `datasets.Dataset` (or a `datasets.DatasetDict`, of which `split` is taken); or a
+        list / tuple / other iterable of dicts in any record format (instruction /
+        input / output, TRL's messages or prompt + completion) or of `InstructionRecord`s.
+    split, data_files: for a path or dataset id (see `load_records`); split also picks the
+        split of a `DatasetDict`.
+    require_outputs: every record must have a reference (False for prompt-only data: on-policy
+        methods and generation).
+    name: what error messages call the data (default: "dataset" / "data").
+
+    Raises UserError for an unsupported type (a single dict or string of JSON included), a
+    DatasetDict without `split`, and every record error of `record_from_dict`, located by
+    row index.
+    """
+    if isinstance(data, (str, Path)):
+        return load_records(data, split, require_outputs=require_outputs, data_files=data_files)
+    if isinstance(data, InstructionRecord):
+        data = [data]
+    if isinstance(data, dict):
+        if not data or not all(hasattr(v, "column_names") for v in data.values()):
+            raise UserError(
+                f"{name or 'data'}: got one dict (keys {sorted(map(str, data))}); pass a list of "
+                "record dicts, a datasets.Dataset or a path"
+            )
+        # A datasets.DatasetDict (a dict of splits).
+        if split not in data:
+            raise UserError(
+                f"{name or 'dataset'} has no split {split!r}; splits found: {sorted(data.keys())}"
+            )
+        data = data[split]
+        name = name or f"dataset split {split!r}"
+    if hasattr(data, "column_names"):
+        return records_from_dataset(data, name or "dataset", require_outputs=require_outputs)
+    try:
+        items = iter(data)
+    except TypeError:
+        raise UserError(
+            f"cannot read records from a {type(data).__name__}: pass a path, a datasets.Dataset "
+            "or a list of record dicts"
+        ) from None
+    where = name or "data"
+    records = []
+    for i, item in enumerate(items):
+        if isinstance(item, InstructionRecord):
+            if require_outputs and not item.outputs:
+                raise UserError(
+                    f"{where} row index {i}: the record has no reference output; training and "
+                    "evaluation need one"
+                )
+            records.append(item)
+        else:
+            records.append(
+                record_from_dict(item, f"{where} row index {i}", require_outputs=require_outputs)
+            )
+    return records

@@ -56,14 +56,23 @@ def format_prompt(
 
     alpaca: `ALPACA_PROMPT_WITH_INPUT` when `record.input` is non-empty, else
             `ALPACA_PROMPT_NO_INPUT` (MiniLLM's rule: an empty string means no input).
-    chat:   `tokenizer.apply_chat_template` on one user message (instruction, blank line,
-            input), with the generation prompt. The text already contains the template's
-            special tokens, so tokenize it with add_special_tokens=False.
+    chat:   `tokenizer.apply_chat_template` with the generation prompt, on the record's
+            prompt turns (`record.messages`, a conversation) or else on one user message
+            (instruction, blank line, input). The text already contains the template's
+            special tokens (a BOS too when the template writes one), so tokenize it with
+            add_special_tokens=False.
     plain:  instruction, blank line + input when present, then a newline.
 
-    Raises UserError for an unknown template, or "chat" without a tokenizer chat template.
+    Raises UserError for an unknown template, "chat" without a tokenizer chat template, or a
+    conversation with a template other than "chat".
     """
     kind = parse_template(template)
+    if record.messages is not None and kind is not PromptTemplate.CHAT:
+        raise UserError(
+            f"a conversation record (messages; last user turn {record.instruction[:40]!r}) needs "
+            f"the tokenizer's chat template, not data.template={kind.value!r}; set "
+            "data.template: chat"
+        )
     if kind is PromptTemplate.ALPACA:
         if record.input:
             return ALPACA_PROMPT_WITH_INPUT.format(
@@ -78,5 +87,40 @@ def format_prompt(
             f"data.template='chat' needs a tokenizer with a chat template, but {name!r} has none; "
             "use data.template='alpaca' (or 'plain') for base models"
         )
-    messages = [{"role": "user", "content": user_message(record)}]
+    messages = record.messages
+    if messages is None:
+        messages = [{"role": "user", "content": user_message(record)}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+_TURN_END_PROBE = "promptkd-turn-end-probe"
+
+
+def chat_turn_end(tokenizer) -> str | None:
+    """The special token a tokenizer's chat template writes right after an assistant turn's
+    content (e.g. "<|im_end|>" for ChatML, "<|eot_id|>" for Llama 3), or None when the template
+    writes none (or cannot render a plain user / assistant exchange).
+
+    Reference responses end with tokenizer.eos_token (data/dataset.py); this is what
+    `build_examples` compares it with.
+    """
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+    exchange = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": _TURN_END_PROBE},
+    ]
+    try:
+        text = tokenizer.apply_chat_template(exchange, tokenize=False)
+    except Exception:  # a template with its own rules (roles, system turn): nothing to compare
+        return None
+    at = text.rfind(_TURN_END_PROBE)
+    if at < 0:
+        return None
+    after = text[at + len(_TURN_END_PROBE) :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    if not ids:
+        return None
+    token = tokenizer.convert_ids_to_tokens(ids[0])
+    special = ids[0] in tokenizer.all_special_ids or token in tokenizer.get_added_vocab()
+    return token if special else None

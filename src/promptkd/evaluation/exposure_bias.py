@@ -1,7 +1,9 @@
 """Exposure bias: the excess accumulated error ExAccErr(l) of a student against a teacher.
 
     promptkd exposure-bias --student runs/promptkd/final/student --teacher TEACHER \
-        --data dolly --num-prompts 50 --max-new-tokens 64 --out runs/promptkd/exposure_bias
+        --data dolly --num-prompts 50 --sampling.max_new_tokens 64 --out runs/promptkd/exposure_bias
+
+    run_exposure_bias(ExposureBiasConfig(student=..., teacher=..., out=...))
 
 Definition (SPEC 6; Arora et al. 2022 as adapted by MiniLLM, with the teacher p_T as the
 oracle and the student p_S as the model). For a prompt x and a response prefix y_<t,
@@ -14,9 +16,10 @@ oracle and the student p_S as the model). For a prompt x and a response prefix y
 
 MiniLLM writes eps(l) as a per-step average and divides by l * eps(l); the two forms are the
 same number. Expectations are estimated with `samples_per_prompt` (default 3) responses per
-prompt from each model, sampled as in training (T = 1, top_k off, top_p 1, no n-gram block),
-up to `max_new_tokens` tokens; kl_t is evaluated at every predicted response position, the
-position that predicts the final EOS included.
+prompt from each model, sampled with the config's `sampling` record: by default as in training
+(T = 1, top_k off, top_p 1, no n-gram block), up to 64 new tokens (`sampling.max_new_tokens`,
+the curve's length); kl_t is evaluated at every predicted response position, the position that
+predicts the final EOS included.
 
 Ended sequences (our choice; MiniLLM's code for this figure is not public): a response that
 ended with EOS before step t contributes kl_t = 0 (it incurs no further error), and the
@@ -41,34 +44,16 @@ import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from promptkd.config import ENDED_MODES, ExposureBiasConfig
 from promptkd.errors import UserError
+from promptkd.sampling import SamplingConfig
 
-ENDED_MODES = ("zero", "alive")
 _TEACHER_SEED_OFFSET = 500_009  # teacher samples use a seed stream disjoint from the student's
-
-
-@dataclass
-class ExposureBiasJob:
-    student: str
-    teacher: str
-    out: str
-    data: str = "dolly"
-    data_dir: str | None = None
-    num_prompts: int = 50
-    samples_per_prompt: int = 3
-    max_new_tokens: int = 64
-    max_prompt_length: int = 256
-    prompt_truncation: str = "keep_first"  # over-long prompts: "keep_first" / "keep_last" tokens
-    seed: int = 10
-    batch_size: int = 8
-    template: str = "alpaca"
-    dtype: str = "float32"
-    ended: str = "zero"
 
 
 @dataclass
@@ -164,17 +149,15 @@ def checkpoint_label(path: str | Path) -> str:
 # ----------------------------------------------------------------------------- core
 
 
-def sample_sequences(model, tokenizer, examples, *, samples_per_prompt: int, max_new_tokens: int,
+def sample_sequences(model, tokenizer, examples, *, samples_per_prompt: int, sampling: SamplingConfig,
                      seed: int, batch_size: int, eos_token_ids) -> list:
-    """SequenceBatches of `samples_per_prompt` sampled responses per example (T = 1, no filters).
+    """SequenceBatches of `samples_per_prompt` responses per example, sampled with `sampling`.
 
     Batch j of sample round k is seeded with seed + 7919 * k + j, independently of the global RNG.
     """
     from promptkd.data.collate import collate_prompts
-    from promptkd.sampling import SamplingConfig, sample_responses
+    from promptkd.sampling import sample_responses
 
-    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                            no_repeat_ngram_size=0, do_sample=True)
     device = next(model.parameters()).device
     batches = []
     for k in range(samples_per_prompt):
@@ -182,7 +165,7 @@ def sample_sequences(model, tokenizer, examples, *, samples_per_prompt: int, max
             ids, mask = collate_prompts(examples[start : start + batch_size], tokenizer.pad_token_id)
             batches.append(sample_responses(
                 model, ids.to(device), mask.to(device), eos_token_ids=eos_token_ids,
-                pad_token_id=tokenizer.pad_token_id, config=config, generator_seed=seed + 7919 * k + j,
+                pad_token_id=tokenizer.pad_token_id, config=sampling, generator_seed=seed + 7919 * k + j,
             ))
     return batches
 
@@ -239,19 +222,22 @@ def curve_from_sums(kl_student: torch.Tensor, run_student: torch.Tensor, n_stude
 
 
 def exposure_bias_curve(student, teacher, tokenizer, examples, *, samples_per_prompt: int = 3,
-                        max_new_tokens: int = 64, seed: int = 10, batch_size: int = 8,
+                        sampling: SamplingConfig | None = None, seed: int = 10, batch_size: int = 8,
                         ended: str = "zero", teacher_batches: list | None = None,
                         vocab: int | None = None) -> ExposureBiasResult:
     """ExAccErr curve of loaded models on prompt-only `examples` (see the module docstring).
 
+    sampling: how both models sample (default: ExposureBiasConfig's, T 1 and up to 64 new
+    tokens); the curve has sampling.max_new_tokens points.
     teacher_batches: teacher samples from an earlier call (`ExposureBiasResult` does not keep
     them; use `sample_sequences` with seed + _TEACHER_SEED_OFFSET) to evaluate many students
     against one set of teacher prefixes.
     """
     from promptkd.models.loading import eos_token_ids
 
-    if samples_per_prompt < 1 or max_new_tokens < 1 or not examples:
-        raise UserError("exposure bias needs >= 1 prompt, samples_per_prompt >= 1 and max_new_tokens >= 1")
+    sampling = ExposureBiasConfig().sampling if sampling is None else sampling
+    if samples_per_prompt < 1 or not examples:
+        raise UserError("exposure bias needs >= 1 prompt and samples_per_prompt >= 1")
     if ended not in ENDED_MODES:
         raise UserError(f"ended = {ended!r}: choose one of {ENDED_MODES}")
     if vocab is None:
@@ -259,13 +245,13 @@ def exposure_bias_curve(student, teacher, tokenizer, examples, *, samples_per_pr
     eos = sorted(set(eos_token_ids(tokenizer, student)) | set(eos_token_ids(tokenizer, teacher)))
     student.eval()
     teacher.eval()
-    common = dict(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens,
-                  batch_size=batch_size, eos_token_ids=eos)
+    common = dict(samples_per_prompt=samples_per_prompt, sampling=sampling, batch_size=batch_size, eos_token_ids=eos)
     s_batches = sample_sequences(student, tokenizer, examples, seed=seed, **common)
     if teacher_batches is None:
         teacher_batches = sample_sequences(teacher, tokenizer, examples, seed=seed + _TEACHER_SEED_OFFSET, **common)
-    ks, rs, ns = per_step_kl(student, teacher, s_batches, max_new_tokens=max_new_tokens, vocab=vocab)
-    kt, rt, nt = per_step_kl(student, teacher, teacher_batches, max_new_tokens=max_new_tokens, vocab=vocab)
+    length = sampling.max_new_tokens
+    ks, rs, ns = per_step_kl(student, teacher, s_batches, max_new_tokens=length, vocab=vocab)
+    kt, rt, nt = per_step_kl(student, teacher, teacher_batches, max_new_tokens=length, vocab=vocab)
     return curve_from_sums(ks, rs, ns, kt, rt, nt, ended=ended)
 
 
@@ -312,109 +298,98 @@ def plot_curves(path: str | Path, curves: Mapping[str, ExposureBiasResult], titl
     return Path(path)
 
 
-def _load_examples(job_like, tokenizer):
+def _load_examples(cfg: ExposureBiasConfig, tokenizer):
     from promptkd.data.dataset import build_examples
     from promptkd.evaluation.datasets import load_eval_set
 
-    if job_like.num_prompts < 1:
-        raise UserError(f"--num-prompts must be >= 1, got {job_like.num_prompts}")
-    records = load_eval_set(job_like.data, job_like.data_dir)[: job_like.num_prompts]
+    records = load_eval_set(cfg.data, cfg.data_dir)[: cfg.num_prompts]
     examples, _ = build_examples(
-        records, tokenizer, template=job_like.template, max_prompt_length=job_like.max_prompt_length,
-        max_length=job_like.max_prompt_length + job_like.max_new_tokens, drop_long_prompts=False,
-        with_responses=False, source=str(job_like.data), prompt_truncation=job_like.prompt_truncation,
+        records, tokenizer, template=cfg.template, max_prompt_length=cfg.max_prompt_length,
+        max_length=cfg.max_prompt_length + cfg.sampling.max_new_tokens, drop_long_prompts=False,
+        with_responses=False, source=str(cfg.data), prompt_truncation=cfg.prompt_truncation,
     )
     return examples
 
 
-def _check_job(job: ExposureBiasJob) -> None:
-    if job.samples_per_prompt < 1:
-        raise UserError(f"--samples-per-prompt must be >= 1, got {job.samples_per_prompt}")
-    if job.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {job.max_new_tokens}")
-    if job.ended not in ENDED_MODES:
-        raise UserError(f"ended = {job.ended!r}: choose one of {ENDED_MODES}")
-
-
 def exposure_bias_over_checkpoints(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
-                                   job: ExposureBiasJob, *, teacher=None, tokenizer=None,
+                                   cfg: ExposureBiasConfig, *, teacher=None, tokenizer=None,
                                    write: bool = True) -> dict[str, ExposureBiasResult]:
     """ExAccErr curves of several students (e.g. checkpoints through training) vs one teacher.
 
-    checkpoints: paths (labelled by `checkpoint_label`) or {label: path}; `job.student` is
-    ignored. The teacher's samples are drawn once and shared by every student, and each
-    student's samples use the same seeds, so curves differ only through the students.
-    With `write`, saves `exposure_bias_curves.csv` / `.png` and `exposure_bias.json` in job.out.
+    checkpoints: paths (labelled by `checkpoint_label`) or {label: path}; each takes the place
+    of `cfg.student`, which may be left empty. The teacher's samples are drawn once and shared
+    by every student, and each student's samples use the same seeds, so curves differ only
+    through the students. With `write`, saves `exposure_bias_curves.csv` / `.png` and
+    `exposure_bias.json` in cfg.out.
     """
     from promptkd.models.loading import check_tokenizer_compatibility, eos_token_ids
 
-    _check_job(job)
     items = dict(checkpoints) if isinstance(checkpoints, Mapping) else {checkpoint_label(p): p for p in checkpoints}
     if not items:
         raise UserError("exposure_bias_over_checkpoints: no checkpoints given")
+    replace(cfg, student=str(next(iter(items.values())))).validate()
     if teacher is None:
-        teacher, tokenizer = load_model_for_eval(job.teacher, job.dtype)
-    examples = _load_examples(job, tokenizer)
+        teacher, tokenizer = load_model_for_eval(cfg.teacher, cfg.dtype)
+    examples = _load_examples(cfg, tokenizer)
     teacher_batches = None
     curves: dict[str, ExposureBiasResult] = {}
     for label, path in items.items():
-        student, s_tok = load_model_for_eval(path, job.dtype)
+        student, s_tok = load_model_for_eval(path, cfg.dtype)
         vocab = check_tokenizer_compatibility(tokenizer, s_tok, teacher, student)
         if teacher_batches is None:
             eos = sorted(set(eos_token_ids(tokenizer, student)) | set(eos_token_ids(tokenizer, teacher)))
             teacher_batches = sample_sequences(
-                teacher, tokenizer, examples, samples_per_prompt=job.samples_per_prompt,
-                max_new_tokens=job.max_new_tokens, seed=job.seed + _TEACHER_SEED_OFFSET,
-                batch_size=job.batch_size, eos_token_ids=eos,
+                teacher, tokenizer, examples, samples_per_prompt=cfg.samples_per_prompt,
+                sampling=cfg.sampling, seed=cfg.seed + _TEACHER_SEED_OFFSET,
+                batch_size=cfg.batch_size, eos_token_ids=eos,
             )
         curves[label] = exposure_bias_curve(
-            student, teacher, tokenizer, examples, samples_per_prompt=job.samples_per_prompt,
-            max_new_tokens=job.max_new_tokens, seed=job.seed, batch_size=job.batch_size,
-            ended=job.ended, teacher_batches=teacher_batches, vocab=vocab,
+            student, teacher, tokenizer, examples, samples_per_prompt=cfg.samples_per_prompt,
+            sampling=cfg.sampling, seed=cfg.seed, batch_size=cfg.batch_size,
+            ended=cfg.ended, teacher_batches=teacher_batches, vocab=vocab,
         )
         del student
     if write:
-        out = Path(job.out)
+        out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "exposure_bias_curves.csv", curves)
-        plot_curves(out / "exposure_bias_curves.png", curves, title=f"Exposure bias vs teacher ({job.data})")
-        _write_json(out / "exposure_bias.json", job, curves)
+        plot_curves(out / "exposure_bias_curves.png", curves, title=f"Exposure bias vs teacher ({cfg.data})")
+        _write_json(out / "exposure_bias.json", cfg, curves)
     return curves
 
 
-def _write_json(path: Path, job: ExposureBiasJob, curves: Mapping[str, ExposureBiasResult]) -> None:
+def _write_json(path: Path, cfg: ExposureBiasConfig, curves: Mapping[str, ExposureBiasResult]) -> None:
     from dataclasses import asdict
 
     def clean(v):
         return v if math.isfinite(v) else str(v)
 
-    data = {"job": asdict(job), "curves": {
+    data = {"config": asdict(cfg), "curves": {
         k: {**asdict(c), "exaccerr": [clean(v) for v in c.exaccerr]} for k, c in curves.items()}}
     path.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
-def run_exposure_bias(job: ExposureBiasJob) -> str:
-    """Compute ExAccErr for job.student vs job.teacher; write exposure_bias.csv / .png / .json
-    in job.out and return a one-paragraph text summary."""
+def run_exposure_bias(cfg: ExposureBiasConfig) -> str:
+    """Compute ExAccErr for cfg.student vs cfg.teacher; write exposure_bias.csv / .png / .json
+    in cfg.out and return a one-paragraph text summary. Raises ConfigError for an invalid config."""
     from promptkd.models.loading import check_tokenizer_compatibility
 
-    _check_job(job)
-    teacher, tokenizer = load_model_for_eval(job.teacher, job.dtype)
-    student, s_tok = load_model_for_eval(job.student, job.dtype)
+    cfg.validate()
+    teacher, tokenizer = load_model_for_eval(cfg.teacher, cfg.dtype)
+    student, s_tok = load_model_for_eval(cfg.student, cfg.dtype)
     vocab = check_tokenizer_compatibility(tokenizer, s_tok, teacher, student)
-    examples = _load_examples(job, tokenizer)
+    examples = _load_examples(cfg, tokenizer)
     curve = exposure_bias_curve(
-        student, teacher, tokenizer, examples, samples_per_prompt=job.samples_per_prompt,
-        max_new_tokens=job.max_new_tokens, seed=job.seed, batch_size=job.batch_size, ended=job.ended,
-        vocab=vocab,
+        student, teacher, tokenizer, examples, samples_per_prompt=cfg.samples_per_prompt,
+        sampling=cfg.sampling, seed=cfg.seed, batch_size=cfg.batch_size, ended=cfg.ended, vocab=vocab,
     )
-    out = Path(job.out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     curves = {"student": curve}
     write_csv(out / "exposure_bias.csv", curves)
-    plot_curves(out / "exposure_bias.png", curves, title=f"Exposure bias of {Path(job.student).name} ({job.data})")
-    _write_json(out / "exposure_bias.json", job, curves)
+    plot_curves(out / "exposure_bias.png", curves, title=f"Exposure bias of {Path(cfg.student).name} ({cfg.data})")
+    _write_json(out / "exposure_bias.json", cfg, curves)
     return (
-        f"{curve.summary()}\n{len(examples)} prompts x {job.samples_per_prompt} samples, up to "
-        f"{job.max_new_tokens} new tokens; wrote {out / 'exposure_bias.csv'} and {out / 'exposure_bias.png'}"
+        f"{curve.summary()}\n{len(examples)} prompts x {cfg.samples_per_prompt} samples, up to "
+        f"{cfg.sampling.max_new_tokens} new tokens; wrote {out / 'exposure_bias.csv'} and {out / 'exposure_bias.png'}"
     )

@@ -3,16 +3,19 @@
     promptkd eval --model runs/promptkd/final/student --datasets dolly,selfinst,vicuna \
         --seeds 10,20,30,40,50 --out runs/promptkd/eval
 
-For every set and seed: sample one response per prompt (T = 1, top_k 0, top_p 1,
-no_repeat_ngram_size 6, up to 256 new tokens, a longer prompt cut to its FIRST 256 tokens as
-MiniLLM / PromptKD's evaluation does; `prompt_truncation="keep_last"` keeps the last ones
-instead, a recorded deviation), decode with special tokens skipped, strip, score ROUGE-L F
-(rouge-score, stemmer on, max over references, x 100). Writes `predictions_<set>_seed<k>.jsonl`
-with a `.meta.json` sidecar naming the model and generation settings (a file is re-used only
-when it is complete, was written for the same records and the same settings, so an interrupted
-evaluation continues and a changed one is redone), `scores.json` (with the job's settings and
-deviations from the protocol), `scores.csv`, `scores.md`, and returns a Markdown table with the
-mean and standard deviation (population std over seeds) per set and their average.
+    run_evaluation(EvalConfig(model="runs/promptkd/final/student", out="runs/promptkd/eval"))
+
+`EvalConfig`'s defaults are the protocol: for every set and seed, sample one response per
+prompt (T = 1, top_k 0, top_p 1, no_repeat_ngram_size 6, up to 256 new tokens, a longer prompt
+cut to its FIRST 256 tokens as MiniLLM / PromptKD's evaluation does), decode with special
+tokens skipped, strip, score ROUGE-L F (rouge-score, stemmer on, max over references, x 100).
+Any other setting is allowed and recorded as a deviation (`deviations`). Writes
+`predictions_<set>_seed<k>.jsonl` with a `.meta.json` sidecar naming the model and generation
+settings (a file is re-used only when it is complete, was written for the same records and the
+same settings, so an interrupted evaluation continues and a changed one is redone),
+`scores.json` (with the config and deviations from the protocol), `scores.csv`, `scores.md`,
+and returns a Markdown table with the mean and standard deviation (population std over seeds)
+per set and their average.
 """
 
 from __future__ import annotations
@@ -21,133 +24,98 @@ import csv
 import json
 import logging
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
+from promptkd.config import EvalConfig, PromptOptions
 from promptkd.errors import UserError
+from promptkd.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL = {
-    "temperature": 1.0,
-    "top_k": 0,
-    "top_p": 1.0,
-    "no_repeat_ngram_size": 6,
-    "max_new_tokens": 256,
-    "max_prompt_length": 256,
-    "prompt_truncation": "keep_first",
-}
-
-
-@dataclass
-class EvalJob:
-    model: str
-    out: str
-    datasets: list[str] = field(default_factory=lambda: ["dolly", "selfinst", "vicuna"])
-    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
-    data_dir: str | None = None
-    batch_size: int = 16
-    max_new_tokens: int = 256
-    max_prompt_length: int = 256
-    prompt_truncation: str = "keep_first"  # over-long prompts: "keep_first" / "keep_last" tokens
-    limit: int | None = None
-    template: str = "alpaca"
-    dtype: str = "float32"
-    show_progress: bool = True
-
-
-def deviations(job: EvalJob) -> list[str]:
-    """Every way this job departs from the paper protocol (for results files)."""
+def deviations(cfg: EvalConfig) -> list[str]:
+    """Every way this evaluation departs from the paper protocol, i.e. from EvalConfig's
+    defaults (for results files): sampling and prompt settings, seeds, a record limit."""
+    protocol = EvalConfig()
     out = []
-    if job.max_new_tokens != PROTOCOL["max_new_tokens"]:
-        out.append(f"max_new_tokens {job.max_new_tokens} (protocol: 256)")
-    if job.max_prompt_length != PROTOCOL["max_prompt_length"]:
-        out.append(f"prompts cut to {job.max_prompt_length} tokens (protocol: 256)")
-    if job.prompt_truncation != PROTOCOL["prompt_truncation"]:
-        out.append(f"long prompts keep their {job.prompt_truncation.removeprefix('keep_')} tokens "
-                   "(protocol: the first)")
-    if job.limit:
-        out.append(f"only the first {job.limit} records of each set")
-    if len(job.seeds) < 5:
-        out.append(f"{len(job.seeds)} seeds {job.seeds} (protocol: 5 seeds 10..50)")
+    for name in (f.name for f in fields(SamplingConfig)):
+        value, expected = getattr(cfg.sampling, name), getattr(protocol.sampling, name)
+        if name == "eos_at_cap":  # null and false both leave responses as sampled
+            value, expected = bool(value), bool(expected)
+        if value != expected:
+            out.append(f"sampling.{name} {value!r} (protocol: {expected!r})")
+    for name in (f.name for f in fields(PromptOptions)):
+        value, expected = getattr(cfg, name), getattr(protocol, name)
+        if value != expected:
+            out.append(f"{name} {value!r} (protocol: {expected!r})")
+    if cfg.seeds != protocol.seeds:
+        out.append(f"seeds {cfg.seeds} (protocol: {protocol.seeds})")
+    if cfg.limit:
+        out.append(f"only the first {cfg.limit} records of each set")
     return out
 
 
-def predict(model, tokenizer, examples, *, seed: int, job: EvalJob, desc: str) -> list[str]:
+def predict(model, tokenizer, examples, *, seed: int, cfg: EvalConfig, desc: str, show_progress: bool = True) -> list[str]:
     """Sampled responses in the order of `examples` (batched longest-first to limit padding)."""
     from promptkd.generate import generate_for_examples
     from promptkd.models.loading import eos_token_ids
-    from promptkd.sampling import SamplingConfig
 
-    sampling = SamplingConfig(
-        max_new_tokens=job.max_new_tokens,
-        temperature=PROTOCOL["temperature"],
-        top_k=PROTOCOL["top_k"],
-        top_p=PROTOCOL["top_p"],
-        no_repeat_ngram_size=PROTOCOL["no_repeat_ngram_size"],
-    )
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt_ids))
     texts = [""] * len(examples)
     gen = generate_for_examples(
-        model, tokenizer, [examples[i] for i in order], sampling=sampling, batch_size=job.batch_size,
-        eos_token_ids=eos_token_ids(tokenizer, model), seed=seed, desc=desc, show_progress=job.show_progress,
+        model, tokenizer, [examples[i] for i in order], sampling=cfg.sampling, batch_size=cfg.batch_size,
+        eos_token_ids=eos_token_ids(tokenizer, model), seed=seed, desc=desc, show_progress=show_progress,
     )
     for i, (_, text, _) in zip(order, gen, strict=True):
         texts[i] = text
     return texts
 
 
-def run_evaluation(job: EvalJob, model=None, tokenizer=None) -> str:
-    """Evaluate `job.model` (or an already loaded model/tokenizer); return the Markdown table."""
-    from promptkd.data.dataset import PROMPT_TRUNCATIONS, build_examples
+def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None, *, show_progress: bool = True) -> str:
+    """Evaluate `cfg.model` (or an already loaded model/tokenizer); return the Markdown table.
+
+    Raises ConfigError for an invalid config (every problem at once)."""
+    from promptkd.data.dataset import build_examples
     from promptkd.evaluation.datasets import EVAL_SETS, load_eval_set
     from promptkd.evaluation.metric import corpus_rouge_l
     from promptkd.models.loading import ModelSpec, load_model_and_tokenizer
 
-    if not job.datasets:
-        raise UserError("eval: --datasets is empty; name at least one set (dolly, selfinst, vicuna, sinst, uinst)")
-    if not job.seeds:
-        raise UserError("eval: --seeds is empty")
-    if len(set(job.seeds)) != len(job.seeds):
-        raise UserError(f"eval: --seeds {job.seeds} repeats a seed")
-    if job.prompt_truncation not in PROMPT_TRUNCATIONS:
-        raise UserError(f"eval: --prompt-truncation {job.prompt_truncation!r}: choose one of {PROMPT_TRUNCATIONS}")
-    set_names = [str(n) if str(n) in EVAL_SETS else Path(str(n)).stem for n in job.datasets]
-    if len(set(set_names)) != len(set_names):
-        raise UserError(f"eval: --datasets {job.datasets} gives two sets the same name {set_names}: "
-                        "rename one file (outputs are named after the file stem)")
+    cfg.validate()
     if model is not None and tokenizer is None:
         raise ValueError("run_evaluation: pass the tokenizer together with a loaded model")
-    out = Path(job.out)
+    set_names = [n if n in EVAL_SETS else Path(n).stem for n in cfg.datasets]
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
-        model, tokenizer = load_model_and_tokenizer(ModelSpec(job.model, dtype=job.dtype))
+        model, tokenizer = load_model_and_tokenizer(ModelSpec(cfg.model, dtype=cfg.dtype))
     model.eval()
     scores: dict[str, dict[int, float]] = {}
-    for name, set_name in zip(job.datasets, set_names, strict=True):
-        records = load_eval_set(name, job.data_dir)
-        if job.limit:
-            records = records[: job.limit]
+    for name, set_name in zip(cfg.datasets, set_names, strict=True):
+        records = load_eval_set(name, cfg.data_dir)
+        if cfg.limit:
+            records = records[: cfg.limit]
         examples, _ = build_examples(
-            records, tokenizer, template=job.template, max_prompt_length=job.max_prompt_length,
-            max_length=job.max_prompt_length + job.max_new_tokens, drop_long_prompts=False,
-            with_responses=False, source=str(name), prompt_truncation=job.prompt_truncation,
+            records, tokenizer, template=cfg.template, max_prompt_length=cfg.max_prompt_length,
+            max_length=cfg.max_prompt_length + cfg.sampling.max_new_tokens, drop_long_prompts=False,
+            with_responses=False, source=str(name), prompt_truncation=cfg.prompt_truncation,
         )
         scores[set_name] = {}
-        for seed in job.seeds:
+        for seed in cfg.seeds:
             pred_file = out / f"predictions_{set_name}_seed{seed}.jsonl"
-            meta = _prediction_meta(job, seed, len(records))
+            meta = _prediction_meta(cfg, seed, len(records))
             texts = _read_predictions(pred_file, records, meta)
             if texts is None:
                 with torch.no_grad():
-                    texts = predict(model, tokenizer, examples, seed=seed, job=job, desc=f"{set_name} seed {seed}")
+                    texts = predict(model, tokenizer, examples, seed=seed, cfg=cfg, desc=f"{set_name} seed {seed}",
+                                    show_progress=show_progress)
                 _write_predictions(pred_file, records, texts, meta)
             scores[set_name][seed] = corpus_rouge_l(texts, [r.outputs for r in records])
     table = scores_table(scores)
+    notes = deviations(cfg)
     (out / "scores.json").write_text(
-        json.dumps({"job": asdict(job), "deviations": deviations(job), "scores": scores, "summary": summarize(scores)}, indent=1),
+        json.dumps({"config": asdict(cfg), "deviations": notes, "scores": scores, "summary": summarize(scores)}, indent=1),
         encoding="utf-8",
     )
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as f:
@@ -156,7 +124,6 @@ def run_evaluation(job: EvalJob, model=None, tokenizer=None) -> str:
         for set_name, by_seed in scores.items():
             for seed, v in by_seed.items():
                 w.writerow([set_name, seed, f"{v:.4f}"])
-    notes = deviations(job)
     md = table + (("\nDeviations from the protocol: " + "; ".join(notes) + ".\n") if notes else "")
     (out / "scores.md").write_text(md, encoding="utf-8")
     return table
@@ -186,13 +153,12 @@ def scores_table(scores: dict[str, dict[int, float]], label: str | None = None) 
     return "\n".join([head, sep, row]) + "\n"
 
 
-def _prediction_meta(job: EvalJob, seed: int, num_records: int) -> dict:
+def _prediction_meta(cfg: EvalConfig, seed: int, num_records: int) -> dict:
     """What a predictions file depends on besides its records (checked before re-use)."""
     return {
-        "model": str(job.model), "seed": seed, "num_records": num_records, "template": job.template,
-        "dtype": job.dtype, "max_new_tokens": job.max_new_tokens, "max_prompt_length": job.max_prompt_length,
-        "prompt_truncation": job.prompt_truncation, "batch_size": job.batch_size,
-        "decoding": {k: v for k, v in PROTOCOL.items() if k not in ("max_new_tokens", "max_prompt_length", "prompt_truncation")},
+        "model": str(cfg.model), "seed": seed, "num_records": num_records, "template": cfg.template,
+        "dtype": cfg.dtype, "max_prompt_length": cfg.max_prompt_length, "prompt_truncation": cfg.prompt_truncation,
+        "batch_size": cfg.batch_size, "sampling": asdict(cfg.sampling),
     }
 
 

@@ -1,4 +1,4 @@
-"""GKD / ImitKD: on-policy distillation with a per-token divergence (SPEC 5).
+"""GKD / ImitKD: on-policy distillation with a per-token divergence.
 
     promptkd train --config configs/gkd.yaml     # lmbda 1, beta 1: on-policy reverse KL
 
@@ -12,31 +12,34 @@ from __future__ import annotations
 
 import torch
 
-from promptkd.methods.base import Method
+from promptkd.methods.base import Method, StepContext, StepResult, divergence, supervised_step
 
 
 class GKD(Method):
     name = "gkd"
 
-    def setup(self):
+    @classmethod
+    def needs_references(cls, cfg) -> bool:
+        return cfg.gkd.lmbda < 1.0 and not cfg.gkd.seq_kd  # off-policy steps train on dataset responses
+
+    def setup(self, ctx: StepContext) -> None:
         c = self.cfg.gkd
-        self.div = self.divergence(c.divergence, beta=c.beta, alpha=c.alpha)
+        self.div = divergence(c.divergence, beta=c.beta, alpha=c.alpha)
 
     def on_policy(self, step: int) -> bool:
         g = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
         return bool(torch.rand((), generator=g) < self.cfg.gkd.lmbda)
 
-    def step(self, micro_batches):
-        tr = self.trainer
-        on_policy = self.on_policy(tr.step)
+    def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
+        on_policy = self.on_policy(ctx.step)
         if on_policy:
-            batches = [tr.sample(mb) for mb in micro_batches]
+            batches = [ctx.sample(mb) for mb in micro_batches]
         elif self.cfg.gkd.seq_kd:
-            batches = [tr.sample(mb, model=tr.teacher) for mb in micro_batches]
+            batches = [ctx.sample(mb, from_teacher=True) for mb in micro_batches]
         else:
-            batches = [tr.collate(mb) for mb in micro_batches]
-        out = self.supervised_step(batches, kd_ratio=1.0, divergence=self.div)
-        out["on_policy"] = float(on_policy)
+            batches = [ctx.collate(mb) for mb in micro_batches]
+        result = supervised_step(ctx, batches, kd_ratio=1.0, div=self.div)
+        result.metrics["on_policy"] = float(on_policy)
         if on_policy:
-            out["_generated_tokens"] = out["_trained_tokens"]
-        return out
+            result.generated_tokens = result.trained_tokens
+        return result

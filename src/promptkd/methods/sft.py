@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from promptkd.methods.base import Method
+from promptkd.methods.base import Method, StepContext, StepResult, supervised_step
 
 
 class SFT(Method):
@@ -15,6 +15,5 @@ class SFT(Method):
     def needs_teacher(cls, cfg) -> bool:
         return False
 
-    def step(self, micro_batches):
-        batches = [self.trainer.collate(mb) for mb in micro_batches]
-        return self.supervised_step(batches)
+    def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
+        return supervised_step(ctx, [ctx.collate(mb) for mb in micro_batches])

@@ -1,19 +1,22 @@
 """The one training loop shared by every method.
 
-    promptkd train --config configs/promptkd.yaml
+    promptkd train --config configs/promptkd.yaml              # from the command line
 
-`Trainer.setup()` loads the models, data and optimizers and prepares them with `accelerate`;
-`Trainer.train()` runs optimizer steps. Each step takes `gradient_accumulation_steps`
-micro-batches per process from a seeded, resumable data order and hands them to the method's
-`step()`, which computes losses and calls back into the trainer for the shared mechanics:
-forward passes with autocast, on-policy sampling, global-token normalisation, non-finite
-guards, clipping and optimizer steps. Evaluation, logging and checkpointing happen here.
+    trainer = Trainer(config, student=student, teacher=teacher, tokenizer=tokenizer,
+                      train_dataset=dataset)                   # from Python, with your objects
+    trainer.train()
+
+`Trainer.setup()` takes the models, tokenizer and data it was given (loading whatever is missing
+from the config) and prepares them with `accelerate`; `Trainer.train()` runs optimizer steps.
+Each step takes `gradient_accumulation_steps` micro-batches per process from a seeded,
+resumable data order and hands them to the method's `step(ctx, micro_batches)`. The method
+sees only the step context (`promptkd.training.context.TrainingContext`): forward passes with
+autocast, on-policy sampling, global-token normalisation, backward and parameter-set updates.
+Evaluation, logging, checkpointing and signal handling happen here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -28,12 +31,22 @@ from pathlib import Path
 
 import torch
 
-from promptkd.config import Config
-from promptkd.data.batch import SequenceBatch
+from promptkd.config import Config, config_warnings, load_config, validate_config
+from promptkd.data.dataset import build_examples
+from promptkd.data.records import records_from
 from promptkd.errors import NonFiniteError, TrainingInterrupted, UserError
-from promptkd.models.loading import eos_token_ids
-from promptkd.sampling import response_logits
+from promptkd.methods import get_method_class
+from promptkd.methods.base import StepResult, response_mask
+from promptkd.models.lora import is_lora_model, save_lora_student, with_lora
+from promptkd.models.loading import (
+    ModelSpec,
+    check_tokenizer_compatibility,
+    eos_token_ids,
+    load_model_and_tokenizer,
+)
+from promptkd.samplers import build_sampler
 from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from promptkd.training.context import ParameterSet, TrainingContext, UpdateGuard
 from promptkd.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -65,6 +78,16 @@ class DataOrder:
     @property
     def epoch(self) -> float:
         return self.position / self.num_examples
+
+    def micro_batches(self, batch_size: int, accumulation: int, world: int, rank: int) -> list[list[int]]:
+        """Example indices of process `rank`'s micro-batches for the next optimizer step.
+
+        The step takes batch_size x accumulation x world examples; micro-batch m of rank r holds
+        global slots (m * world + r) * batch_size ..., so step k trains on the same examples for
+        any split of the same global batch, and the position is global (resumable anywhere).
+        """
+        indices = self.take(batch_size * accumulation * world)
+        return [indices[(m * world + rank) * batch_size:][:batch_size] for m in range(accumulation)]
 
     def take(self, n: int) -> list[int]:
         out = []
@@ -103,8 +126,8 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-class PromptState:
-    """Adapter so accelerate's checkpointing saves and restores a method's extra tensors."""
+class MethodState:
+    """Adapter so accelerate's checkpointing saves and restores a method's own tensors."""
 
     def __init__(self, get_state, set_state):
         self._get, self._set = get_state, set_state
@@ -117,20 +140,63 @@ class PromptState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True):
-        self.cfg = cfg
+    """Distils a student from a teacher with the configured method.
+
+    Args:
+        config: a `Config` (validated here), or a path / dict for `Trainer.from_config`.
+        student, teacher, tokenizer: models and tokenizer you already hold; each one left None
+            is loaded from `config.model` (the tokenizer from the student's source).
+        train_dataset, eval_dataset: a `datasets.Dataset`, a list of dicts or a JSONL path, in
+            the instruction schema or a chat format (`messages`, or prompt-only for on-policy
+            methods); None reads `config.data.train` / `config.data.dev`.
+        resume, overwrite: continue the run in `config.train.output_dir`, or replace it.
+        show_progress: the progress bar.
+        on_phase: called as on_phase(name, seconds) after each timed phase of a step
+            (generation, student_fwd, teacher_fwd_*, losses, backward_*, optimizer), for
+            profilers such as benchmarks/bench_step.py; None costs nothing.
+    """
+
+    def __init__(self, config: Config, *, student=None, teacher=None, tokenizer=None, train_dataset=None,
+                 eval_dataset=None, resume: bool = False, overwrite: bool = False, show_progress: bool = True,
+                 on_phase=None):
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a promptkd Config (use Trainer.from_config for a path or dict), got {type(config).__name__}")
+        self.cfg = config
+        self._given = {"student": student, "teacher": teacher, "tokenizer": tokenizer,
+                       "train_dataset": train_dataset, "eval_dataset": eval_dataset}
+        validate_config(config, provided={k for k, v in self._given.items() if v is not None})
         self.resume = resume
         self.overwrite = overwrite
         self.show_progress = show_progress
-        self.output_dir = Path(cfg.train.output_dir)
+        self.on_phase = on_phase
+        self.output_dir = Path(config.train.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.step = 0
-        self.nonfinite_skips = 0
-        self.overflows: dict[str, int] = {}  # fp16 loss-scale overflows per parameter set
+        self.guard = UpdateGuard(nonfinite=config.train.nonfinite, max_nonfinite_skips=config.train.max_nonfinite_skips)
         self.best_metric: float | None = None
         self.best_step: int | None = None
         self.teacher = None
-        self._stop_message: str | None = None  # set by the non-finite guard to end training
+        self._is_setup = False
+
+    @classmethod
+    def from_config(cls, source, overrides: list[str] | dict | None = None, **kwargs) -> Trainer:
+        """A Trainer from a YAML path, a dict or a Config, plus dotted overrides (the CLI path)."""
+        if isinstance(source, Config):
+            cfg = load_config(None, {**source.to_dict(), **(overrides or {})}) if overrides else source
+        elif isinstance(source, dict):
+            cfg = load_config(None, source) if not overrides else load_config(None, _merged(source, overrides))
+        else:
+            cfg = load_config(source, overrides, check_required=not any(
+                kwargs.get(k) is not None for k in ("student", "teacher", "train_dataset")))
+        return cls(cfg, **kwargs)
+
+    @property
+    def nonfinite_skips(self) -> int:
+        return self.guard.nonfinite_skips
+
+    @property
+    def unwrapped_student(self):
+        return self.accelerator.unwrap_model(self.student)
 
     # ------------------------------------------------------------------ setup
 
@@ -169,16 +235,11 @@ class Trainer:
                 logger.warning("--overwrite: kept %s (it holds files other than tracker logs)", tracker)
 
     def setup(self) -> Trainer:
+        """Models, tokenizer, data, optimizers and the step context, prepared with accelerate."""
+        if self._is_setup:
+            return self
         from accelerate import Accelerator
         from accelerate.utils import set_seed
-
-        from promptkd.config import config_warnings
-        from promptkd.methods import get_method_class
-        from promptkd.models.loading import (
-            ModelSpec,
-            check_tokenizer_compatibility,
-            load_model_and_tokenizer,
-        )
 
         cfg = self.cfg
         for w in config_warnings(cfg):
@@ -198,14 +259,11 @@ class Trainer:
         set_seed(cfg.train.seed)
 
         method_cls = get_method_class(cfg.method)
-        self.student, self.tokenizer = load_model_and_tokenizer(
-            ModelSpec(cfg.model.student, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-        )
+        self.method = method_cls(cfg)
+        self.student, self.tokenizer = self._student_and_tokenizer()
         self.vocab_size = self.student.get_output_embeddings().weight.shape[0]
         if method_cls.needs_teacher(cfg):
-            self.teacher, teacher_tok = load_model_and_tokenizer(
-                ModelSpec(cfg.model.teacher, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-            )
+            self.teacher, teacher_tok = self._teacher()
             self.vocab_size = check_tokenizer_compatibility(teacher_tok, self.tokenizer, self.teacher, self.student)
             self.teacher.requires_grad_(False)
             self.teacher.eval()
@@ -214,34 +272,46 @@ class Trainer:
         if cfg.train.gradient_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.student.config.use_cache = False
-        self.pad_token_id = self.tokenizer.pad_token_id
-        self.eos_token_ids = eos_token_ids(self.tokenizer, self.student)
 
-        from promptkd.samplers import build_sampler
-
-        self.sampler = build_sampler(cfg.train.sampler, self)
-        self.method = method_cls(self)
-        self.train_examples = self.method.load_train_examples()
+        self.train_examples = self._load_train_examples()
         self.dev_examples = self._load_dev_examples()
         self.data_order = DataOrder(len(self.train_examples), cfg.train.seed)
 
-        self.student_optimizer = build_optimizer(
+        student_optimizer = build_optimizer(
             self.student.parameters(),
             lr=cfg.train.learning_rate,
             weight_decay=cfg.train.weight_decay,
             betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
         )
-        self.student_scheduler = build_scheduler(
-            self.student_optimizer,
+        student_scheduler = build_scheduler(
+            student_optimizer,
             name=cfg.train.lr_scheduler,
             warmup_steps=cfg.train.warmup_steps,
             total_steps=cfg.train.max_steps,
         )
-        self.student, self.student_optimizer, self.student_scheduler = self.accelerator.prepare(
-            self.student, self.student_optimizer, self.student_scheduler
+        self.student, student_optimizer, student_scheduler = self.accelerator.prepare(
+            self.student, student_optimizer, student_scheduler
         )
-        self.method.setup()
-        self.accelerator.register_for_checkpointing(PromptState(self._extra_state, self._load_extra_state))
+        self.ctx = TrainingContext(
+            accelerator=self.accelerator,
+            student=self.student,
+            teacher=self.teacher,
+            tokenizer=self.tokenizer,
+            vocab_size=self.vocab_size,
+            sampler=None,
+            sampling=cfg.sampling,
+            eos_token_ids=eos_token_ids(self.tokenizer, self.unwrapped_student),
+            eos_at_cap_default=method_cls.eos_at_cap_default,
+            train_cfg=cfg.train,
+            guard=self.guard,
+            on_phase=self.on_phase,
+        )
+        self.ctx.sampler = build_sampler(cfg.train.sampler, self.ctx)
+        self.ctx.param_sets["student"] = ParameterSet(
+            "student", list(self.student.parameters()), student_optimizer, student_scheduler
+        )
+        self.method.setup(self.ctx)
+        self.accelerator.register_for_checkpointing(MethodState(self.method.state_dict, self.method.load_state_dict))
 
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +324,47 @@ class Trainer:
         if cfg.train.trackers:
             self.accelerator.init_trackers("promptkd", config=_flatten(cfg.to_dict()))
         self.accelerator.wait_for_everyone()
+        self._is_setup = True
         return self
+
+    def _student_and_tokenizer(self):
+        cfg = self.cfg
+        student, tokenizer = self._given["student"], self._given["tokenizer"]
+        if student is None:
+            student, loaded_tok = load_model_and_tokenizer(
+                ModelSpec(cfg.model.student, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+            )
+            tokenizer = tokenizer or loaded_tok
+        elif tokenizer is None:
+            if not cfg.model.student:
+                raise UserError("a student model was passed without a tokenizer: pass tokenizer=... "
+                                "(or set model.student so the tokenizer can be loaded from it)")
+            _, tokenizer = load_model_and_tokenizer(ModelSpec(cfg.model.student, dtype=cfg.model.dtype))
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise UserError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token")
+            tokenizer.pad_token = tokenizer.eos_token  # pad positions are always masked out
+        lora = cfg.model.student_lora
+        if lora.r > 0 and not is_lora_model(student):
+            student = with_lora(student, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                target_modules=lora.target_modules)
+            if cfg.train.gradient_checkpointing:
+                student.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
+        student.train()
+        return student, tokenizer
+
+    def _teacher(self):
+        cfg = self.cfg
+        teacher = self._given["teacher"]
+        if teacher is None:
+            return load_model_and_tokenizer(
+                ModelSpec(cfg.model.teacher, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+            )
+        # a passed-in teacher shares the student's tokenizer unless model.teacher names its own
+        if cfg.model.teacher:
+            _, teacher_tok = load_model_and_tokenizer(ModelSpec(cfg.model.teacher, dtype=cfg.model.dtype))
+            return teacher, teacher_tok
+        return teacher, self.tokenizer
 
     def _check_distributed_backend(self) -> None:
         """Refuse what accelerate's DeepSpeed integration cannot run with this loop.
@@ -285,49 +395,66 @@ class Trainer:
             # no DataLoader goes through prepare(), so accelerate cannot infer it
             ds_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
 
-    def gathered_student(self):
-        """Context in which the *unwrapped* student may run forward / generate.
+    # ------------------------------------------------------------------ data
 
-        Under FSDP1 the root module's own parameters (embeddings, final norm, LM head) stay
-        sharded outside the wrapped forward, so they are gathered here (the decoder layers,
-        wrapped separately, gather themselves). A no-op for one process, DDP, FSDP2 and
-        DeepSpeed.
-        """
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.distributed_type == DistributedType.FSDP and not getattr(self.accelerator, "is_fsdp2", False):
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            return FSDP.summon_full_params(self.student, recurse=False, writeback=False)
-        return contextlib.nullcontext()
-
-    def _load_dev_examples(self):
-        if not self.cfg.data.dev:
-            return []
-        from promptkd.data.dataset import build_examples
-        from promptkd.data.records import load_records
-
-        records = load_records(self.cfg.data.dev, split=self.cfg.data.dev_split, data_files=self.cfg.data.dev_data_files)
-        examples, _ = build_examples(
+    def _examples(self, data, *, source: str, split: str, data_files, with_responses: bool, on_records=None):
+        d = self.cfg.data
+        records = records_from(data, split=split, data_files=data_files, require_outputs=with_responses)
+        if on_records is not None:
+            on_records(records)
+        return build_examples(
             records,
             self.tokenizer,
-            template=self.cfg.data.template,
-            max_prompt_length=self.cfg.data.max_prompt_length,
-            max_length=self.cfg.data.max_length,
-            max_response_length=self.cfg.data.max_response_length,
-            source=self.cfg.data.dev,
+            template=d.template,
+            max_prompt_length=d.max_prompt_length,
+            max_length=d.max_length,
+            max_response_length=d.max_response_length,
+            with_responses=with_responses,
+            source=source,
         )
-        if self.cfg.data.max_dev_examples:
-            examples = examples[: self.cfg.data.max_dev_examples]
+
+    def _load_train_examples(self):
+        d = self.cfg.data
+        data = self._given["train_dataset"]
+        own_source = self.method.train_source()
+        if data is None:
+            data, source = own_source, str(own_source)
+        else:
+            source = "train_dataset"
+        # another file than data.train (seqkd's teacher responses): data.train's split and data_files are not its own
+        use_split = data is d.train or self._given["train_dataset"] is not None
+        examples, stats = self._examples(
+            data,
+            source=source,
+            split=d.train_split if use_split else "train",
+            data_files=d.train_data_files if use_split and self._given["train_dataset"] is None else None,
+            with_responses=self.method.needs_references(self.cfg),
+            on_records=lambda recs: self.method.check_train_records(
+                recs, source=source, is_main_process=self.accelerator.is_main_process),
+        )
+        if self.accelerator.is_main_process:
+            logger.warning("training data %s: %s", source, stats.summary())
+        if d.max_train_examples:
+            examples = examples[: d.max_train_examples]
+        return examples
+
+    def _load_dev_examples(self):
+        d = self.cfg.data
+        data = self._given["eval_dataset"] if self._given["eval_dataset"] is not None else d.dev
+        if data is None or (isinstance(data, str) and not data):
+            return []
+        examples, _ = self._examples(
+            data,
+            source="eval_dataset" if self._given["eval_dataset"] is not None else str(d.dev),
+            split=d.dev_split,
+            data_files=d.dev_data_files if self._given["eval_dataset"] is None else None,
+            with_responses=True,
+        )
+        if d.max_dev_examples:
+            examples = examples[: d.max_dev_examples]
         return examples
 
     # ------------------------------------------------------------------ resume
-
-    def _extra_state(self) -> dict:
-        return self.method.extra_state_dict()
-
-    def _load_extra_state(self, state: dict) -> None:
-        self.method.load_extra_state_dict(state)
 
     def _trainer_state(self) -> dict:
         offset = 0
@@ -339,8 +466,8 @@ class Trainer:
             "step": self.step,
             "data_position": self.data_order.position,
             "metrics_offset": offset,
-            "nonfinite_skips": self.nonfinite_skips,
-            "overflows": self.overflows,
+            "nonfinite_skips": self.guard.nonfinite_skips,
+            "overflows": self.guard.overflows,
             "best_metric": self.best_metric,
             "best_step": self.best_step,
             "world_size": self.accelerator.num_processes,
@@ -375,8 +502,9 @@ class Trainer:
         state = load_trainer_state(ckpt)
         self.step = state["step"]
         self.data_order.position = state["data_position"]
-        self.nonfinite_skips = state["nonfinite_skips"]
-        self.overflows = dict(state.get("overflows", {}))
+        self.ctx.step = self.step
+        self.guard.nonfinite_skips = state["nonfinite_skips"]
+        self.guard.overflows = dict(state.get("overflows", {}))
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
         if self.accelerator.is_main_process:
             # accelerate ignores an unreadable RNG file silently; an inexact resume should not be
@@ -400,7 +528,7 @@ class Trainer:
                         )
         logger.info("resumed from %s at step %d", ckpt, self.step)
 
-    # ------------------------------------------------------------------ shared mechanics
+    # ------------------------------------------------------------------ teacher precision
 
     def _teacher_linears_to_compute_dtype(self) -> None:
         """Under bf16 (or CUDA fp16) autocast, hold the frozen teacher's linear weights in that dtype.
@@ -417,154 +545,26 @@ class Trainer:
 
         cast_frozen_linear_weights(self.teacher, dtype)
 
-    @property
-    def unwrapped_student(self):
-        return self.accelerator.unwrap_model(self.student)
-
-    def autocast(self):
-        return self.accelerator.autocast()
-
-    def response_logits(self, model, batch: SequenceBatch, **kwargs) -> torch.Tensor:
-        """(B, T - P, V) logits predicting the response columns (`sampling.response_logits`), autocast."""
-        with self.autocast():
-            return response_logits(model, batch, self.vocab_size, **kwargs)
-
-    @staticmethod
-    def response_mask(batch: SequenceBatch) -> torch.Tensor:
-        return batch.loss_mask[:, batch.prompt_length :]  # (B, T - P)
-
-    def sample(self, examples, model=None, *, training: bool = True) -> SequenceBatch:
-        """Sampled responses (of the current student unless `model` is given) for these prompts.
-
-        `sampling.eos_at_cap` (or the method's default) applies to the student's training
-        samples only, never to teacher samples or dev evaluation (`training=False`)."""
-        from promptkd.data.collate import collate_prompts
-
-        prompt_ids, prompt_mask = collate_prompts(examples, self.pad_token_id)
-        s = self.cfg.sampling
-        gather = self.gathered_student() if model is None else contextlib.nullcontext()
-        with gather, self.autocast():
-            batch = self.sampler(
-                model if model is not None else self.unwrapped_student,
-                prompt_ids.to(self.accelerator.device),
-                prompt_mask.to(self.accelerator.device),
-                eos_token_ids=self.eos_token_ids,
-                pad_token_id=self.pad_token_id,
-                config=s.to_sampling_config(self.method.eos_at_cap_default)
-                if model is None and training
-                else dataclasses.replace(s.to_sampling_config(), eos_at_cap=False),
-            )
-        return batch
-
-    def collate(self, examples) -> SequenceBatch:
-        from promptkd.data.collate import collate_sequences
-
-        return collate_sequences(examples, self.pad_token_id).to(self.accelerator.device)
-
-    def global_token_count(self, batches: list[SequenceBatch]) -> float:
-        """Response tokens of this optimizer step summed over micro-batches and processes."""
-        local = sum(self.response_mask(b).sum() for b in batches)
-        total = self.accelerator.reduce(torch.as_tensor(local, device=self.accelerator.device, dtype=torch.float64), "sum")
-        return float(total.item())
-
-    def loss_scale(self, global_tokens: float) -> float:
-        """Multiply a micro-batch's summed loss by this so gradients equal sum / global tokens.
-
-        DDP averages gradients over processes, hence the factor num_processes.
-        """
-        return self.accelerator.num_processes / max(global_tokens, 1.0)
-
-    def reduce_sum(self, value: float) -> float:
-        t = torch.tensor(float(value), device=self.accelerator.device, dtype=torch.float64)
-        return float(self.accelerator.reduce(t, "sum").item())
-
-    def all_reduce_grads(self, params) -> None:
-        """Average gradients of parameters not wrapped by DDP (the soft prompt) over processes."""
-        if self.accelerator.num_processes == 1:
-            return
-        for p in params:
-            if p.grad is not None:
-                p.grad = self.accelerator.reduce(p.grad, "mean")
-
-    def apply_update(self, name: str, optimizer, scheduler, params, loss_value: float) -> dict:
-        """Non-finite guard, clipping, optimizer and scheduler step for one parameter set.
-
-        Under fp16 loss scaling (a GradScaler, CUDA) an infinite gradient with a finite loss is
-        an overflow, which is normal: the update goes through the scaler, which skips it and
-        lowers the scale (GradScaler's protocol), and it is counted in `{name}/overflows`, not as
-        a non-finite failure; the learning-rate schedule does not advance on an overflow. A
-        non-finite loss is a failure with or without a scaler (`train.nonfinite`).
-        """
-        params = list(params)
-        scaler = self.accelerator.scaler
-        max_norm = self.cfg.train.max_grad_norm
-        if max_norm > 0:
-            grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)  # unscales first
-        else:
-            if scaler is not None:
-                self.accelerator.unscale_gradients()
-            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-            grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
-        grad_norm = float(grad_norm)  # of the unscaled gradients
-        loss_finite = self.reduce_sum(0.0 if math.isfinite(loss_value) else 1.0) == 0.0
-        grads_finite = self.reduce_sum(0.0 if math.isfinite(grad_norm) else 1.0) == 0.0
-        lr = scheduler.get_last_lr()[0]
-        out = {f"{name}/grad_norm": grad_norm, f"{name}/lr": lr}
-        overflow = False
-        if scaler is not None and loss_finite:
-            # The scaler decides: it steps on finite gradients, and on inf/NaN gradients it skips
-            # the step and lowers the scale. Not calling optimizer.step() here would leave the
-            # gradients unscaled without scaler.update(), and the next unscale_() would fail.
-            optimizer.step()
-            overflow = not grads_finite
-            if overflow:
-                self.overflows[name] = self.overflows.get(name, 0) + 1
-                logger.info("fp16 overflow in the %s update at step %d: skipped, loss scale now %g",
-                            name, self.step + 1, scaler.get_scale())
-            out[f"{name}/overflows"] = self.overflows.get(name, 0)
-        elif loss_finite and grads_finite:
-            optimizer.step()
-        else:
-            if scaler is not None:
-                # close the scaler's iteration (the gradients were unscaled above) with a backoff
-                scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
-            self._on_nonfinite(name, loss_value, grad_norm)
-        optimizer.zero_grad(set_to_none=True)
-        if not overflow:
-            with warnings.catch_warnings():  # a skipped non-finite update advances the schedule, on purpose
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-                scheduler.step()
-        return out
-
-    def _on_nonfinite(self, name: str, loss_value: float, grad_norm: float) -> None:
-        """The update was skipped. With train.nonfinite stop (or after max_nonfinite_skips skips)
-        training ends once this step is complete: `train()` checkpoints the finished step and
-        raises NonFiniteError, so the checkpoint is a consistent, resumable state (stopping in
-        the middle of a step would mix one parameter set's new state with another's old one)."""
-        self.nonfinite_skips += 1
-        msg = (
-            f"non-finite {name} update at step {self.step + 1} (loss {loss_value}, grad norm {grad_norm})"
-        )
-        t = self.cfg.train
-        if t.nonfinite == "stop" or self.nonfinite_skips >= t.max_nonfinite_skips:
-            if self._stop_message is None:
-                reason = "" if t.nonfinite == "stop" else f" ({self.nonfinite_skips} updates skipped, train.max_nonfinite_skips)"
-                self._stop_message = msg + reason
-            return
-        warnings.warn(msg + f"; update skipped ({self.nonfinite_skips} so far)", RuntimeWarning, stacklevel=2)
-
-    # ------------------------------------------------------------------ data
+    # ------------------------------------------------------------------ steps
 
     def next_micro_batches(self) -> list[list]:
         """This process's micro-batches for the next optimizer step (accumulation x batch_size)."""
         t = self.cfg.train
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        indices = self.data_order.take(t.batch_size * t.gradient_accumulation_steps * world)
-        out = []
-        for m in range(t.gradient_accumulation_steps):
-            start = (m * world + rank) * t.batch_size
-            out.append([self.train_examples[i] for i in indices[start : start + t.batch_size]])
-        return out
+        shards = self.data_order.micro_batches(
+            t.batch_size, t.gradient_accumulation_steps, self.accelerator.num_processes, self.accelerator.process_index
+        )
+        return [[self.train_examples[i] for i in shard] for shard in shards]
+
+    def train_step(self, micro_batches: list[list] | None = None) -> StepResult:
+        """One optimizer step of the method on the next micro-batches (or the given ones)."""
+        self.setup()
+        if micro_batches is None:
+            micro_batches = self.next_micro_batches()
+        self.ctx.step = self.step
+        result = self.method.step(self.ctx, micro_batches)
+        self.step += 1
+        self.ctx.step = self.step
+        return result
 
     # ------------------------------------------------------------------ evaluation
 
@@ -577,39 +577,31 @@ class Trainer:
         return {"dev/rougeL": self._dev_rouge()}
 
     def _dev_loss(self) -> float:
-        model = self.unwrapped_student
-        was_training = model.training
-        model.eval()
         total, count = 0.0, 0.0
         for chunk, indices in self._dev_shards():
-            batch = self.collate(chunk)
-            with self.gathered_student():
-                logits = self.response_logits(model, batch).float()
+            batch = self.ctx.collate(chunk)
+            logits = self.ctx.student_target_logits(batch).float()  # eval mode, no grad
             if indices is None:  # a filler batch that keeps the processes in step
                 continue
-            mask = self.response_mask(batch)
+            mask = response_mask(batch)
             targets = batch.input_ids[:, batch.prompt_length :]
             nll = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
             total += float(nll)
             count += float(mask.sum())
-        model.train(was_training)
-        return self.reduce_sum(total) / max(self.reduce_sum(count), 1.0)
+        return self.ctx.reduce_sum(total) / max(self.ctx.reduce_sum(count), 1.0)
 
     def _dev_rouge(self) -> float:
         from promptkd.evaluation.metric import corpus_rouge_l
 
-        model = self.unwrapped_student
-        was_training = model.training
         scored = []  # (dev index, prediction) of this process's share
         for chunk, indices in self._dev_shards():
-            batch = self.sample(chunk, training=False)
+            batch = self.ctx.sample(chunk, training=False)
             if indices is None:  # a filler batch that keeps the processes in step
                 continue
             resp = batch.input_ids[:, batch.prompt_length :]
             mask = batch.loss_mask[:, batch.prompt_length :]
             for row, m, i in zip(resp, mask, indices, strict=True):
                 scored.append((i, self.tokenizer.decode(row[m], skip_special_tokens=True).strip()))
-        model.train(was_training)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
@@ -653,7 +645,10 @@ class Trainer:
             self.export(self.output_dir / "final")
 
     def export(self, out_dir: Path) -> None:
-        """Student in save_pretrained format (+ tokenizer) and the method's artefacts."""
+        """Student in save_pretrained format (+ tokenizer) and the method's artefacts.
+
+        A LoRA student exports its adapter (student_adapter/) and, with model.student_lora.merge,
+        the merged model (student/)."""
         self.accelerator.wait_for_everyone()
         # every process takes part: a collective under FSDP / ZeRO-3 (full weights on the main one)
         state_dict = self.accelerator.get_state_dict(self.student)
@@ -661,8 +656,12 @@ class Trainer:
             tmp = out_dir.with_name(out_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             student = self.unwrapped_student
-            student.save_pretrained(tmp / "student", state_dict=state_dict, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp / "student")
+            if is_lora_model(student):
+                save_lora_student(student, self.tokenizer, tmp, state_dict=state_dict,
+                                  merge=self.cfg.model.student_lora.merge)
+            else:
+                student.save_pretrained(tmp / "student", state_dict=state_dict, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp / "student")
             self.method.export(tmp)
             shutil.rmtree(out_dir, ignore_errors=True)
             os.rename(tmp, out_dir)
@@ -671,8 +670,10 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def train(self) -> dict:
+        """Run the remaining optimizer steps, checkpoint and export; returns the last metrics record."""
         from tqdm.auto import tqdm
 
+        self.setup()
         cfg = self.cfg.train
         self.student.train()
         bar = tqdm(
@@ -698,16 +699,15 @@ class Trainer:
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             micro_batches = self.next_micro_batches()
-            metrics = self.method.step(micro_batches)
-            self.step += 1
+            result = self.train_step(micro_batches)
             dt = time.perf_counter() - t0
-            trained = self.reduce_sum(metrics.pop("_trained_tokens", 0.0))
-            generated = self.reduce_sum(metrics.pop("_generated_tokens", 0.0))
-            record = {"step": self.step, "epoch": round(self.data_order.epoch, 4), **metrics}
+            trained = self.ctx.reduce_sum(result.trained_tokens)
+            generated = self.ctx.reduce_sum(result.generated_tokens)
+            record = {"step": self.step, "epoch": round(self.data_order.epoch, 4), **result.metrics}
             record.update(step_time=dt, trained_tokens=trained, trained_tokens_per_s=trained / dt,
                           generated_tokens=generated)
-            if self.nonfinite_skips:
-                record["nonfinite_skips"] = self.nonfinite_skips
+            if self.guard.nonfinite_skips:
+                record["nonfinite_skips"] = self.guard.nonfinite_skips
             do_eval = bool(self.dev_examples) and (
                 (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps
             )
@@ -727,11 +727,11 @@ class Trainer:
                 refresh=False,
             )
             bar.update(1)
-            if self._stop_message is not None:
+            if self.guard.stop_message is not None:
                 bar.close()
                 self.save(final=False)
                 raise NonFiniteError(
-                    f"{self._stop_message}; the update was skipped and training stopped with a checkpoint "
+                    f"{self.guard.stop_message}; the update was skipped and training stopped with a checkpoint "
                     f"at step {self.step} in {self.checkpoints_dir}: lower train.learning_rate, try "
                     "train.mixed_precision no or set train.nonfinite skip, then continue with "
                     f"--resume {self.output_dir}"
@@ -816,6 +816,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _merged(base: dict, overrides) -> dict:
+    from promptkd.config import merge_dicts, parse_overrides
+
+    over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+    return merge_dicts(base, over)
+
+
 def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> dict:
-    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, show_progress=show_progress).setup()
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, show_progress=show_progress)
     return trainer.train()

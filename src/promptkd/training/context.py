@@ -1,0 +1,330 @@
+"""The step context: what a method's `setup` and `step` may use, and nothing else.
+
+`TrainingContext` implements `promptkd.methods.base.StepContext` on top of `accelerate`:
+forward passes with autocast, on-policy sampling, the global token count and loss scale,
+backward, parameter sets (an AdamW optimizer and a schedule each) and their updates with the
+non-finite guard and fp16 loss scaling, reductions over processes, and named phases that a
+profiler can time (`on_phase`). The trainer builds one per run; methods never see the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from promptkd.data.batch import SequenceBatch
+from promptkd.data.collate import collate_prompts, collate_sequences
+from promptkd.errors import UserError
+from promptkd.methods.base import response_mask
+from promptkd.sampling import response_logits
+from promptkd.training.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ParameterSet:
+    """One trained set of parameters with its own (prepared) optimizer and schedule."""
+
+    name: str
+    params: list
+    optimizer: object
+    scheduler: object
+
+
+@dataclass
+class UpdateGuard:
+    """Bookkeeping of skipped updates, saved in every checkpoint.
+
+    nonfinite_skips: updates skipped for a non-finite loss or gradient (train.nonfinite);
+    overflows:       fp16 loss-scale overflows per parameter set (normal; not failures);
+    stop_message:    set when training must stop after this step (nonfinite stop / too many skips).
+    """
+
+    nonfinite: str = "skip"
+    max_nonfinite_skips: int = 20
+    nonfinite_skips: int = 0
+    overflows: dict[str, int] = field(default_factory=dict)
+    stop_message: str | None = None
+
+    def on_nonfinite(self, name: str, step: int, loss_value: float, grad_norm: float) -> None:
+        """The update was skipped. With nonfinite stop (or after max_nonfinite_skips skips) the
+        trainer ends training once this step is complete and checkpointed (stopping inside the
+        step would mix one parameter set's new state with another's old one)."""
+        self.nonfinite_skips += 1
+        msg = f"non-finite {name} update at step {step} (loss {loss_value}, grad norm {grad_norm})"
+        if self.nonfinite == "stop" or self.nonfinite_skips >= self.max_nonfinite_skips:
+            if self.stop_message is None:
+                reason = "" if self.nonfinite == "stop" else f" ({self.nonfinite_skips} updates skipped, train.max_nonfinite_skips)"
+                self.stop_message = msg + reason
+            return
+        warnings.warn(msg + f"; update skipped ({self.nonfinite_skips} so far)", RuntimeWarning, stacklevel=4)
+
+
+class PhaseClock:
+    """Wall time per named phase for a profiler callback; nested phases count in the outermost."""
+
+    def __init__(self, on_phase: Callable[[str, float], None]):
+        self.on_phase = on_phase
+        self.depth = 0
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.depth:
+            yield
+            return
+        self.depth += 1
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            self.on_phase(name, time.perf_counter() - start)
+
+
+class TrainingContext:
+    """The `StepContext` of a training run (see promptkd.methods.base.StepContext).
+
+    Built by the trainer from its components; `step` is kept equal to the optimizer steps done.
+    """
+
+    def __init__(self, *, accelerator, student, teacher, tokenizer, vocab_size: int, sampler, sampling,
+                 eos_token_ids: list[int], eos_at_cap_default: bool, train_cfg, guard: UpdateGuard,
+                 on_phase: Callable[[str, float], None] | None = None):
+        self.accelerator = accelerator
+        self.student = student  # prepared (DDP / FSDP-wrapped when distributed)
+        self.teacher = teacher
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.sampler = sampler
+        self.sampling = sampling  # the config's sampling section
+        self.eos_token_ids = eos_token_ids
+        self.pad_token_id = tokenizer.pad_token_id
+        self.eos_at_cap_default = eos_at_cap_default
+        self.train_cfg = train_cfg
+        self.guard = guard
+        self.step = 0
+        self.max_steps = train_cfg.max_steps
+        self.param_sets: dict[str, ParameterSet] = {}
+        self._clock = PhaseClock(on_phase) if on_phase is not None else None
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def student_module(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.student)
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    # ---------------------------------------------------------------- profiling and precision
+    def phase(self, name: str):
+        """A named phase for the profiler (`on_phase(name, seconds)`); free when none is attached."""
+        return self._clock(name) if self._clock is not None else contextlib.nullcontext()
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def gathered_student(self):
+        """Context in which the *unwrapped* student may run forward / generate.
+
+        Under FSDP1 the root module's own parameters (embeddings, final norm, LM head) stay
+        sharded outside the wrapped forward, so they are gathered here (the decoder layers,
+        wrapped separately, gather themselves). A no-op for one process, DDP, FSDP2 and
+        DeepSpeed.
+        """
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type == DistributedType.FSDP and not getattr(self.accelerator, "is_fsdp2", False):
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            return FSDP.summon_full_params(self.student, recurse=False, writeback=False)
+        return contextlib.nullcontext()
+
+    # ---------------------------------------------------------------- batches
+    def sample(self, examples: Sequence, *, from_teacher: bool = False, training: bool = True) -> SequenceBatch:
+        """Sampled responses of the current student (or the teacher) for these examples' prompts.
+
+        `sampling.eos_at_cap` (or the method's default) applies to the student's training
+        samples only, never to teacher samples or dev evaluation (`training=False`).
+        """
+        prompt_ids, prompt_mask = collate_prompts(examples, self.pad_token_id)
+        config = self.sampling.to_sampling_config(self.eos_at_cap_default)
+        if from_teacher or not training:
+            config = dataclasses.replace(config, eos_at_cap=False)
+        model = self.teacher if from_teacher else self.student_module
+        gather = contextlib.nullcontext() if from_teacher else self.gathered_student()
+        with self.phase("generation"), gather, self.autocast():
+            return self.sampler(
+                model,
+                prompt_ids.to(self.device),
+                prompt_mask.to(self.device),
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=self.pad_token_id,
+                config=config,
+            )
+
+    def collate(self, examples: Sequence) -> SequenceBatch:
+        """Prompt + reference response batch of these examples, on the training device."""
+        return collate_sequences(examples, self.pad_token_id).to(self.device)
+
+    # ---------------------------------------------------------------- forwards
+    def response_logits(self, model, batch: SequenceBatch) -> torch.Tensor:
+        """(B, R, V) logits predicting the response columns (`sampling.response_logits`), autocast."""
+        with self.autocast():
+            return response_logits(model, batch, self.vocab_size)
+
+    def student_logits(self, batch: SequenceBatch) -> torch.Tensor:
+        """(B, R, V) student logits with grad, through the (DDP-wrapped) training student."""
+        with self.phase("student_fwd"):
+            return self.response_logits(self.student, batch)
+
+    def student_target_logits(self, batch: SequenceBatch) -> torch.Tensor:
+        """(B, R, V) student logits as a target: eval mode (no dropout), no grad."""
+        model = self.student_module
+        was_training = model.training
+        model.eval()
+        try:
+            with self.phase("student_fwd"), torch.no_grad(), self.gathered_student():
+                return self.response_logits(model, batch)
+        finally:
+            model.train(was_training)
+
+    def teacher_logits(self, batch: SequenceBatch) -> torch.Tensor:
+        """(B, R, V) logits of the plain teacher, no grad."""
+        with self.phase("teacher_fwd_base"), torch.no_grad():
+            return self.response_logits(self.teacher, batch)
+
+    # ---------------------------------------------------------------- normalisation and backward
+    def global_token_count(self, batches: Sequence[SequenceBatch]) -> float:
+        """Response tokens of this optimizer step summed over micro-batches and processes."""
+        local = sum(response_mask(b).sum() for b in batches)
+        total = self.accelerator.reduce(torch.as_tensor(local, device=self.device, dtype=torch.float64), "sum")
+        return float(total.item())
+
+    def loss_scale(self, global_tokens: float) -> float:
+        """Multiply a micro-batch's summed loss by this so gradients equal sum / global tokens.
+
+        DDP averages gradients over processes, hence the factor num_processes.
+        """
+        return self.accelerator.num_processes / max(global_tokens, 1.0)
+
+    def accumulate(self, is_last: bool):
+        """Around a micro-batch's student forward + backward: skip DDP's gradient all-reduce on
+        all but the last micro-batch of a step."""
+        if is_last or self.accelerator.num_processes == 1:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.student)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        with self.phase("backward_student"):
+            self.accelerator.backward(loss)
+
+    def reduce_sum(self, value: float) -> float:
+        t = torch.tensor(float(value), device=self.device, dtype=torch.float64)
+        return float(self.accelerator.reduce(t, "sum").item())
+
+    def all_reduce_grads(self, params: list) -> None:
+        """Average gradients of parameters not wrapped by DDP (the soft prompt) over processes."""
+        if self.accelerator.num_processes == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                p.grad = self.accelerator.reduce(p.grad, "mean")
+
+    # ---------------------------------------------------------------- parameter sets
+    def add_parameter_set(self, name: str, params: list, *, learning_rate: float, weight_decay: float,
+                          prepare: bool = True) -> ParameterSet:
+        """Train `params` with their own AdamW and schedule (train.* betas, schedule, warm-up).
+
+        The student's set ("student") is added by the trainer; a method adds its own in setup
+        (PromptKD: "prompt"). Optimizers and schedules are checkpointed in the order added.
+        """
+        if name in self.param_sets:
+            raise ValueError(f"parameter set {name!r} exists already")
+        if prepare and getattr(self.accelerator, "is_fsdp2", False):
+            # accelerate's FSDP2 prepare() takes an optimizer only together with its model
+            raise UserError(
+                f"a second parameter set ({name!r}) cannot run under FSDP2 (fsdp_version: 2): its optimizer "
+                "cannot be prepared without a model; use fsdp_version: 1 (configs/accelerate/fsdp.yaml)"
+            )
+        t = self.train_cfg
+        optimizer = build_optimizer(params, lr=learning_rate, weight_decay=weight_decay, betas=(t.adam_beta1, t.adam_beta2))
+        scheduler = build_scheduler(optimizer, name=t.lr_scheduler, warmup_steps=t.warmup_steps, total_steps=t.max_steps)
+        if prepare:
+            optimizer, scheduler = self.accelerator.prepare(optimizer, scheduler)
+        self.param_sets[name] = ParameterSet(name, list(params), optimizer, scheduler)
+        return self.param_sets[name]
+
+    def apply_update(self, name: str, loss_value: float) -> dict[str, float]:
+        """Non-finite guard, clipping, optimizer and scheduler step for one parameter set.
+
+        Under fp16 loss scaling (a GradScaler, CUDA) an infinite gradient with a finite loss is
+        an overflow, which is normal: the update goes through the scaler, which skips it and
+        lowers the scale (GradScaler's protocol), and it is counted in `{name}/overflows`, not as
+        a non-finite failure; the learning-rate schedule does not advance on an overflow. A
+        non-finite loss is a failure with or without a scaler (`train.nonfinite`).
+        """
+        ps = self.param_sets[name]
+        with self.phase("optimizer"):
+            return self._apply_update(ps, loss_value)
+
+    def _apply_update(self, ps: ParameterSet, loss_value: float) -> dict[str, float]:
+        name, params, optimizer, scheduler = ps.name, ps.params, ps.optimizer, ps.scheduler
+        if name == "student":
+            params = list(self.student.parameters())  # the prepared (possibly sharded) ones
+        scaler = self.accelerator.scaler
+        max_norm = self.train_cfg.max_grad_norm
+        if max_norm > 0:
+            grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)  # unscales first
+        else:
+            if scaler is not None:
+                self.accelerator.unscale_gradients()
+            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+            grad_norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+        grad_norm = float(grad_norm)  # of the unscaled gradients
+        loss_finite = self.reduce_sum(0.0 if math.isfinite(loss_value) else 1.0) == 0.0
+        grads_finite = self.reduce_sum(0.0 if math.isfinite(grad_norm) else 1.0) == 0.0
+        lr = scheduler.get_last_lr()[0]
+        out = {f"{name}/grad_norm": grad_norm, f"{name}/lr": lr}
+        overflow = False
+        if scaler is not None and loss_finite:
+            # The scaler decides: it steps on finite gradients, and on inf/NaN gradients it skips
+            # the step and lowers the scale. Not calling optimizer.step() here would leave the
+            # gradients unscaled without scaler.update(), and the next unscale_() would fail.
+            optimizer.step()
+            overflow = not grads_finite
+            if overflow:
+                self.guard.overflows[name] = self.guard.overflows.get(name, 0) + 1
+                logger.info("fp16 overflow in the %s update at step %d: skipped, loss scale now %g",
+                            name, self.step + 1, scaler.get_scale())
+            out[f"{name}/overflows"] = self.guard.overflows.get(name, 0)
+        elif loss_finite and grads_finite:
+            optimizer.step()
+        else:
+            if scaler is not None:
+                # close the scaler's iteration (the gradients were unscaled above) with a backoff
+                scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
+            self.guard.on_nonfinite(name, self.step + 1, loss_value, grad_norm)
+        optimizer.zero_grad(set_to_none=True)
+        if not overflow:
+            with warnings.catch_warnings():  # a skipped non-finite update advances the schedule, on purpose
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
+        return out
