@@ -37,13 +37,13 @@ from promptkd.data.records import records_from
 from promptkd.errors import NonFiniteError, TrainingInterrupted, UserError
 from promptkd.methods import get_method_class
 from promptkd.methods.base import StepResult, response_mask
-from promptkd.models.lora import is_lora_model, save_lora_student, with_lora
 from promptkd.models.loading import (
     ModelSpec,
     check_tokenizer_compatibility,
     eos_token_ids,
     load_model_and_tokenizer,
 )
+from promptkd.models.lora import is_lora_model, save_lora_student, with_lora
 from promptkd.samplers import build_sampler
 from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from promptkd.training.context import ParameterSet, TrainingContext, UpdateGuard
