@@ -1,7 +1,7 @@
-"""A straightforward PromptKD step as the reference code does it (SPEC 2), for bench_step.py.
+"""A straightforward PromptKD step as the reference code does it (docs/method.md, section 3), for bench_step.py.
 
 This is variant (c) of `benchmarks/bench_step.py`: the baseline our step is measured
-against. It is written from the step's description (SPEC section 2 and issue 4), not from
+against. It is written from the step's description (docs/method.md, section 3), not from
 the reference repository, and deliberately does the work the way a MiniLLM-style code base
 does, without the library's shortcuts:
 

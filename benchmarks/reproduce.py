@@ -1,4 +1,4 @@
-"""PromptKD's comparison (SPEC 5-7) reproduced at CPU scale, from nothing but the installed package.
+"""PromptKD's comparison (docs/method.md, sections 6-7) reproduced at CPU scale, from nothing but the installed package.
 
     python benchmarks/reproduce.py --scale cpu      # the comparison, sized to fit 150 min on 2 cores; resumable
     python benchmarks/reproduce.py --scale smoke    # ~10 minutes: every stage end to end, tiny budget
@@ -26,7 +26,7 @@ output is there, so an interrupted run resumes and a changed knob redoes only wh
    CE + 0.5 forward KL), SeqKD (0.5 CE + 0.5 forward KL on teacher responses, which are
    generated first for exactly the prompts the student will see), GKD (lmbda 1, beta 1 =
    on-policy reverse KL), PromptKD, PromptKD without the regulariser (base_coef 0).
-3. evaluation with promptkd.evaluation.runner (SPEC 6 decoding) on Dolly (500), SelfInst
+3. evaluation with promptkd.evaluation.runner (the protocol's decoding, docs/method.md section 7) on Dolly (500), SelfInst
    (242) and Vicuna (80) with --seeds, the teacher and the init as extra rows.
 4. plots: training curves (each method's own loss, and the dev-set reference token loss) and
    ExAccErr(l) of every student against the teacher (promptkd.evaluation.exposure_bias).

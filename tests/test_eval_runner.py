@@ -1,4 +1,4 @@
-"""The evaluation runner (SPEC 6) end to end on a tiny model: files, scores, re-use, errors."""
+"""The evaluation runner (docs/method.md, section 7) end to end on a tiny model: files, scores, re-use, errors."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from promptkd.cli import main
 from promptkd.config import EvalConfig
 from promptkd.errors import UserError
 from promptkd.evaluation import runner
-from promptkd.evaluation.metric import corpus_rouge_l
 from promptkd.evaluation.runner import deviations, run_evaluation, scores_table, summarize
+from promptkd.metric import corpus_rouge_l
 from promptkd.sampling import SamplingConfig
 
 EVAL_RECORDS = [

@@ -1,4 +1,4 @@
-"""Exposure bias (ExAccErr, SPEC 6) on tiny in-process models: definition, edge cases, outputs, CLI."""
+"""Exposure bias (ExAccErr, docs/method.md section 7) on tiny in-process models: definition, edge cases, outputs, CLI."""
 
 from __future__ import annotations
 

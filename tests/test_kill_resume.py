@@ -6,6 +6,7 @@ The run goes through `python -m promptkd.cli train` in subprocesses. PROMPTKD_TE
 chosen checkpoint write; every later process resumes with `--resume RUN_DIR`. Compared with
 the uninterrupted run: the exported student and prompt adapter, every metrics record (timings
 aside) and the last checkpoint (both optimizers, both schedulers, RNG states, trainer state).
+A shorter variant does the same with a LoRA student (model.student_lora): three kills, 4 steps.
 """
 
 from __future__ import annotations
@@ -87,23 +88,40 @@ def load_any(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def test_sigkill_at_any_point_then_resume_equals_uninterrupted_run(tmp_path):
+def write_run_config(tmp_path: Path, max_steps: int, **model) -> Path:
+    """The PromptKD run's config (tiny pair, 12 examples + 1 dropped, a checkpoint every step) under
+    tmp_path, writing into tmp_path/ref; `model` adds model.* entries (e.g. student_lora)."""
     teacher, student = save_tiny_pair(tmp_path / "models")
     data = write_tiny_jsonl(tmp_path / "train.jsonl", 12)
     with data.open("a") as f:  # one prompt over the limit: dropped, and the count is reported
         f.write(json.dumps({"instruction": "x" * 80, "output": "y"}) + "\n")
     cfg = {
         "method": "promptkd",
-        "model": {"teacher": str(teacher), "student": str(student)},
+        "model": {"teacher": str(teacher), "student": str(student), **model},
         "data": {"train": str(data), "template": "plain", "max_prompt_length": 40, "max_length": 56},
-        "train": {"output_dir": str(tmp_path / "ref"), "max_steps": MAX_STEPS, "batch_size": 2,
+        "train": {"output_dir": str(tmp_path / "ref"), "max_steps": max_steps, "batch_size": 2,
                   "warmup_steps": 2, "learning_rate": 1e-3, "save_every": 1, "keep_last": 2,
                   "seed": 11, "deterministic": True, "cpu": True},
         "sampling": {"max_new_tokens": 4},
     }
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
+    return cfg_path
 
+
+def assert_same_checkpoints(ref: Path, run: Path, step: int) -> list[str]:
+    """The last checkpoints of both runs are step `step` and hold the same files, bit for bit."""
+    last_ref, last_run = latest_checkpoint(ref / "checkpoints"), latest_checkpoint(run / "checkpoints")
+    assert last_ref.name == last_run.name == f"step-{step:08d}"
+    files = sorted(p.name for p in last_ref.iterdir())
+    assert files == sorted(p.name for p in last_run.iterdir())
+    for name in files:
+        assert_same(load_any(last_ref / name), load_any(last_run / name), name)
+    return files
+
+
+def test_sigkill_at_any_point_then_resume_equals_uninterrupted_run(tmp_path):
+    cfg_path = write_run_config(tmp_path, MAX_STEPS)
     ref = tmp_path / "ref"
     done = cli(["--config", str(cfg_path)])
     assert done.returncode == 0, done.stderr
@@ -138,12 +156,45 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted_run(tmp_path):
     assert [r["step"] for r in metrics(run)] == list(range(1, MAX_STEPS + 1))
     for rel in ("final/student/model.safetensors", "final/prompt_adapter/adapter_model.safetensors"):
         assert_same(load_any(ref / rel), load_any(run / rel), rel)
-    last_ref, last_run = latest_checkpoint(ref / "checkpoints"), latest_checkpoint(ckpts)
-    assert last_ref.name == last_run.name == f"step-{MAX_STEPS:08d}"
-    files = sorted(p.name for p in last_ref.iterdir())
-    assert files == sorted(p.name for p in last_run.iterdir())
+    files = assert_same_checkpoints(ref, run, MAX_STEPS)
     assert {"optimizer.bin", "optimizer_1.bin", "scheduler.bin", "scheduler_1.bin",
             "random_states_0.pkl", "custom_checkpoint_0.pkl"} <= set(files)
-    for name in files:
-        assert_same(load_any(last_ref / name), load_any(last_run / name), name)
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000005", "step-00000006"]
+
+
+LORA_MAX_STEPS = 4
+LORA_KILLS = ["state-written:2", "renamed:3", "saved:4"]  # inside a write, before `latest`, before export
+
+
+def test_lora_student_sigkilled_then_resumed_equals_uninterrupted_run(tmp_path):
+    """The same with a LoRA student (model.student_lora, dropout on, so the RNG matters): the
+    exported adapter, the prompt, the metrics and the last checkpoint (the wrapped student, both
+    optimizers over the adapter and the prompt) are bit-identical."""
+    lora = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    cfg_path = write_run_config(tmp_path, LORA_MAX_STEPS, student_lora=lora)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    done = cli(["--config", str(cfg_path)])
+    assert done.returncode == 0, done.stderr
+
+    args = ["--config", str(cfg_path), "--train.output_dir", str(run)]
+    for kill_at in LORA_KILLS:
+        out = cli(args, kill_at)
+        assert out.returncode == -signal.SIGKILL, f"{kill_at} did not kill:\n{out.stderr[-3000:]}"
+        args = ["--resume", str(run)]
+    assert not (run / "final").exists()
+    done = cli(args)
+    assert done.returncode == 0, done.stderr
+    assert "were not restored" not in done.stderr
+
+    assert metrics(run) == metrics(ref)
+    assert [r["step"] for r in metrics(run)] == list(range(1, LORA_MAX_STEPS + 1))
+    assert not (run / "final" / "student").exists()  # model.student_lora.merge is off
+    for rel in ("final/student_adapter/adapter_model.safetensors", "final/prompt_adapter/adapter_model.safetensors"):
+        assert_same(load_any(ref / rel), load_any(run / rel), rel)
+    adapter = load_any(run / "final/student_adapter/adapter_model.safetensors")
+    assert adapter and all(".lora_" in k for k in adapter)
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)  # B moved off 0
+    files = assert_same_checkpoints(ref, run, LORA_MAX_STEPS)
+    assert {"model.safetensors", "optimizer.bin", "optimizer_1.bin", "custom_checkpoint_0.pkl"} <= set(files)
+    student_opt = torch.load(latest_checkpoint(run / "checkpoints") / "optimizer.bin", weights_only=False)
+    assert len(student_opt["state"]) == len(adapter)  # AdamW state for the adapter weights only

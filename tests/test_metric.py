@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from promptkd.errors import UserError
-from promptkd.evaluation.metric import corpus_rouge_l, rouge_l
+from promptkd.metric import corpus_rouge_l, rouge_l
 
 
 def test_identical_is_100():

@@ -5,7 +5,8 @@ student (DDP averages its gradients) and for the soft prompt (its gradients are 
 `TrainingContext.all_reduce_grads`); checkpoints are written once, by the main process, and resume
 across world sizes. Greedy decoding (`sampling.do_sample false`) makes the on-policy samples
 the same whatever the per-process RNG; left padding differs between a 2-row and a 4-row batch,
-which leaves float32 rounding differences only (hence the tolerances below).
+which leaves float32 rounding differences only (hence the tolerances below). A LoRA student
+(model.student_lora) gets the same first-step comparison and a 2-process -> 1-process resume.
 
 Launchers: `torch.distributed.run` for the 2-process run and `accelerate launch` with the
 shipped configs/accelerate/cpu_2proc.yaml for the 2-process resume, both as subprocesses.
@@ -131,10 +132,8 @@ def _run_all(jobs: dict[str, tuple[str, list[str]]], logs: Path) -> dict[str, fl
     return times
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Step 1 with 2 processes x 2 and 1 process x 4; then step 2 resumed across world sizes."""
-    root = tmp_path_factory.mktemp("mp")
+def _write_config(root: Path, **model) -> tuple[Path, Path]:
+    """(config, student dir) of a 1-step PromptKD run on the tiny pair; `model` adds model.* entries."""
     teacher, student = save_tiny_pair(root / "models")
     train = write_tiny_jsonl(root / "train.jsonl", 16)
     dev = root / "dev.jsonl"
@@ -142,12 +141,20 @@ def runs(tmp_path_factory):
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump({
         "method": "promptkd",
-        "model": {"teacher": str(teacher), "student": str(student)},
+        "model": {"teacher": str(teacher), "student": str(student), **model},
         "data": {"train": str(train), "dev": str(dev), "max_prompt_length": 256, "max_length": 300},
         "train": {"max_steps": 1, "batch_size": 2, "warmup_steps": 0, "seed": 5, "learning_rate": LR,
                   "cpu": True, "eval_metric": "rougeL"},
         "sampling": {"max_new_tokens": 6, "do_sample": False},
     }), encoding="utf-8")
+    return config, student
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Step 1 with 2 processes x 2 and 1 process x 4; then step 2 resumed across world sizes."""
+    root = tmp_path_factory.mktemp("mp")
+    config, student = _write_config(root)
     out = {k: root / k for k in ("two", "one", "two_then_one", "one_then_one", "one_then_two")}
     logs = root / "logs"
     logs.mkdir()
@@ -263,3 +270,77 @@ def test_checkpoints_resume_across_world_sizes(runs, resumed):
     for key in ("prompt/loss", "prompt/grad_norm", "student/loss", "student/grad_norm", "prompt/lambda", "dev/loss"):
         assert m[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-9), key
 
+
+
+# --------------------------------------------------------------------------- LoRA student
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    """The same with a LoRA student (merged export on): step 1 with 2 processes x 2 and 1 x 4,
+    then step 2 of each resumed in 1 process x 4."""
+    root = tmp_path_factory.mktemp("mp_lora")
+    config, student = _write_config(root, student_lora={"r": 4, "alpha": 8, "merge": True})
+    out = {k: root / k for k in ("two", "one", "two_then_one", "one_then_one")}
+    logs = root / "logs"
+    logs.mkdir()
+    base = ["--config", str(config)]
+    times = _run_all({
+        "two": ("torchrun", [*base, "--train.output_dir", str(out["two"])]),
+        "one": ("single", [*base, "--train.output_dir", str(out["one"]), "--train.batch_size", "4"]),
+    }, logs)
+    shutil.copytree(out["two"], out["two_then_one"])
+    shutil.copytree(out["one"], out["one_then_one"])
+    step2 = ["--train.max_steps", "2", "--train.eval_metric", "loss", "--train.batch_size", "4"]
+    times.update(_run_all({
+        "two_then_one": ("single", ["--resume", str(out["two_then_one"]), *step2]),
+        "one_then_one": ("single", ["--resume", str(out["one_then_one"]), *step2]),
+    }, logs))
+    return Runs(dirs=out, student_init=student, logs=logs, times=times)
+
+
+def _lora_weights(run_dir: Path) -> tuple[dict, dict, dict]:
+    """(adapter, merged student, prompt) exported by a LoRA-student run."""
+    from safetensors.torch import load_file
+
+    final = run_dir / "final"
+    return (load_file(final / "student_adapter" / "adapter_model.safetensors"),
+            load_file(final / "student" / "model.safetensors"),
+            load_file(final / "prompt_adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_lora_student_two_processes_take_the_same_first_step_as_one(lora_runs):
+    adapter2, merged2, prompt2 = _lora_weights(lora_runs.dirs["two"])
+    adapter1, merged1, prompt1 = _lora_weights(lora_runs.dirs["one"])
+    assert adapter1 and all(".lora_" in k for k in adapter1)
+    moved = max(float(v.abs().max()) for k, v in adapter1.items() if "lora_B" in k)  # B starts at 0
+    assert moved > 0.5 * LR, "the adapter did not take a step"
+    diffs = {name: _max_diff(a, b) for name, a, b in (("adapter", adapter2, adapter1),
+                                                     ("merged", merged2, merged1), ("prompt", prompt2, prompt1))}
+    print(f"\nLoRA step 1, 2 procs x 2 vs 1 proc x 4: max |diff| {diffs}; "
+          f"run times {json.dumps({k: round(v, 1) for k, v in lora_runs.times.items()})}")
+    assert all(d <= STEP1_ATOL for d in diffs.values()), diffs
+    (m2,), (m1,) = _metrics(lora_runs.dirs["two"]), _metrics(lora_runs.dirs["one"])
+    for key in ("prompt/loss", "prompt/grad_norm", "student/loss", "student/grad_norm", "generated_tokens", "dev/rougeL"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-9), key
+    # the 2-process checkpoint holds the wrapped student, written once, by the main process
+    step = lora_runs.dirs["two"] / "checkpoints" / "step-00000001"
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"} <= {
+        p.name for p in step.iterdir()}
+    assert json.loads((step / "trainer_state.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_lora_student_two_process_checkpoint_resumes_in_one_process(lora_runs):
+    run, reference = lora_runs.dirs["two_then_one"], lora_runs.dirs["one_then_one"]
+    state = json.loads((run / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert (state["step"], state["data_position"], state["world_size"]) == (2, 8, 1)
+    assert [m["step"] for m in _metrics(run)] == [1, 2]
+    diffs = {name: _max_diff(a, b) for name, a, b in zip(("adapter", "merged", "prompt"),
+                                                        _lora_weights(run), _lora_weights(reference), strict=True)}
+    print(f"\nLoRA step 2, two_then_one vs one_then_one: max |diff| {diffs}")
+    assert all(d <= 2 * STEP1_ATOL for d in diffs.values()), diffs
+    m, ref = _metrics(run)[-1], _metrics(reference)[-1]
+    for key in ("prompt/loss", "student/loss", "student/grad_norm", "dev/loss"):
+        assert m[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-9), key

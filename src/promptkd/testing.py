@@ -170,3 +170,184 @@ def write_tiny_jsonl(path: str | Path, num_records: int = 16) -> Path:
         for i in range(num_records):
             f.write(json.dumps(TINY_RECORDS[i % len(TINY_RECORDS)]) + "\n")
     return path
+
+
+class FakeContext:
+    """A `promptkd.methods.base.StepContext` for unit tests: plain CPU forwards, no accelerate.
+
+    It drives a method's `setup` / `step` with tiny in-process models and records what the
+    method asked for, in order, so a test can check the order of operations and the values:
+
+    calls:    every operation as a tuple, e.g. ("sample", from_teacher), ("phase", name),
+              ("apply_update", name, loss_value), ("backward", loss_value), ("accumulate", is_last).
+    phases:   the names of the phases entered; open_phases: those not yet left (empty after a
+              step, also one that raised).
+    batches:  every batch `sample` / `collate` returned; grads: {set name: gradients as
+              `apply_update` received them (None as zeros)} of the last update of that set.
+
+    `sample` returns the queued `samples` first (pre-built SequenceBatches), then asks
+    `sampler(examples, from_teacher=...)` when one is given, else samples with
+    `promptkd.sampling.sample_responses` seeded by `seed` and the number of samples drawn so far
+    (deterministic). Each parameter set gets a plain SGD (or AdamW) optimizer, no clipping, no
+    schedule; the student's set ("student") is added here, as the trainer does.
+    """
+
+    def __init__(self, student, teacher=None, tokenizer=None, *, vocab_size: int | None = None,
+                 max_steps: int = 10, samples=None, sampler=None, learning_rate: float = 1e-2,
+                 optimizer: str = "sgd", max_new_tokens: int = 6, eos_at_cap: bool = False, seed: int = 0):
+        self.student_module = student
+        self.teacher = teacher
+        self.tokenizer = tokenizer if tokenizer is not None else byte_tokenizer()
+        if vocab_size is None:
+            sizes = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None]
+            vocab_size = min(sizes)
+        self.vocab_size = vocab_size
+        self.step = 0
+        self.max_steps = max_steps
+        self.device = torch.device("cpu")
+        self.is_main_process = True
+        self.num_processes = 1
+        self.samples = list(samples or [])
+        self.sampler = sampler
+        self.optimizer = optimizer
+        self.max_new_tokens = max_new_tokens
+        self.eos_at_cap = eos_at_cap
+        self.seed = seed
+        self.calls: list[tuple] = []
+        self.phases: list[str] = []
+        self.open_phases: list[str] = []
+        self.batches: list = []
+        self.grads: dict[str, list[torch.Tensor]] = {}
+        self.param_sets: dict[str, tuple[list, torch.optim.Optimizer]] = {}
+        self.num_samples = 0
+        self.add_parameter_set("student", [p for p in student.parameters() if p.requires_grad],
+                               learning_rate=learning_rate, weight_decay=0.0)
+        self.calls.clear()
+
+    def calls_named(self, name: str) -> list[tuple]:
+        return [c for c in self.calls if c[0] == name]
+
+    # ------------------------------------------------------------ context managers
+    def phase(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def entered():
+            self.calls.append(("phase", name))
+            self.phases.append(name)
+            self.open_phases.append(name)
+            try:
+                yield
+            finally:
+                self.open_phases.pop()
+
+        return entered()
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def accumulate(self, is_last: bool):
+        import contextlib
+
+        self.calls.append(("accumulate", is_last))
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------ batches
+    def sample(self, examples, *, from_teacher: bool = False):
+        from promptkd.data.collate import collate_prompts
+        from promptkd.sampling import SamplingConfig, sample_responses
+
+        self.calls.append(("sample", from_teacher))
+        if self.samples:
+            batch = self.samples.pop(0)
+        elif self.sampler is not None:
+            batch = self.sampler(examples, from_teacher=from_teacher)
+        else:
+            model = self.teacher if from_teacher else self.student_module
+            prompt_ids, prompt_mask = collate_prompts(examples, self.tokenizer.pad_token_id)
+            config = SamplingConfig(max_new_tokens=self.max_new_tokens,
+                                    eos_at_cap=self.eos_at_cap and not from_teacher)
+            batch = sample_responses(model, prompt_ids, prompt_mask, eos_token_ids=[self.tokenizer.eos_token_id],
+                                     pad_token_id=self.tokenizer.pad_token_id, config=config,
+                                     generator_seed=self.seed + self.num_samples)
+        self.num_samples += 1
+        self.batches.append(batch)
+        return batch
+
+    def collate(self, examples):
+        from promptkd.data.collate import collate_sequences
+
+        self.calls.append(("collate",))
+        batch = collate_sequences(examples, self.tokenizer.pad_token_id)
+        self.batches.append(batch)
+        return batch
+
+    # ------------------------------------------------------------ forwards
+    def student_logits(self, batch) -> torch.Tensor:
+        from promptkd.sampling import response_logits
+
+        self.calls.append(("student_logits",))
+        return response_logits(self.student_module, batch, self.vocab_size)  # (B, R, V), with grad
+
+    def student_target_logits(self, batch) -> torch.Tensor:
+        from promptkd.sampling import response_logits
+
+        self.calls.append(("student_target_logits",))
+        model = self.student_module
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return response_logits(model, batch, self.vocab_size)  # (B, R, V)
+        finally:
+            model.train(was_training)
+
+    def teacher_logits(self, batch) -> torch.Tensor:
+        from promptkd.sampling import response_logits
+
+        self.calls.append(("teacher_logits",))
+        if self.teacher is None:
+            raise RuntimeError("FakeContext: teacher_logits called but the context has no teacher")
+        with self.phase("teacher_fwd_base"), torch.no_grad():
+            return response_logits(self.teacher, batch, self.vocab_size)  # (B, R, V)
+
+    # ------------------------------------------------------------ normalisation and backward
+    def global_token_count(self, batches) -> float:
+        return float(sum(int(b.loss_mask[:, b.prompt_length :].sum()) for b in batches))
+
+    def loss_scale(self, global_tokens: float) -> float:
+        return 1.0 / max(global_tokens, 1.0)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.calls.append(("backward", float(loss.detach())))
+        loss.backward()
+
+    def reduce_sum(self, value: float) -> float:
+        return float(value)
+
+    def all_reduce_grads(self, params: list) -> None:
+        self.calls.append(("all_reduce_grads",))
+
+    # ------------------------------------------------------------ parameter sets
+    def add_parameter_set(self, name: str, params: list, *, learning_rate: float, weight_decay: float) -> None:
+        if name in self.param_sets:
+            raise ValueError(f"parameter set {name!r} exists already")
+        params = list(params)
+        if self.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+        self.param_sets[name] = (params, opt)
+        self.calls.append(("add_parameter_set", name))
+
+    def apply_update(self, name: str, loss_value: float) -> dict[str, float]:
+        params, opt = self.param_sets[name]
+        self.calls.append(("apply_update", name, float(loss_value)))
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+        self.grads[name] = grads
+        grad_norm = float(torch.stack([g.float().norm() for g in grads]).norm()) if grads else 0.0
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {f"{name}/grad_norm": grad_norm, f"{name}/lr": opt.param_groups[0]["lr"]}

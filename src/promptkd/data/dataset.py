@@ -1,6 +1,6 @@
 """Tokenised examples: records -> (prompt ids, response ids), with length filtering.
 
-Conventions (MiniLLM / PromptKD data processing, SPEC section 4):
+Conventions (MiniLLM / PromptKD data processing, docs/method.md section 8):
 - prompt ids = tokenizer(format_prompt(record)) with the tokenizer's default special tokens
   (a BOS when the tokenizer adds one). Chat-template prompts already contain their special
   tokens and are tokenized with add_special_tokens=False so BOS is not doubled.

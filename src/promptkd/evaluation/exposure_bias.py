@@ -5,7 +5,7 @@
 
     run_exposure_bias(ExposureBiasConfig(student=..., teacher=..., out=...))
 
-Definition (SPEC 6; Arora et al. 2022 as adapted by MiniLLM, with the teacher p_T as the
+Definition (docs/method.md, section 7; Arora et al. 2022 as adapted by MiniLLM, with the teacher p_T as the
 oracle and the student p_S as the model). For a prompt x and a response prefix y_<t,
 
     kl_t(y) = KL(p_T(. | x, y_<t) || p_S(. | x, y_<t))          (token-level, float32)
@@ -21,7 +21,9 @@ prompt from each model, sampled with the config's `sampling` record: by default 
 the curve's length); kl_t is evaluated at every predicted response position, the position that
 predicts the final EOS included.
 
-Ended sequences (our choice; MiniLLM's code for this figure is not public): a response that
+Ended sequences (our choice; gmkim-ai/PromptKD's evaluate_exposure_bias.py averages only over
+the responses still running, which is `ended="alive"` here, so its curves are not directly
+comparable with our default): a response that
 ended with EOS before step t contributes kl_t = 0 (it incurs no further error), and the
 expectation divides by *all* sampled responses. So R(l) is exactly the expectation of the
 per-sequence accumulated error sum_{t <= min(l, |y|)} kl_t(y), and R(l), eps(l) are

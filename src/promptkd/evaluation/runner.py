@@ -1,4 +1,4 @@
-"""The paper's evaluation protocol (SPEC 6) for one model.
+"""The paper's evaluation protocol (docs/method.md, section 7) for one model.
 
     promptkd eval --model runs/promptkd/final/student --datasets dolly,selfinst,vicuna \
         --seeds 10,20,30,40,50 --out runs/promptkd/eval
@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import statistics
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -73,13 +74,39 @@ def predict(model, tokenizer, examples, *, seed: int, cfg: EvalConfig, desc: str
     return texts
 
 
-def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None, *, show_progress: bool = True) -> str:
+def evaluate(model, tokenizer=None, *, out: str | Path, datasets=("dolly", "selfinst", "vicuna"),
+             seeds=(10, 20, 30, 40, 50), show_progress: bool = True, **settings) -> dict:
+    """The paper's evaluation protocol on `model`, from Python.
+
+        scores = evaluate(student, tokenizer, out="runs/x/eval", datasets=["my_eval.jsonl"], seeds=[10])
+
+    Args:
+        model: a Hub id / directory / .gguf path, or a loaded causal LM (pass its tokenizer too;
+            its predictions are always generated afresh, never reused from `out`).
+        out: directory for predictions and scores.json / .csv / .md.
+        datasets, seeds: as `promptkd eval`; settings: any other EvalConfig field (data_dir,
+            limit, batch_size, dtype, template, prompt_truncation, sampling=SamplingConfig(...)).
+    Returns:
+        scores.json's content: {"scores": {set: {seed: ROUGE-L}}, "summary": ..., "deviations": ...}.
+    Raises ConfigError listing every invalid setting.
+    """
+    loaded = not isinstance(model, (str, os.PathLike))
+    label = str(model) if not loaded else (getattr(getattr(model, "config", None), "name_or_path", "") or "in-memory model")
+    cfg = EvalConfig(model=label, out=str(out), datasets=list(datasets), seeds=list(seeds), **settings)
+    run_evaluation(cfg, model if loaded else None, tokenizer, show_progress=show_progress, reuse_predictions=not loaded)
+    return json.loads((Path(out) / "scores.json").read_text(encoding="utf-8"))
+
+
+def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None, *, show_progress: bool = True,
+                   reuse_predictions: bool = True) -> str:
     """Evaluate `cfg.model` (or an already loaded model/tokenizer); return the Markdown table.
 
+    reuse_predictions: keep complete prediction files written for the same records and
+    settings (an interrupted evaluation continues); False regenerates everything.
     Raises ConfigError for an invalid config (every problem at once)."""
     from promptkd.data.dataset import build_examples
     from promptkd.evaluation.datasets import EVAL_SETS, load_eval_set
-    from promptkd.evaluation.metric import corpus_rouge_l
+    from promptkd.metric import corpus_rouge_l
     from promptkd.models.loading import ModelSpec, load_model_and_tokenizer
 
     cfg.validate()
@@ -105,7 +132,7 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None, *, show_progress
         for seed in cfg.seeds:
             pred_file = out / f"predictions_{set_name}_seed{seed}.jsonl"
             meta = _prediction_meta(cfg, seed, len(records))
-            texts = _read_predictions(pred_file, records, meta)
+            texts = _read_predictions(pred_file, records, meta) if reuse_predictions else None
             if texts is None:
                 with torch.no_grad():
                     texts = predict(model, tokenizer, examples, seed=seed, cfg=cfg, desc=f"{set_name} seed {seed}",

@@ -32,7 +32,8 @@ class StepResult:
     metrics:          scalars for metrics.jsonl and the progress bar (means over the whole step,
                       already reduced over processes).
     trained_tokens:   response tokens in this process's losses, summed over its micro-batches.
-    generated_tokens: tokens this process sampled for the step (0 for teacher-forced steps).
+    generated_tokens: tokens this process sampled for the step, by the student or the teacher
+                      (0 for steps on dataset responses).
     """
 
     metrics: dict[str, float]
@@ -43,9 +44,9 @@ class StepResult:
 class StepContext(Protocol):
     """The operations a method may use; see promptkd.training.context.TrainingContext.
 
-    Attributes: `step` (optimizer steps done before this one), `max_steps`, `device`,
-    `vocab_size` (logit columns comparable between student and teacher), `tokenizer`, `teacher`
-    (the frozen teacher or None), `student_module` (the unwrapped student, for inspection),
+    Attributes: `step` (optimizer steps done before this one), `max_steps`, `vocab_size` (logit
+    columns comparable between student and teacher), `tokenizer`, `teacher` (the frozen teacher
+    or None), `device`, `student_module` (the unwrapped student, for inspection),
     `is_main_process`, `num_processes`.
     """
 
@@ -54,6 +55,10 @@ class StepContext(Protocol):
     vocab_size: int
     tokenizer: Any
     teacher: torch.nn.Module | None
+    device: torch.device
+    student_module: torch.nn.Module
+    is_main_process: bool
+    num_processes: int
 
     def phase(self, name: str) -> contextlib.AbstractContextManager: ...
     def autocast(self) -> contextlib.AbstractContextManager: ...

@@ -40,6 +40,6 @@ class GKD(Method):
             batches = [ctx.collate(mb) for mb in micro_batches]
         result = supervised_step(ctx, batches, kd_ratio=1.0, div=self.div)
         result.metrics["on_policy"] = float(on_policy)
-        if on_policy:
+        if on_policy or self.cfg.gkd.seq_kd:  # sampled by the student or the teacher
             result.generated_tokens = result.trained_tokens
         return result

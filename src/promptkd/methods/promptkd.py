@@ -126,7 +126,6 @@ class PromptKD(Method):
         if not c.freeze_prompt:
             lam = self.regulariser_weight(ctx.step)
             kd_sum = reg_sum = 0.0
-            self.prompted.train()  # teacher dropout on, as in the reference (teacher_dropout)
             for i, batch in enumerate(batches):
                 if share_student_forward:
                     with ctx.accumulate(is_last=True):
@@ -134,6 +133,7 @@ class PromptKD(Method):
                     target = student_logits[i].detach()
                 else:
                     target = ctx.student_target_logits(batch)  # (B, R, V), eval mode, no grad
+                # with grad: teacher dropout on when teacher_dropout (the reference's quirk)
                 with ctx.phase("teacher_fwd_prompt_grad"), ctx.autocast():
                     tp_logits = self.teacher_logits_on(self.prompted, batch, ctx.vocab_size)  # (B, R, V)
                 with ctx.phase("losses"):
@@ -158,7 +158,6 @@ class PromptKD(Method):
             metrics.update({"prompt/loss": kd_mean + lam * reg_mean, "prompt/kd": kd_mean,
                             "prompt/reg": reg_mean, "prompt/lambda": lam})
             metrics.update(ctx.apply_update("prompt", metrics["prompt/loss"]))
-            self.prompted.eval()
 
         # 2. student update: reverse KL to the prompted teacher with the *updated* prompt
         s_sum = 0.0

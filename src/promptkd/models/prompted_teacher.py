@@ -1,6 +1,6 @@
 """The prompted teacher: a frozen teacher LM with trainable soft-prompt vectors in front.
 
-`PromptedTeacher` owns every soft-prompt detail of PromptKD (SPEC sections 2-3): the PEFT
+`PromptedTeacher` owns every soft-prompt detail of PromptKD (docs/method.md, sections 3-4): the PEFT
 prompt-tuning adapter, its initialisation from text / pad / random, the forward that drops
 the virtual positions so teacher logits align with the student's, the un-prompted forward
 used by the regulariser, and saving the prompt as a standard PEFT adapter.

@@ -13,15 +13,11 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from promptkd.errors import UserError
 from promptkd.models.loading import ModelSpec, load_model_and_tokenizer, save_model
-
-if TYPE_CHECKING:  # the config layer sits above models/; only its type is named here
-    from promptkd.config import MakeStudentConfig
 
 STUDENT_INFO_FILE = "promptkd_student.json"
 
@@ -192,10 +188,3 @@ def make_student_from_path(
     }
     (out_dir / STUDENT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out_dir
-
-
-def run_make_student(cfg: MakeStudentConfig) -> Path:
-    """`promptkd make-student`: validate the config (every problem at once), then
-    `make_student_from_path` with its settings. Returns the output directory."""
-    cfg.validate()
-    return make_student_from_path(cfg.teacher, cfg.out, layers=cfg.layers, num_layers=cfg.num_layers, dtype=cfg.dtype)

@@ -43,7 +43,7 @@ from promptkd.models.loading import (
     eos_token_ids,
     load_model_and_tokenizer,
 )
-from promptkd.models.lora import is_lora_model, save_lora_student, with_lora
+from promptkd.models.lora import check_lora_backend, is_lora_model, save_lora_student, with_lora
 from promptkd.samplers import build_sampler
 from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from promptkd.training.context import ParameterSet, TrainingContext, UpdateGuard
@@ -345,9 +345,18 @@ class Trainer:
                 raise UserError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token")
             tokenizer.pad_token = tokenizer.eos_token  # pad positions are always masked out
         lora = cfg.model.student_lora
-        if lora.r > 0 and not is_lora_model(student):
+        if is_lora_model(student):
+            if lora.r > 0:
+                warnings.warn(
+                    "the student passed in is a PeftModel already: its own adapters train and "
+                    "model.student_lora's r, alpha, dropout and target_modules are ignored",
+                    UserWarning, stacklevel=4,
+                )
+        elif lora.r > 0:
             student = with_lora(student, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                                 target_modules=lora.target_modules)
+        if is_lora_model(student):
+            check_lora_backend(self.accelerator)
             if cfg.train.gradient_checkpointing:
                 student.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
         student.train()
@@ -591,7 +600,7 @@ class Trainer:
         return self.ctx.reduce_sum(total) / max(self.ctx.reduce_sum(count), 1.0)
 
     def _dev_rouge(self) -> float:
-        from promptkd.evaluation.metric import corpus_rouge_l
+        from promptkd.metric import corpus_rouge_l
 
         scored = []  # (dev index, prediction) of this process's share
         for chunk, indices in self._dev_shards():

@@ -1,4 +1,4 @@
-"""Optimizers and LR schedules (AdamW + constant-after-warm-up by default, SPEC 4)."""
+"""Optimizers and LR schedules (AdamW + constant-after-warm-up by default, as the reference code)."""
 
 from __future__ import annotations
 
