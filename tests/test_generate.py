@@ -53,3 +53,25 @@ def test_generate_records_flag_responses_capped_at_max_new_tokens(tmp_path, tiny
             assert r["output"][-1] in string.ascii_letters
         else:  # capped: no EOS among its tokens
             assert not set(r["output"]) & set(string.ascii_letters)
+
+
+def test_generated_chat_records_keep_their_prompt_turns_for_seqkd(tmp_path, tiny_pair_dirs):
+    """Teacher responses to chat data keep the conversation, so SeqKD trains on the same chat prompt."""
+    from promptkd.data.dataset import build_examples
+    from promptkd.data.records import read_jsonl_records
+
+    teacher, _ = tiny_pair_dirs
+    data = tmp_path / "chat.jsonl"
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    data.write_text(json.dumps({"messages": [*turns, {"role": "assistant", "content": "Blue."}]}) + "\n")
+    out = run_generation(GenerateConfig(model=str(teacher), data=str(data), out=str(tmp_path / "g.jsonl"),
+                                        template="chat", sampling=SamplingConfig(max_new_tokens=4)),
+                         show_progress=False)
+    row = json.loads(out.read_text())
+    assert row["messages"] == turns and row["references"] == ["Blue."]
+    (record,) = read_jsonl_records(out)
+    assert record.messages == turns and record.outputs == [row["output"]]
+    tok = byte_tokenizer()
+    (example,), _ = build_examples([record], tok, template="chat", max_length=400)
+    assert example.prompt_ids == tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False)

@@ -138,6 +138,12 @@ def test_export_writes_a_loadable_adapter_and_with_merge_the_merged_student(tmp_
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student_dir), adapter_dir)
     assert torch.equal(logits_of(loaded, ids, mask), trained)
     assert (final / "prompt_adapter" / "adapter_model.safetensors").is_file()
+    # promptkd eval / generate load the adapter directory as the merged student
+    from promptkd.models.loading import load_model_and_tokenizer
+
+    merged_on_load, tok = load_model_and_tokenizer(str(adapter_dir))
+    torch.testing.assert_close(logits_of(merged_on_load, ids, mask), trained, rtol=1e-5, atol=1e-5)
+    assert tok.pad_token is not None
 
     assert (final / "student").exists() == merge
     if merge:

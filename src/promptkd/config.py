@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from promptkd.data.dataset import PROMPT_TRUNCATIONS
+from promptkd.data.eval_sets import EVAL_SETS, eval_set_for_source
 from promptkd.data.templates import TEMPLATE_NAMES
 from promptkd.errors import ConfigError, UserError
 from promptkd.losses import DIVERGENCES
@@ -258,7 +259,6 @@ class Config(ConfigBase):
                 f"'data.max_prompt_length' = {self.data.max_prompt_length} must be smaller than "
                 f"'data.max_length' = {self.data.max_length} (room is needed for the response)"
             )
-        from promptkd.data.eval_sets import eval_set_for_source
 
         for key, source, data_files in (
             ("train", self.data.train, self.data.train_data_files),
@@ -454,7 +454,6 @@ class EvalConfig(PromptOptions):
         return problems
 
     def cross_checks(self) -> list[str]:
-        from promptkd.data.eval_sets import EVAL_SETS
 
         problems = []
         if not self.datasets:

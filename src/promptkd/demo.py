@@ -31,14 +31,25 @@ from pathlib import Path
 
 import torch
 
+from promptkd.config import EvalConfig, config_from_dict
+from promptkd.data.collate import collate_prompts
+from promptkd.data.dataset import build_examples
+from promptkd.data.records import load_records
+from promptkd.demo_data import write_demo_data
 from promptkd.errors import UserError
+from promptkd.evaluation.runner import run_evaluation, summarize
+from promptkd.losses import reverse_kl
+from promptkd.models.loading import default_cache_dir as cache_dir
+from promptkd.models.loading import load_model_and_tokenizer
+from promptkd.models.student import make_student_from_path
+from promptkd.sampling import SamplingConfig, sample_responses
+from promptkd.training.loop import run_training
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STUDENT_LAYERS = [0, 1, 2, 8, 13, 18, 23, 27, 28, 29]
 
 
 def default_cache_dir() -> Path:
-    from promptkd.models.loading import default_cache_dir as cache_dir
 
     return cache_dir()
 
@@ -77,7 +88,6 @@ def ensure_smollm2(cache_dir: Path | None = None) -> Path:
 
 
 def ensure_student(teacher_gguf: Path, cache_dir: Path, layers: list[int] = STUDENT_LAYERS) -> Path:
-    from promptkd.models.student import make_student_from_path
 
     out = cache_dir / "students" / ("smollm2-135m-L" + "-".join(map(str, layers)))
     if (out / "config.json").is_file():
@@ -90,8 +100,6 @@ def ensure_student(teacher_gguf: Path, cache_dir: Path, layers: list[int] = STUD
 
 
 def _train(cfg_dict: dict) -> float:
-    from promptkd.config import config_from_dict
-    from promptkd.training.loop import run_training
 
     cfg = config_from_dict(cfg_dict)
     t0 = time.perf_counter()
@@ -102,8 +110,6 @@ def _train(cfg_dict: dict) -> float:
 def _rouge(model_path: str, eval_file: Path, out_dir: Path, seeds: list[int], max_new_tokens: int) -> tuple[float, float]:
     from dataclasses import replace
 
-    from promptkd.config import EvalConfig
-    from promptkd.evaluation.runner import run_evaluation, summarize
 
     protocol = EvalConfig()
     cfg = EvalConfig(model=model_path, out=str(out_dir), datasets=[str(eval_file)], seeds=seeds, batch_size=30,
@@ -121,12 +127,6 @@ def teacher_kl(student_path: str, teacher, tokenizer, eval_file: Path, max_new_t
     This is what on-policy distillation minimises: how far the student's next-token
     distributions are from the teacher's on the text the student actually writes.
     """
-    from promptkd.data.collate import collate_prompts
-    from promptkd.data.dataset import build_examples
-    from promptkd.data.records import load_records
-    from promptkd.losses import reverse_kl
-    from promptkd.models.loading import load_model_and_tokenizer
-    from promptkd.sampling import SamplingConfig, sample_responses
 
     student, _ = load_model_and_tokenizer(student_path)
     examples, _ = build_examples(load_records(str(eval_file)), tokenizer, max_prompt_length=128,
@@ -151,7 +151,6 @@ def teacher_kl(student_path: str, teacher, tokenizer, eval_file: Path, max_new_t
 def run_demo(out: str | None = None, steps: int | None = None, cache_dir: str | None = None,
              heal_steps: int = 40, seeds: tuple[int, ...] = (10, 20), max_new_tokens: int = 32,
              mixed_precision: str = "bf16") -> str:
-    from promptkd.demo_data import write_demo_data
 
     t_start = time.perf_counter()
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -188,7 +187,6 @@ def run_demo(out: str | None = None, steps: int | None = None, cache_dir: str | 
 
     print(f"[demo] 3/3 sampled ROUGE-L on {eval_file.name}, seeds {list(seeds)}", flush=True)
     t = time.perf_counter()
-    from promptkd.models.loading import load_model_and_tokenizer
 
     teacher_model, tokenizer = load_model_and_tokenizer(str(gguf))
     rows = []

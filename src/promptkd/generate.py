@@ -121,6 +121,8 @@ def run_generation(cfg: GenerateConfig, show_progress: bool = True) -> Path:
             rec = recs[i]
             row = {"instruction": rec.instruction, "input": rec.input, "output": text, "references": rec.outputs,
                    **rec.metadata, "ended": ended}
+            if rec.messages:  # a conversation: keep its prompt turns, so SeqKD trains on the same chat prompt
+                row["messages"] = rec.messages
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
     return out

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from promptkd.data.collate import collate_prompts, collate_sequences
+from promptkd.sampling import SamplingConfig, response_logits, sample_responses
+
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
 TINY_CHAT_TEMPLATE = (
@@ -256,8 +259,6 @@ class FakeContext:
 
     # ------------------------------------------------------------ batches
     def sample(self, examples, *, from_teacher: bool = False):
-        from promptkd.data.collate import collate_prompts
-        from promptkd.sampling import SamplingConfig, sample_responses
 
         self.calls.append(("sample", from_teacher))
         if self.samples:
@@ -277,7 +278,6 @@ class FakeContext:
         return batch
 
     def collate(self, examples):
-        from promptkd.data.collate import collate_sequences
 
         self.calls.append(("collate",))
         batch = collate_sequences(examples, self.tokenizer.pad_token_id)
@@ -286,13 +286,11 @@ class FakeContext:
 
     # ------------------------------------------------------------ forwards
     def student_logits(self, batch) -> torch.Tensor:
-        from promptkd.sampling import response_logits
 
         self.calls.append(("student_logits",))
         return response_logits(self.student_module, batch, self.vocab_size)  # (B, R, V), with grad
 
     def student_target_logits(self, batch) -> torch.Tensor:
-        from promptkd.sampling import response_logits
 
         self.calls.append(("student_target_logits",))
         model = self.student_module
@@ -305,7 +303,6 @@ class FakeContext:
             model.train(was_training)
 
     def teacher_logits(self, batch) -> torch.Tensor:
-        from promptkd.sampling import response_logits
 
         self.calls.append(("teacher_logits",))
         if self.teacher is None:

@@ -52,8 +52,18 @@ from pathlib import Path
 import torch
 
 from promptkd.config import ENDED_MODES, ExposureBiasConfig
+from promptkd.data.collate import collate_prompts
+from promptkd.data.dataset import build_examples
 from promptkd.errors import UserError
-from promptkd.sampling import SamplingConfig
+from promptkd.evaluation.datasets import load_eval_set
+from promptkd.losses import forward_kl
+from promptkd.models.loading import (
+    ModelSpec,
+    check_tokenizer_compatibility,
+    eos_token_ids,
+    load_model_and_tokenizer,
+)
+from promptkd.sampling import SamplingConfig, response_logits, sample_responses
 
 _TEACHER_SEED_OFFSET = 500_009  # teacher samples use a seed stream disjoint from the student's
 
@@ -107,7 +117,6 @@ def load_model_for_eval(path: str | Path, dtype: str = "float32"):
     config.json, normally `<run>/checkpoints/step-N`: the student architecture and tokenizer
     come from `<run>/config.yaml`'s model.student and the weights from the checkpoint.
     """
-    from promptkd.models.loading import ModelSpec, load_model_and_tokenizer
 
     p = Path(str(path)).expanduser()
     if p.is_dir() and not (p / "config.json").is_file() and (p / "model.safetensors").is_file():
@@ -157,8 +166,6 @@ def sample_sequences(model, tokenizer, examples, *, samples_per_prompt: int, sam
 
     Batch j of sample round k is seeded with seed + 7919 * k + j, independently of the global RNG.
     """
-    from promptkd.data.collate import collate_prompts
-    from promptkd.sampling import sample_responses
 
     device = next(model.parameters()).device
     batches = []
@@ -179,8 +186,6 @@ def per_step_kl(student, teacher, batches, *, max_new_tokens: int, vocab: int) -
     Returns (kl_sum (L,), running (L,), num_sequences), L = max_new_tokens, float64/long;
     step t (0-based) is the prediction of response token t given the prompt and y_<t.
     """
-    from promptkd.losses import forward_kl
-    from promptkd.sampling import response_logits
 
     kl_sum = torch.zeros(max_new_tokens, dtype=torch.float64)
     running = torch.zeros(max_new_tokens, dtype=torch.long)
@@ -235,7 +240,6 @@ def exposure_bias_curve(student, teacher, tokenizer, examples, *, samples_per_pr
     them; use `sample_sequences` with seed + _TEACHER_SEED_OFFSET) to evaluate many students
     against one set of teacher prefixes.
     """
-    from promptkd.models.loading import eos_token_ids
 
     sampling = ExposureBiasConfig().sampling if sampling is None else sampling
     if samples_per_prompt < 1 or not examples:
@@ -301,8 +305,6 @@ def plot_curves(path: str | Path, curves: Mapping[str, ExposureBiasResult], titl
 
 
 def _load_examples(cfg: ExposureBiasConfig, tokenizer):
-    from promptkd.data.dataset import build_examples
-    from promptkd.evaluation.datasets import load_eval_set
 
     records = load_eval_set(cfg.data, cfg.data_dir)[: cfg.num_prompts]
     examples, _ = build_examples(
@@ -324,7 +326,6 @@ def exposure_bias_over_checkpoints(checkpoints: Sequence[str | Path] | Mapping[s
     through the students. With `write`, saves `exposure_bias_curves.csv` / `.png` and
     `exposure_bias.json` in cfg.out.
     """
-    from promptkd.models.loading import check_tokenizer_compatibility, eos_token_ids
 
     items = dict(checkpoints) if isinstance(checkpoints, Mapping) else {checkpoint_label(p): p for p in checkpoints}
     if not items:
@@ -374,7 +375,6 @@ def _write_json(path: Path, cfg: ExposureBiasConfig, curves: Mapping[str, Exposu
 def run_exposure_bias(cfg: ExposureBiasConfig) -> str:
     """Compute ExAccErr for cfg.student vs cfg.teacher; write exposure_bias.csv / .png / .json
     in cfg.out and return a one-paragraph text summary. Raises ConfigError for an invalid config."""
-    from promptkd.models.loading import check_tokenizer_compatibility
 
     cfg.validate()
     teacher, tokenizer = load_model_for_eval(cfg.teacher, cfg.dtype)

@@ -31,7 +31,12 @@ from pathlib import Path
 import torch
 
 from promptkd.config import EvalConfig, PromptOptions
+from promptkd.data.dataset import build_examples
 from promptkd.errors import UserError
+from promptkd.evaluation.datasets import EVAL_SETS, load_eval_set
+from promptkd.generate import generate_for_examples
+from promptkd.metric import corpus_rouge_l
+from promptkd.models.loading import ModelSpec, eos_token_ids, load_model_and_tokenizer
 from promptkd.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -60,8 +65,6 @@ def deviations(cfg: EvalConfig) -> list[str]:
 
 def predict(model, tokenizer, examples, *, seed: int, cfg: EvalConfig, desc: str, show_progress: bool = True) -> list[str]:
     """Sampled responses in the order of `examples` (batched longest-first to limit padding)."""
-    from promptkd.generate import generate_for_examples
-    from promptkd.models.loading import eos_token_ids
 
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt_ids))
     texts = [""] * len(examples)
@@ -104,10 +107,6 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None, *, show_progress
     reuse_predictions: keep complete prediction files written for the same records and
     settings (an interrupted evaluation continues); False regenerates everything.
     Raises ConfigError for an invalid config (every problem at once)."""
-    from promptkd.data.dataset import build_examples
-    from promptkd.evaluation.datasets import EVAL_SETS, load_eval_set
-    from promptkd.metric import corpus_rouge_l
-    from promptkd.models.loading import ModelSpec, load_model_and_tokenizer
 
     cfg.validate()
     if model is not None and tokenizer is None:

@@ -153,11 +153,13 @@ def supervised_step(ctx: StepContext, batches: list[SequenceBatch], *, kd_ratio:
             targets = batch.input_ids[:, batch.prompt_length :]  # (B, R)
             with ctx.phase("losses"):
                 ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
-                loss = (1.0 - kd_ratio) * ce
-                if kd_ratio > 0:
-                    kd = div(logits, ctx.teacher_logits(batch), mask, reduction="sum")
-                    loss = loss + kd_ratio * kd
-                    kd_sum += float(kd.detach())
+            loss = (1.0 - kd_ratio) * ce
+            if kd_ratio > 0:
+                teacher_logits = ctx.teacher_logits(batch)  # (B, R, V), no grad
+                with ctx.phase("losses"):
+                    kd = div(logits, teacher_logits, mask, reduction="sum")
+                loss = loss + kd_ratio * kd
+                kd_sum += float(kd.detach())
             ce_sum += float(ce.detach())
             ctx.backward(loss * scale)
     ce_mean = ctx.reduce_sum(ce_sum) / max(global_tokens, 1.0)

@@ -210,13 +210,18 @@ def load_model_and_tokenizer(spec: ModelSpec | str):
         spec: a ModelSpec, or a path / Hub id (then dtype float32).
     Returns:
         (model, tokenizer): the model in eval mode, never flagged as quantised (GGUF weights
-        are dequantised); a tokenizer without a pad token gets pad = eos.
+        are dequantised); a tokenizer without a pad token gets pad = eos. A LoRA adapter
+        directory (adapter_config.json, no config.json) loads its base model with the adapter
+        merged in.
     Raises:
         UserError: a local path that does not exist or is not a model, an unknown dtype,
         or a Hub id / directory transformers cannot load.
     """
     if not isinstance(spec, ModelSpec):
         spec = ModelSpec(path=str(spec))
+    adapter_dir = Path(spec.path).expanduser()
+    if (adapter_dir / "adapter_config.json").is_file() and not (adapter_dir / "config.json").is_file():
+        return _load_lora_adapter(adapter_dir, spec)
     source, gguf_file = _resolve(spec)
     local_gguf = Path(source).expanduser() / gguf_file if gguf_file is not None else None
     if local_gguf is not None and local_gguf.is_file() and os.environ.get(DENSE_GGUF_ENV, "1") != "0":
@@ -224,6 +229,28 @@ def load_model_and_tokenizer(spec: ModelSpec | str):
         dense = ensure_dense_gguf_copy(local_gguf)
         return _load(dataclasses.replace(spec, path=str(dense), gguf_file=None))
     return _load(spec)
+
+
+def _load_lora_adapter(adapter_dir: Path, spec: ModelSpec):
+    """A peft LoRA adapter directory (e.g. a run's final/student_adapter): its base model with the
+    adapter merged in, and the tokenizer saved beside it."""
+    import json
+
+    from peft import PeftModel
+
+    base_path = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_path:
+        raise UserError(f"adapter {adapter_dir} does not name its base model (base_model_name_or_path)")
+    base, tokenizer = load_model_and_tokenizer(dataclasses.replace(spec, path=str(base_path)))
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    model.eval()
+    return model, tokenizer
 
 
 def _load(spec: ModelSpec):

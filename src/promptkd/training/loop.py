@@ -37,8 +37,10 @@ from promptkd.data.records import records_from
 from promptkd.errors import NonFiniteError, TrainingInterrupted, UserError
 from promptkd.methods import get_method_class
 from promptkd.methods.base import StepResult, response_mask
+from promptkd.metric import corpus_rouge_l
 from promptkd.models.loading import (
     ModelSpec,
+    cast_frozen_linear_weights,
     check_tokenizer_compatibility,
     eos_token_ids,
     load_model_and_tokenizer,
@@ -550,7 +552,6 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
         if dtype is None or (dtype is torch.float16 and self.accelerator.device.type != "cuda"):
             return
-        from promptkd.models.loading import cast_frozen_linear_weights
 
         cast_frozen_linear_weights(self.teacher, dtype)
 
@@ -600,7 +601,6 @@ class Trainer:
         return self.ctx.reduce_sum(total) / max(self.ctx.reduce_sum(count), 1.0)
 
     def _dev_rouge(self) -> float:
-        from promptkd.metric import corpus_rouge_l
 
         scored = []  # (dev index, prediction) of this process's share
         for chunk, indices in self._dev_shards():
