@@ -12,7 +12,7 @@ from promptkd.cli import build_parser, flag_for, main
 from promptkd.config import COMMANDS
 from promptkd.options import leaves, type_name
 
-SUBCOMMANDS = ["train", "generate", "make-student", "eval", "exposure-bias", "demo", "config-reference"]
+SUBCOMMANDS = ["train", "generate", "make-student", "eval", "exposure-bias", "demo", "plot", "config-reference"]
 
 
 def test_every_subcommand_is_tested_here():
@@ -93,6 +93,32 @@ def test_train_then_resume_end_to_end(tmp_path, tiny_pair_dirs, tiny_jsonl, caps
     assert steps == [1, 2, 3, 4]
 
 
+def test_plot_a_real_run_and_bad_directories(tmp_path, tiny_pair_dirs, tiny_jsonl, capsys):
+    cfg = write_config(tmp_path, *tiny_pair_dirs, tiny_jsonl, max_steps=2)
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("prompt/kl_to_student" in r and "prompt/drift" in r for r in records)
+    assert main(["plot", str(run)]) == 0
+    assert (run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = tmp_path / "figs" / "drift.png"
+    assert main(["plot", "--run-dir", str(run), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["plot", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("promptkd: error:") and "no metrics.jsonl" in err and "Traceback" not in err
+    (empty / "metrics.jsonl").write_text("")
+    assert main(["plot", str(empty)]) == 2
+    assert "no step records" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["plot"]) == 2
+    assert "'run_dir' is not set" in capsys.readouterr().err
+
+
 def test_make_student_cli(tmp_path, tiny_pair_dirs):
     teacher, _ = tiny_pair_dirs
     out = tmp_path / "student"
@@ -147,6 +173,7 @@ REQUIRED = {
     "exposure-bias": {"student": "s", "teacher": "t", "out": "o"},
     "make-student": {"teacher": "t", "out": "o", "num_layers": 2},
     "demo": {},
+    "plot": {"run_dir": "r"},
 }
 
 

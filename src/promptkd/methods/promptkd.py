@@ -12,6 +12,14 @@ One optimizer step (docs/method.md), for the micro-batches of this step:
        L_reg    = mean_R KL(p_TP || sg p_T)            (reg_direction = reverse, p_T = no prompt)
        lambda_k = base_coef * (1 - k / K),  k = 1..K
        L_prompt = L_kd + lambda_k * L_reg              -> prompt optimizer step
+   Logged every step (the base-teacher forward runs even when lambda_k = 0, under no_grad
+   then): prompt/kl_to_student = KL(p_TP || p_S) and prompt/drift = KL(p_TP || p_T), token
+   means, of the prompt before this step's update. Two guards read them:
+   - collapse warning (promptkd.collapse_window): kl_to_student < drift for that many
+     consecutive steps warns once: the prompted teacher now imitates the student;
+   - promptkd.max_drift: a step whose drift exceeds the bound skips its prompt update (the
+     prompt, its optimizer and its schedule pause; prompt/frozen_by_guard = 1) until the drift
+     is back under the bound, so the prompt overshoots the bound by at most one update.
 2. Student update, against the *updated* prompt:
        L_student = mean_R KL(p_S || sg p_TP)           -> student optimizer step
 
@@ -29,6 +37,8 @@ Reference-code behaviour we follow, and where we differ (all configurable):
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -77,7 +87,10 @@ class PromptKD(Method):
         self.kd_loss = divergence("reverse_kl" if c.kd_direction == "reverse" else "forward_kl")
         self.reg_loss = divergence("reverse_kl" if c.reg_direction == "reverse" else "forward_kl")
         self.student_loss = divergence(c.student_divergence)
+        self.kl_from_prompted = divergence("reverse_kl")  # KL(p_TP || other): the logged distances
         self.student_dropout = has_active_dropout(ctx.student_module)
+        self.collapse_streak = 0  # consecutive steps with kl_to_student < drift
+        self.collapse_warned = False
 
     def state_dict(self) -> dict:
         return self.prompted.prompt_state_dict()
@@ -108,6 +121,23 @@ class PromptKD(Method):
         logits = forward(batch.input_ids, batch.attention_mask, logits_to_keep=keep)  # (B, R + 1, V)
         return logits[:, :-1, :vocab_size]
 
+    def check_collapse(self, step: int, kl_to_student: float, drift: float) -> None:
+        """Warn once when the prompted teacher has been closer to the student than to the
+        teacher (kl_to_student < drift) for promptkd.collapse_window consecutive steps."""
+        window = self.cfg.promptkd.collapse_window
+        self.collapse_streak = self.collapse_streak + 1 if kl_to_student < drift else 0
+        if window and self.collapse_streak >= window and not self.collapse_warned:
+            self.collapse_warned = True
+            warnings.warn(
+                f"PromptKD step {step}: the prompted teacher is closer to the student than to the teacher "
+                f"for {window} consecutive steps (KL(p_TP || p_S) = {kl_to_student:.4g} < "
+                f"KL(p_TP || p_T) = {drift:.4g}): the student is learning from a teacher that imitates it. "
+                "Lower promptkd.prompt_learning_rate or set promptkd.max_drift (e.g. a little above the "
+                "early prompt/drift values).",
+                UserWarning,
+                stacklevel=2,
+            )
+
     # ------------------------------------------------------------------ the step
     def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
         c = self.cfg.promptkd
@@ -125,7 +155,7 @@ class PromptKD(Method):
         # 1. prompt update: L_kd + lambda_k L_reg, gradients into the prompt only
         if not c.freeze_prompt:
             lam = self.regulariser_weight(ctx.step)
-            kd_sum = reg_sum = 0.0
+            kd_sum = reg_sum = kl_sum = drift_sum = 0.0
             for i, batch in enumerate(batches):
                 if share_student_forward:
                     with ctx.accumulate(is_last=True):
@@ -136,28 +166,44 @@ class PromptKD(Method):
                 # with grad: teacher dropout on when teacher_dropout (the reference's quirk)
                 with ctx.phase("teacher_fwd_prompt_grad"), ctx.autocast():
                     tp_logits = self.teacher_logits_on(self.prompted, batch, ctx.vocab_size)  # (B, R, V)
+                # every step, lambda_k = 0 included: the drift is logged and guarded
+                with ctx.phase("teacher_fwd_base"), torch.no_grad(), ctx.autocast():
+                    base = self.teacher_logits_on(self.prompted.forward_base, batch, ctx.vocab_size)  # (B, R, V)
                 with ctx.phase("losses"):
                     l_kd = self.kd_loss(tp_logits, target, masks[i], reduction="sum")
-                loss = l_kd
-                kd_sum += float(l_kd.detach())
-                if lam > 0:
-                    with ctx.phase("teacher_fwd_base"), torch.no_grad(), ctx.autocast():
-                        base = self.teacher_logits_on(self.prompted.forward_base, batch, ctx.vocab_size)
-                    with ctx.phase("losses"):
+                    loss = l_kd
+                    if lam > 0:
                         l_reg = self.reg_loss(tp_logits, base, masks[i], reduction="sum")
-                    loss = loss + lam * l_reg
-                    reg_sum += float(l_reg.detach())
+                        loss = loss + lam * l_reg
+                        reg_sum += float(l_reg.detach())
+                    with torch.no_grad():
+                        kl_sum += float(l_kd.detach() if c.kd_direction == "reverse"
+                                        else self.kl_from_prompted(tp_logits, target, masks[i], reduction="sum"))
+                        drift_sum += float(l_reg.detach() if lam > 0 and c.reg_direction == "reverse"
+                                           else self.kl_from_prompted(tp_logits, base, masks[i], reduction="sum"))
+                kd_sum += float(l_kd.detach())
                 if c.lagged_target:
                     lagged[i] = tp_logits.detach()
                 with ctx.phase("backward_prompt"):
                     ctx.backward(loss * scale)
-                del tp_logits, target, loss
+                del tp_logits, target, base, loss
             ctx.all_reduce_grads(self.prompt_params)
             kd_mean = ctx.reduce_sum(kd_sum) / max(global_tokens, 1.0)
             reg_mean = ctx.reduce_sum(reg_sum) / max(global_tokens, 1.0)
+            kl_to_student = ctx.reduce_sum(kl_sum) / max(global_tokens, 1.0)
+            drift = ctx.reduce_sum(drift_sum) / max(global_tokens, 1.0)
+            frozen = c.max_drift is not None and drift > c.max_drift
             metrics.update({"prompt/loss": kd_mean + lam * reg_mean, "prompt/kd": kd_mean,
-                            "prompt/reg": reg_mean, "prompt/lambda": lam})
-            metrics.update(ctx.apply_update("prompt", metrics["prompt/loss"]))
+                            "prompt/reg": reg_mean, "prompt/lambda": lam,
+                            "prompt/kl_to_student": kl_to_student, "prompt/drift": drift,
+                            "prompt/frozen_by_guard": float(frozen)})
+            self.check_collapse(ctx.step + 1, kl_to_student, drift)
+            if frozen:
+                # not apply_update: Adam's momentum and weight decay would move a zero-gradient prompt
+                for p in self.prompt_params:
+                    p.grad = None
+            else:
+                metrics.update(ctx.apply_update("prompt", metrics["prompt/loss"]))
 
         # 2. student update: reverse KL to the prompted teacher with the *updated* prompt
         s_sum = 0.0

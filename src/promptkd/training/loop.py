@@ -53,6 +53,8 @@ from promptkd.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
+# metric key -> its short label on the progress bar, shown when a step reports it
+PROGRESS_EXTRAS = {"prompt/kl_to_student": "kl_to_student", "prompt/drift": "drift"}
 # What a run writes into train.output_dir; --overwrite removes these and nothing else.
 RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "final.tmp", "best", "best.tmp")
 # accelerate's TensorBoard tracker logs under <output_dir>/<project name> (init_trackers below).
@@ -730,6 +732,8 @@ class Trainer:
             bar.set_postfix(
                 {
                     **({loss_key: f"{record[loss_key]:.4f}"} if loss_key else {}),
+                    # PromptKD: the two distances of the prompted teacher (collapse when kl_to_student < drift)
+                    **{label: f"{record[key]:.3g}" for key, label in PROGRESS_EXTRAS.items() if key in record},
                     "s/step": f"{dt:.2f}",
                     "tok/s": f"{record['trained_tokens_per_s']:.0f}",
                 },
