@@ -404,3 +404,28 @@ def test_max_response_length_caps_reference_responses_and_the_trained_tokens(tmp
     assert max(len(e.response_ids) for e in tr.train_examples) == 3
     record = tr.train()
     assert record["trained_tokens"] <= tr.cfg.train.batch_size * 3
+
+
+def test_from_config_takes_a_path_a_dict_or_a_config_with_overrides_and_objects(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    """Trainer.from_config: YAML path, dict or Config, dotted overrides (list or nested dict)
+    merged into nested sections, and objects that replace the config's paths."""
+    import yaml
+
+    from promptkd.testing import byte_tokenizer, tiny_llama
+
+    cfg = make_cfg(tmp_path, *tiny_pair_dirs, tiny_jsonl)
+    path = tmp_path / "cfg.yaml"
+    cfg.save(path)
+    over = ["--train.max_steps", "7", "--promptkd.base_coef", "0.5"]
+    for source in (str(path), yaml.safe_load(path.read_text()), cfg):
+        tr = Trainer.from_config(source, over)
+        assert (tr.cfg.train.max_steps, tr.cfg.promptkd.base_coef) == (7, 0.5)
+        assert tr.cfg.train.batch_size == cfg.train.batch_size  # the rest of the section is kept
+    assert Trainer.from_config(cfg, {"train": {"seed": 9}}).cfg.train.max_steps == cfg.train.max_steps
+    assert Trainer.from_config(cfg).cfg is cfg
+    # objects in place of the paths: the config may leave them out
+    data = yaml.safe_load(path.read_text())
+    data["model"].update(student="", teacher=None)
+    tr = Trainer.from_config(data, student=tiny_llama(num_layers=2, seed=1), teacher=tiny_llama(num_layers=4, seed=0),
+                             tokenizer=byte_tokenizer())
+    assert tr.train_step().metrics["student/loss"] >= 0

@@ -150,13 +150,9 @@ def _write_config(root: Path, **model) -> tuple[Path, Path]:
     return config, student
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Step 1 with 2 processes x 2 and 1 process x 4; then step 2 resumed across world sizes."""
-    root = tmp_path_factory.mktemp("mp")
-    config, student = _write_config(root)
-    out = {k: root / k for k in ("two", "one", "two_then_one", "one_then_one", "one_then_two")}
-    logs = root / "logs"
+def _first_step_runs(config: Path, out: dict, logs: Path) -> dict:
+    """Step 1 with 2 processes x 2 ("two") and 1 process x 4 ("one"), each copied to
+    "<name>_then_one" for a resume; returns the wall times."""
     logs.mkdir()
     base = ["--config", str(config)]
     times = _run_all({
@@ -165,6 +161,17 @@ def runs(tmp_path_factory):
     }, logs)
     shutil.copytree(out["two"], out["two_then_one"])
     shutil.copytree(out["one"], out["one_then_one"])
+    return times
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Step 1 with 2 processes x 2 and 1 process x 4; then step 2 resumed across world sizes."""
+    root = tmp_path_factory.mktemp("mp")
+    config, student = _write_config(root)
+    out = {k: root / k for k in ("two", "one", "two_then_one", "one_then_one", "one_then_two")}
+    logs = root / "logs"
+    times = _first_step_runs(config, out, logs)
     shutil.copytree(out["one"], out["one_then_two"])
     # step 2 evaluates the dev loss (step 1: sampled ROUGE-L), so both sharded evaluations run
     step2 = ["--train.max_steps", "2", "--train.eval_metric", "loss"]
@@ -283,14 +290,7 @@ def lora_runs(tmp_path_factory):
     config, student = _write_config(root, student_lora={"r": 4, "alpha": 8, "merge": True})
     out = {k: root / k for k in ("two", "one", "two_then_one", "one_then_one")}
     logs = root / "logs"
-    logs.mkdir()
-    base = ["--config", str(config)]
-    times = _run_all({
-        "two": ("torchrun", [*base, "--train.output_dir", str(out["two"])]),
-        "one": ("single", [*base, "--train.output_dir", str(out["one"]), "--train.batch_size", "4"]),
-    }, logs)
-    shutil.copytree(out["two"], out["two_then_one"])
-    shutil.copytree(out["one"], out["one_then_one"])
+    times = _first_step_runs(config, out, logs)
     step2 = ["--train.max_steps", "2", "--train.eval_metric", "loss", "--train.batch_size", "4"]
     times.update(_run_all({
         "two_then_one": ("single", ["--resume", str(out["two_then_one"]), *step2]),

@@ -408,8 +408,13 @@ def _sampled_as_is(sampling: SamplingConfig, command: str) -> list[str]:
     return []
 
 
+def _missing(key: str, value, fix: str) -> list[str]:
+    """The problem of a required command setting left empty, or none."""
+    return [] if value else [f"'{key}' is not set: {fix}"]
+
+
 def _model_problem(key: str, value: str, what: str) -> list[str]:
-    return [] if value else [f"'{key}' is not set: give the {what} (a Hub id, a save_pretrained directory or a .gguf file)"]
+    return _missing(key, value, f"give the {what} (a Hub id, a save_pretrained directory or a .gguf file)")
 
 
 @dataclass
@@ -429,10 +434,8 @@ class GenerateConfig(PromptOptions):
 
     def required_problems(self) -> list[str]:
         problems = _model_problem("model", self.model, "model that writes the responses")
-        if not self.data:
-            problems.append("'data' is not set: give a JSONL file of prompts or a datasets Hub id")
-        if not self.out:
-            problems.append("'out' is not set: give the output JSONL file")
+        problems += _missing("data", self.data, "give a JSONL file of prompts or a datasets Hub id")
+        problems += _missing("out", self.out, "give the output JSONL file")
         return problems
 
     def cross_checks(self) -> list[str]:
@@ -463,8 +466,7 @@ class EvalConfig(PromptOptions):
 
     def required_problems(self) -> list[str]:
         problems = _model_problem("model", self.model, "model to evaluate")
-        if not self.out:
-            problems.append("'out' is not set: give the output directory")
+        problems += _missing("out", self.out, "give the output directory")
         return problems
 
     def cross_checks(self) -> list[str]:
@@ -513,8 +515,7 @@ class ExposureBiasConfig(PromptOptions):
     def required_problems(self) -> list[str]:
         problems = _model_problem("student", self.student, "student")
         problems += _model_problem("teacher", self.teacher, "teacher")
-        if not self.out:
-            problems.append("'out' is not set: give the output directory")
+        problems += _missing("out", self.out, "give the output directory")
         return problems
 
     def cross_checks(self) -> list[str]:
@@ -538,8 +539,7 @@ class MakeStudentConfig(ConfigBase):
 
     def required_problems(self) -> list[str]:
         problems = _model_problem("teacher", self.teacher, "teacher to prune")
-        if not self.out:
-            problems.append("'out' is not set: give the output directory")
+        problems += _missing("out", self.out, "give the output directory")
         if self.layers is None and self.num_layers is None:
             problems.append("neither 'layers' nor 'num_layers' is set: give the layer indices to keep or how many")
         return problems

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -172,9 +172,3 @@ def supervised_step(ctx: StepContext, batches: list[SequenceBatch], *, kd_ratio:
     metrics["student/loss"] = loss_value
     metrics.update(ctx.apply_update("student", loss_value))
     return StepResult(metrics, trained_tokens=sum(float(response_mask(b).sum()) for b in batches))
-
-
-def iter_last(items: Sequence) -> Iterator[tuple[bool, Any]]:
-    """(is_last, item) pairs."""
-    for i, item in enumerate(items):
-        yield i == len(items) - 1, item

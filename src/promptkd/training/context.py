@@ -287,8 +287,6 @@ class TrainingContext:
 
     def _apply_update(self, ps: ParameterSet, loss_value: float) -> dict[str, float]:
         name, params, optimizer, scheduler = ps.name, ps.params, ps.optimizer, ps.scheduler
-        if name == "student":
-            params = list(self.student.parameters())  # the prepared (possibly sharded) ones
         scaler = self.accelerator.scaler
         max_norm = self.train_cfg.max_grad_norm
         if max_norm > 0:

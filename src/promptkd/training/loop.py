@@ -31,7 +31,14 @@ from pathlib import Path
 
 import torch
 
-from promptkd.config import Config, config_warnings, load_config, validate_config
+from promptkd.config import (
+    Config,
+    config_warnings,
+    load_config,
+    merge_dicts,
+    parse_overrides,
+    validate_config,
+)
 from promptkd.data.dataset import build_examples
 from promptkd.data.records import records_from
 from promptkd.errors import NonFiniteError, TrainingInterrupted, UserError
@@ -184,14 +191,19 @@ class Trainer:
 
     @classmethod
     def from_config(cls, source, overrides: list[str] | dict | None = None, **kwargs) -> Trainer:
-        """A Trainer from a YAML path, a dict or a Config, plus dotted overrides (the CLI path)."""
-        if isinstance(source, Config):
-            cfg = load_config(None, {**source.to_dict(), **(overrides or {})}) if overrides else source
-        elif isinstance(source, dict):
-            cfg = load_config(None, source) if not overrides else load_config(None, _merged(source, overrides))
+        """A Trainer from a YAML path, a dict or a Config, plus dotted overrides (the CLI path).
+
+        Entries that passed objects replace (student, teacher, train data) may be missing: the
+        constructor validates the config knowing which objects it was given.
+        """
+        if isinstance(source, Config) and not overrides:
+            return cls(source, **kwargs)
+        if isinstance(source, (Config, dict)):
+            base = source.to_dict() if isinstance(source, Config) else source
+            over = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+            cfg = load_config(None, merge_dicts(base, over), check_required=False)
         else:
-            cfg = load_config(source, overrides, check_required=not any(
-                kwargs.get(k) is not None for k in ("student", "teacher", "train_dataset")))
+            cfg = load_config(source, overrides, check_required=False)
         return cls(cfg, **kwargs)
 
     @property
@@ -428,19 +440,18 @@ class Trainer:
 
     def _load_train_examples(self):
         d = self.cfg.data
-        data = self._given["train_dataset"]
-        own_source = self.method.train_source()
-        if data is None:
-            data, source = own_source, str(own_source)
-        else:
-            source = "train_dataset"
-        # another file than data.train (seqkd's teacher responses): data.train's split and data_files are not its own
-        use_split = data is d.train or self._given["train_dataset"] is not None
+        if self._given["train_dataset"] is not None:
+            data, source, split, data_files = self._given["train_dataset"], "train_dataset", d.train_split, None
+        elif self.method.train_source() == d.train:
+            data, source, split, data_files = d.train, str(d.train), d.train_split, d.train_data_files
+        else:  # another file than data.train (seqkd's teacher responses): data.train's split is not its own
+            data = self.method.train_source()
+            source, split, data_files = str(data), "train", None
         examples, stats = self._examples(
             data,
             source=source,
-            split=d.train_split if use_split else "train",
-            data_files=d.train_data_files if use_split and self._given["train_dataset"] is None else None,
+            split=split,
+            data_files=data_files,
             with_responses=self.method.needs_references(self.cfg),
             on_records=lambda recs: self.method.check_train_records(
                 recs, source=source, is_main_process=self.accelerator.is_main_process),
@@ -827,13 +838,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         elif isinstance(v, (int, float, str, bool)):
             out[f"{prefix}{k}"] = v
     return out
-
-
-def _merged(base: dict, overrides) -> dict:
-    from promptkd.config import merge_dicts, parse_overrides
-
-    over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-    return merge_dicts(base, over)
 
 
 def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True) -> dict:
