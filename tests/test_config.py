@@ -38,7 +38,7 @@ def test_configs_are_shipped():
 def test_every_shipped_yaml_loads_and_validates(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    assert cfg.method in {"promptkd", "gkd", "kd", "seqkd", "sft"}
+    assert cfg.method in {"promptkd", "gkd", "kd", "seqkd", "sft", "minillm", "distillm"}
 
 
 def test_paper_recipes_follow_spec_hyperparameters():

@@ -32,7 +32,7 @@ from promptkd.losses import DIVERGENCES
 from promptkd.options import ConfigBase, field_problems, opt, reference_markdown, was_given
 from promptkd.sampling import SamplingConfig
 
-METHODS = ("promptkd", "gkd", "kd", "seqkd", "sft")
+METHODS = ("promptkd", "gkd", "kd", "seqkd", "sft", "minillm", "distillm")
 DIVERGENCE_NAMES = tuple(DIVERGENCES)
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ENDED_MODES = ("zero", "alive")  # exposure bias: how responses that ended before step t count
@@ -226,6 +226,83 @@ class SeqKDSection:
     )
 
 
+# Reference snapshots cited below: microsoft/LMOps@4f2a9de (minillm/), jongwooko/distillm@d47e77f.
+@dataclass
+class MiniLLMSection:
+    """MiniLLM: reverse KL as a policy gradient on rollouts (docs/method.md, section 7).
+    Defaults: LMOps minillm/scripts/gpt2/minillm/train_base_xl.sh and arguments.py."""
+
+    teacher_mix_alpha: float = opt(
+        0.2, "Rollouts sample from (1 - alpha) p_S + alpha p_T, with importance weights p_S / mix "
+        "(train_base_xl.sh:76); 0 = the student alone.", min=0.0, max=1.0,
+    )
+    ppo_epochs: int = opt(
+        4, "Optimizer steps on each set of rollouts (train_base_xl.sh:70): fresh rollouts every ppo_epochs "
+        "steps, whose prompts are that step's batch.", min=1,
+    )
+    cliprange: float = opt(0.2, "PPO clip of the ratio p_theta / mix (arguments.py:156).", min=0.0, min_exclusive=True)
+    gamma: float = opt(0.95, "Discount of the long-term return (arguments.py:158).", min=0.0, max=1.0)
+    reward_scaling: float = opt(0.5, "Rewards are divided by this (train_base_xl.sh:78).", min=0.0, min_exclusive=True)
+    cliprange_reward: float = opt(100.0, "Scaled rewards are clipped to +-this (train_base_xl.sh:79).", min=0.0, min_exclusive=True)
+    length_norm: bool = opt(
+        True, "Divide each return by the number of response tokens it sums over (paper; the reference code "
+        "always does, losses.py:49).",
+    )
+    include_current_reward: bool = opt(
+        True, "The return at t includes r_t, as the reference code (losses.py:43-48); false = from t + 1, as "
+        "the paper's long-term term, which leaves r_t to the exact single-step term.",
+    )
+    whiten: bool = opt(True, "Standardise the advantages over the step's response tokens (losses.py:53-54).")
+    single_step_reg: bool = opt(
+        True, "Add the single-step term: KL(p_S || p_T) per position, exact over the vocabulary "
+        "(train_base_xl.sh:75, losses.py:98-108).",
+    )
+    lm_coef: float = opt(
+        0.0, "Weight of the language-modelling term on minillm.lm_data. The reference adds it with weight 1 on "
+        "OpenWebText (trainer.py:287); off here: a pretraining corpus is the user's choice.", min=0.0,
+    )
+    lm_data: str | None = opt(
+        None, "Corpus of the language-modelling term (JSONL / Hub id / directory in the training schema; the "
+        "response text is the LM text). Needed when lm_coef > 0.",
+    )
+    lm_kd_ratio: float = opt(
+        0.5, "The LM term is (1 - r) CE + r forward KL to the teacher on lm_data (losses.py:226; "
+        "train_base_xl.sh:51: 0.5).", min=0.0, max=1.0,
+    )
+
+
+@dataclass
+class DistiLLMSection:
+    """DistiLLM: skew KL with adaptive off-policy student data (docs/method.md, section 8).
+    Defaults: jongwooko/distillm arguments.py and scripts/*/distillm/*.sh."""
+
+    divergence: str = opt(
+        "skew_reverse_kl", "Per-token divergence (scripts/opt/distillm/*.sh: adaptive-srkl; gpt2 0.1B: sfkl).",
+        choices=list(DIVERGENCE_NAMES),
+    )
+    alpha: float = opt(0.1, "Skew of skew_forward_kl / skew_reverse_kl (arguments.py:178).", min=0.0, max=1.0)
+    beta: float = opt(0.5, "generalized_jsd beta, if that divergence is chosen.", min=0.0, max=1.0)
+    kd_ratio: float = opt(1.0, "(1 - r) CE on the batch + r divergence (scripts: --kd-ratio 1.0).", min=0.0, max=1.0)
+    initial_student_prob: float = opt(
+        0.0, "Starting probability phi of a step on student-generated responses (arguments.py:188; "
+        "scripts: --init-threshold 0.0).", min=0.0, max=1.0,
+    )
+    prob_step: float = opt(0.1, "phi grows by this when the dev loss rose (finetune.py:411-417).", min=0.0, max=1.0)
+    loss_eps: float = opt(
+        0.1, "phi grows when the dev loss is at least this much above its value at the last growth "
+        "(arguments.py:187).", min=0.0,
+    )
+    adapt_every: int = opt(
+        0, "Optimizer steps between dev-loss checks; 0 = once per epoch (the scripts' --eval-interval -1).", min=0,
+    )
+    capacity: int = opt(1000, "Replay buffer size in sequences, first in first out (arguments.py:191).", min=1)
+    replay_ratio: str = opt(
+        "decreasing", "Of the student-data steps, fresh samples take phi (1 - t/T) (decreasing), phi / 2 "
+        "(constant) or phi t/T (increasing); the rest replay the buffer (arguments.py:192).",
+        choices=["decreasing", "constant", "increasing"],
+    )
+
+
 @dataclass
 class Config(ConfigBase):
     """`promptkd train`: the method, its models and data, the loop, sampling and method knobs."""
@@ -239,6 +316,8 @@ class Config(ConfigBase):
     gkd: GKDSection = field(default_factory=GKDSection)
     kd: KDSection = field(default_factory=KDSection)
     seqkd: SeqKDSection = field(default_factory=SeqKDSection)
+    minillm: MiniLLMSection = field(default_factory=MiniLLMSection)
+    distillm: DistiLLMSection = field(default_factory=DistiLLMSection)
 
     def required_problems(self, provided: frozenset[str] | set[str] = frozenset()) -> list[str]:
         """Unset entries the run needs; `provided` names the objects a Python caller passed to
@@ -261,6 +340,12 @@ class Config(ConfigBase):
             problems.append(
                 "'data.teacher_responses' is not set but method 'seqkd' trains on teacher responses: "
                 "write them with `promptkd generate --model TEACHER --data TRAIN --out FILE`"
+            )
+        if (self.method == "distillm" and self.distillm.prob_step > 0 and self.distillm.initial_student_prob < 1
+                and not self.data.dev and "eval_dataset" not in provided):
+            problems.append(
+                "'data.dev' is not set but method 'distillm' adapts its student-data probability from the dev loss: "
+                "give dev data, or set distillm.prob_step 0 for a fixed probability"
             )
         if self.train.eval_metric == "rougeL" and not self.data.dev and "eval_dataset" not in provided and self.train.eval_every:
             problems.append("'train.eval_every' is set but 'data.dev' is not: give dev data or set eval_every 0")
@@ -299,9 +384,10 @@ class Config(ConfigBase):
         return out
 
 
-METHOD_SECTIONS = {"promptkd": "promptkd", "gkd": "gkd", "kd": "kd", "seqkd": "seqkd"}
+METHOD_SECTIONS = {"promptkd": "promptkd", "gkd": "gkd", "kd": "kd", "seqkd": "seqkd", "minillm": "minillm",
+                   "distillm": "distillm"}
 TEACHER_FREE_METHODS = {"sft"}
-DIVERGENCE_SECTIONS = ("kd", "gkd")  # sections with a `divergence` and its knobs beta / alpha
+DIVERGENCE_SECTIONS = ("kd", "gkd", "distillm")  # sections with a `divergence` and its knobs beta / alpha
 DIVERGENCE_KNOBS = ("beta", "alpha")
 
 
@@ -338,6 +424,18 @@ def _method_knob_problems(cfg: Config) -> list[str]:
             "'gkd.seq_kd' = True has no effect with gkd.lmbda = 1.0 (every step is on-policy, so no step "
             "uses teacher responses): set gkd.lmbda below 1 or remove gkd.seq_kd"
         )
+    if cfg.method == "minillm":
+        m = cfg.minillm
+        if m.lm_coef > 0 and not m.lm_data:
+            problems.append(f"'minillm.lm_coef' = {m.lm_coef} needs 'minillm.lm_data' (the corpus of the language-modelling term)")
+        if m.lm_data and m.lm_coef == 0:
+            problems.append("'minillm.lm_data' is set but 'minillm.lm_coef' is 0: set lm_coef > 0 or remove lm_data")
+        if m.teacher_mix_alpha > 0 and (cfg.sampling.top_k or cfg.sampling.top_p < 1.0 or not cfg.sampling.do_sample):
+            problems.append(
+                f"'minillm.teacher_mix_alpha' = {m.teacher_mix_alpha} mixes the teacher into sampling, which needs "
+                "plain sampling (sampling.do_sample true, top_k 0, top_p 1; the reference scripts' setting): "
+                "set those, or minillm.teacher_mix_alpha 0"
+            )
     return problems
 
 

@@ -22,6 +22,9 @@ Contract of a sampler call (what every method relies on, see docs/conventions.md
   max_new_tokens, eos_at_cap); every knob must be honoured.
 - returns a `SequenceBatch` on the same device: prompt + response, each response cut after its
   first EOS (kept), `attention_mask` / `loss_mask` as in `sample_responses`, `prompt_length` P.
+- a backend with `supports_logits_processor = True` also takes `logits_processor=[...]`
+  (transformers logits processors; MiniLLM's teacher-mixed sampling needs one); the trainer
+  refuses that feature on a backend without it.
 - randomness comes from the process's torch RNG (seeded per run and restored on resume) or is
   documented by the backend as not reproducible.
 """
@@ -56,9 +59,13 @@ class HFSampler:
     def __init__(self, context=None):
         self.context = context
 
-    def __call__(self, model, prompt_ids, prompt_mask, *, eos_token_ids, pad_token_id, config) -> SequenceBatch:
+    supports_logits_processor = True
+
+    def __call__(self, model, prompt_ids, prompt_mask, *, eos_token_ids, pad_token_id, config,
+                 logits_processor=None) -> SequenceBatch:
         return sample_responses(
-            model, prompt_ids, prompt_mask, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, config=config
+            model, prompt_ids, prompt_mask, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, config=config,
+            logits_processor=logits_processor,
         )
 
 

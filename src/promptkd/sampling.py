@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -276,6 +278,7 @@ def sample_responses(
     pad_token_id: int,
     config: SamplingConfig,
     generator_seed: int | None = None,
+    logits_processor: list | None = None,
 ) -> SequenceBatch:
     """Sample one response per prompt from `model` (on-policy data for KD/GKD/PromptKD).
 
@@ -298,6 +301,8 @@ def sample_responses(
         pad_token_id: id written after the first EOS (may equal an EOS id).
         config: the sampling settings.
         generator_seed: optional seed for this call only (see Randomness).
+        logits_processor: extra transformers logits processors, applied after the config's
+            own (e.g. `TeacherMixture`, MiniLLM's teacher-mixed sampling).
 
     Returns:
         SequenceBatch with input_ids = prompt + response (B, P + R), attention_mask 1 on prompt
@@ -334,6 +339,7 @@ def sample_responses(
             input_ids=prompt_ids,
             attention_mask=prompt_attention_mask,
             generation_config=generation_config,
+            **({"logits_processor": logits_processor} if logits_processor else {}),
         )  # (B, P + L)
     assert sequences.shape[1] >= prompt_length, "generate dropped prompt columns"
 
@@ -357,3 +363,59 @@ def sample_responses(
         ),
         prompt_length=prompt_length,
     )
+
+
+class TeacherMixture:
+    """A `generate` logits processor that samples from (1 - alpha) p_S + alpha p_T (MiniLLM).
+
+    `generate` runs the student; at every new token this processor runs the teacher on the
+    tokens it has not seen yet (one KV cache of its own, the prompts' left padding masked as in
+    the student's call) and returns the log of the mixed distribution, log((1 - alpha)
+    softmax(scores) + alpha softmax(teacher_logits / temperature)), over the first `vocab_size`
+    columns (the rest get -inf). `scores` arrive after the config's own processors, so with
+    plain sampling (no top-k / top-p, as MiniLLM's scripts) both distributions are the raw
+    ones. Built fresh for every `generate` call.
+
+    LMOps' MiniLLM mixes the same way, in probability space after its processors (its patched
+    transformers, generation/utils.py `mix_in_alpha`).
+    """
+
+    def __init__(self, teacher, prompt_mask: torch.Tensor, *, alpha: float, vocab_size: int,
+                 temperature: float = 1.0, autocast=None):
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"teacher mixing alpha must be in (0, 1], got {alpha}")
+        self.teacher = teacher
+        self.prompt_mask = prompt_mask.long()  # (B, P)
+        self.alpha = alpha
+        self.vocab_size = vocab_size
+        self.temperature = temperature
+        self.autocast = autocast or contextlib.nullcontext
+        self.cache = None
+        self.seen = 0  # columns of input_ids the teacher's cache holds
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        batch, length = input_ids.shape  # (B, P + generated so far)
+        prompt_length = self.prompt_mask.shape[1]
+        generated = torch.ones(batch, length - prompt_length, dtype=torch.long, device=input_ids.device)
+        mask = torch.cat([self.prompt_mask.to(input_ids.device), generated], dim=1)  # (B, L)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        new = slice(self.seen, length)
+        # transformers >= 5.x names the KV cache `cache`; earlier releases `past_key_values`
+        key = "cache" if "cache" in inspect.signature(self.teacher.forward).parameters else "past_key_values"
+        with self.autocast():
+            out = self.teacher(
+                input_ids=input_ids[:, new], attention_mask=mask, position_ids=positions[:, new],
+                use_cache=True, logits_to_keep=1, **{key: self.cache},
+            )
+        self.cache, self.seen = getattr(out, key), length
+        v = self.vocab_size
+        log_t = torch.log_softmax(out.logits[:, -1, :v].float() / self.temperature, dim=-1)  # (B, V)
+        log_s = torch.log_softmax(scores[:, :v].float(), dim=-1)  # (B, V)
+        if self.alpha >= 1.0:
+            mixed = log_t
+        else:
+            mixed = torch.logaddexp(log_s + math.log1p(-self.alpha), log_t + math.log(self.alpha))  # (B, V)
+        out_scores = torch.full_like(scores, float("-inf"))
+        out_scores[:, :v] = mixed.to(scores.dtype)
+        return out_scores

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from promptkd.data.collate import collate_prompts, collate_sequences
-from promptkd.sampling import SamplingConfig, response_logits, sample_responses
+from promptkd.sampling import SamplingConfig, TeacherMixture, response_logits, sample_responses
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
@@ -206,10 +206,13 @@ class FakeContext:
             vocab_size = min(sizes)
         self.vocab_size = vocab_size
         self.step = 0
+        self.epoch = 0.0
         self.max_steps = max_steps
         self.device = torch.device("cpu")
         self.is_main_process = True
         self.num_processes = 1
+        self.process_index = 0
+        self.dev_losses: list[float] = []
         self.samples = list(samples or [])
         self.sampler = sampler
         self.optimizer = optimizer
@@ -258,9 +261,9 @@ class FakeContext:
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------ batches
-    def sample(self, examples, *, from_teacher: bool = False):
+    def sample(self, examples, *, from_teacher: bool = False, teacher_mix: float = 0.0):
 
-        self.calls.append(("sample", from_teacher))
+        self.calls.append(("sample", from_teacher) + ((teacher_mix,) if teacher_mix else ()))
         if self.samples:
             batch = self.samples.pop(0)
         elif self.sampler is not None:
@@ -270,9 +273,12 @@ class FakeContext:
             prompt_ids, prompt_mask = collate_prompts(examples, self.tokenizer.pad_token_id)
             config = SamplingConfig(max_new_tokens=self.max_new_tokens,
                                     eos_at_cap=self.eos_at_cap and not from_teacher)
+            processors = None
+            if teacher_mix and not from_teacher:
+                processors = [TeacherMixture(self.teacher, prompt_mask, alpha=teacher_mix, vocab_size=self.vocab_size)]
             batch = sample_responses(model, prompt_ids, prompt_mask, eos_token_ids=[self.tokenizer.eos_token_id],
                                      pad_token_id=self.tokenizer.pad_token_id, config=config,
-                                     generator_seed=self.seed + self.num_samples)
+                                     generator_seed=self.seed + self.num_samples, logits_processor=processors)
         self.num_samples += 1
         self.batches.append(batch)
         return batch
@@ -326,6 +332,18 @@ class FakeContext:
 
     def all_reduce_grads(self, params: list) -> None:
         self.calls.append(("all_reduce_grads",))
+
+    def gather_object(self, obj) -> list:
+        return [obj]
+
+    def dev_loss(self) -> float | None:
+        """The next of `dev_losses` (a list a test sets), or None when there are none."""
+        self.calls.append(("dev_loss",))
+        return self.dev_losses.pop(0) if self.dev_losses else None
+
+    def load_examples(self, source) -> list:
+        """`source` itself when it is a list of examples (tests pass them directly)."""
+        return list(source)
 
     # ------------------------------------------------------------ parameter sets
     def add_parameter_set(self, name: str, params: list, *, learning_rate: float, weight_decay: float) -> None:

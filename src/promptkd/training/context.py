@@ -24,7 +24,7 @@ from promptkd.data.batch import SequenceBatch
 from promptkd.data.collate import collate_prompts, collate_sequences
 from promptkd.errors import UserError
 from promptkd.methods.base import response_mask
-from promptkd.sampling import response_logits
+from promptkd.sampling import TeacherMixture, response_logits
 from promptkd.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,10 @@ class TrainingContext:
         self.train_cfg = train_cfg
         self.guard = guard
         self.step = 0
+        self.epoch = 0.0  # passes over the training data, this step's batch included (set by the trainer)
         self.max_steps = train_cfg.max_steps
+        self.dev_loss_fn: Callable[[], float | None] | None = None  # set by the trainer
+        self.examples_fn: Callable[[str], list] | None = None  # set by the trainer
         self.param_sets: dict[str, ParameterSet] = {}
         self._clock = PhaseClock(on_phase) if on_phase is not None else None
 
@@ -132,6 +135,10 @@ class TrainingContext:
     @property
     def num_processes(self) -> int:
         return self.accelerator.num_processes
+
+    @property
+    def process_index(self) -> int:
+        return self.accelerator.process_index
 
     # ---------------------------------------------------------------- profiling and precision
     def phase(self, name: str):
@@ -158,26 +165,43 @@ class TrainingContext:
         return contextlib.nullcontext()
 
     # ---------------------------------------------------------------- batches
-    def sample(self, examples: Sequence, *, from_teacher: bool = False, training: bool = True) -> SequenceBatch:
+    def sample(self, examples: Sequence, *, from_teacher: bool = False, training: bool = True,
+               teacher_mix: float = 0.0) -> SequenceBatch:
         """Sampled responses of the current student (or the teacher) for these examples' prompts.
 
         `sampling.eos_at_cap` (or the method's default) applies to the student's training
         samples only, never to teacher samples or dev evaluation (`training=False`).
+        `teacher_mix` > 0 samples every token from (1 - teacher_mix) p_S + teacher_mix p_T
+        (`promptkd.sampling.TeacherMixture`, MiniLLM); it needs a sampler backend that takes
+        logits processors (the default "hf" does).
         """
         prompt_ids, prompt_mask = collate_prompts(examples, self.pad_token_id)
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         config = self.sampling.to_sampling_config(self.eos_at_cap_default)
         if from_teacher or not training:
             config = dataclasses.replace(config, eos_at_cap=False)
         model = self.teacher if from_teacher else self.student_module
         gather = contextlib.nullcontext() if from_teacher else self.gathered_student()
+        extra = {}
+        if teacher_mix > 0 and not from_teacher:
+            if not getattr(self.sampler, "supports_logits_processor", False):
+                raise UserError(
+                    f"teacher-mixed sampling needs a sampler that takes logits processors; train.sampler "
+                    f"{self.train_cfg.sampler!r} does not: use train.sampler hf or set minillm.teacher_mix_alpha 0"
+                )
+            extra["logits_processor"] = [TeacherMixture(
+                self.teacher, prompt_mask, alpha=teacher_mix, vocab_size=self.vocab_size,
+                temperature=config.temperature, autocast=self.autocast,
+            )]
         with self.phase("generation"), gather, self.autocast():
             return self.sampler(
                 model,
-                prompt_ids.to(self.device),
-                prompt_mask.to(self.device),
+                prompt_ids,
+                prompt_mask,
                 eos_token_ids=self.eos_token_ids,
                 pad_token_id=self.pad_token_id,
                 config=config,
+                **extra,
             )
 
     def collate(self, examples: Sequence) -> SequenceBatch:
@@ -239,6 +263,26 @@ class TrainingContext:
     def reduce_sum(self, value: float) -> float:
         t = torch.tensor(float(value), device=self.device, dtype=torch.float64)
         return float(self.accelerator.reduce(t, "sum").item())
+
+    def gather_object(self, obj) -> list:
+        """[obj of process 0, obj of process 1, ...] on every process (picklable objects)."""
+        if self.accelerator.num_processes == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def dev_loss(self) -> float | None:
+        """The student's token-mean CE on the dev responses (data.dev), reduced over processes;
+        None without dev data. Every process must call it."""
+        return self.dev_loss_fn() if self.dev_loss_fn is not None else None
+
+    def load_examples(self, source: str) -> list:
+        """Examples (with responses) of another data source than data.train, read and tokenised
+        like the training data (template, length limits)."""
+        if self.examples_fn is None:
+            raise RuntimeError("this context cannot load data")
+        return self.examples_fn(source)
 
     def all_reduce_grads(self, params: list) -> None:
         """Average gradients of parameters not wrapped by DDP (the soft prompt) over processes."""

@@ -323,6 +323,8 @@ class Trainer:
             on_phase=self.on_phase,
         )
         self.ctx.sampler = build_sampler(cfg.train.sampler, self.ctx)
+        self.ctx.dev_loss_fn = (lambda: self._dev_loss()) if self.dev_examples else None
+        self.ctx.examples_fn = self._extra_examples
         self.ctx.param_sets["student"] = ParameterSet(
             "student", list(self.student.parameters()), student_optimizer, student_scheduler
         )
@@ -462,6 +464,15 @@ class Trainer:
             examples = examples[: d.max_train_examples]
         return examples
 
+    def _extra_examples(self, source: str) -> list:
+        """A method's own data (minillm.lm_data), with responses, tokenised like the training data."""
+        examples, stats = self._examples(source, source=str(source), split="train", data_files=None, with_responses=True)
+        if self.accelerator.is_main_process:
+            logger.warning("%s data %s: %s", self.cfg.method, source, stats.summary())
+        if not examples:
+            raise UserError(f"{source}: no usable records (see the counts above)")
+        return examples
+
     def _load_dev_examples(self):
         d = self.cfg.data
         data = self._given["eval_dataset"] if self._given["eval_dataset"] is not None else d.dev
@@ -584,6 +595,7 @@ class Trainer:
         if micro_batches is None:
             micro_batches = self.next_micro_batches()
         self.ctx.step = self.step
+        self.ctx.epoch = self.data_order.epoch
         result = self.method.step(self.ctx, micro_batches)
         self.step += 1
         self.ctx.step = self.step
