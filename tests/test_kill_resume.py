@@ -198,3 +198,50 @@ def test_lora_student_sigkilled_then_resumed_equals_uninterrupted_run(tmp_path):
     assert {"model.safetensors", "optimizer.bin", "optimizer_1.bin", "custom_checkpoint_0.pkl"} <= set(files)
     student_opt = torch.load(latest_checkpoint(run / "checkpoints") / "optimizer.bin", weights_only=False)
     assert len(student_opt["state"]) == len(adapter)  # AdamW state for the adapter weights only
+
+
+# MiniLLM: rollouts every 3 steps, so the resume after step 2 continues step 1's rollouts from the
+# checkpoint. DistiLLM: a replay buffer (capacity 4 = two global batches), phi checked every 2 steps
+# against the dev loss (loss_eps 0, so it grows), replay and fresh steps mixed (replay_ratio constant).
+METHOD_RUNS = {
+    "minillm": {"minillm": {"teacher_mix_alpha": 0.2, "ppo_epochs": 3}},
+    "distillm": {"distillm": {"initial_student_prob": 0.5, "capacity": 4, "replay_ratio": "constant",
+                              "adapt_every": 2, "loss_eps": 0.0}},
+}
+METHOD_KILLS = ["saved:2", "renamed:4"]  # after a checkpoint; a checkpoint in place but not `latest`
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_RUNS))
+def test_minillm_and_distillm_sigkilled_then_resumed_equal_uninterrupted_runs(tmp_path, method):
+    steps = 5
+    cfg_path = write_run_config(tmp_path, steps)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    dev = write_tiny_jsonl(tmp_path / "dev.jsonl", 4)
+    cfg.update(method=method, **METHOD_RUNS[method])
+    cfg["data"]["dev"] = str(dev)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    done = cli(["--config", str(cfg_path)])
+    assert done.returncode == 0, done.stderr
+
+    args = ["--config", str(cfg_path), "--train.output_dir", str(run)]
+    for kill_at in METHOD_KILLS:
+        out = cli(args, kill_at)
+        assert out.returncode == -signal.SIGKILL, f"{kill_at} did not kill:\n{out.stderr[-3000:]}"
+        args = ["--resume", str(run)]
+    done = cli(args)
+    assert done.returncode == 0, done.stderr
+    assert "were not restored" not in done.stderr
+
+    records = metrics(run)
+    assert records == metrics(ref)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    if method == "minillm":  # fresh rollouts at steps 1 and 4 only; step 3 ran on restored rollouts
+        assert [r["minillm/fresh_rollouts"] for r in records] == [1.0, 0.0, 0.0, 1.0, 0.0]
+    else:  # the buffer and phi came back from the checkpoints
+        assert {r["distillm/source"] for r in records} >= {1.0, 2.0}, records
+        assert records[-1]["distillm/student_prob"] > 0.5
+    rel = "final/student/model.safetensors"
+    assert_same(load_any(ref / rel), load_any(run / rel), rel)
+    files = assert_same_checkpoints(ref, run, steps)
+    assert "custom_checkpoint_0.pkl" in files

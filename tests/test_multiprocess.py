@@ -344,3 +344,73 @@ def test_lora_student_two_process_checkpoint_resumes_in_one_process(lora_runs):
     m, ref = _metrics(run)[-1], _metrics(reference)[-1]
     for key in ("prompt/loss", "student/loss", "student/grad_norm", "dev/loss"):
         assert m[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-9), key
+
+
+# --------------------------------------------------------------------------- MiniLLM and DistiLLM
+
+# Two steps each, greedy rollouts. MiniLLM: teacher-mixed rollouts at step 1 (the mixture's argmax),
+# reused at step 2 (ppo_epochs 2). DistiLLM with seed 5: step 1 draws u = 0.20 < phi = 0.9 with the
+# buffer not full (fresh samples fill it: capacity 4 = the global batch), step 2 draws u = 0.88 in
+# [phi / 2, phi) (replay from the buffer); a dev-loss check after every step (adapt_every 1; phi
+# stays 0.9 as the loss never rises by loss_eps 10).
+# Tolerance on the student after 2 AdamW steps, measured: DistiLLM 1.1e-8, MiniLLM 3.7e-5 (whitened
+# advantages divide float32 rounding by a small spread). The first PPO step's loss is a near-zero
+# difference (whitened advantages sum to 0; measured |diff| 2.5e-6), so values also get an absolute
+# tolerance of 1e-5.
+STUDENT_ATOL = {"minillm": 1e-4, "distillm": 2 * STEP1_ATOL}
+METHOD_SECTIONS = {
+    "minillm": {"minillm": {"teacher_mix_alpha": 0.2, "ppo_epochs": 2}},
+    "distillm": {"distillm": {"initial_student_prob": 0.9, "capacity": 4, "replay_ratio": "constant",
+                              "adapt_every": 1, "loss_eps": 10.0}},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(METHOD_SECTIONS))
+def method_runs(request, tmp_path_factory):
+    """Two steps of the method with 2 processes x 2 and with 1 process x 4."""
+    method = request.param
+    root = tmp_path_factory.mktemp(f"mp_{method}")
+    config, student = _write_config(root)
+    cfg = yaml.safe_load(config.read_text())
+    cfg.update(method=method, **METHOD_SECTIONS[method])
+    cfg["train"].update(max_steps=2, eval_metric="loss")
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    out = {k: root / k for k in ("two", "one")}
+    logs = root / "logs"
+    logs.mkdir()
+    base = ["--config", str(config)]
+    times = _run_all({
+        "two": ("torchrun", [*base, "--train.output_dir", str(out["two"])]),
+        "one": ("single", [*base, "--train.output_dir", str(out["one"]), "--train.batch_size", "4"]),
+    }, logs)
+    return method, Runs(dirs=out, student_init=student, logs=logs, times=times)
+
+
+@pytest.mark.slow
+def test_minillm_and_distillm_two_processes_take_the_same_steps_as_one(method_runs):
+    from safetensors.torch import load_file
+
+    method, runs = method_runs
+    two, one = (load_file(runs.dirs[k] / "final" / "student" / "model.safetensors") for k in ("two", "one"))
+    init = load_file(runs.student_init / "model.safetensors")
+    moved = _max_diff(one, {k: init[k] for k in one})
+    assert moved > 0.5 * LR, "the student did not move"
+    diff = _max_diff(two, one)
+    print(f"\n{method}, 2 steps, 2 procs x 2 vs 1 proc x 4: max |diff| student {diff:.3g} (moved {moved:.3g}); "
+          f"run times {json.dumps({k: round(v, 1) for k, v in runs.times.items()})}")
+    assert diff <= STUDENT_ATOL[method]
+    m2, m1 = _metrics(runs.dirs["two"]), _metrics(runs.dirs["one"])
+    assert [m["step"] for m in m2] == [m["step"] for m in m1] == [1, 2]
+    keys = {"minillm": ("minillm/pg", "minillm/single_step", "minillm/importance_weight", "minillm/log_ratio",
+                        "minillm/fresh_rollouts", "student/loss", "student/grad_norm", "generated_tokens"),
+            "distillm": ("distillm/source", "distillm/buffer", "distillm/student_prob", "distillm/dev_loss",
+                         "student/kd", "student/loss", "student/grad_norm", "generated_tokens")}[method]
+    for a, b in zip(m2, m1, strict=True):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    if method == "minillm":
+        assert [m["minillm/fresh_rollouts"] for m in m1] == [1.0, 0.0]  # step 2 reuses step 1's rollouts
+        assert m1[0]["minillm/importance_weight"] != 1.0  # the teacher was mixed in
+    else:
+        assert [m["distillm/source"] for m in m1] == [1.0, 2.0]  # fresh samples, then a replay
+        assert [m["distillm/buffer"] for m in m1] == [4.0, 4.0]

@@ -430,11 +430,11 @@ def _method_knob_problems(cfg: Config) -> list[str]:
             problems.append(f"'minillm.lm_coef' = {m.lm_coef} needs 'minillm.lm_data' (the corpus of the language-modelling term)")
         if m.lm_data and m.lm_coef == 0:
             problems.append("'minillm.lm_data' is set but 'minillm.lm_coef' is 0: set lm_coef > 0 or remove lm_data")
-        if m.teacher_mix_alpha > 0 and (cfg.sampling.top_k or cfg.sampling.top_p < 1.0 or not cfg.sampling.do_sample):
+        if m.teacher_mix_alpha > 0 and cfg.sampling.do_sample and (cfg.sampling.top_k or cfg.sampling.top_p < 1.0):
             problems.append(
                 f"'minillm.teacher_mix_alpha' = {m.teacher_mix_alpha} mixes the teacher into sampling, which needs "
-                "plain sampling (sampling.do_sample true, top_k 0, top_p 1; the reference scripts' setting): "
-                "set those, or minillm.teacher_mix_alpha 0"
+                "sampling.top_k 0 and sampling.top_p 1 (the reference scripts' setting; a truncated student "
+                "distribution would be mixed with a full teacher one): set those, or minillm.teacher_mix_alpha 0"
             )
     return problems
 
