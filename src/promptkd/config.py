@@ -229,7 +229,7 @@ class SeqKDSection:
 # Reference snapshots cited below: microsoft/LMOps@4f2a9de (minillm/), jongwooko/distillm@d47e77f.
 @dataclass
 class MiniLLMSection:
-    """MiniLLM: reverse KL as a policy gradient on rollouts (docs/method.md, section 7).
+    """MiniLLM: reverse KL as a policy gradient on rollouts (docs/method.md, section 6).
     Defaults: LMOps minillm/scripts/gpt2/minillm/train_base_xl.sh and arguments.py."""
 
     teacher_mix_alpha: float = opt(
@@ -273,7 +273,7 @@ class MiniLLMSection:
 
 @dataclass
 class DistiLLMSection:
-    """DistiLLM: skew KL with adaptive off-policy student data (docs/method.md, section 8).
+    """DistiLLM: skew KL with adaptive off-policy student data (docs/method.md, section 6).
     Defaults: jongwooko/distillm arguments.py and scripts/*/distillm/*.sh."""
 
     divergence: str = opt(
@@ -542,7 +542,7 @@ class GenerateConfig(PromptOptions):
 
 @dataclass
 class EvalConfig(PromptOptions):
-    """`promptkd eval`: the paper's ROUGE-L protocol. The defaults ARE the protocol (docs/method.md, section 7):
+    """`promptkd eval`: the paper's ROUGE-L protocol. The defaults ARE the protocol (docs/method.md, section 6):
     sampling at T 1, top_k 0, top_p 1, no_repeat_ngram_size 6, up to 256 new tokens, prompts
     cut to their first 256 tokens, seeds 10..50; `deviations()` lists every departure."""
 
@@ -587,7 +587,7 @@ class EvalConfig(PromptOptions):
 
 @dataclass
 class ExposureBiasConfig(PromptOptions):
-    """`promptkd exposure-bias`: ExAccErr(l) of a student against a teacher (docs/method.md, section 7). Both models
+    """`promptkd exposure-bias`: ExAccErr(l) of a student against a teacher (docs/method.md, section 6). Both models
     sample with `sampling` (default: T 1, no filters, up to 64 new tokens)."""
 
     student: str = opt(

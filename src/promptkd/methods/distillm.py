@@ -2,7 +2,7 @@
 
     promptkd train --config configs/distillm.yaml
 
-Each optimizer step (docs/method.md, section 8) trains (1 - kd_ratio) CE + kd_ratio D on one of
+Each optimizer step (docs/method.md, section 6) trains (1 - kd_ratio) CE + kd_ratio D on one of
 three kinds of responses for this step's prompts, chosen by one uniform draw u per step:
 
     fresh  = phi f(t)     f = 1 - t/T (decreasing), 1/2 (constant) or t/T (increasing)

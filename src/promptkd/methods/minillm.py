@@ -2,7 +2,7 @@
 
     promptkd train --config configs/minillm.yaml
 
-One rollout phase every `minillm.ppo_epochs` optimizer steps (docs/method.md, section 7):
+One rollout phase every `minillm.ppo_epochs` optimizer steps (docs/method.md, section 6):
 
 0. Rollouts. For this step's prompts x, responses y are sampled token by token from the
    mixture  mix = (1 - alpha) p_S + alpha p_T  (teacher-mixed sampling, alpha =
