@@ -3,6 +3,7 @@
     python benchmarks/bench_step.py                      # 128 new tokens, every pair, 3 measured steps each
     python benchmarks/bench_step.py --quick              # 32 new tokens, pairs a:b a:c a:d, 2 steps each
     python benchmarks/bench_step.py --pairs a:b --max-new-tokens 64 --steps 2
+    python benchmarks/bench_step.py --pairs methods --steps 4   # PromptKD vs MiniLLM, DistiLLM, ImitKD
     python benchmarks/bench_step.py --bf16-check 6 --out benchmarks/results/bench_step_20261127.md
                                                          # the committed run (~13 min on 2 shared cores)
 
@@ -29,6 +30,12 @@ Variants (each in its own subprocess, so peak RSS is per variant):
              reason printed when trl is not installed or cannot run
   d_default  TRL's GKDTrainer with TRL's own defaults apart from lmbda 1, beta 1,
              temperature 1, max_new_tokens (gradient checkpointing on, bf16)
+  e          our MiniLLM, ppo_epochs 1: every step samples teacher-mixed rollouts (alpha 0.2),
+             scores them with a student and a teacher forward, then updates (PPO + single-step KL)
+  e4         our MiniLLM with its default ppo_epochs 4 (rollouts on every 4th step only)
+  f          our DistiLLM on its most expensive kind of step, fresh student samples (phi fixed
+             at 1), skew reverse KL
+  g          the ImitKD preset: our GKD with lmbda 1 and forward KL
 
 Measurement, built for a machine shared with other jobs (its speed changes 2-3x within
 minutes, so variants measured one after the other are not comparable): variants are measured
@@ -91,8 +98,13 @@ VARIANTS = {
     "c": {"kind": "reference", "label": "(c) reference-style PromptKD step", "precision": "no"},
     "d": {"kind": "trl", "label": "(d) TRL GKDTrainer (lmbda 1, beta 1)"},
     "d_default": {"kind": "trl", "label": "(d0) TRL GKDTrainer, TRL defaults (grad. ckpt on, no KV cache in generation)", "trl_defaults": True},
+    "e": {"kind": "minillm", "label": "(e) MiniLLM, a rollout step (ppo_epochs 1, teacher mix 0.2)", "ppo_epochs": 1},
+    "e4": {"kind": "minillm", "label": "(e4) MiniLLM, ppo_epochs 4 (rollouts every 4th step)", "ppo_epochs": 4},
+    "f": {"kind": "distillm", "label": "(f) DistiLLM, a step on fresh student samples (skew RKL)"},
+    "g": {"kind": "gkd", "label": "(g) ImitKD preset (GKD, forward KL)", "divergence": "forward_kl"},
 }
-DEFAULT_PAIRS = "a:b,a:c,a:d,a:a_ckpt,a:a_fp32,a:d_default"
+DEFAULT_PAIRS = "a:b,a:c,a:d,a:a_ckpt,a:a_fp32,a:d_default,a:e,a:e4,a:f,a:g"
+METHOD_PAIRS = "a:e,a:e4,a:f,a:g"  # --pairs methods: PromptKD against the other on-policy methods
 QUICK_PAIRS = "a:b,a:c,a:d"
 PHASES = REFERENCE_PHASES + ("other",)  # the same phase names in every variant
 PHASE_HELP = {
@@ -252,7 +264,13 @@ def _serve_ours(spec: dict, variant: dict) -> dict:
                 "cpu": True,
             },
             "promptkd": {"teacher_gradient_checkpointing": bool(variant.get("teacher_ckpt", False))},
-            "gkd": {"lmbda": 1.0, "beta": 1.0, "divergence": "generalized_jsd"},
+            **({"gkd": {"lmbda": 1.0, "divergence": "forward_kl"}} if variant.get("divergence") == "forward_kl"
+               else {"gkd": {"lmbda": 1.0, "beta": 1.0, "divergence": "generalized_jsd"}}),
+            # MiniLLM: the reference's defaults, rollouts every ppo_epochs steps
+            "minillm": {"ppo_epochs": variant.get("ppo_epochs", 4)},
+            # DistiLLM: every step on fresh student samples (phi 1, fixed; the buffer is never full),
+            # its most expensive kind of step; data and replay steps cost a KD step
+            "distillm": {"initial_student_prob": 1.0, "prob_step": 0.0},
         }
     )
     timer = PhaseTimer()
@@ -437,7 +455,8 @@ def run_worker(spec_path: str, name: str) -> None:
     torch.set_num_threads(spec["threads"])
     variant = dict(VARIANTS[name], name=name)
     variant.setdefault("precision", spec["precision"])
-    serve = {"promptkd": _serve_ours, "gkd": _serve_ours, "reference": _serve_reference, "trl": _serve_trl}[variant["kind"]]
+    serve = {"promptkd": _serve_ours, "gkd": _serve_ours, "minillm": _serve_ours, "distillm": _serve_ours,
+             "reference": _serve_reference, "trl": _serve_trl}[variant["kind"]]
     info = serve(spec, variant)
     emit({"final": True, "peak_rss_mib": peak_rss_mib(), **info})
 
@@ -906,6 +925,8 @@ def main(argv=None) -> int:
         args.max_new_tokens, args.steps = 32, 2
         if args.pairs == DEFAULT_PAIRS:
             args.pairs = QUICK_PAIRS
+    if args.pairs == "methods":
+        args.pairs = METHOD_PAIRS
     try:
         pair_names = [tuple(x.strip() for x in item.split(":")) for item in args.pairs.split(",") if item.strip()]
     except ValueError:

@@ -164,6 +164,23 @@ def test_promptkd_collapse_warns_once(tmp_path, tiny_pair_dirs, tiny_jsonl):
     assert all(x["prompt/kl_to_student"] < x["prompt/drift"] for x in metrics[step - 3 : step])
 
 
+def test_promptkd_collapse_window_is_part_of_the_checkpointed_state(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    """A resumed run continues the streak and does not warn a second time."""
+    tr = collapsing_trainer(tmp_path, tiny_pair_dirs, tiny_jsonl, collapse_window=3)
+    with pytest.warns(UserWarning, match="closer to the student"):
+        for _ in range(8):
+            tr.train_step()
+    state = tr.method.state_dict()
+    assert state["collapse_warned"] is True and state["collapse_streak"] >= 3
+    fresh = collapsing_trainer(tmp_path / "again", tiny_pair_dirs, tiny_jsonl, collapse_window=3)
+    fresh.setup()
+    fresh.method.load_state_dict(state)
+    assert (fresh.method.collapse_streak, fresh.method.collapse_warned) == (state["collapse_streak"], True)
+    assert torch.equal(fresh.method.prompt_params[0], tr.method.prompt_params[0])
+    fresh.method.load_state_dict({k: v for k, v in state.items() if not k.startswith("collapse")})  # older checkpoints
+    assert (fresh.method.collapse_streak, fresh.method.collapse_warned) == (0, False)
+
+
 def test_promptkd_max_drift_freezes_the_prompt_above_the_bound(tmp_path, tiny_pair_dirs, tiny_jsonl):
     bound = 3e-4  # below the ~8e-4 this prompt reaches unguarded, above its first update's drift
     tr = collapsing_trainer(tmp_path, tiny_pair_dirs, tiny_jsonl, max_drift=bound, collapse_window=0)

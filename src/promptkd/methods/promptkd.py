@@ -93,9 +93,15 @@ class PromptKD(Method):
         self.collapse_warned = False
 
     def state_dict(self) -> dict:
-        return self.prompted.prompt_state_dict()
+        # the collapse guard's window goes with the prompt, so a resumed run neither warns
+        # twice nor forgets a streak in progress
+        return {**self.prompted.prompt_state_dict(),
+                "collapse_streak": self.collapse_streak, "collapse_warned": self.collapse_warned}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.collapse_streak = int(state.pop("collapse_streak", 0))  # absent in older checkpoints
+        self.collapse_warned = bool(state.pop("collapse_warned", False))
         self.prompted.load_prompt_state_dict(state)
 
     def export(self, out_dir) -> None:
