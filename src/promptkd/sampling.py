@@ -370,13 +370,14 @@ class TeacherMixture:
 
     `generate` runs the student; at every new token this processor runs the teacher on the
     tokens it has not seen yet (one KV cache of its own, the prompts' left padding masked as in
-    the student's call) and returns the log of the mixed distribution, log((1 - alpha)
-    softmax(scores) + alpha softmax(teacher_logits / temperature)), over the first `vocab_size`
-    columns (the rest get -inf). `scores` arrive after the config's own processors, so with
-    plain sampling (no top-k / top-p, as MiniLLM's scripts) both distributions are the raw
-    ones. Built fresh for every `generate` call.
+    the student's call) and returns log((1 - alpha) softmax(scores / T) + alpha
+    softmax(teacher_logits / T)) over the first `vocab_size` columns (the rest get -inf), T =
+    `temperature`. It applies T itself: `generate` runs custom processors *before* its own
+    temperature, top-k and top-p warpers, so the generation config must have temperature 1 and
+    no top-k / top-p (`TrainingContext.sample` passes the run's temperature here and 1 to
+    `generate`). Built fresh for every `generate` call.
 
-    LMOps' MiniLLM mixes the same way, in probability space after its processors (its patched
+    LMOps' MiniLLM mixes the same way, in probability space after temperature (its patched
     transformers, generation/utils.py `mix_in_alpha`).
     """
 
@@ -411,7 +412,7 @@ class TeacherMixture:
         self.cache, self.seen = getattr(out, key), length
         v = self.vocab_size
         log_t = torch.log_softmax(out.logits[:, -1, :v].float() / self.temperature, dim=-1)  # (B, V)
-        log_s = torch.log_softmax(scores[:, :v].float(), dim=-1)  # (B, V)
+        log_s = torch.log_softmax(scores[:, :v].float() / self.temperature, dim=-1)  # (B, V)
         if self.alpha >= 1.0:
             mixed = log_t
         else:

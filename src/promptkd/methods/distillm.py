@@ -149,6 +149,10 @@ class DistiLLM(Method):
         loss = ctx.dev_loss()
         if loss is None:
             return
+        if self.prev_loss is None:  # no dev loss before training: this one is the reference
+            self.prev_loss = loss
+            metrics["distillm/dev_loss"] = loss
+            return
         self.phi, self.prev_loss = adapted_prob(self.phi, self.prev_loss, loss, loss_eps=c.loss_eps, prob_step=c.prob_step)
         metrics["distillm/dev_loss"] = loss
 

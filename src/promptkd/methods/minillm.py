@@ -10,7 +10,8 @@ One rollout phase every `minillm.ppo_epochs` optimizer steps (docs/method.md, se
        lq_t = log p_S_old(y_t | c_t),  lp_t = log p_T(y_t | c_t),   c_t = (x, y_<t)
        w_t  = p_S_old(y_t) / mix(y_t)                      importance weight (1 when alpha = 0)
        r_t  = clip((lp_t - lq_t) / reward_scaling, +-cliprange_reward)
-       G_t  = sum_{s >= t} gamma^(s - t) r_s               (include_current_reward; else s > t)
+       G_t  = sum_{s >= t} gamma^(s - t) r_s     (include_current_reward; else
+              sum_{s > t} gamma^(s - t - 1) r_s, the paper's return from t + 1)
        G_t /= number of response tokens in that sum        (length_norm)
        A_t  = (G_t - mean G) / std G                       (whiten; over the step's tokens)
 1. Update, on every step of the phase (the same rollouts, ppo_epochs times):
@@ -67,7 +68,8 @@ def rewards(lq: torch.Tensor, lp: torch.Tensor, mask: torch.Tensor, *, scaling: 
 
 def returns(r: torch.Tensor, mask: torch.Tensor, *, gamma: float, include_current: bool,
             length_norm: bool) -> torch.Tensor:
-    """Discounted returns G_t = sum_{s >= t} gamma^(s-t) r_s (or s > t), optionally divided by
+    """Discounted returns G_t = sum_{s >= t} gamma^(s-t) r_s (or sum_{s > t} gamma^(s-t-1) r_s,
+    discounted from t + 1), optionally divided by
     the number of masked tokens summed over (at least 1). (B, R) -> (B, R), 0 off the mask."""
     mask = mask.to(r.dtype)
     out = torch.zeros_like(r)
@@ -265,11 +267,11 @@ class MiniLLM(Method):
                     mask = response_mask(batch)
                     logits = ctx.student_logits(batch)
                     targets = batch.input_ids[:, batch.prompt_length :]
+                    teacher = ctx.teacher_logits(batch) if c.lm_kd_ratio > 0 else None  # no grad
                     with ctx.phase("losses"):
                         lm = torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
                         loss = (1.0 - c.lm_kd_ratio) * lm
-                        if c.lm_kd_ratio > 0:
-                            teacher = ctx.teacher_logits(batch)
+                        if teacher is not None:
                             loss = loss + c.lm_kd_ratio * self.lm_divergence(logits, teacher, mask, reduction="sum")
                     lm_sum += float(loss.detach())
                     ctx.backward(loss * lm_scale)

@@ -189,10 +189,12 @@ class TrainingContext:
                     f"teacher-mixed sampling needs a sampler that takes logits processors; train.sampler "
                     f"{self.train_cfg.sampler!r} does not: use train.sampler hf or set minillm.teacher_mix_alpha 0"
                 )
+            # the processor applies the temperature itself: generate's warpers run after it
             extra["logits_processor"] = [TeacherMixture(
                 self.teacher, prompt_mask, alpha=teacher_mix, vocab_size=self.vocab_size,
                 temperature=config.temperature, autocast=self.autocast,
             )]
+            config = dataclasses.replace(config, temperature=1.0)
         with self.phase("generation"), gather, self.autocast():
             return self.sampler(
                 model,
