@@ -1,0 +1,358 @@
+"""benchmarks/study.py (the per-cell cpu2 study): statistics, verdicts, resume, init hash, sitting plan, report."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(BENCH))
+    try:
+        module = importlib.import_module("study")
+    finally:
+        sys.path.remove(str(BENCH))
+    assert Path(module.__file__).resolve() == BENCH / "study.py"
+    return module
+
+
+@pytest.fixture(scope="module")
+def cpu2(study):
+    return dict(study.STUDY_SCALES["cpu2"])
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_identical_models_give_a_zero_interval(study):
+    diffs = [{"a": [0.0] * 50, "b": [0.0] * 20} for _ in range(3)]
+    r = study.paired_bootstrap(diffs, n_boot=500)
+    assert r["estimate"] == 0.0 and r["lo"] == 0.0 and r["hi"] == 0.0
+    assert r["per_seed"] == [0.0, 0.0, 0.0] and r["n_pairs"] == 3 and r["n_prompts"] == 70
+
+
+def test_bootstrap_constant_shift_gives_the_shift(study):
+    diffs = [{"a": [1.5] * 40, "b": [1.5] * 10}, {"a": [1.5] * 40, "b": [1.5] * 10}]
+    r = study.paired_bootstrap(diffs, n_boot=500)
+    assert r["estimate"] == pytest.approx(1.5)
+    assert r["lo"] == pytest.approx(1.5) and r["hi"] == pytest.approx(1.5)
+
+
+def test_bootstrap_noisy_shift_is_covered_and_resolved(study):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    diffs = [{"a": list(2.0 + rng.normal(0, 5, 400)), "b": list(2.0 + rng.normal(0, 5, 200))} for _ in range(3)]
+    r = study.paired_bootstrap(diffs, n_boot=2000, seed=3)
+    assert r["lo"] < 2.0 < r["hi"]
+    assert r["lo"] > 0  # resolved
+    assert r["hi"] - r["lo"] < 1.5
+    # the two-level interval (seeds resampled too) exists and contains the estimate
+    assert r["two_level"][0] <= r["estimate"] <= r["two_level"][1]
+    # no effect: the interval covers 0
+    null = [{"a": list(rng.normal(0, 5, 400))} for _ in range(3)]
+    r0 = study.paired_bootstrap(null, n_boot=2000, seed=3)
+    assert r0["lo"] < 0 < r0["hi"]
+
+
+def test_bootstrap_statistic_is_the_mean_over_sets_of_set_means(study):
+    # set a: 10 prompts of +1, set b: 2 prompts of +4 -> average over sets = 2.5 (not the prompt mean 1.5)
+    r = study.paired_bootstrap([{"a": [1.0] * 10, "b": [4.0] * 2}], n_boot=200)
+    assert r["estimate"] == pytest.approx(2.5)
+
+
+def test_bootstrap_rejects_mismatched_sets(study):
+    with pytest.raises(ValueError):
+        study.paired_bootstrap([{"a": [1.0]}, {"b": [1.0]}], n_boot=10)
+    with pytest.raises(ValueError):
+        study.paired_bootstrap([], n_boot=10)
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def _res(est, lo, hi, per_seed=(0.1, 0.2, 0.3)):
+    return {"estimate": est, "lo": lo, "hi": hi, "n_pairs": len(per_seed), "per_seed": list(per_seed), "level": 0.95}
+
+
+def test_verdict_wording(study):
+    up = study.verdict("PromptKD", "GKD", _res(0.42, 0.11, 0.73))
+    assert up.startswith("resolved: PromptKD is higher than GKD by 0.42 ROUGE-L (95% CI +0.11 to +0.73; 3 seed pairs).")
+    assert "3 of 3 positive" in up
+    down = study.verdict("PromptKD", "KD", _res(-0.97, -1.2, -0.7, (-1.13, -0.83, -0.95)))
+    assert down.startswith("resolved: PromptKD is lower than KD by 0.97 ROUGE-L (95% CI -1.20 to -0.70")
+    flat = study.verdict("PromptKD", "MiniLLM", _res(0.05, -0.2, 0.3))
+    assert flat.startswith("not resolved: PromptKD - MiniLLM = +0.05 ROUGE-L; the 95% CI -0.20 to +0.30 includes 0")
+    assert study.verdict("PromptKD", "X", None) == "not available: no training seed has both PromptKD and X yet."
+    part = study.verdict("PromptKD", "GKD", _res(0.3, 0.1, 0.5, (0.3,)), planned=3)
+    assert "1 seed pair, partial: 1 of 3 planned" in part
+
+
+# ----------------------------------------------------------------------------- design of the study
+
+
+def test_cpu2_design_meets_the_issue(study, cpu2):
+    s = cpu2
+    assert s["steps"] >= 160 and s["batch_size"] == 4  # >= 4 x the first study's 40 steps of batch 4
+    labels = study.study_labels(s)
+    order = study.cell_order(s)
+    seeds = {}
+    for lab, sd in order:
+        seeds.setdefault(lab, []).append(sd)
+    for lab in ("PromptKD", "PromptKD-noreg", "GKD", "KD"):
+        assert len(seeds[lab]) >= 3
+    for lab in ("SFT", "SeqKD", "ImitKD", "MiniLLM", "DistiLLM"):
+        assert len(seeds[lab]) >= 1
+    drift = [k for k, v in labels.items() if v.group == "drift"]
+    # reference LR and >= 2 raised LRs, each with and without the guard, 3 seeds each
+    combos = {(labels[k].prompt_lr, labels[k].guard) for k in drift} | {(None, False)}
+    assert {lr for lr, _ in combos} >= {None, 2.5e-4, 1e-3}
+    assert all((lr, g) in combos for lr in {lr for lr, _ in combos} for g in (False, True))
+    assert all(len(seeds[k]) == 3 for k in drift)
+    # the most important comparisons come first: the core cells of every seed before anything else
+    core = [i for i, (lab, _) in enumerate(order) if labels[lab].group == "core"]
+    assert core == list(range(1, 1 + len(core)))
+    assert order[0] == ("Init", 0)
+    # ExAccErr at >= 3 checkpoints for PromptKD, GKD and KD
+    assert len(study.eb_steps(s)) >= 3
+    assert all(labels[k].exposure_bias for k in ("PromptKD", "GKD", "KD"))
+
+
+def test_every_method_gets_the_same_steps_prompts_and_response_cap(study, cpu2, tmp_path):
+    from promptkd.config import config_from_dict
+
+    paths = study.Paths(study_dir=tmp_path, cache=tmp_path, data_dir=tmp_path, teacher=tmp_path / "t",
+                        pruned=tmp_path / "p", train_file=tmp_path / "train.jsonl", dev_file=tmp_path / "dev.jsonl",
+                        sinst_file=tmp_path / "sinst.jsonl", init_run=tmp_path / "init")
+    seen = set()
+    for lab in study.study_labels(cpu2).values():
+        if not lab.method:
+            continue
+        cfg = study.method_config(cpu2, paths, lab, 2, tmp_path / "seqkd.jsonl")
+        config_from_dict(cfg, check_required=False)  # a valid promptkd config
+        t, d = cfg["train"], cfg["data"]
+        seen.add((t["max_steps"], t["batch_size"], t["seed"], t["learning_rate"], d["max_response_length"],
+                  cfg["sampling"]["max_new_tokens"], d["train"], cfg["model"]["student"]))
+    assert len(seen) == 1
+    init = study.init_config(cpu2, paths)
+    assert init["method"] == "sft" and init["train"]["deterministic"] and init["train"]["seed"] == study.INIT_SEED
+    config_from_dict(init, check_required=False)
+
+
+def test_seqkd_file_order_gives_the_same_prompts_per_step(study):
+    from promptkd.training.loop import DataOrder
+
+    n, seed = 24, 3
+    seen = [f"p{j}" for j in range(n)]  # the j-th prompt the other methods see
+    inv = study.seqkd_order(n, seed)
+    file = [seen[inv[i]] for i in range(n)]
+    order = DataOrder(n, seed)
+    assert [file[i] for i in order.take(n)] == seen
+
+
+def test_fmt_lr_and_cell_ids(study):
+    assert study.fmt_lr(2.5e-4) == "2.5e-4" and study.fmt_lr(1e-3) == "1e-3"
+    assert study.cell_id("PromptKD-lr1e-3-guard", 2) == "PromptKD-lr1e-3-guard__seed2"
+    order = study.cell_order(study.STUDY_SCALES["cpu2"])
+    labels = study.study_labels(study.STUDY_SCALES["cpu2"])
+    assert study.select_cells(order, "GKD", labels) == [("GKD", 1), ("GKD", 2), ("GKD", 3)]
+    assert study.select_cells(order, "KD__seed2,Init", labels) == [("Init", 0), ("KD", 2)]
+    with pytest.raises(SystemExit):
+        study.select_cells(order, "Nope", labels)
+
+
+# ----------------------------------------------------------------------------- sittings
+
+
+def test_dry_run_plan_never_exceeds_150_minutes(study, cpu2):
+    order = [study.cell_id(*c) for c in study.cell_order(cpu2)]
+    est = study.refined_estimates(cpu2, study.cell_order(cpu2), {})
+    assert all(0 < est[c] < 150 for c in order)
+    plan = study.plan_sittings(order, est, 150, cpu2["workers"], study.estimate_init_minutes(cpu2))
+    assert sorted(c for st in plan for c, *_ in st["cells"]) == sorted(order)  # every cell once
+    for st in plan:
+        assert not st["over"] and st["minutes"] <= 150
+        for w in range(cpu2["workers"]):  # a worker never runs two cells at once
+            spans = sorted((a, b) for _, a, b, ww in st["cells"] if ww == w)
+            assert all(b1 <= a2 + 1e-9 for (_, b1), (a2, _) in zip(spans, spans[1:], strict=False))
+    # the core comparison's cells are all in the first sitting
+    first = {c for c, *_ in plan[0]["cells"]}
+    assert {study.cell_id(k, sd) for k in ("PromptKD", "GKD", "KD", "PromptKD-noreg") for sd in (1, 2, 3)} <= first
+
+
+def test_dry_run_cli_prints_a_plan_within_budget(study, tmp_path, capsys):
+    assert study.main(["--scale", "cpu2", "--dry-run", "--results-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    minutes = [float(m) for m in re.findall(r"^sitting \d+: (\d+) min wall", out, flags=re.M)]
+    assert minutes and max(minutes) <= 150
+    assert "OVER BUDGET" not in out
+    assert "PromptKD-lr2.5e-4-guard__seed3" in out
+
+
+def test_reproduce_dispatches_the_study_scales(tmp_path, capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        reproduce = importlib.import_module("reproduce")
+    finally:
+        sys.path.remove(str(BENCH))
+    assert reproduce.main(["--scale", "cpu2-smoke", "--dry-run", "--results-dir", str(tmp_path)]) == 0
+    assert "sitting 1:" in capsys.readouterr().out
+
+
+def test_a_huge_cell_gets_its_own_flagged_sitting(study):
+    plan = study.plan_sittings(["a", "big", "b"], {"a": 10, "big": 500, "b": 10}, 150, 2)
+    assert [sorted(c for c, *_ in st["cells"]) for st in plan] == [["a", "b"], ["big"]]
+    assert plan[1]["over"] and not plan[0]["over"]
+
+
+# ----------------------------------------------------------------------------- cells, resume, init hash
+
+SMOKE = "cpu2-smoke"
+
+
+def _cell(study, s, label, seed, *, init_hash="h0", shift=0.0, key=None, n=(3, 3, 3, 3)):
+    lab = study.study_labels(s)[label]
+    per_prompt = {x: [10.0 + shift + i for i in range(k)] for x, k in zip(study.SETS, n, strict=True)}
+    scores = {x: sum(v) / len(v) for x, v in per_prompt.items()}
+    rec = {"label": label, "seed": seed, "method": lab.method, "group": lab.group,
+           "settings_key": key or study.settings_key(s, lab, seed), "init_hash": init_hash, "code": "git abc",
+           "per_prompt": per_prompt, "scores": scores, "average": sum(scores.values()) / 4,
+           "prompts_hash": {x: "p" for x in study.SETS}, "wall_s": 60.0, "dev_loss": 3.0,
+           "trained_tokens": 100.0, "trained_tokens_per_step": 33.3,
+           "curves": {"student/loss": [[1, 2.0], [2, 1.5], [3, 1.2]], "dev/loss": [[1, 3.2], [3, 3.0]]}}
+    if lab.method == "promptkd":
+        rec["curves"]["prompt/drift"] = [[1, 0.05], [2, 0.2], [3, 0.4]]
+        rec["curves"]["prompt/kl_to_student"] = [[1, 1.9], [2, 1.0], [3, 0.3]]
+        rec["curves"]["prompt/frozen_by_guard"] = [[1, 0.0], [2, 1.0], [3, 1.0]]
+    if lab.exposure_bias:
+        rec["exaccerr"] = {str(st): [-5.0 * st, -6.0 * st] for st in study.eb_steps(s)}
+    return rec
+
+
+def _write(study, study_dir, rec):
+    study.atomic_write_json(study_dir / "cells" / f"{study.cell_id(rec['label'], rec['seed'])}.json", rec)
+
+
+def test_finished_cells_are_skipped_and_not_recomputed(study, tmp_path):
+    s = dict(study.STUDY_SCALES[SMOKE])
+    d = tmp_path / "study"
+    _write(study, d, _cell(study, s, "GKD", 1))
+    _write(study, d, _cell(study, s, "KD", 1, key="old-settings"))
+    status = study.classify_cells(study.load_cells(d), s, "h0")
+    assert status == {"GKD__seed1": "ok", "KD__seed1": "stale"}
+    ids = ["GKD__seed1", "KD__seed1", "PromptKD__seed1"]
+    assert study.pending_cells(ids, status) == ["PromptKD__seed1"]
+    assert study.pending_cells(ids, status, rerun_stale=True) == ["KD__seed1", "PromptKD__seed1"]
+
+    calls = []
+
+    def fake(cid):
+        calls.append(cid)
+
+    pending = study.pending_cells(ids, status)
+    est = {c: 0.01 for c in ids}
+    import time
+
+    done, failed, left = study.run_sitting(pending, est, {c: (c,) for c in ids}, fake, workers=1, threads=0,
+                                           budget_min=60, t_start=time.perf_counter())
+    assert calls == ["PromptKD__seed1"] and done == ["PromptKD__seed1"] and not failed and not left
+
+
+def test_sitting_stops_starting_cells_past_the_budget_and_survives_a_failure(study):
+    import time
+
+    calls = []
+
+    def fake(cid):
+        calls.append(cid)
+        if cid == "bad":
+            raise RuntimeError("boom")
+
+    est = {"bad": 1.0, "a": 1.0, "long": 500.0, "b": 1.0}
+    done, failed, left = study.run_sitting(list(est), est, {c: (c,) for c in est}, fake, workers=1, threads=0,
+                                           budget_min=30, t_start=time.perf_counter())
+    assert failed == ["bad"] and done == ["a", "b"] and left == ["long"]
+    assert "long" not in calls
+
+
+def test_after_adopting_a_new_init_old_cells_are_archived_and_rerun(study, tmp_path):
+    s = dict(study.STUDY_SCALES[SMOKE])
+    d = tmp_path / "study"
+    _write(study, d, _cell(study, s, "GKD", 1, init_hash="old"))
+    _write(study, d, _cell(study, s, "KD", 1, init_hash="new"))
+    cells = study.load_cells(d)
+    status = study.classify_cells(cells, s, "new")
+    assert status == {"GKD__seed1": "other-init", "KD__seed1": "ok"}
+    pending = study.pending_cells(["GKD__seed1", "KD__seed1"], status)
+    assert pending == ["GKD__seed1"]
+    moved = study.archive_other_init(d, cells, status, pending)
+    assert [p.name for p in moved] == ["GKD__seed1__initold.json"]
+    assert list(study.load_cells(d)) == ["KD__seed1"]
+    study.build_report(d, s, SMOKE, n_boot=100)
+    assert "archived in `cells_other_init/`" in (d / "README.md").read_text()
+
+
+def test_init_hash_check(study):
+    assert study.check_init(None, "abc", False)[0] == "record"
+    assert study.check_init({"hash": "abc"}, "abc", False)[0] == "ok"
+    action, msg = study.check_init({"hash": "abc"}, "def", False)
+    assert action == "refuse" and "INIT MISMATCH" in msg and "--adopt-init" in msg
+    assert study.check_init({"hash": "abc"}, "def", True)[0] == "adopt"
+
+
+def test_cells_from_another_init_are_excluded_from_the_statistics(study, tmp_path):
+    s = dict(study.STUDY_SCALES[SMOKE])
+    d = tmp_path / "study"
+    study.atomic_write_json(d / "init.json", {"hash": "h0", "dev_loss": 3.5, "exaccerr_step0": [-1.0, -2.0]})
+    _write(study, d, _cell(study, s, "PromptKD", 1, shift=1.0))
+    _write(study, d, _cell(study, s, "GKD", 1))
+    _write(study, d, _cell(study, s, "PromptKD", 2, shift=50.0, init_hash="other"))
+    _write(study, d, _cell(study, s, "GKD", 2, init_hash="other"))
+    assert study.classify_cells(study.load_cells(d), s, "h0")["PromptKD__seed2"] == "other-init"
+    study.build_report(d, s, SMOKE, n_boot=200)
+    text = (d / "README.md").read_text()
+    assert "cells trained from ANOTHER init" in text and "PromptKD__seed2" in text
+    summary = json.loads((d / "summary.json").read_text())
+    r = summary["paired"]["PromptKD - GKD"]
+    assert r["n_pairs"] == 1 and r["estimate"] == pytest.approx(1.0)  # seed 2 (shift 50) is not used
+
+
+def test_report_from_partial_cells(study, tmp_path):
+    s = dict(study.STUDY_SCALES[SMOKE])
+    d = tmp_path / "study"
+    study.atomic_write_json(d / "init.json", {"hash": "h0", "dev_loss": 3.5, "wall_s": 30.0,
+                                              "exaccerr_step0": [-1.0, -2.0]})
+    for sd in (1, 2):
+        _write(study, d, _cell(study, s, "PromptKD", sd, shift=0.5))
+        _write(study, d, _cell(study, s, "GKD", sd))
+    _write(study, d, _cell(study, s, "PromptKD-lr1e-3-guard", 1, shift=-2.0))
+    _write(study, d, _cell(study, s, "Init", 0, shift=-3.0))
+    (d / "sittings.jsonl").write_text(json.dumps({"wall_s": 120.0, "finished": ["x"], "code": "git abc"}) + "\n")
+    out = study.build_report(d, s, SMOKE, n_boot=300)
+    text = out.read_text()
+    assert "cells finished: 6 of 18 planned; not yet run:" in text and "KD__seed1" in text
+    assert "PromptKD vs GKD: resolved: PromptKD is higher than GKD by 0.50 ROUGE-L" in text
+    assert "PromptKD vs KD: not available" in text
+    assert "| PromptKD-lr1e-3-guard | 1e-3 | max_drift 0.1 | 1/1 |" in text
+    assert "0.050 -> 0.400" in text  # drift curve start -> end
+    assert "## Exposure bias through training" in text
+    for png in ("training_curves.png", "paired_differences.png", "exposure_bias.png", "drift.png"):
+        assert (d / png).stat().st_size > 1000
+        assert f"]({png})" in text
+    assert "(cells 6 min, summed over cells" in text and "init 0.5 min" in text  # 6 cells x 60 s, init 30 s
+    assert "1 sitting(s), 2 min of sitting wall clock" in text
+
+
+def test_atomic_cell_write_leaves_no_partial_file(study, tmp_path):
+    study.atomic_write_json(tmp_path / "cells" / "A__seed1.json", {"x": 1})
+    assert [p.name for p in (tmp_path / "cells").iterdir()] == ["A__seed1.json"]
+    (tmp_path / "cells" / "broken__seed1.json").write_text("{not json")
+    assert list(study.load_cells(tmp_path)) == ["A__seed1"]
