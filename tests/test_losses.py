@@ -21,6 +21,7 @@ from promptkd.errors import UserError
 from promptkd.losses import (
     DIVERGENCES,
     forward_kl,
+    fused,
     generalized_jsd,
     get_divergence,
     reverse_kl,
@@ -40,6 +41,16 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, params=["eager", "fused"])
+def path(request):
+    """Every test runs twice: on the eager kernels and on their torch.compile'd versions (the
+    fused path, forced here for tiny tensors too; tests/test_losses_fused.py checks that it
+    really runs compiled code). Both must meet the same float64 references; float64 inputs
+    are compiled too, so gradcheck checks the compiled kernels' gradients as well."""
+    with fused(request.param == "fused", min_elements=0):
+        yield request.param
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,10 +410,10 @@ def _kept_for_backward_bytes(fn, *inputs):
 
 
 def test_chunked_forward_keeps_no_intermediates_for_backward():
-    """The point of chunking: (N, V) float32 intermediates are not held until backward.
+    """No (N, V) float32 intermediates are held until backward, chunked or not.
 
-    The chunked forward keeps only the gradient buffer of each input that needs one (already
-    computed, chunk by chunk) and the row indices.
+    The forward keeps only the gradient buffer of each input that needs one (already computed,
+    block by block, by the closed-form kernels) and the selected row indices, if any.
     """
     logits = torch.randn(64, 50, requires_grad=True)
     target = torch.randn(64, 50)
@@ -415,7 +426,7 @@ def test_chunked_forward_keeps_no_intermediates_for_backward():
 
     assert kept(8) <= grad_bytes + index_bytes
     assert kept(8, target.clone().requires_grad_()) <= 2 * grad_bytes + index_bytes
-    assert kept(None) >= 4 * grad_bytes
+    assert kept(None) <= grad_bytes  # every row selected: no index tensors either
 
 
 def test_chunked_under_no_grad_computes_values_only():
@@ -496,6 +507,18 @@ def test_single_distribution_and_no_leading_dims(chunk_size):
     assert got.item() == pytest.approx(want, rel=1e-6)
     got = reverse_kl(logits, target, torch.tensor(False), chunk_size=chunk_size, reduction="sum")
     assert got.item() == 0.0
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_unselected_positions_get_exactly_zero_gradient(chunk_size):
+    logits, target, mask = _inputs(seed=7)
+    assert 0 < int(mask.sum()) < mask.numel()
+    logits.requires_grad_()
+    target.requires_grad_()
+    generalized_jsd(logits, target, mask, chunk_size=chunk_size).backward()
+    for grad in (logits.grad, target.grad):
+        assert torch.all(grad[~mask] == 0.0)
+        assert torch.all(grad[mask].abs().sum(-1) > 0)
 
 
 def test_masked_positions_are_never_read():

@@ -131,6 +131,11 @@ class TrainConfig:
         choices=["no", "bf16", "fp16"],
     )
     gradient_checkpointing: bool = opt(False, "Gradient checkpointing for the student.")
+    fused_losses: bool = opt(
+        True, "Divergences through torch.compile (one fused kernel per pass, forward and backward; eager "
+        "fallback when compilation fails; calls under 4M logit elements stay eager). Same values as eager to "
+        "float32 rounding; false = eager only (also PROMPTKD_FUSED_LOSSES=0).",
+    )
     eval_every: int = opt(0, "Evaluate on data.dev every N optimizer steps (0: only at the end).", min=0)
     eval_metric: str = opt(
         "loss", "Dev metric for best-checkpoint selection: reference-response token loss (fast) or sampled ROUGE-L.",

@@ -42,6 +42,7 @@ from promptkd.config import (
 from promptkd.data.dataset import build_examples
 from promptkd.data.records import records_from
 from promptkd.errors import NonFiniteError, TrainingInterrupted, UserError
+from promptkd.losses import set_fused
 from promptkd.methods import get_method_class
 from promptkd.methods.base import StepResult, response_mask
 from promptkd.metric import corpus_rouge_l
@@ -273,6 +274,8 @@ class Trainer:
         self._check_output_dir()
         self._check_distributed_backend()
         set_seed(cfg.train.seed)
+        if not cfg.train.fused_losses:  # (on by default unless PROMPTKD_FUSED_LOSSES=0 turned it off)
+            set_fused(False)
 
         method_cls = get_method_class(cfg.method)
         self.method = method_cls(cfg)
