@@ -414,6 +414,12 @@ class Trainer:
                 "also steps the student's engine, so the prompt update would step the student; "
                 "launch with DDP or FSDP instead (configs/accelerate/, docs/distributed.md)"
             )
+        if cfg.method == "minillm" and cfg.minillm.lm_coef > 0:
+            raise UserError(
+                "DeepSpeed is not supported for minillm with minillm.lm_coef > 0: the language-modelling "
+                "term is a second backward per step, and accelerate's DeepSpeed backward steps the engine "
+                "each time; set minillm.lm_coef 0 or launch with DDP or FSDP"
+            )
         if cfg.train.gradient_accumulation_steps > 1:
             raise UserError(
                 "DeepSpeed with train.gradient_accumulation_steps > 1 is not supported: the engine "
