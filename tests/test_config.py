@@ -309,3 +309,31 @@ def test_config_reference_for_every_command():
             assert f"| `{leaf.key}` | `{leaf.default!r}` |" in ref
     assert "| `sampling.no_repeat_ngram_size` | `6` |" in config_reference_markdown("eval")
     assert config_reference_markdown() == config_reference_markdown("train")
+
+
+@pytest.mark.parametrize("method,section,refused", [
+    ("promptkd", {}, "method promptkd"),
+    ("promptkd", {"promptkd": {"freeze_prompt": True}}, None),
+    ("minillm", {}, None),
+    ("minillm", {"minillm": {"lm_coef": 1.0, "lm_data": "lm.jsonl"}}, "minillm.lm_coef"),
+    ("distillm", {}, None),
+])
+def test_deepspeed_refuses_methods_that_call_backward_twice_per_step(method, section, refused):
+    """accelerate's DeepSpeed backward also steps the engine, so a second backward per step is refused."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from promptkd.training.loop import Trainer
+
+    cfg = config_from_dict({"method": method, **section}, check_required=False)
+    ds_config = {"train_micro_batch_size_per_gpu": "auto"}
+    fake = SimpleNamespace(cfg=cfg, accelerator=SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED,
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config))))
+    if refused:
+        with pytest.raises(UserError, match=refused):
+            Trainer._check_distributed_backend(fake)
+    else:
+        Trainer._check_distributed_backend(fake)
+        assert ds_config["train_micro_batch_size_per_gpu"] == cfg.train.batch_size
