@@ -289,7 +289,11 @@ class Trainer:
             self.teacher.to(self.accelerator.device)
             self._teacher_linears_to_compute_dtype()
         if cfg.train.gradient_checkpointing:
-            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                self.student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.student.config.use_cache = False
 
         self.train_examples = self._load_train_examples()
