@@ -323,31 +323,6 @@ def flops_per_step(method: str, teacher: dict, student: dict, shapes: list[tuple
 # ============================================================================ trainer plumbing
 
 
-class SyncedPhaseClock:
-    """The trainer's phase clock (`ctx.phase(name)`), synchronising the device at both ends of
-    an outermost phase so its kernels are charged to it (CUDA launches are asynchronous)."""
-
-    def __init__(self, on_phase, device):
-        self.on_phase = on_phase
-        self.device = device
-        self.depth = 0
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        if self.depth:
-            yield
-            return
-        self.depth += 1
-        synchronize(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            synchronize(self.device)
-            self.depth -= 1
-            self.on_phase(name, time.perf_counter() - start)
-
-
 FIXED = {"batch": None}  # the batch the numerics runs train on (replayed by the sampler below)
 FIXED_SAMPLER = "gpu-check-fixed"
 
@@ -562,12 +537,6 @@ def run_method(method: str, args, device, tokenizer, shapes: dict, work: Path, d
                       precision=args.precision, work=work, batch_size=args.batch_size,
                       prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, seed=args.seed, on_phase=on_phase)
     del teacher, student  # the trainer holds them
-    # the trainer's own phase clock reads the host clock only; on CUDA that charges queued
-    # kernels to whichever later phase waits for them, so swap in a synchronising one (also on
-    # the CPU, where it is the same clock, so the dry run exercises the swap)
-    synced = hasattr(tr.ctx, "_clock")
-    if synced:
-        tr.ctx._clock = SyncedPhaseClock(on_phase, device)
     shapes_seen: list[tuple[int, int, int]] = []
     sample = tr.ctx.sample
 
@@ -630,14 +599,14 @@ def run_method(method: str, args, device, tokenizer, shapes: dict, work: Path, d
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return summarise(method, steps, counts, memory, setup_s, synced, stopped, args)
+    return summarise(method, steps, counts, memory, setup_s, stopped, args)
 
 
 def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)} if values else {}
 
 
-def summarise(method, steps, counts, memory, setup_s, synced, stopped, args) -> dict:
+def summarise(method, steps, counts, memory, setup_s, stopped, args) -> dict:
     measured = [s for s in steps if s["measured"]]
     warm = [s for s in steps if not s["measured"]]
     peak = args.peak_tflops_value
@@ -650,8 +619,8 @@ def summarise(method, steps, counts, memory, setup_s, synced, stopped, args) -> 
         "warmup_seconds": [s["seconds"] for s in warm],
         "seconds_per_step": _spread(secs),
         "memory": memory,
-        "phase_clock": ("device synchronised at phase boundaries" if synced
-                        else "host clock, not synchronised (the trainer has no _clock to replace)")
+        # the trainer's phase clock synchronises a CUDA device at phase boundaries itself
+        "phase_clock": "device synchronised at phase boundaries (the trainer's phase clock)"
         + (" (CPU: synchronous anyway)" if args.device == "cpu" else ""),
         "stopped_early": "; ".join(stopped) or None,
         "steps": steps,

@@ -70,10 +70,15 @@ class UpdateGuard:
 
 
 class PhaseClock:
-    """Wall time per named phase for a profiler callback; nested phases count in the outermost."""
+    """Wall time per named phase for a profiler callback; nested phases count in the outermost.
 
-    def __init__(self, on_phase: Callable[[str, float], None]):
+    `sync` (e.g. torch.cuda.synchronize) runs at both ends of an outermost phase, so an
+    accelerator's queued kernels are charged to the phase that launched them.
+    """
+
+    def __init__(self, on_phase: Callable[[str, float], None], sync: Callable[[], None] | None = None):
         self.on_phase = on_phase
+        self.sync = sync or (lambda: None)
         self.depth = 0
 
     @contextlib.contextmanager
@@ -82,10 +87,12 @@ class PhaseClock:
             yield
             return
         self.depth += 1
+        self.sync()
         start = time.perf_counter()
         try:
             yield
         finally:
+            self.sync()
             self.depth -= 1
             self.on_phase(name, time.perf_counter() - start)
 
@@ -117,7 +124,11 @@ class TrainingContext:
         self.dev_loss_fn: Callable[[], float | None] | None = None  # set by the trainer
         self.examples_fn: Callable[[str], list] | None = None  # set by the trainer
         self.param_sets: dict[str, ParameterSet] = {}
-        self._clock = PhaseClock(on_phase) if on_phase is not None else None
+        self._clock = None
+        if on_phase is not None:
+            device = accelerator.device
+            sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+            self._clock = PhaseClock(on_phase, sync)
 
     # ---------------------------------------------------------------- facts
     @property
