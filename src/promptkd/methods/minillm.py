@@ -136,6 +136,7 @@ class MiniLLM(Method):
     def setup(self, ctx: StepContext) -> None:
         self.ctx = ctx
         self.rollouts: list[Rollout] = []
+        self.fresh_teacher_logits: torch.Tensor | None = None  # the rollout step's, not state
         self.rollout_stats: dict[str, float] = {}
         self.single_step = divergence("reverse_kl")
         self.lm_divergence = divergence("forward_kl")
@@ -171,7 +172,12 @@ class MiniLLM(Method):
             mask = response_mask(batch)  # (B, R)
             targets = batch.input_ids[:, batch.prompt_length :]  # (B, R)
             lq = token_logprobs(ctx.student_target_logits(batch), targets) * mask  # (B, R)
-            lp = token_logprobs(ctx.teacher_logits(batch), targets) * mask  # (B, R)
+            teacher = ctx.teacher_logits(batch)  # (B, R, V)
+            lp = token_logprobs(teacher, targets) * mask  # (B, R)
+            # one micro-batch: this step's single-step term reuses these logits (same teacher,
+            # same batch); with several, holding them all would cost more memory than a forward
+            self.fresh_teacher_logits = teacher if len(micro_batches) == 1 and c.single_step_reg else None
+            del teacher
             w = torch.where(mask, importance_weights(lq, lp, c.teacher_mix_alpha), 1.0)
             r = rewards(lq, lp, mask, scaling=c.reward_scaling, clip=c.cliprange_reward)
             g = returns(r, mask, gamma=c.gamma, include_current=c.include_current_reward, length_norm=c.length_norm)
@@ -236,7 +242,11 @@ class MiniLLM(Method):
                 mask = response_mask(ro.batch)
                 targets = ro.batch.input_ids[:, ro.batch.prompt_length :]
                 logits = ctx.student_logits(ro.batch)  # (B, R, V), with grad
-                teacher = ctx.teacher_logits(ro.batch) if c.single_step_reg else None  # (B, R, V), no grad
+                teacher = None  # (B, R, V), no grad
+                if c.single_step_reg:
+                    teacher = self.fresh_teacher_logits if fresh and self.fresh_teacher_logits is not None \
+                        else ctx.teacher_logits(ro.batch)
+                    self.fresh_teacher_logits = None
                 with ctx.phase("losses"):
                     logq = token_logprobs(logits, targets)
                     pg, n_clipped = ppo_terms(logq, ro.old_logprobs, ro.weights, ro.advantages, mask, c.cliprange)
