@@ -1,39 +1,57 @@
-"""Peak memory of a PromptKD step's loss part: full logits vs LM-head chunking on hidden states.
+"""Peak memory of a PromptKD step: full logits vs LM-head chunking on hidden states.
 
-    python benchmarks/bench_head_memory.py                    # both shapes, ~5-8 min on 2 cores
+    python benchmarks/bench_head_memory.py                    # both shapes, both modes, ~10-15 min on 2 cores
+    python benchmarks/bench_head_memory.py --modes step       # whole training steps only
     python benchmarks/bench_head_memory.py --shapes qwen2.5-0.5b --steps 1
+    python benchmarks/bench_head_memory.py --tiny             # smoke run: tiny shape, seconds
+    python benchmarks/bench_head_memory.py --modes step --device cuda --precision bf16   # on a GPU
 
 Models are randomly initialised from configs (no download) shaped like Llama-3.2-1B (hidden
 2,048, vocabulary 128,256, tied embeddings) and Qwen2.5-0.5B (hidden 896, vocabulary 151,936,
 tied), with --layers decoder layers each (default 2: the logits' memory, which is what differs
 between the two paths, does not depend on depth; the layers' own activations are the same in
-both). Teacher and student have the same shape and different seeds, float32, on CPU; the
-teacher is wrapped in promptkd's PromptedTeacher (7 random virtual tokens).
+both). Teacher and student have the same shape and different seeds, float32 (step mode:
+--precision picks train.mixed_precision), on CPU unless --device cuda; the teacher is wrapped
+in promptkd's PromptedTeacher (7 random virtual tokens). The step mode of the Llama shape
+holds about 10 GiB (two 1.5 GiB models, the student's gradients and AdamW moments).
 
-One step = the loss part of PromptKD.step with one micro-batch (kd, reg and student
-divergences all reverse KL, lambda > 0, the student forward shared by the prompt and student
-losses, as PromptKD.step does when the student has no dropout):
+Two modes (--modes), each measured for both paths:
 
-- unchunked: student response_logits (with grad), prompted-teacher logits (with grad) and base
-  logits (no grad); L_kd + lambda L_reg on them -> backward into the prompt; prompted-teacher
-  target logits (no grad); L_student -> backward into the student. promptkd.losses throughout.
-- chunked: the same with hidden_states_for_response, head_divergences for L_kd + lambda L_reg
-  (the prompted teacher's logits once per chunk for both terms) and head_divergence for
-  L_student (default chunk size): no (B, R, V) tensor exists.
+- step: one real PromptKD training step, `Trainer.train_step()` on the library's Trainer
+  (accelerate, the TrainingContext, both AdamW optimizers, clipping, the method's own step)
+  with `train.chunked_lm_head` true ("chunked") or false ("unchunked"); the student's sampling
+  is replaced by one fixed batch (so both paths train on the same tokens, and generation,
+  which does not differ between them, is not part of the figure). Step 1 also allocates the
+  gradients and AdamW's two moments of the student; step 2 is the steady state. On --device
+  cuda the figures are torch.cuda.max_memory_allocated (reset before each step) instead of
+  the resident set.
+- losses (CPU only): the loss part of PromptKD.step alone, written out here with one
+  micro-batch (kd, reg and student divergences all reverse KL, lambda > 0, the student forward
+  shared by the prompt and student losses, as PromptKD.step does when the student has no
+  dropout):
+  - unchunked: student response_logits (with grad), prompted-teacher logits (with grad) and
+    base logits (no grad); L_kd + lambda L_reg on them -> backward into the prompt;
+    prompted-teacher target logits (no grad); L_student -> backward into the student.
+    promptkd.losses throughout.
+  - chunked: the same with hidden_states_for_response, head_divergences for L_kd + lambda
+    L_reg (the prompted teacher's logits once per chunk for both terms) and head_divergence
+    for L_student (default chunk size): no (B, R, V) tensor exists.
 
 Each case runs in a fresh subprocess (MALLOC_MMAP_THRESHOLD_=1 MiB so freed tensors leave the
 resident set, as in bench_losses.py). Memory is the resident-set high-water mark (VmHWM, reset
 through /proc/self/clear_refs before each step; ru_maxrss for the whole process):
 
 - setup: resident memory after the models and the batch exist, before any step;
-- step 1 peak: the first step, which also allocates the student's parameter gradients;
+- step 1 peak: the first step, which also allocates the student's parameter gradients (and,
+  in step mode, AdamW's moments);
 - step 2 peak: a second step with those gradients already allocated (zeroed in place), i.e.
   the step's transient memory on top of a steady state.
 - "extra" = peak - setup. The ratio chunked / unchunked is given for peaks and extras.
 
 Prints a markdown report; the last stdout line is one JSON document with every figure.
 Divergences run eagerly (PROMPTKD_FUSED_LOSSES=0, both paths) unless --fused: compiling would
-add the compiler's own memory and minutes to both.
+add the compiler's own memory and minutes to both. --tiny swaps in a tiny shape (V = 4,096,
+hidden 64, 1 layer) and a small batch: a smoke test of the script, not a measurement.
 """
 
 from __future__ import annotations
@@ -69,6 +87,17 @@ SHAPES = {
         "num_attention_heads": 14,
         "num_key_value_heads": 2,
         "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+    },
+    # --tiny: a smoke test of the script
+    "tiny": {
+        "family": "llama",
+        "vocab_size": 4096,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 10000.0,
         "tie_word_embeddings": True,
     },
 }
@@ -117,11 +146,114 @@ def _build(shape: dict, layers: int, seed: int):
     return cls(config).eval()
 
 
-def _run_case(case: dict) -> dict:
-    """Runs in the child process: one shape, one path, `steps` steps."""
+def _batch(case: dict, vocab: int):
+    """The fixed batch: prompts left-padded to different lengths, every response token trained."""
     import torch
 
     from promptkd.data.batch import SequenceBatch
+
+    gen = torch.Generator().manual_seed(0)
+    b, p, r = case["batch"], case["prompt_length"], case["response_length"]
+    ids = torch.randint(3, vocab, (b, p + r), generator=gen)
+    attention = torch.ones_like(ids)
+    for row in range(b):  # left-padded prompts of different lengths
+        pad = (row * 3) % p
+        attention[row, :pad] = 0
+        ids[row, :pad] = 0
+    loss_mask = torch.zeros_like(ids, dtype=torch.bool)
+    loss_mask[:, p:] = True
+    return SequenceBatch(ids, attention, loss_mask, prompt_length=p)
+
+
+def _run_step_case(case: dict) -> dict:
+    """Runs in the child process: whole PromptKD training steps through the Trainer."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from promptkd.config import config_from_dict
+    from promptkd.testing import byte_tokenizer
+    from promptkd.training.loop import Trainer
+
+    torch.set_num_threads(case["threads"])
+    shape = SHAPES[case["shape"]]
+    vocab = shape["vocab_size"]
+    cuda = case["device"] == "cuda"
+    tokenizer = byte_tokenizer()  # 259 ids (pad, bos, eos among them), all inside the vocabulary
+    student, teacher = _build(shape, case["layers"], seed=1), _build(shape, case["layers"], seed=2)
+    for model in (student, teacher):
+        model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    work = tempfile.mkdtemp(prefix="bench_head_memory_")
+    cfg = config_from_dict({
+        "method": "promptkd",
+        "train": {"output_dir": f"{work}/run", "max_steps": 100, "batch_size": case["batch"],
+                  "warmup_steps": 0, "learning_rate": 1e-5, "cpu": not cuda,
+                  "mixed_precision": case["precision"], "chunked_lm_head": case["path"] == "chunked",
+                  "save_every_minutes": 0},
+        "promptkd": {"teacher_dropout": False},
+        "sampling": {"max_new_tokens": case["response_length"]},
+    }, check_required=False)
+    records = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(8)]
+    tr = Trainer(cfg, student=student, teacher=teacher, tokenizer=tokenizer, train_dataset=records,
+                 show_progress=False).setup()
+    assert tr.ctx.chunked is (case["path"] == "chunked"), tr.ctx.chunked_fallback
+    batch = _batch(case, vocab).to(tr.ctx.device)
+    tr.ctx.sample = lambda examples, **kwargs: batch  # the same tokens on both paths
+    tokens = float(batch.loss_mask.sum())
+
+    def used_kib() -> int | None:
+        if cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated() // 1024
+        return _status_kib("VmRSS")
+
+    setup_kib = used_kib()
+    steps = []
+    for i in range(case["steps"]):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            reset = True
+        else:
+            reset = _reset_hwm()
+        start = time.perf_counter()
+        metrics = tr.train_step().metrics
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        if cuda:
+            peak_kib = torch.cuda.max_memory_allocated() // 1024
+        else:
+            peak_kib = _status_kib("VmHWM") if reset else None
+        steps.append({
+            "step": i + 1,
+            "seconds": seconds,
+            "peak_mib": _mib(peak_kib),
+            "extra_mib": None if peak_kib is None else _mib(peak_kib - setup_kib),
+            "l_kd": metrics["prompt/kd"] * tokens, "l_reg": metrics["prompt/reg"] * tokens,
+            "l_student": metrics["student/loss"] * tokens,
+            "student_grad_norm": metrics["student/grad_norm"], "prompt_grad_norm": metrics["prompt/grad_norm"],
+        })
+    student_params = [q for q in tr.unwrapped_student.parameters() if q.requires_grad]
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        **case,
+        "setup_mib": _mib(setup_kib),
+        "ru_maxrss_mib": _peak_rss_bytes() / 2**20,
+        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "student_params_m": sum(q.numel() for q in student_params) / 1e6,
+        "student_grads_mib": sum(q.numel() * q.element_size() for q in student_params) / 2**20,
+        "logits_mib": case["batch"] * case["response_length"] * vocab * 4 / 2**20,
+        "steps": steps,
+    }
+
+
+def _run_case(case: dict) -> dict:
+    """Runs in the child process: one shape, one mode, one path, `steps` steps."""
+    if case["mode"] == "step":
+        return _run_step_case(case)
+    import torch
+
     from promptkd.head_losses import (
         HeadTerm,
         head_divergence,
@@ -140,18 +272,10 @@ def _run_case(case: dict) -> dict:
     prompted = PromptedTeacher(_build(shape, case["layers"], seed=2), None, num_virtual_tokens=7,
                                init="random")
     prompt = prompted.prompt_parameters()[0]
-    gen = torch.Generator().manual_seed(0)
-    b, p, r = case["batch"], case["prompt_length"], case["response_length"]
-    ids = torch.randint(3, vocab, (b, p + r), generator=gen)
-    attention = torch.ones_like(ids)
-    for row in range(b):  # left-padded prompts of different lengths
-        pad = (row * 3) % p
-        attention[row, :pad] = 0
-        ids[row, :pad] = 0
-    loss_mask = torch.zeros_like(ids, dtype=torch.bool)
-    loss_mask[:, p:] = True
-    batch = SequenceBatch(ids, attention, loss_mask, prompt_length=p)
-    mask = loss_mask[:, p:]  # (B, R)
+    batch = _batch(case, vocab)
+    ids, attention, p = batch.input_ids, batch.attention_mask, batch.prompt_length
+    b, r = case["batch"], case["response_length"]
+    mask = batch.loss_mask[:, p:]  # (B, R)
     tokens = float(mask.sum())
     scale, lam = 1.0 / tokens, 0.5
     keep = ids.shape[1] - p + 1
@@ -261,17 +385,17 @@ def _ratio(a, b) -> str:
 
 def _tables(results: list[dict]) -> str:
     rows = [
-        "| shape | path | setup MiB | step 1 peak MiB | step 1 extra MiB | step 2 peak MiB | "
+        "| shape | mode | path | setup MiB | step 1 peak MiB | step 1 extra MiB | step 2 peak MiB | "
         "step 2 extra MiB | ru_maxrss MiB | step 1 s | step 2 s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['shape']} | {r['path']} | error: {r['error']} |||||||| ")
+            rows.append(f"| {r['shape']} | {r['mode']} | {r['path']} | error: {r['error']} |||||||| ")
             continue
         s = r["steps"] + [{}] * (2 - len(r["steps"]))
         rows.append(
-            f"| {r['shape']} | {r['path']} | {_fmt(r['setup_mib'])} | "
+            f"| {r['shape']} | {r['mode']} | {r['path']} | {_fmt(r['setup_mib'])} | "
             f"{_fmt(s[0].get('peak_mib'))} | {_fmt(s[0].get('extra_mib'))} | "
             f"{_fmt(s[1].get('peak_mib'))} | {_fmt(s[1].get('extra_mib'))} | "
             f"{_fmt(r['ru_maxrss_mib'])} | {_fmt(s[0].get('seconds'), 1)} | "
@@ -279,13 +403,13 @@ def _tables(results: list[dict]) -> str:
         )
     rows += [
         "",
-        "| shape | (B, R, V) float32 MiB | student grads MiB | step 1 peak ratio | "
+        "| shape | mode | (B, R, V) float32 MiB | student grads MiB | step 1 peak ratio | "
         "step 1 extra ratio | step 2 peak ratio | step 2 extra ratio | max rel. loss diff |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    by = {(r["shape"], r["path"]): r for r in results if "error" not in r}
-    for shape in dict.fromkeys(r["shape"] for r in results):
-        c, u = by.get((shape, "chunked")), by.get((shape, "unchunked"))
+    by = {(r["shape"], r["mode"], r["path"]): r for r in results if "error" not in r}
+    for shape, mode in dict.fromkeys((r["shape"], r["mode"]) for r in results):
+        c, u = by.get((shape, mode, "chunked")), by.get((shape, mode, "unchunked"))
         if c is None or u is None:
             continue
         cells = []
@@ -300,7 +424,7 @@ def _tables(results: list[dict]) -> str:
             for k in ("l_kd", "l_reg", "l_student", "student_grad_norm", "prompt_grad_norm")
         )
         rows.append(
-            f"| {shape} | {_fmt(u['logits_mib'])} | {_fmt(u['student_grads_mib'])} | "
+            f"| {shape} | {mode} | {_fmt(u['logits_mib'])} | {_fmt(u['student_grads_mib'])} | "
             + " | ".join(cells) + f" | {diff:.1e} |"
         )
     return "\n".join(rows)
@@ -308,7 +432,9 @@ def _tables(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default="llama-3.2-1b,qwen2.5-0.5b", help=f"of {sorted(SHAPES)}")
+    parser.add_argument("--modes", default="step,losses",
+                        help="step: a whole Trainer step; losses: the loss part alone (CPU only)")
     parser.add_argument("--paths", default="unchunked,chunked")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers per model")
     parser.add_argument("--batch", type=int, default=4)
@@ -320,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--fused", action="store_true",
                         help="leave promptkd.losses' fused (torch.compile) default on")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="step mode only")
+    parser.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"),
+                        help="train.mixed_precision of the step mode (fp16: CUDA only)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke test: the tiny shape, 1 layer, batch 2 x 16 response tokens")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per case")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case (child)
     args = parser.parse_args(argv)
@@ -327,10 +458,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.case:
         print(json.dumps(_run_case(json.loads(args.case))))
         return 0
+    if args.tiny:
+        args.shapes, args.layers, args.batch = "tiny", 1, 2
+        args.prompt_length, args.response_length = 8, 16
+    modes = args.modes.split(",")
+    if bad := [m for m in modes if m not in ("step", "losses")]:
+        parser.error(f"--modes: unknown {bad}; choose from step, losses")
+    if args.device == "cuda" and "losses" in modes:
+        parser.error("--device cuda measures whole steps only: pass --modes step")
+    if bad := [x for x in args.shapes.split(",") if x not in SHAPES]:
+        parser.error(f"--shapes: unknown {bad}; choose from {sorted(SHAPES)}")
 
     cases = [
         {
             "shape": shape,
+            "mode": mode,
             "path": path,
             "layers": args.layers,
             "batch": args.batch,
@@ -339,8 +481,11 @@ def main(argv: list[str] | None = None) -> int:
             "chunk_size": args.chunk_size,
             "steps": args.steps,
             "threads": args.threads,
+            "device": args.device if mode == "step" else "cpu",
+            "precision": args.precision if mode == "step" else "no",
         }
         for shape in args.shapes.split(",")
+        for mode in modes
         for path in args.paths.split(",")
     ]
     import torch
@@ -361,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "fused_losses": args.fused,
+        "device": args.device,
+        "cuda": torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else None,
+        "precision (step mode)": args.precision,
         "wall_s": round(time.perf_counter() - started, 1),
         "loadavg_1min_before_after": [load_before, os.getloadavg()[0] if load_before else None],
     }

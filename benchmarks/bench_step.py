@@ -4,6 +4,8 @@
     python benchmarks/bench_step.py --quick              # 32 new tokens, pairs a:b a:c a:d, 2 steps each
     python benchmarks/bench_step.py --pairs a:b --max-new-tokens 64 --steps 2
     python benchmarks/bench_step.py --pairs methods --steps 4   # PromptKD vs MiniLLM, DistiLLM, ImitKD
+    python benchmarks/bench_step.py --pairs chunking --steps 3  # LM-head chunking on vs off (PromptKD, GKD)
+    python benchmarks/bench_step.py --quick --chunked-lm-head off    # every variant of ours on full logits
     python benchmarks/bench_step.py --bf16-check 6 --out benchmarks/results/bench_step_20261127.md
                                                          # the committed run (~13 min on 2 shared cores)
 
@@ -36,6 +38,12 @@ Variants (each in its own subprocess, so peak RSS is per variant):
   f          our DistiLLM on its most expensive kind of step, fresh student samples (phi fixed
              at 1), skew reverse KL
   g          the ImitKD preset: our GKD with lmbda 1 and forward KL
+  a_logits   as (a) with train.chunked_lm_head false: the losses on full (B, R, V) logits
+  b_logits   as (b) with train.chunked_lm_head false
+
+--chunked-lm-head {on,off} (default on, the library's default) sets train.chunked_lm_head for
+every variant of ours (a, a_ckpt, a_fp32, b, e, e4, f, g); a_logits / b_logits are always off,
+so `--pairs chunking` (a:a_logits, b:b_logits) compares the two loss paths step by step.
 
 Measurement, built for a machine shared with other jobs (its speed changes 2-3x within
 minutes, so variants measured one after the other are not comparable): variants are measured
@@ -102,10 +110,13 @@ VARIANTS = {
     "e4": {"kind": "minillm", "label": "(e4) MiniLLM, ppo_epochs 4 (rollouts every 4th step)", "ppo_epochs": 4},
     "f": {"kind": "distillm", "label": "(f) DistiLLM, a step on fresh student samples (skew RKL)"},
     "g": {"kind": "gkd", "label": "(g) ImitKD preset (GKD, forward KL)", "divergence": "forward_kl"},
+    "a_logits": {"kind": "promptkd", "label": "(a-) PromptKD (ours), LM-head chunking off", "chunked": False},
+    "b_logits": {"kind": "gkd", "label": "(b-) GKD (ours), LM-head chunking off", "chunked": False},
 }
 DEFAULT_PAIRS = "a:b,a:c,a:d,a:a_ckpt,a:a_fp32,a:d_default,a:e,a:e4,a:f,a:g"
 METHOD_PAIRS = "a:e,a:e4,a:f,a:g"  # --pairs methods: PromptKD against the other on-policy methods
 QUICK_PAIRS = "a:b,a:c,a:d"
+CHUNKING_PAIRS = "a:a_logits,b:b_logits"  # --pairs chunking: train.chunked_lm_head on vs off
 PHASES = REFERENCE_PHASES + ("other",)  # the same phase names in every variant
 PHASE_HELP = {
     "generation": "student sampling (generate, KV cache)",
@@ -262,6 +273,7 @@ def _serve_ours(spec: dict, variant: dict) -> dict:
                 "warmup_steps": spec["warmup_steps"],
                 "seed": spec["seed"],
                 "cpu": True,
+                "chunked_lm_head": variant.get("chunked", spec["chunked_lm_head"]),
             },
             "promptkd": {"teacher_gradient_checkpointing": bool(variant.get("teacher_ckpt", False))},
             **({"gkd": {"lmbda": 1.0, "divergence": "forward_kl"}} if variant.get("divergence") == "forward_kl"
@@ -497,6 +509,7 @@ def run_bf16_check(spec_path: str, result_path: str, precision: str) -> None:
                 "warmup_steps": 0,
                 "seed": spec["seed"],
                 "cpu": True,
+                "chunked_lm_head": spec["chunked_lm_head"],
             },
             "promptkd": {"prompt_learning_rate": spec["bf16_check_prompt_lr"]},
         }
@@ -669,6 +682,7 @@ def prepare(args) -> dict:
         "seed": args.seed,
         "threads": args.threads,
         "precision": args.precision,
+        "chunked_lm_head": args.chunked_lm_head == "on",
         "learning_rate": 5e-5,
         "warmup_steps": 100,
         "total_steps": 1000,
@@ -901,6 +915,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-tokens", type=int, default=16, help="max new tokens of the warm-up steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--precision", default="bf16", choices=["bf16", "no"], help="mixed precision of (a), (b), (d)")
+    p.add_argument("--chunked-lm-head", default="on", choices=["on", "off"],
+                   help="train.chunked_lm_head of our variants (a_logits and b_logits: always off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--quick", action="store_true", help=f"32 new tokens, pairs {QUICK_PAIRS}, 2 measured steps")
@@ -927,6 +943,8 @@ def main(argv=None) -> int:
             args.pairs = QUICK_PAIRS
     if args.pairs == "methods":
         args.pairs = METHOD_PAIRS
+    if args.pairs == "chunking":
+        args.pairs = CHUNKING_PAIRS
     try:
         pair_names = [tuple(x.strip() for x in item.split(":")) for item in args.pairs.split(",") if item.strip()]
     except ValueError:

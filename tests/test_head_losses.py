@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from promptkd.data.batch import SequenceBatch
 from promptkd.errors import UserError
 from promptkd.head_losses import (
+    CrossEntropyTerm,
     HeadTerm,
     LMHead,
     head_cross_entropy,
@@ -319,6 +320,35 @@ def test_cross_entropy_equals_unchunked():
         _assert_close(g, r, "grad")
 
 
+@pytest.mark.parametrize("ce_weight", [0.5, 0.0])
+def test_cross_entropy_term_shares_the_pass_with_a_divergence(ce_weight):
+    """The supervised steps' (1 - r) CE + r KL in one head_divergences call (CE at weight 0,
+    as GKD logs it, gives its value and no gradient)."""
+    student, prompted, _ = _setup("qwen2_untied")
+    teacher = prompted.teacher
+    batch = _batch()
+    mask = batch.loss_mask[:, batch.prompt_length:]
+    targets = batch.input_ids[:, batch.prompt_length:]
+    params = list(student.parameters())
+    logits = response_logits(student, batch, V)
+    with torch.no_grad():
+        t_logits = response_logits(teacher, batch, V)
+    ce = F.cross_entropy(logits[mask], targets[mask], reduction="sum")
+    kd = DIVERGENCES["forward_kl"](logits, t_logits, mask, reduction="sum")
+    ref_grads = _grads(ce_weight * ce + 0.5 * kd, params)
+    h = hidden_states_for_response(student, batch)
+    with torch.no_grad():
+        th = hidden_states_for_response(teacher, batch)
+    loss, per_term = head_divergences(h, lm_head_of(student, V), [
+        CrossEntropyTerm(targets, ce_weight),
+        HeadTerm("forward_kl", th, lm_head_of(teacher, V), 0.5),
+    ], mask, chunk_size=CHUNK)
+    _assert_close(per_term, torch.stack([ce, kd]).detach(), "terms")
+    _assert_close(loss, ce_weight * ce + 0.5 * kd, "loss")
+    for g, r in zip(_grads(loss, params), ref_grads, strict=True):
+        _assert_close(g, r, "grad")
+
+
 def test_base_teacher_hidden_states_match_forward_base():
     _, prompted, _ = _setup("llama")
     batch = _batch()
@@ -335,7 +365,7 @@ def test_base_teacher_hidden_states_match_forward_base():
 # ---------------------------------------------------------------------------------------------
 
 
-class _LargestLogits(TorchDispatchMode):
+class LargestLogits(TorchDispatchMode):
     """Records the shapes of every op output with a vocabulary-sized dim and more than
     `limit` rows of it (hidden-size dims excepted: the head weight and its gradient)."""
 
@@ -363,7 +393,7 @@ def test_no_logits_tensor_beyond_a_chunk_in_any_pass():
     batch = _batch()
     mask = batch.loss_mask[:, batch.prompt_length:]
     head, t_head = lm_head_of(student, V), lm_head_of(prompted, V)
-    mode = _LargestLogits({V}, {32, 48}, limit=CHUNK)
+    mode = LargestLogits({V}, {32, 48}, limit=CHUNK)
     with mode:
         h = hidden_states_for_response(student, batch)
         th = hidden_states_for_response(prompted, batch)
@@ -372,7 +402,7 @@ def test_no_logits_tensor_beyond_a_chunk_in_any_pass():
     assert mode.offenders == []
     assert prompt.grad is not None and head.weight.grad is not None
     # the check itself sees full logits when they are made
-    mode = _LargestLogits({V}, {32, 48}, limit=CHUNK)
+    mode = LargestLogits({V}, {32, 48}, limit=CHUNK)
     with mode, torch.no_grad():
         response_logits(student, batch, V)
     assert mode.offenders

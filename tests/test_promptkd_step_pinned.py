@@ -260,15 +260,20 @@ CASES = {  # name: (config sections, the student's target in the reference, forc
 }
 
 
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked_lm_head", "logits"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_one_step_equals_the_float64_reference(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch, case):
+def test_one_step_equals_the_float64_reference(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch, case, chunked):
+    """Both loss paths: hidden states + LM-head chunking (the default) and full logits."""
     sections, target, two_forwards = CASES[case]
+    sections = {**sections, "train": {**sections.get("train", {}), "chunked_lm_head": chunked}}
     tr = promptkd_trainer(tmp_path, tiny_pair_dirs, tiny_jsonl, **sections)
+    assert tr.ctx.chunked is chunked
     if two_forwards:  # what a student with dropout gets: an eval-mode target forward + a train forward
         monkeypatch.setattr(tr.method, "student_dropout", True)
     target_forwards = []
-    student_target_logits = tr.ctx.student_target_logits
-    monkeypatch.setattr(tr.ctx, "student_target_logits", lambda b: target_forwards.append(b) or student_target_logits(b))
+    name = "student_target_hidden" if chunked else "student_target_logits"
+    student_target = getattr(tr.ctx, name)
+    monkeypatch.setattr(tr.ctx, name, lambda b: target_forwards.append(b) or student_target(b))
     run = recorded_step(tr, monkeypatch)
     assert len(target_forwards) == int(two_forwards)  # the path under test was taken
     max_norm = tr.cfg.train.max_grad_norm

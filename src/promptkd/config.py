@@ -136,6 +136,13 @@ class TrainConfig:
         "fallback when compilation fails; calls under 4M logit elements stay eager). Same values as eager to "
         "float32 rounding; false = eager only (also PROMPTKD_FUSED_LOSSES=0).",
     )
+    chunked_lm_head: bool = opt(
+        True, "Compute the training losses from the models' final hidden states and LM heads a chunk of positions "
+        "at a time (promptkd.head_losses), so no (batch, response, vocabulary) logits tensor is built; same values "
+        "to float rounding. A head that cannot be chunked (LoRA / PEFT on lm_head, not a plain Linear, FSDP or "
+        "DeepSpeed ZeRO-3 sharding, an unknown output transform) falls back to full logits, with one info line. "
+        "MiniLLM always uses full logits. false = full logits everywhere.",
+    )
     eval_every: int = opt(0, "Evaluate on data.dev every N optimizer steps (0: only at the end).", min=0)
     eval_metric: str = opt(
         "loss", "Dev metric for best-checkpoint selection: reference-response token loss (fast) or sampled ROUGE-L.",

@@ -13,6 +13,11 @@ step's memory. Here every divergence is computed from the two models' final hidd
     loss = head_divergence("reverse_kl", h, head, target_h, target_head, mask, reduction="sum")
     loss.backward()   # into the student's layers *and* its head weight (tied: the embedding)
 
+The training steps use this path by default (``train.chunked_lm_head``: the step context hands
+methods ``promptkd.methods.base.HiddenStates`` instead of logits). ``head_divergences`` computes
+several terms, divergences (``HeadTerm``) and cross-entropy (``CrossEntropyTerm``), from one
+computation of the trained side's logits per chunk.
+
 ``head_divergence`` takes ``chunk_size`` selected positions at a time, computes both sides'
 (chunk, V) logits, the divergence's row values and their gradient with respect to both logits,
 and pushes that gradient through the heads at once: into an (B, R, H) buffer for each side's
@@ -57,6 +62,7 @@ from promptkd.models.prompted_teacher import PromptedTeacher
 __all__ = [
     "CHUNK_ELEMENTS",
     "CHUNKING_FLAG",
+    "CrossEntropyTerm",
     "HeadTerm",
     "LMHead",
     "capture_head_input",
@@ -155,11 +161,14 @@ class LMHead:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP / DataParallel, a PromptedTeacher or a PeftModel."""
+    """The transformers model inside DDP / DataParallel / a DeepSpeed engine, a PromptedTeacher
+    or a PeftModel."""
     for _ in range(8):
         if isinstance(model, PromptedTeacher):
             model = model.teacher
-        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or (
+            type(model).__name__ == "DeepSpeedEngine" and isinstance(getattr(model, "module", None), torch.nn.Module)
+        ):
             model = model.module
         elif type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
             model = model.get_base_model()
@@ -436,6 +445,23 @@ class HeadTerm:
     target_head: LMHead
     weight: float = 1.0
     params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class CrossEntropyTerm:
+    """A cross-entropy term of ``head_divergences``: ``weight * CE(targets)`` of the trained side.
+
+    Shares the trained side's logits with the divergence terms, e.g. the supervised steps'
+    ``(1 - r) CE + r KL`` (or CE logged at weight 0 next to a divergence) in one pass.
+
+    Attributes:
+        targets: (...) long token ids with the trained hidden states' leading shape, each in
+            [0, vocab_size) where the mask selects.
+        weight: the term's coefficient; 0 = its value only.
+    """
+
+    targets: torch.Tensor
+    weight: float = 1.0
 
 
 @dataclass
@@ -801,7 +827,7 @@ def head_divergence(
 def head_divergences(
     h: torch.Tensor,
     head: LMHead,
-    terms: list[HeadTerm],
+    terms: list[HeadTerm | CrossEntropyTerm],
     mask: torch.Tensor | None = None,
     *,
     chunk_size: int | None = None,
@@ -813,20 +839,26 @@ def head_divergences(
     terms[k].target_h, terms[k].target_head, mask, **terms[k].params)``, e.g. PromptKD's prompt
     loss ``L_kd + lambda L_reg`` plus the logged distances (weight 0) in one pass: the trained
     side's logits and their gradient are computed once per chunk for every term, and terms with
-    the same target objects share its logits.
+    the same target objects share its logits. A ``CrossEntropyTerm`` adds
+    ``head_cross_entropy(h, head, term.targets, mask)`` the same way (the supervised steps' CE).
 
     Returns:
         (loss, per_term): loss as head_divergence returns it (differentiable); per_term the
         K values D_k, (K,) for "sum" / "mean" or (N, K) for "none", not differentiable.
 
-    Other arguments and errors as in ``head_divergence``.
+    Other arguments and errors as in ``head_divergence`` and ``head_cross_entropy``.
     """
     if not terms:
         raise ValueError("head_divergences needs at least one term")
     rows = []
     for term in terms:
+        if isinstance(term, CrossEntropyTerm):
+            rows.append((_cross_entropy_rows(h, head, term.targets, mask), None, None, term.weight))
+            continue
         if not isinstance(term, HeadTerm):
-            raise TypeError(f"terms must be HeadTerm objects, got {type(term).__name__}")
+            raise TypeError(
+                f"terms must be HeadTerm or CrossEntropyTerm objects, got {type(term).__name__}"
+            )
         loss = get_divergence(term.name, **term.params)  # UserError: unknown names / params
         rows.append((_divergence_rows(loss), term.target_h, term.target_head, term.weight))
     return _apply(h, head, rows, mask, chunk_size, reduction)
@@ -851,6 +883,14 @@ def head_cross_entropy(
         targets: (...) long token ids, each in [0, head.vocab_size) where selected.
         mask, chunk_size, reduction: as in ``head_divergence``.
     """
+    rows = _cross_entropy_rows(h, head, targets, mask)
+    loss, _ = _apply(h, head, [(rows, None, None, 1.0)], mask, chunk_size, reduction)
+    return loss
+
+
+def _cross_entropy_rows(h: torch.Tensor, head: LMHead, targets: torch.Tensor,
+                        mask: torch.Tensor | None) -> RowFn:
+    """The row function of -log softmax(u)[target], after checking the targets."""
     if targets.shape != h.shape[:-1]:
         raise ValueError(
             f"targets {tuple(targets.shape)} must have the hidden states' leading shape "
@@ -874,5 +914,4 @@ def head_cross_entropy(
             grad_u.mul_(weights.to(grad_u.dtype).unsqueeze(-1))
         return values, grad_u, None
 
-    loss, _ = _apply(h, head, [(rows, None, None, 1.0)], mask, chunk_size, reduction)
-    return loss
+    return rows

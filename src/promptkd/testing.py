@@ -8,12 +8,18 @@ few kilobytes in size.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from promptkd.data.collate import collate_prompts, collate_sequences
+from promptkd.errors import UserError
+from promptkd.head_losses import lm_head_of
+from promptkd.methods.base import HiddenStates
 from promptkd.sampling import SamplingConfig, TeacherMixture, response_logits, sample_responses
+
+logger = logging.getLogger(__name__)
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
@@ -193,11 +199,17 @@ class FakeContext:
     `promptkd.sampling.sample_responses` seeded by `seed` and the number of samples drawn so far
     (deterministic). Each parameter set gets a plain SGD (or AdamW) optimizer, no clipping, no
     schedule; the student's set ("student") is added here, as the trainer does.
+
+    chunked_lm_head: serve the losses hidden states and LM heads (`student_hidden`, ...), as the
+    trainer does by default, falling back to logits like it when a head cannot be chunked
+    (`chunked_fallback` says why). Off by default here, so that tests of a method's logits
+    (what its loss functions receive) see them.
     """
 
     def __init__(self, student, teacher=None, tokenizer=None, *, vocab_size: int | None = None,
                  max_steps: int = 10, samples=None, sampler=None, learning_rate: float = 1e-2,
-                 optimizer: str = "sgd", max_new_tokens: int = 6, eos_at_cap: bool = False, seed: int = 0):
+                 optimizer: str = "sgd", max_new_tokens: int = 6, eos_at_cap: bool = False, seed: int = 0,
+                 chunked_lm_head: bool = False):
         self.student_module = student
         self.teacher = teacher
         self.tokenizer = tokenizer if tokenizer is not None else byte_tokenizer()
@@ -226,12 +238,26 @@ class FakeContext:
         self.grads: dict[str, list[torch.Tensor]] = {}
         self.param_sets: dict[str, tuple[list, torch.optim.Optimizer]] = {}
         self.num_samples = 0
+        self.student_head = self.teacher_head = None
+        self.chunked_fallback: str | None = None
+        if chunked_lm_head:
+            try:
+                heads = [lm_head_of(m, vocab_size) if m is not None else None for m in (student, teacher)]
+            except UserError as err:
+                self.chunked_fallback = str(err)
+                logger.info("train.chunked_lm_head: the losses use full logits: %s", err)
+            else:
+                self.student_head, self.teacher_head = heads
         self.add_parameter_set("student", [p for p in student.parameters() if p.requires_grad],
                                learning_rate=learning_rate, weight_decay=0.0)
         self.calls.clear()
 
     def calls_named(self, name: str) -> list[tuple]:
         return [c for c in self.calls if c[0] == name]
+
+    @property
+    def chunked(self) -> bool:
+        return self.student_head is not None
 
     # ------------------------------------------------------------ context managers
     def phase(self, name: str):
@@ -315,6 +341,31 @@ class FakeContext:
             raise RuntimeError("FakeContext: teacher_logits called but the context has no teacher")
         with self.phase("teacher_fwd_base"), torch.no_grad():
             return response_logits(self.teacher, batch, self.vocab_size)  # (B, R, V)
+
+    def student_hidden(self, batch) -> HiddenStates:
+
+        self.calls.append(("student_hidden",))
+        return HiddenStates.of(self.student_module, batch, self.student_head)  # (B, R, H), with grad
+
+    def student_target_hidden(self, batch) -> HiddenStates:
+
+        self.calls.append(("student_target_hidden",))
+        model = self.student_module
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return HiddenStates.of(model, batch, self.student_head)  # (B, R, H)
+        finally:
+            model.train(was_training)
+
+    def teacher_hidden(self, batch) -> HiddenStates:
+
+        self.calls.append(("teacher_hidden",))
+        if self.teacher is None:
+            raise RuntimeError("FakeContext: teacher_hidden called but the context has no teacher")
+        with self.phase("teacher_fwd_base"), torch.no_grad():
+            return HiddenStates.of(self.teacher, batch, self.teacher_head)  # (B, R, H)
 
     # ------------------------------------------------------------ normalisation and backward
     def global_token_count(self, batches) -> float:

@@ -30,6 +30,13 @@ code) the return also contains r_t; false gives the paper's split, the return fr
 
 The rollouts of the current phase are part of the method's state, so a resumed run continues
 the phase on the same rollouts.
+
+MiniLLM keeps the (B, R, V) logits path whatever train.chunked_lm_head says: the PPO term is a
+non-linear function of each sampled token's log-probability log p_S(y_t), which needs its own
+differentiable per-token values next to the single-step KL. On hidden states that would be a
+`head_cross_entropy(reduction="none")` pass (whose backward recomputes every chunk) plus a
+divergence pass, about twice the LM-head matmuls of one logits forward and backward; the
+memory win is left for later.
 """
 
 from __future__ import annotations

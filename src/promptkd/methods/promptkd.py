@@ -34,6 +34,12 @@ Reference-code behaviour we follow, and where we differ (all configurable):
 - the student target of step 1 is the student in eval mode. When the student has no active
   dropout and the step has one micro-batch, one student forward (with grad) serves both
   step 1 (detached) and step 2; that is exact because the student does not change in between.
+
+With train.chunked_lm_head (the default) every forward keeps its final hidden states instead of
+(B, R, V) logits (methods.base.HiddenStates), and the losses run chunk by chunk over positions
+(promptkd.head_losses): the prompt loss, its regulariser and the two logged distances are one
+`head_divergences` pass in which the prompted teacher's logits are computed once per chunk.
+Values and gradients equal the logits path's to float rounding.
 """
 
 from __future__ import annotations
@@ -43,7 +49,18 @@ import warnings
 import torch
 
 from promptkd.data.batch import SequenceBatch
-from promptkd.methods.base import Method, StepContext, StepResult, divergence, response_mask
+from promptkd.methods.base import (
+    HiddenStates,
+    Method,
+    Outputs,
+    StepContext,
+    StepResult,
+    divergence,
+    divergence_terms,
+    response_mask,
+    student_outputs,
+    student_target_outputs,
+)
 from promptkd.models.prompted_teacher import PromptedTeacher
 
 
@@ -127,6 +144,42 @@ class PromptKD(Method):
         logits = forward(batch.input_ids, batch.attention_mask, logits_to_keep=keep)  # (B, R + 1, V)
         return logits[:, :-1, :vocab_size]
 
+    def prompted_outputs(self, ctx: StepContext, batch: SequenceBatch, *, base: bool = False) -> Outputs:
+        """The prompted teacher's outputs on the response columns (base: the teacher without
+        its prompt): HiddenStates when ctx.chunked, else (B, R, V) logits. Grad mode and
+        autocast are the caller's."""
+        if ctx.chunked:
+            return HiddenStates.of(self.prompted, batch, ctx.teacher_head, base=base)  # (B, R, H)
+        forward = self.prompted.forward_base if base else self.prompted
+        return self.teacher_logits_on(forward, batch, ctx.vocab_size)  # (B, R, V)
+
+    def prompt_loss(self, tp: Outputs, target: Outputs, base: Outputs, lam: float,
+                    mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """(L_kd + lambda L_reg summed over `mask`, {kd, reg, kl_to_student, drift} sums).
+
+        One `divergence_terms` call: on hidden states the prompted teacher's logits are computed
+        once per chunk for every term. L_reg is a term only when lambda > 0; the logged
+        distances KL(p_TP || p_S) and KL(p_TP || p_T) reuse L_kd / L_reg when those are the same
+        reverse KL, and are weight-0 terms (no gradient) otherwise.
+        """
+        c = self.cfg.promptkd
+        terms = [(self.kd_loss, target, 1.0)]
+        reg = None
+        if lam > 0:
+            reg = len(terms)
+            terms.append((self.reg_loss, base, lam))
+        kl = 0
+        if c.kd_direction != "reverse":
+            kl = len(terms)
+            terms.append((self.kl_from_prompted, target, 0.0))
+        drift = reg
+        if reg is None or c.reg_direction != "reverse":
+            drift = len(terms)
+            terms.append((self.kl_from_prompted, base, 0.0))
+        loss, values = divergence_terms(tp, terms, mask)
+        return loss, {"kd": float(values[0]), "reg": 0.0 if reg is None else float(values[reg]),
+                      "kl_to_student": float(values[kl]), "drift": float(values[drift])}
+
     def check_collapse(self, step: int, kl_to_student: float, drift: float) -> None:
         """Warn once when the prompted teacher has been closer to the student than to the
         teacher (kl_to_student < drift) for promptkd.collapse_window consecutive steps."""
@@ -155,8 +208,9 @@ class PromptKD(Method):
         scale = ctx.loss_scale(global_tokens)
         masks = [response_mask(b) for b in batches]  # (B, R) each
         share_student_forward = len(batches) == 1 and not self.student_dropout
-        student_logits: list[torch.Tensor | None] = [None] * len(batches)
-        lagged: list[torch.Tensor | None] = [None] * len(batches)
+        # (B, R, V) logits, or (B, R, H) HiddenStates when ctx.chunked
+        student_out: list[Outputs | None] = [None] * len(batches)
+        lagged: list[Outputs | None] = [None] * len(batches)
 
         # 1. prompt update: L_kd + lambda_k L_reg, gradients into the prompt only
         if not c.freeze_prompt:
@@ -165,34 +219,27 @@ class PromptKD(Method):
             for i, batch in enumerate(batches):
                 if share_student_forward:
                     with ctx.accumulate(is_last=True):
-                        student_logits[i] = ctx.student_logits(batch)  # (B, R, V), with grad
-                    target = student_logits[i].detach()
+                        student_out[i] = student_outputs(ctx, batch)  # with grad
+                    target = student_out[i].detach()
                 else:
-                    target = ctx.student_target_logits(batch)  # (B, R, V), eval mode, no grad
+                    target = student_target_outputs(ctx, batch)  # eval mode, no grad
                 # with grad: teacher dropout on when teacher_dropout (the reference's quirk)
                 with ctx.phase("teacher_fwd_prompt_grad"), ctx.autocast():
-                    tp_logits = self.teacher_logits_on(self.prompted, batch, ctx.vocab_size)  # (B, R, V)
+                    tp = self.prompted_outputs(ctx, batch)
                 # every step, lambda_k = 0 included: the drift is logged and guarded
                 with ctx.phase("teacher_fwd_base"), torch.no_grad(), ctx.autocast():
-                    base = self.teacher_logits_on(self.prompted.forward_base, batch, ctx.vocab_size)  # (B, R, V)
+                    base = self.prompted_outputs(ctx, batch, base=True)
                 with ctx.phase("losses"):
-                    l_kd = self.kd_loss(tp_logits, target, masks[i], reduction="sum")
-                    loss = l_kd
-                    if lam > 0:
-                        l_reg = self.reg_loss(tp_logits, base, masks[i], reduction="sum")
-                        loss = loss + lam * l_reg
-                        reg_sum += float(l_reg.detach())
-                    with torch.no_grad():
-                        kl_sum += float(l_kd.detach() if c.kd_direction == "reverse"
-                                        else self.kl_from_prompted(tp_logits, target, masks[i], reduction="sum"))
-                        drift_sum += float(l_reg.detach() if lam > 0 and c.reg_direction == "reverse"
-                                           else self.kl_from_prompted(tp_logits, base, masks[i], reduction="sum"))
-                kd_sum += float(l_kd.detach())
+                    loss, sums = self.prompt_loss(tp, target, base, lam, masks[i])
+                kd_sum += sums["kd"]
+                reg_sum += sums["reg"]
+                kl_sum += sums["kl_to_student"]
+                drift_sum += sums["drift"]
                 if c.lagged_target:
-                    lagged[i] = tp_logits.detach()
+                    lagged[i] = tp.detach()
                 with ctx.phase("backward_prompt"):
                     ctx.backward(loss * scale)
-                del tp_logits, target, base, loss
+                del tp, target, base, loss
             ctx.all_reduce_grads(self.prompt_params)
             kd_mean = ctx.reduce_sum(kd_sum) / max(global_tokens, 1.0)
             reg_mean = ctx.reduce_sum(reg_sum) / max(global_tokens, 1.0)
@@ -215,22 +262,22 @@ class PromptKD(Method):
         s_sum = 0.0
         for i, batch in enumerate(batches):
             with ctx.accumulate(is_last=i == len(batches) - 1):
-                if student_logits[i] is None:
-                    student_logits[i] = ctx.student_logits(batch)  # (B, R, V), with grad
+                if student_out[i] is None:
+                    student_out[i] = student_outputs(ctx, batch)  # with grad
                 if c.freeze_prompt:
                     with ctx.phase("teacher_fwd_base"), torch.no_grad(), ctx.autocast():
-                        target = self.teacher_logits_on(self.prompted.forward_base, batch, ctx.vocab_size)
+                        target = self.prompted_outputs(ctx, batch, base=True)
                 elif c.lagged_target:
                     target = lagged[i]
                 else:
                     with ctx.phase("teacher_fwd_target"), torch.no_grad(), ctx.autocast():
-                        target = self.teacher_logits_on(self.prompted, batch, ctx.vocab_size)
+                        target = self.prompted_outputs(ctx, batch)
                 with ctx.phase("losses"):
-                    l_s = self.student_loss(student_logits[i], target, masks[i], reduction="sum")
+                    l_s = self.student_loss(student_out[i], target, masks[i], reduction="sum")
                 s_sum += float(l_s.detach())
                 with ctx.phase("backward_student"):
                     ctx.backward(l_s * scale)
-            student_logits[i] = lagged[i] = None
+            student_out[i] = lagged[i] = None
         metrics["student/loss"] = ctx.reduce_sum(s_sum) / max(global_tokens, 1.0)
         metrics.update(ctx.apply_update("student", metrics["student/loss"]))
         num_tokens = float(sum(m.sum() for m in masks))

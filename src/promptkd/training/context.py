@@ -5,6 +5,14 @@ forward passes with autocast, on-policy sampling, the global token count and los
 backward, parameter sets (an AdamW optimizer and a schedule each) and their updates with the
 non-finite guard and fp16 loss scaling, reductions over processes, and named phases that a
 profiler can time (`on_phase`). The trainer builds one per run; methods never see the trainer.
+
+LM-head chunking (train.chunked_lm_head): the context finds the student's and the teacher's
+LM heads once (`promptkd.head_losses.lm_head_of`, with its check forward under the run's
+autocast) and then serves hidden states (`student_hidden`, `student_target_hidden`,
+`teacher_hidden`) for the methods' losses. When a head cannot be chunked (LoRA on lm_head, a
+head that is not a plain Linear, an unknown output transform) or the student is sharded
+(FSDP, DeepSpeed ZeRO-3), `chunked` is False, one info line says why, and the `*_logits`
+forwards serve every loss as before.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import torch
 from promptkd.data.batch import SequenceBatch
 from promptkd.data.collate import collate_prompts, collate_sequences
 from promptkd.errors import UserError
-from promptkd.methods.base import response_mask
+from promptkd.head_losses import LMHead, lm_head_of
+from promptkd.methods.base import HiddenStates, response_mask
 from promptkd.sampling import TeacherMixture, response_logits
 from promptkd.training.optim import build_optimizer, build_scheduler
 
@@ -129,6 +138,41 @@ class TrainingContext:
             device = accelerator.device
             sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
             self._clock = PhaseClock(on_phase, sync)
+        self.student_head: LMHead | None = None
+        self.teacher_head: LMHead | None = None
+        self.chunked_fallback: str | None = None  # why the logits path serves the losses
+        if train_cfg.chunked_lm_head:
+            self._find_heads()
+
+    def _find_heads(self) -> None:
+        """The LM heads for chunked losses, or (logged once) why the run uses full logits."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if kind == DistributedType.FSDP:
+            why = "FSDP shards the student's LM head weight"
+        elif kind == DistributedType.DEEPSPEED and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            why = "DeepSpeed ZeRO-3 shards the student's LM head weight"
+        else:
+            heads, why = {}, None
+            for name, model in (("student", self.student), ("teacher", self.teacher)):
+                try:
+                    with self.autocast():  # the check forward runs as the training forwards do
+                        heads[name] = None if model is None else lm_head_of(model, self.vocab_size)
+                except UserError as err:
+                    why = f"{name}: {err}"
+                    break
+            if why is None:
+                self.student_head, self.teacher_head = heads["student"], heads["teacher"]
+                return
+        self.chunked_fallback = why
+        if self.is_main_process:
+            logger.info("train.chunked_lm_head: the losses use full (batch, response, vocabulary) logits: %s", why)
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the losses take hidden states + LM heads (the `*_hidden` forwards)."""
+        return self.student_head is not None
 
     # ---------------------------------------------------------------- facts
     @property
@@ -247,6 +291,28 @@ class TrainingContext:
         """(B, R, V) logits of the plain teacher, no grad."""
         with self.phase("teacher_fwd_base"), torch.no_grad():
             return self.response_logits(self.teacher, batch)
+
+    def student_hidden(self, batch: SequenceBatch) -> HiddenStates:
+        """(B, R, H) student hidden states with grad, through the (DDP-wrapped) training
+        student, and its head: `student_logits` without the logits (chunked only)."""
+        with self.phase("student_fwd"), self.autocast():
+            return HiddenStates.of(self.student, batch, self.student_head)
+
+    def student_target_hidden(self, batch: SequenceBatch) -> HiddenStates:
+        """`student_target_logits` as hidden states: eval mode (no dropout), no grad."""
+        model = self.student_module
+        was_training = model.training
+        model.eval()
+        try:
+            with self.phase("student_fwd"), torch.no_grad(), self.gathered_student(), self.autocast():
+                return HiddenStates.of(model, batch, self.student_head)
+        finally:
+            model.train(was_training)
+
+    def teacher_hidden(self, batch: SequenceBatch) -> HiddenStates:
+        """`teacher_logits` as hidden states: the plain teacher, no grad."""
+        with self.phase("teacher_fwd_base"), torch.no_grad(), self.autocast():
+            return HiddenStates.of(self.teacher, batch, self.teacher_head)
 
     # ---------------------------------------------------------------- normalisation and backward
     def global_token_count(self, batches: Sequence[SequenceBatch]) -> float:

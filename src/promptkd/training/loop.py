@@ -42,6 +42,7 @@ from promptkd.config import (
 from promptkd.data.dataset import build_examples
 from promptkd.data.records import records_from
 from promptkd.errors import NonFiniteError, TrainingInterrupted, UserError
+from promptkd.head_losses import head_cross_entropy
 from promptkd.losses import set_fused
 from promptkd.methods import get_method_class
 from promptkd.methods.base import StepResult, response_mask
@@ -628,12 +629,17 @@ class Trainer:
         total, count = 0.0, 0.0
         for chunk, indices in self._dev_shards():
             batch = self.ctx.collate(chunk)
-            logits = self.ctx.student_target_logits(batch).float()  # eval mode, no grad
+            # eval mode, no grad: (B, R, H) hidden states when chunked, else (B, R, V) logits
+            outputs = self.ctx.student_target_hidden(batch) if self.ctx.chunked else self.ctx.student_target_logits(batch)
             if indices is None:  # a filler batch that keeps the processes in step
                 continue
             mask = response_mask(batch)
             targets = batch.input_ids[:, batch.prompt_length :]
-            nll = torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
+            if self.ctx.chunked:
+                with outputs.head_autocast():
+                    nll = head_cross_entropy(outputs.hidden, outputs.head, targets, mask, reduction="sum")
+            else:
+                nll = torch.nn.functional.cross_entropy(outputs.float()[mask], targets[mask], reduction="sum")
             total += float(nll)
             count += float(mask.sum())
         return self.ctx.reduce_sum(total) / max(self.ctx.reduce_sum(count), 1.0)
