@@ -1034,34 +1034,30 @@ def build_report(study_dir: Path, s: dict, scale: str, *, n_boot: int | None = N
               f"min); {len(sittings)} sitting(s), {sum(x.get('wall_s', 0.0) for x in sittings) / 60:.0f} min of "
               "sitting wall clock in all.", ""]
     if sittings:
-        lines += ["| sitting | started | host | code | wall (min) | cells finished | failed | command |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for i, x in enumerate(sittings, 1):
-            lines.append(f"| {i} | {x.get('started', '')} | {x.get('host', '')} | {x.get('code', '')} | "
-                         f"{x.get('wall_s', 0) / 60:.1f} | {len(x.get('finished', []))} | {len(x.get('failed', []))} | "
-                         f"`{x.get('command', '')}` |")
+        lines += table_head(["sitting", "started", "host", "code", "wall (min)", "cells finished", "failed", "command"])
+        lines += [table_row([i, x.get("started", ""), x.get("host", ""), x.get("code", ""),
+                             f"{x.get('wall_s', 0) / 60:.1f}", len(x.get("finished", [])), len(x.get("failed", [])),
+                             f"`{x.get('command', '')}`"]) for i, x in enumerate(sittings, 1)]
         lines.append("")
     # setup
     lines += ["## Setup", ""] + [f"- {x}" for x in setup_lines(s, init)] + [""]
     # results
-    sets_here = SETS
-    lines += ["## ROUGE-L by method (mean ± sample std over training seeds)", "",
-              "| method | seeds | " + " | ".join(SET_TITLES[x] for x in sets_here) + " | average | dev loss | "
-              "trained tokens / step |", "|---" * (len(sets_here) + 5) + "|"]
+    lines += ["## ROUGE-L by method (mean ± sample std over training seeds)", ""]
+    lines += table_head(["method", "seeds", *(SET_TITLES[x] for x in SETS), "average", "dev loss",
+                         "trained tokens / step"])
     stats = {}
     for name in [n for n in labels if n in by_label]:
         recs = list(by_label[name].values())
-        row = {x: mean_std([r["scores"][x] for r in recs]) for x in sets_here}
+        row = {x: mean_std([r["scores"][x] for r in recs]) for x in SETS}
         row["average"] = mean_std([r["average"] for r in recs])
         stats[name] = row
         dl = [r["dev_loss"] for r in recs if r.get("dev_loss") is not None]
         tt = [r["trained_tokens_per_step"] for r in recs if r.get("trained_tokens_per_step")]
         if name == "Init" and init.get("dev_loss") is not None:
             dl = [init["dev_loss"]]
-        cells_txt = [f"{m:.2f} ± {sd:.2f}" for m, sd in (row[x] for x in sets_here + ["average"])]
-        lines.append(f"| {name} | {len(recs)}/{planned_seeds(s, name)} | " + " | ".join(cells_txt) + " | "
-                     + (f"{statistics.fmean(dl):.3f}" if dl else "") + " | "
-                     + (f"{statistics.fmean(tt):.0f}" if tt else "") + " |")
+        lines.append(table_row([name, f"{len(recs)}/{planned_seeds(s, name)}",
+                                *(f"{m:.2f} ± {sd:.2f}" for m, sd in (row[x] for x in SETS + ["average"])),
+                                f"{statistics.fmean(dl):.3f}" if dl else "", f"{statistics.fmean(tt):.0f}" if tt else ""]))
     lines += ["", "std: sample standard deviation (ddof 1) over training seeds; the average is the mean over the four "
               "sets. Init and Teacher have no training seed (one evaluation). Dev loss: token cross-entropy of "
               f"{s['dev_examples']} Dolly dev references at the end of training. Trained tokens / step: response "
@@ -1090,34 +1086,34 @@ def build_report(study_dir: Path, s: dict, scale: str, *, n_boot: int | None = N
         if primary:
             planned = min(planned_seeds(s, a), planned_seeds(s, b))
             lines.append(f"- PromptKD vs {b}: " + verdict(a, b, results[(a, b)], planned))
-    lines += ["", "| A | B | pairs | A - B | 95% CI (prompts) | two-level CI (seeds + prompts) | per seed | resolved |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", *table_head(["A", "B", "pairs", "A - B", "95% CI (prompts)", "two-level CI (seeds + prompts)",
+                               "per seed", "resolved"])]
     for a, b, _ in comparisons:
         r = results[(a, b)]
         if r is None:
             lines.append(f"| {a} | {b} | 0 | | | | | not available |")
             continue
-        lines.append(f"| {a} | {b} | {r['n_pairs']} | {r['estimate']:+.2f} | {r['lo']:+.2f} to {r['hi']:+.2f} | "
-                     f"{r['two_level'][0]:+.2f} to {r['two_level'][1]:+.2f} | "
-                     + ", ".join(f"{x:+.2f}" for x in r["per_seed"]) + " | "
-                     + ("yes" if r["lo"] > 0 or r["hi"] < 0 else "no") + " |")
+        lines.append(table_row([a, b, r["n_pairs"], f"{r['estimate']:+.2f}", f"{r['lo']:+.2f} to {r['hi']:+.2f}",
+                                f"{r['two_level'][0]:+.2f} to {r['two_level'][1]:+.2f}",
+                                ", ".join(f"{x:+.2f}" for x in r["per_seed"]), "yes" if resolved(r) else "no"]))
     lines.append("")
     # drift study
     lines += drift_section(s, labels, by_label, stats, results)
     # exposure bias
     lines += exposure_section(s, labels, by_label, init)
     # per-cell table
-    lines += ["## Cells", "", "| cell | " + " | ".join(SET_TITLES[x] for x in SETS) + " | average | dev loss | "
-              "trained tokens | wall (min) | code | init hash | status |", "|---" * (len(SETS) + 8) + "|"]
+    lines += ["## Cells", ""]
+    lines += table_head(["cell", *(SET_TITLES[x] for x in SETS), "average", "dev loss", "trained tokens",
+                         "wall (min)", "code", "init hash", "status"])
     for c in sorted(cells, key=lambda c: (expected.index(c) if c in expected else 10**6, c)):
         r = cells[c]
         sc = r.get("scores", {})
-        lines.append(f"| {c} | " + " | ".join(f"{sc[x]:.2f}" if x in sc else "" for x in SETS)
-                     + f" | {r.get('average', float('nan')):.2f} | "
-                     + (f"{r['dev_loss']:.3f}" if r.get("dev_loss") is not None else "") + " | "
-                     + (f"{r['trained_tokens']:.0f}" if r.get("trained_tokens") else "") + " | "
-                     + f"{r.get('wall_s', 0) / 60:.1f} | {r.get('code', '')} | {str(r.get('init_hash', ''))[:12]} | "
-                     f"{status[c]} |")
+        lines.append(table_row([c, *(f"{sc[x]:.2f}" if x in sc else "" for x in SETS),
+                                f"{r.get('average', float('nan')):.2f}",
+                                f"{r['dev_loss']:.3f}" if r.get("dev_loss") is not None else "",
+                                f"{r['trained_tokens']:.0f}" if r.get("trained_tokens") else "",
+                                f"{r.get('wall_s', 0) / 60:.1f}", r.get("code", ""), str(r.get("init_hash", ""))[:12],
+                                status[c]]))
     lines.append("")
     # plots
     plots = make_plots(study_dir, s, labels, by_label, results, comparisons, init)
@@ -1130,6 +1126,41 @@ def build_report(study_dir: Path, s: dict, scale: str, *, n_boot: int | None = N
                "paired": {f"{a} - {b}": results[(a, b)] for a, b, _ in comparisons}}
     atomic_write_json(study_dir / "summary.json", summary)
     return out
+
+
+def table_row(cells) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def table_head(columns: list[str]) -> list[str]:
+    """A Markdown table's header row and separator."""
+    return [table_row(columns), "|---" * len(columns) + "|"]
+
+
+def resolved(r: dict) -> bool:
+    """A paired difference is resolved when its 95% interval excludes 0."""
+    return r["lo"] > 0 or r["hi"] < 0
+
+
+def drift_labels(labels: dict[str, Label]) -> list[str]:
+    """PromptKD and its prompt-LR / guard variants: the drift study's rows and curves."""
+    return [TARGET] + [k for k, v in labels.items() if v.group == "drift"]
+
+
+def exposure_labels(labels: dict[str, Label]) -> list[str]:
+    """The methods whose ExAccErr is measured through training."""
+    return [k for k, v in labels.items() if v.exposure_bias]
+
+
+def exaccerr_at(recs: list[dict], step: int, init: dict) -> list[float]:
+    """ExAccErr at the longest length after `step` optimizer steps, one value per cell that has
+    it (step 0: the shared init's)."""
+    if step == 0:
+        e0 = init.get("exaccerr_step0")
+        return [e0[-1]] if e0 and e0[-1] is not None else []
+    return [r["exaccerr"][str(step)][-1] for r in recs
+            if str(step) in r.get("exaccerr", {}) and r["exaccerr"][str(step)][-1] is not None]
 
 
 def paired(a: dict[int, dict], b: dict[int, dict], n_boot: int) -> dict | None:
@@ -1179,7 +1210,7 @@ def setup_lines(s: dict, init: dict) -> list[str]:
         "in proportion)" + (f"; ONLY the first {lim} records of each set (smoke)" if lim else "") + ". UnNI is not "
         "available offline and is not evaluated.",
         f"ExAccErr(l) against the teacher at steps 0 (the init), {', '.join(map(str, eb_steps(s)))} for "
-        + ", ".join(k for k, v in study_labels(s).items() if v.exposure_bias)
+        + ", ".join(exposure_labels(study_labels(s)))
         + f": {s['eb_prompts']} Dolly test prompts x {s['eb_samples']} sample(s), up to {s['max_new_tokens']} tokens.",
         f"Prompt-LR / guard grid: PromptKD at the reference prompt LR (= student LR {s['lr']}) and at "
         f"{', '.join(fmt_lr(x) for x in s['raised_prompt_lrs'])}, each without and with the guard promptkd.max_drift "
@@ -1220,15 +1251,14 @@ def _mean_curve(recs: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def drift_section(s, labels, by_label, stats, results) -> list[str]:
-    names = ["PromptKD"] + [k for k, v in labels.items() if v.group == "drift"]
     lines = ["## Prompt learning rate and the drift guard", "",
              "prompt/drift = KL(p_TP || p_T) (the prompted teacher's distance from the teacher), "
              "prompt/kl_to_student = KL(p_TP || p_S), both token means from metrics.jsonl, averaged over seeds. "
              "Collapse: kl_to_student < drift at the end (the prompted teacher is closer to the student than to "
              "the teacher).", "",
-             "| variant | prompt LR | guard | seeds | average ROUGE-L | - GKD (95% CI) | drift start -> end | "
-             "kl_to_student start -> end | steps frozen by guard | collapse |", "|---" * 10 + "|"]
-    for n in names:
+             *table_head(["variant", "prompt LR", "guard", "seeds", "average ROUGE-L", "- GKD (95% CI)",
+                          "drift start -> end", "kl_to_student start -> end", "steps frozen by guard", "collapse"])]
+    for n in drift_labels(labels):
         lab = labels[n]
         recs = list(by_label.get(n, {}).values())
         if not recs:
@@ -1242,31 +1272,26 @@ def drift_section(s, labels, by_label, stats, results) -> list[str]:
         _, kl = _mean_curve(recs, "prompt/kl_to_student")
         frozen = [sum(v for _, v in rr.get("curves", {}).get("prompt/frozen_by_guard", [])) for rr in recs]
         collapse = bool(dr and kl and kl[-1] < dr[-1])
-        lines.append(f"| {n} | {fmt_lr(lab.prompt_lr) if lab.prompt_lr else 'ref (' + fmt_lr(s['lr']) + ')'} | "
-                     f"{'max_drift ' + str(s['max_drift']) if lab.guard else 'no'} | {len(recs)}/{planned_seeds(s, n)} | "
-                     f"{avg[0]:.2f} ± {avg[1]:.2f} | {g} | "
-                     + (f"{dr[0]:.3f} -> {dr[-1]:.3f}" if dr else "") + " | "
-                     + (f"{kl[0]:.3f} -> {kl[-1]:.3f}" if kl else "") + " | "
-                     + f"{statistics.fmean(frozen):.0f} | {'yes' if collapse else 'no'} |")
+        lines.append(table_row([n, fmt_lr(lab.prompt_lr) if lab.prompt_lr else f"ref ({fmt_lr(s['lr'])})",
+                                f"max_drift {s['max_drift']}" if lab.guard else "no",
+                                f"{len(recs)}/{planned_seeds(s, n)}", f"{avg[0]:.2f} ± {avg[1]:.2f}", g,
+                                f"{dr[0]:.3f} -> {dr[-1]:.3f}" if dr else "",
+                                f"{kl[0]:.3f} -> {kl[-1]:.3f}" if kl else "",
+                                f"{statistics.fmean(frozen):.0f}", "yes" if collapse else "no"]))
     lines += ["", "Drift curves: `drift.png` (below).", ""]
     return lines
 
 
 def exposure_section(s, labels, by_label, init) -> list[str]:
-    names = [k for k, v in labels.items() if v.exposure_bias]
     steps = [0] + eb_steps(s)
     L = s["max_new_tokens"]
     lines = [f"## Exposure bias through training: ExAccErr({L}) % (mean over seeds)", "",
-             "| method | " + " | ".join(f"step {x}" for x in steps) + " |", "|---" * (len(steps) + 1) + "|"]
-    e0 = init.get("exaccerr_step0")
-    for n in names:
+             *table_head(["method", *(f"step {x}" for x in steps)])]
+    for n in exposure_labels(labels):
         recs = list(by_label.get(n, {}).values())
-        vals = [f"{e0[-1]:.1f}" if e0 and e0[-1] is not None else ""]
-        for st in steps[1:]:
-            xs = [r["exaccerr"][str(st)][-1] for r in recs if str(st) in r.get("exaccerr", {})
-                  and r["exaccerr"][str(st)][-1] is not None]
-            vals.append(f"{statistics.fmean(xs):.1f}" if xs else "")
-        lines.append(f"| {n} ({len(recs)} seed{'s' if len(recs) != 1 else ''}) | " + " | ".join(vals) + " |")
+        vals = [exaccerr_at(recs, st, init) for st in steps]
+        lines.append(table_row([f"{n} ({len(recs)} seed{'s' if len(recs) != 1 else ''})",
+                                *(f"{statistics.fmean(xs):.1f}" if xs else "" for xs in vals)]))
     lines += ["", f"Step 0 is the shared init. {s['eb_prompts']} Dolly test prompts x {s['eb_samples']} sample(s) "
               "per model and checkpoint; ended responses contribute 0 (promptkd.evaluation.exposure_bias).", ""]
     return lines
@@ -1279,6 +1304,16 @@ def make_plots(study_dir, s, labels, by_label, results, comparisons, init) -> di
     import matplotlib.pyplot as plt
 
     plots = {}
+
+    def save(fig, key: str, name: str, axes=()) -> None:
+        for a in axes:
+            if a.get_legend_handles_labels()[0]:
+                a.legend(fontsize=7)
+        fig.tight_layout()
+        plots[key] = study_dir / name
+        fig.savefig(plots[key], dpi=110)
+        plt.close(fig)
+
     # training curves
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4))
     for n in [k for k, v in labels.items() if v.group in ("core", "other")]:
@@ -1296,44 +1331,30 @@ def make_plots(study_dir, s, labels, by_label, results, comparisons, init) -> di
     a1.set(xlabel="optimizer step", ylabel="own training loss (mean over seeds, moving average)",
            title="Training loss (each method's objective)")
     a2.set(xlabel="optimizer step", ylabel="dev token loss", title="Dev loss (reference responses)")
-    for a in (a1, a2):
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
-    fig.tight_layout()
-    plots["training curves"] = study_dir / "training_curves.png"
-    fig.savefig(plots["training curves"], dpi=110)
-    plt.close(fig)
+    save(fig, "training curves", "training_curves.png", (a1, a2))
     # forest plot of the paired differences
     rows = [(a, b) for a, b, _ in comparisons if results.get((a, b))]
     fig, ax = plt.subplots(figsize=(7.5, 0.35 * max(len(rows), 3) + 1.2))
     for i, (a, b) in enumerate(rows):
         r = results[(a, b)]
-        resolved = r["lo"] > 0 or r["hi"] < 0
         ax.errorbar([r["estimate"]], [i], xerr=[[r["estimate"] - r["lo"]], [r["hi"] - r["estimate"]]], fmt="o",
-                    color="C3" if resolved else "C0", capsize=3)
+                    color="C3" if resolved(r) else "C0", capsize=3)
         ax.plot(r["per_seed"], [i] * len(r["per_seed"]), "x", color="grey", ms=4)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), [f"{a} - {b}" for a, b in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set(xlabel="paired difference in average ROUGE-L (95% prompt-bootstrap CI; x = per seed)",
            title="Paired differences (red: resolved)")
-    fig.tight_layout()
-    plots["paired differences"] = study_dir / "paired_differences.png"
-    fig.savefig(plots["paired differences"], dpi=110)
-    plt.close(fig)
+    save(fig, "paired differences", "paired_differences.png")
     # ExAccErr over training
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4))
     steps = [0] + eb_steps(s)
     e0 = init.get("exaccerr_step0")
-    for n in [k for k, v in labels.items() if v.exposure_bias]:
+    for n in exposure_labels(labels):
         recs = list(by_label.get(n, {}).values())
         xs, ys, lo, hi = [], [], [], []
         for st in steps:
-            if st == 0:
-                vals = [e0[-1]] if e0 and e0[-1] is not None else []
-            else:
-                vals = [r["exaccerr"][str(st)][-1] for r in recs if str(st) in r.get("exaccerr", {})
-                        and r["exaccerr"][str(st)][-1] is not None]
+            vals = exaccerr_at(recs, st, init)
             if vals:
                 xs.append(st)
                 ys.append(statistics.fmean(vals))
@@ -1353,15 +1374,10 @@ def make_plots(study_dir, s, labels, by_label, results, comparisons, init) -> di
     a2.set(xlabel="generation length l", ylabel="ExAccErr(l) %", title="ExAccErr(l) at the end of training")
     for a in (a1, a2):
         a.axhline(0, color="grey", lw=0.6, ls=":")
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
-    fig.tight_layout()
-    plots["exposure bias through training"] = study_dir / "exposure_bias.png"
-    fig.savefig(plots["exposure bias through training"], dpi=110)
-    plt.close(fig)
+    save(fig, "exposure bias through training", "exposure_bias.png", (a1, a2))
     # drift curves
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4))
-    for n in ["PromptKD"] + [k for k, v in labels.items() if v.group == "drift"]:
+    for n in drift_labels(labels):
         recs = list(by_label.get(n, {}).values())
         for ax, key in ((a1, "prompt/drift"), (a2, "prompt/kl_to_student")):
             x, y = _mean_curve(recs, key)
@@ -1370,13 +1386,7 @@ def make_plots(study_dir, s, labels, by_label, results, comparisons, init) -> di
     a1.axhline(s["max_drift"], color="grey", lw=0.8, ls=":", label=f"max_drift {s['max_drift']}")
     a1.set(xlabel="optimizer step", ylabel="KL(p_TP || p_T)", title="Drift from the teacher (prompt/drift)")
     a2.set(xlabel="optimizer step", ylabel="KL(p_TP || p_S)", title="Distance to the student (prompt/kl_to_student)")
-    for a in (a1, a2):
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
-    fig.tight_layout()
-    plots["drift curves"] = study_dir / "drift.png"
-    fig.savefig(plots["drift curves"], dpi=110)
-    plt.close(fig)
+    save(fig, "drift curves", "drift.png", (a1, a2))
     return plots
 
 

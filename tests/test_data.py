@@ -19,7 +19,9 @@ from promptkd.data import (
     collate_prompts,
     collate_sequences,
     format_prompt,
+    global_batch,
     load_records,
+    local_micro_batches,
     read_jsonl_records,
 )
 from promptkd.errors import UserError
@@ -576,3 +578,31 @@ def test_real_data_counts():
     )
     # byte-level tokens are much longer than GPT-2's: some prompts exceed 256 and are dropped
     assert stats.num_kept + stats.num_dropped_long_prompt == 200 and stats.num_kept > 0
+
+
+# ----------------------------------------------------------------------------- the global batch order
+
+
+def test_local_micro_batches_take_micro_batch_then_process_slots():
+    items = list(range(12))  # 2 processes x micro-batches of 2, 1 and 3
+    assert local_micro_batches(items, [2, 1, 3], num_processes=2, process_index=0) == [[0, 1], [4], [6, 7, 8]]
+    assert local_micro_batches(items, [2, 1, 3], num_processes=2, process_index=1) == [[2, 3], [5], [9, 10, 11]]
+    # equal sizes: micro-batch m of rank r holds global slots (m * world + r) * size ...
+    items = list(range(24))
+    for r in range(3):
+        got = local_micro_batches(items, [2] * 4, num_processes=3, process_index=r)
+        assert got == [items[(m * 3 + r) * 2 :][:2] for m in range(4)]
+
+
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=4), st.integers(1, 4))
+@settings(max_examples=50, deadline=None)
+def test_global_batch_joins_every_process_share_back_in_order(sizes, world):
+    items = list(range(world * sum(sizes)))
+    shares = [local_micro_batches(items, sizes, num_processes=world, process_index=r) for r in range(world)]
+    assert global_batch(shares) == items
+    assert all([len(mb) for mb in share] == sizes for share in shares)
+
+
+def test_local_micro_batches_reject_a_batch_of_another_length():
+    with pytest.raises(ValueError, match="5 items for 2 processes"):
+        local_micro_batches(list(range(5)), [1, 2], num_processes=2, process_index=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 
 import pytest
 import torch
@@ -462,3 +463,44 @@ def test_fresh_step_trains_on_the_samples_and_reports_them_generated():
     ref = reference_loss(student0, ctx.teacher, [b], cfg, ctx.vocab_size)
     assert result.metrics["student/loss"] == pytest.approx(ref["loss"], rel=1e-4)
     assert result.generated_tokens == result.trained_tokens == num_tokens([b]) == 9
+
+
+# ---------------------------------------------------------------------------- through the Trainer
+
+
+def test_phi_check_and_the_evaluation_of_the_same_step_share_one_dev_pass(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    """adapt_every 1 with train.eval_every 1: the phi check after each step (ctx.dev_loss) and the
+    trainer's evaluation of that step see the same student, so one pass over the dev set serves
+    both (one more before training: the reference loss); outside train() nothing is reused."""
+    from promptkd.training.loop import Trainer
+
+    teacher, student = tiny_pair_dirs
+    steps = 3
+    cfg = config_from_dict({
+        "method": "distillm",
+        "model": {"teacher": str(teacher), "student": str(student)},
+        "data": {"train": str(tiny_jsonl), "dev": str(tiny_jsonl), "max_dev_examples": 4},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": steps, "batch_size": 2, "seed": 5,
+                  "warmup_steps": 0, "eval_every": 1, "eval_metric": "loss"},
+        "sampling": {"max_new_tokens": 4},
+        "distillm": {"initial_student_prob": 0.5, "adapt_every": 1, "loss_eps": 10.0},
+    })
+    trainer = Trainer(cfg, show_progress=False).setup()
+    passes = []
+    dev_pass = trainer._dev_pass_loss
+
+    def counted() -> float:
+        passes.append(trainer.ctx.updates_applied)
+        return dev_pass()
+
+    trainer._dev_pass_loss = counted
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert passes == [0, 1, 2, 3]  # the reference loss, then one pass per step (two before)
+    for r in records:
+        assert r["dev/loss"] == r["distillm/dev_loss"]
+    assert len({r["dev/loss"] for r in records}) == steps  # each step's own student
+    # the memo lives inside train(): a later evaluation runs the dev set and agrees
+    assert trainer.evaluate()["dev/loss"] == pytest.approx(records[-1]["dev/loss"], rel=1e-6)
+    assert passes == [0, 1, 2, 3, 3]

@@ -727,3 +727,52 @@ def test_lm_term_is_off_by_default():
     assert "minillm/lm" not in result.metrics and len(ctx.batches) == 1
     assert result.metrics["student/loss"] == pytest.approx(
         result.metrics["minillm/pg"] + result.metrics["minillm/single_step"], rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- 7. one student forward per rollout
+
+
+REUSE_CASES = {
+    "defaults": {},
+    "no-single-step": {"single_step_reg": False},
+    "lm-term": {"lm_coef": 0.5, "lm_kd_ratio": 0.3, "lm_data": LM_EXAMPLES},
+}
+
+
+@pytest.mark.parametrize("case", list(REUSE_CASES), ids=list(REUSE_CASES))
+def test_one_micro_batch_rollout_step_runs_the_student_once_with_the_same_update(case, monkeypatch):
+    """One micro-batch: the rollout step's student forward with grad gives both lq and the
+    update's logits. One student forward on the rollouts instead of two (the LM term's own
+    forward aside), and the parameters after a phase equal those of the two-forward path."""
+    runs = {}
+    for reuse in (True, False):
+        cfg = make_cfg(ppo_epochs=2, teacher_mix_alpha=0.2, **REUSE_CASES[case])
+        ctx = make_ctx(sampler=fake_sampler)  # no generation: every student forward scores or trains
+        method = MiniLLM(cfg)
+        method.setup(ctx)
+        if not reuse:  # the path of several micro-batches: a no-grad scoring forward, then the update's
+            monkeypatch.setattr(method, "reuses_rollout_forwards", lambda micro_batches: False)
+        forwards = []
+        ctx.student_module.register_forward_hook(lambda *args, seen=forwards: seen.append(1))
+        student0 = copy.deepcopy(ctx.student_module)
+        counts, metrics = [], []
+        for step in range(2):  # a fresh rollout step, then a step on the same rollouts
+            ctx.step = step
+            ctx.batches.clear()
+            forwards.clear()
+            metrics.append(method.step(ctx, [EXAMPLES[:3]]).metrics)
+            counts.append(len(forwards))
+            if step == 0 and reuse:  # the shared forward's gradient is the formulas' gradient
+                rollout, lm_batches = ctx.batches[:1], ctx.batches[1:]
+                ref = reference_step(student0, student0, ctx.teacher, rollout, cfg.minillm, ctx.vocab_size,
+                                     lm_batches)
+                assert metrics[0]["student/loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-6)
+                assert_grads_close(ctx.grads["student"], ref["grads"])
+        runs[reuse] = (counts, metrics, [p.detach().clone() for p in ctx.student_module.parameters()])
+    lm = 1 if "lm_coef" in REUSE_CASES[case] else 0
+    assert runs[True][0] == [1 + lm, 1 + lm]  # rollout step: one forward on the rollouts
+    assert runs[False][0] == [2 + lm, 1 + lm]
+    for got, want in zip(runs[True][1], runs[False][1], strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+    for got, want in zip(runs[True][2], runs[False][2], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

@@ -32,6 +32,7 @@ import torch
 
 from promptkd.data.batch import SequenceBatch
 from promptkd.data.dataset import Example
+from promptkd.data.order import global_batch, local_micro_batches
 from promptkd.methods.base import (
     Method,
     StepContext,
@@ -111,27 +112,20 @@ class DistiLLM(Method):
 
     def push(self, ctx: StepContext, batches: list[SequenceBatch]) -> None:
         """Add every process's samples in global batch order (micro-batch, then process)."""
-        local = [batch_to_pairs(b) for b in batches]
-        gathered = ctx.gather_object(local)  # [process][micro-batch] -> pairs
-        for m in range(len(local)):
-            for proc in gathered:
-                self.buffer.extend(proc[m])
+        gathered = ctx.gather_object([batch_to_pairs(b) for b in batches])  # [process][micro-batch] -> pairs
+        self.buffer.extend(global_batch(gathered))
         del self.buffer[: max(0, len(self.buffer) - self.cfg.distillm.capacity)]
 
     def replay(self, ctx: StepContext, step: int, micro_batches: list[list]) -> list[SequenceBatch]:
         """This process's share of a global batch drawn from the buffer (same layout as the data)."""
-        world, sizes = ctx.num_processes, [len(mb) for mb in micro_batches]
-        total = world * sum(sizes)
+        sizes = [len(mb) for mb in micro_batches]
+        total = ctx.num_processes * sum(sizes)
         g = self.draw(step, 1)
         n = len(self.buffer)
         idx = torch.randperm(n, generator=g)[:total] if n >= total else torch.randint(n, (total,), generator=g)
-        out, start = [], 0
-        for size in sizes:
-            mine = idx[start + ctx.process_index * size : start + (ctx.process_index + 1) * size].tolist()
-            start += world * size
-            examples = [Example(prompt_ids=self.buffer[i][0], response_ids=self.buffer[i][1], references=[]) for i in mine]
-            out.append(ctx.collate(examples))
-        return out
+        mine = local_micro_batches(idx.tolist(), sizes, num_processes=ctx.num_processes, process_index=ctx.process_index)
+        return [ctx.collate([Example(prompt_ids=self.buffer[i][0], response_ids=self.buffer[i][1], references=[])
+                             for i in rows]) for rows in mine]
 
     def maybe_adapt(self, ctx: StepContext, metrics: dict) -> None:
         """The dev-loss check after a step: once per epoch, or every adapt_every steps."""

@@ -21,7 +21,10 @@ One rollout phase every `minillm.ppo_epochs` optimizer steps (docs/method.md, se
        L_lm    = (1 - r) CE + r KL(p_T || p_S) on minillm.lm_data   (lm_coef; off by default)
        loss    = L_pg + L_single + lm_coef L_lm
    Means are over every response token of the step (all micro-batches and processes). The
-   student runs in eval mode throughout (no dropout), as the reference's RL model does.
+   student runs in eval mode throughout (no dropout), as the reference's RL model does, so
+   with one micro-batch a rollout step runs each model once on its rollouts: the student's
+   forward with grad gives lq (detached) and the update's logits, the teacher's gives lp and
+   the single-step term's target (`reuses_rollout_forwards`).
 
 The single-step term's gradient is the analytic gradient of the per-position reverse KL (the
 part of the sequence-level gradient whose expectation over y_t is taken exactly); L_pg carries
@@ -48,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from promptkd.data.batch import SequenceBatch
+from promptkd.data.order import local_micro_batches
 from promptkd.methods.base import Method, StepContext, StepResult, divergence, response_mask
 
 
@@ -143,11 +147,13 @@ class MiniLLM(Method):
     def setup(self, ctx: StepContext) -> None:
         self.ctx = ctx
         self.rollouts: list[Rollout] = []
-        self.fresh_teacher_logits: torch.Tensor | None = None  # the rollout step's, not state
+        # the rollout step's forwards that its update reuses (one micro-batch), not state
+        self.fresh_student_logits: torch.Tensor | None = None
+        self.fresh_teacher_logits: torch.Tensor | None = None
         self.rollout_stats: dict[str, float] = {}
         self.single_step = divergence("reverse_kl")
         self.lm_divergence = divergence("forward_kl")
-        self.lm_examples = ctx.load_examples(self.cfg.minillm.lm_data) if self.cfg.minillm.lm_coef > 0 else []
+        self.lm_examples = ctx.load_examples(self.cfg.minillm.lm_data) if self.has_lm_term else []
         self.lm_position = 0  # LM examples consumed, over all processes
 
     # ------------------------------------------------------------------ state
@@ -170,21 +176,37 @@ class MiniLLM(Method):
         self.rollout_stats = local["stats"]
 
     # ------------------------------------------------------------------ rollouts
+    def reuses_rollout_forwards(self, micro_batches: list[list]) -> bool:
+        """Whether the rollout step's update reuses the forwards that scored its rollouts: one
+        student forward with grad (its detached values are lq) and the teacher's logits.
+
+        Exact: the student runs in eval mode (no dropout) throughout the step and does not change
+        between scoring and update, on the same batch. Only with one micro-batch: with several,
+        every micro-batch's logits (and the student's graph) would be held until its update.
+        """
+        return len(micro_batches) == 1
+
     @torch.no_grad()
     def collect(self, ctx: StepContext, micro_batches: list[list]) -> list[Rollout]:
         c = self.cfg.minillm
+        reuse = self.reuses_rollout_forwards(micro_batches)
         pieces, reward_sum, weight_sum = [], 0.0, 0.0
         for mb in micro_batches:
             batch = ctx.sample(mb, teacher_mix=c.teacher_mix_alpha)
             mask = response_mask(batch)  # (B, R)
             targets = batch.input_ids[:, batch.prompt_length :]  # (B, R)
-            lq = token_logprobs(ctx.student_target_logits(batch), targets) * mask  # (B, R)
+            if reuse:
+                # the update's forward, run now; the LM term's micro-batches come after it
+                with torch.enable_grad(), ctx.accumulate(is_last=not self.has_lm_term):
+                    self.fresh_student_logits = ctx.student_logits(batch)  # (B, R, V), with grad
+                student_logits = self.fresh_student_logits.detach()
+            else:
+                student_logits = ctx.student_target_logits(batch)  # (B, R, V), eval mode, no grad
+            lq = token_logprobs(student_logits, targets) * mask  # (B, R)
             teacher = ctx.teacher_logits(batch)  # (B, R, V)
             lp = token_logprobs(teacher, targets) * mask  # (B, R)
-            # one micro-batch: this step's single-step term reuses these logits (same teacher,
-            # same batch); with several, holding them all would cost more memory than a forward
-            self.fresh_teacher_logits = teacher if len(micro_batches) == 1 and c.single_step_reg else None
-            del teacher
+            self.fresh_teacher_logits = teacher if reuse and c.single_step_reg else None
+            del student_logits, teacher
             w = torch.where(mask, importance_weights(lq, lp, c.teacher_mix_alpha), 1.0)
             r = rewards(lq, lp, mask, scaling=c.reward_scaling, clip=c.cliprange_reward)
             g = returns(r, mask, gamma=c.gamma, include_current=c.include_current_reward, length_norm=c.length_norm)
@@ -206,19 +228,17 @@ class MiniLLM(Method):
         return out
 
     # ------------------------------------------------------------------ the LM term's data
+    @property
+    def has_lm_term(self) -> bool:
+        return self.cfg.minillm.lm_coef > 0
+
     def lm_micro_batches(self, ctx: StepContext, sizes: list[int]) -> list[list]:
-        """This process's LM micro-batches, laid out like the training data (global order)."""
-        n, world = len(self.lm_examples), ctx.num_processes
-        out = []
-        for size in sizes:
-            rows = []
-            for r in range(world):
-                idx = [(self.lm_position + j) % n for j in range(r * size, (r + 1) * size)]
-                if r == ctx.process_index:
-                    rows = [self.lm_examples[i] for i in idx]
-            self.lm_position += world * size
-            out.append(rows)
-        return out
+        """This process's LM micro-batches: the next examples (cycling), laid out like the
+        training data (promptkd.data.order)."""
+        n, total = len(self.lm_examples), ctx.num_processes * sum(sizes)
+        examples = [self.lm_examples[(self.lm_position + j) % n] for j in range(total)]
+        self.lm_position += total
+        return local_micro_batches(examples, sizes, num_processes=ctx.num_processes, process_index=ctx.process_index)
 
     # ------------------------------------------------------------------ the step
     def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
@@ -240,7 +260,7 @@ class MiniLLM(Method):
         global_tokens = ctx.global_token_count(batches)
         scale = ctx.loss_scale(global_tokens)
         lm_batches = []
-        if c.lm_coef > 0:
+        if self.has_lm_term:
             lm_batches = [ctx.collate(mb) for mb in self.lm_micro_batches(ctx, [len(mb) for mb in micro_batches])]
         pg_sum = single_sum = clipped = 0.0
         for i, ro in enumerate(self.rollouts):
@@ -248,7 +268,10 @@ class MiniLLM(Method):
             with ctx.accumulate(is_last=last):
                 mask = response_mask(ro.batch)
                 targets = ro.batch.input_ids[:, ro.batch.prompt_length :]
-                logits = ctx.student_logits(ro.batch)  # (B, R, V), with grad
+                # (B, R, V), with grad: the rollout forward's when collect ran it with grad
+                logits = self.fresh_student_logits if fresh and self.fresh_student_logits is not None \
+                    else ctx.student_logits(ro.batch)
+                self.fresh_student_logits = None
                 teacher = None  # (B, R, V), no grad
                 if c.single_step_reg:
                     teacher = self.fresh_teacher_logits if fresh and self.fresh_teacher_logits is not None \

@@ -133,6 +133,7 @@ class TrainingContext:
         self.dev_loss_fn: Callable[[], float | None] | None = None  # set by the trainer
         self.examples_fn: Callable[[str], list] | None = None  # set by the trainer
         self.param_sets: dict[str, ParameterSet] = {}
+        self.updates_applied = 0  # apply_update calls, any set: the trained state's version
         self._clock = None
         if on_phase is not None:
             device = accelerator.device
@@ -353,7 +354,8 @@ class TrainingContext:
 
     def dev_loss(self) -> float | None:
         """The student's token-mean CE on the dev responses (data.dev), reduced over processes;
-        None without dev data. Every process must call it."""
+        None without dev data. Every process must call it. While training, the trainer runs the
+        dev set once per student state: its own evaluation of the same step reuses the value."""
         return self.dev_loss_fn() if self.dev_loss_fn is not None else None
 
     def load_examples(self, source: str) -> list:
@@ -405,6 +407,7 @@ class TrainingContext:
         non-finite loss is a failure with or without a scaler (`train.nonfinite`).
         """
         ps = self.param_sets[name]
+        self.updates_applied += 1
         with self.phase("optimizer"):
             return self._apply_update(ps, loss_value)
 

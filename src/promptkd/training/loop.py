@@ -17,6 +17,7 @@ Evaluation, logging, checkpointing and signal handling happen here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ from promptkd.config import (
     validate_config,
 )
 from promptkd.data.dataset import build_examples
+from promptkd.data.order import local_micro_batches
 from promptkd.data.records import records_from
 from promptkd.errors import NonFiniteError, TrainingInterrupted, UserError
 from promptkd.head_losses import head_cross_entropy
@@ -95,12 +97,13 @@ class DataOrder:
     def micro_batches(self, batch_size: int, accumulation: int, world: int, rank: int) -> list[list[int]]:
         """Example indices of process `rank`'s micro-batches for the next optimizer step.
 
-        The step takes batch_size x accumulation x world examples; micro-batch m of rank r holds
-        global slots (m * world + r) * batch_size ..., so step k trains on the same examples for
-        any split of the same global batch, and the position is global (resumable anywhere).
+        The step takes batch_size x accumulation x world examples in the global batch order
+        (`promptkd.data.order`): micro-batch m of rank r holds global slots
+        (m * world + r) * batch_size ..., so step k trains on the same examples for any split of
+        the same global batch, and the position is global (resumable anywhere).
         """
         indices = self.take(batch_size * accumulation * world)
-        return [indices[(m * world + rank) * batch_size:][:batch_size] for m in range(accumulation)]
+        return local_micro_batches(indices, [batch_size] * accumulation, num_processes=world, process_index=rank)
 
     def take(self, n: int) -> list[int]:
         out = []
@@ -190,6 +193,8 @@ class Trainer:
         self.best_step: int | None = None
         self.teacher = None
         self._is_setup = False
+        # while training: {ctx.updates_applied: dev loss} of the current student state (_dev_loss)
+        self._dev_loss_memo: dict[int, float] | None = None
 
     @classmethod
     def from_config(cls, source, overrides: list[str] | dict | None = None, **kwargs) -> Trainer:
@@ -626,6 +631,31 @@ class Trainer:
         return {"dev/rougeL": self._dev_rouge()}
 
     def _dev_loss(self) -> float:
+        """The student's token-mean dev CE (eval mode), reduced over processes.
+
+        While `train()` runs, the value of one student state is computed once: DistiLLM's phi
+        check (ctx.dev_loss, after its update) and the evaluation of the same step get it from
+        one pass over the dev set. Inside the loop the student changes only through
+        ctx.apply_update, whose count is the memo's key.
+        """
+        memo, version = self._dev_loss_memo, self.ctx.updates_applied
+        if memo is not None and version in memo:
+            return memo[version]
+        loss = self._dev_pass_loss()
+        if memo is not None:
+            memo.clear()
+            memo[version] = loss
+        return loss
+
+    @contextlib.contextmanager
+    def _dev_loss_memoised(self):
+        self._dev_loss_memo = {}
+        try:
+            yield
+        finally:
+            self._dev_loss_memo = None
+
+    def _dev_pass_loss(self) -> float:
         total, count = 0.0, 0.0
         for chunk, indices in self._dev_shards():
             batch = self.ctx.collate(chunk)
@@ -739,7 +769,8 @@ class Trainer:
         last = {"step": self.step}  # a run resumed at max_steps only re-exports
         self._last_save_time = time.monotonic()
         with _StopSignals() as signals:  # the final save, too, completes before a signal is acted on
-            last = self._train_steps(bar, last, signals)
+            with self._dev_loss_memoised():
+                last = self._train_steps(bar, last, signals)
             bar.close()
             self.save(final=True)
         if cfg.trackers:
