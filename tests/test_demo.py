@@ -1,12 +1,17 @@
-"""The demo's own data and its teacher-agreement measure (the full demo needs the real model)."""
+"""The demo's own data, its teacher-agreement measure and a smoke run on tiny models (the full
+demo needs the real model; nothing here downloads)."""
 
 from __future__ import annotations
 
 import json
 
-from promptkd.demo import teacher_kl
+import pytest
+import yaml
+
+from promptkd.demo import SMOKE_SETTINGS, DemoSettings, prompt_distances, run_demo, teacher_kl
 from promptkd.demo_data import demo_records, write_demo_data
-from promptkd.testing import byte_tokenizer, tiny_llama
+from promptkd.errors import UserError
+from promptkd.testing import byte_tokenizer, save_tiny_pair, tiny_llama
 
 
 def test_demo_data_is_deterministic_and_split_without_overlap(tmp_path):
@@ -31,3 +36,57 @@ def test_teacher_kl_is_zero_for_the_teacher_itself_and_positive_otherwise(tmp_pa
     same = teacher_kl(str(tmp_path / "t"), teacher, tok, evals, max_new_tokens=4)
     diff = teacher_kl(str(tmp_path / "s"), teacher, tok, evals, max_new_tokens=4)
     assert abs(same) < 1e-5 and diff > 1e-3
+    assert teacher_kl(other, teacher, tok, evals, max_new_tokens=4) == diff  # a loaded model works too
+
+
+def test_prompt_distances_reads_first_and_last_steps(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "student/loss": 1.0}] + [
+        {"step": k, "prompt/drift": 0.01 * k, "prompt/kl_to_student": 1.0 / k} for k in range(1, 9)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = prompt_distances(path, window=2)
+    assert (d["first_step"], d["last_step"], d["window"]) == (1, 8, 2)
+    assert d["prompt/drift"]["first"] == 0.01 and d["prompt/drift"]["last"] == 0.08
+    assert abs(d["prompt/kl_to_student"]["last_mean"] - (1 / 7 + 1 / 8) / 2) < 1e-12
+    empty = path.with_name("no_prompt.jsonl")
+    empty.write_text(json.dumps({"step": 1, "student/loss": 1.0}) + "\n")
+    assert prompt_distances(empty) == {}
+
+
+def test_the_demo_runs_end_to_end_on_tiny_models_with_one_budget(tmp_path, capsys):
+    teacher_dir, student_dir = save_tiny_pair(tmp_path / "models")
+    run = tmp_path / "run"
+    table = run_demo(out=str(run), steps=3, settings=SMOKE_SETTINGS, teacher=str(teacher_dir), student=str(student_dir))
+
+    assert (run / "demo_results.md").read_text(encoding="utf-8") == table
+    results = json.loads((run / "demo_results.json").read_text(encoding="utf-8"))
+    rows = results["rows"]
+    assert len(rows) == 2 + 2 + len(SMOKE_SETTINGS.baselines)  # teacher, init, PromptKD, frozen, baselines
+    assert abs(rows[0]["kl_to_teacher"]) < 1e-5 and all(r["kl_to_teacher"] > 0 for r in rows[1:])
+    seeds = {str(s) for s in SMOKE_SETTINGS.seeds}
+    assert all(set(r["rouge_l_vs_teacher"]) == seeds == set(r["rouge_l_vs_references"]) for r in rows)
+    prompt = results["promptkd_prompt"]
+    assert prompt["last_step"] == 3 and {"first", "last"} <= set(prompt["prompt/drift"]) and "prompt/kl_to_student" in prompt
+
+    # every compared run: the same steps, prompts per step, learning rate and response cap
+    budgets = set()
+    for name in ("promptkd", "promptkd-frozen", "seqkd", "kd"):
+        cfg = yaml.safe_load((run / name / "config.yaml").read_text(encoding="utf-8"))
+        t = cfg["train"]
+        budgets.add((t["max_steps"], t["batch_size"], t["gradient_accumulation_steps"], t["learning_rate"], t["seed"],
+                     cfg["sampling"]["max_new_tokens"], cfg["data"]["max_response_length"], cfg["model"]["student"]))
+        assert cfg["promptkd"]["freeze_prompt"] is (name == "promptkd-frozen")
+        assert cfg["promptkd"]["prompt_learning_rate"] is None  # the library's default: the student's LR
+        assert not (run / name / "checkpoints").exists()
+    assert len(budgets) == 1 and next(iter(budgets))[0] == 3
+    assert (run / "eval" / "teacher_responses.jsonl").is_file()
+    assert (run / "eval" / f"predictions_promptkd-frozen_seed{SMOKE_SETTINGS.seeds[0]}.jsonl").is_file()
+
+    out = capsys.readouterr().out
+    assert "demo_results.json" in out and "| stage | seconds |" in out and "drift KL(p_TP ‖ p_T)" in out
+
+
+def test_demo_settings_refuse_an_unknown_baseline():
+    with pytest.raises(UserError, match="minillm"):
+        DemoSettings(baselines=("kd", "minillm"))

@@ -665,10 +665,11 @@ class MakeStudentConfig(ConfigBase):
 
 @dataclass
 class DemoConfig(ConfigBase):
-    """`promptkd demo`: PromptKD end to end on SmolLM2-135M-Instruct (see promptkd.demo)."""
+    """`promptkd demo`: PromptKD beside its frozen-prompt ablation, SeqKD and KD, from one init with one
+    budget, on SmolLM2-135M-Instruct (see promptkd.demo and docs/demo.md)."""
 
     out: str | None = opt(None, "Run directory; null = ~/.cache/promptkd/demo-run.")
-    steps: int | None = opt(None, "PromptKD optimizer steps; null = the demo's own budget.", min=1)
+    steps: int | None = opt(None, "Optimizer steps of each compared run (PromptKD, prompt frozen, SeqKD, KD); null = 40.", min=1)
     cache_dir: str | None = opt(
         None, "Where the model and the derived student are cached; null = ~/.cache/promptkd ($PROMPTKD_CACHE)."
     )
