@@ -275,7 +275,7 @@ def refined_estimates(s: dict, cells: list[tuple[str, int]], done: dict[str, dic
     ratios = []
     for rec in done.values():
         name = rec.get("label")
-        if name in labels and rec.get("wall_s"):
+        if name in labels and rec.get("wall_s") and not rec.get("times_unrecorded"):
             m = rec["wall_s"] / 60
             measured.setdefault(name, []).append(m)
             est = estimate_cell_minutes(s, labels[name])
@@ -804,8 +804,30 @@ def eval_job(s: dict, paths: Paths, model: Path, out: Path):
                       sampling=replace(protocol.sampling, max_new_tokens=s["max_new_tokens"]))
 
 
+STAGES_FILE = "stages.json"  # in a cell's run directory: where and how long each of its stages ran
+
+
+def read_stage_log(run_dir: Path) -> dict:
+    """{stage: {"seconds", "code", "host", "finished"}} of the stages of a cell that completed, in
+    whichever sitting completed them (a cached stage keeps the code and time of the sitting that ran it)."""
+    path = run_dir / STAGES_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def record_stage(run_dir: Path, stage: str, seconds: float, meta: dict) -> None:
+    log = read_stage_log(run_dir)
+    log[stage] = {"seconds": round(seconds, 1), "code": meta["code"], "host": meta["host"],
+                  "finished": _dt.datetime.now().isoformat(timespec="seconds")}
+    atomic_write_json(run_dir / STAGES_FILE, log)
+
+
 def run_cell(s: dict, paths: Paths, label_name: str, seed: int, meta: dict) -> dict:
-    """Worker: train (or resume), evaluate, ExAccErr at checkpoints; write the cell file atomically."""
+    """Worker: train (or resume), evaluate, ExAccErr at checkpoints; write the cell file atomically.
+
+    A stage whose output is already in the cache (an earlier sitting ran it) is not rerun: its
+    time and code revision come from the run directory's stage log, so the cell reports the code
+    its numbers came from and the compute they cost. A stage cached before stage logs existed is
+    listed in "times_unrecorded" (its time is then missing from the totals)."""
     from promptkd.evaluation.exposure_bias import exposure_bias_over_checkpoints
     from promptkd.evaluation.runner import run_evaluation
 
@@ -814,28 +836,32 @@ def run_cell(s: dict, paths: Paths, label_name: str, seed: int, meta: dict) -> d
     cid = cell_id(label_name, seed)
     key = settings_key(s, label, seed)
     run_dir = paths.cache / "runs" / f"{cid}-{key}"
-    times = {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ran_now: dict[str, float] = {}  # stage -> seconds, for the stages this sitting ran
     rec: dict = {"label": label_name, "seed": seed, "method": label.method, "sections": label.sections,
                  "description": label.description, "group": label.group, "settings_key": key,
                  "init_hash": meta["init_hash"], "code": meta["code"], "study": meta["study"],
                  "host": meta["host"], "started": _dt.datetime.now().isoformat(timespec="seconds")}
+    stages = ["eval"]
     if label_name == "Teacher":
         model = paths.teacher
     elif label_name == "Init":
         model = paths.init_model
     else:
+        stages.insert(0, "train")
         seqkd_file = None
         if label.method == "seqkd":
             t = time.perf_counter()
             seqkd_file = paths.cache / "data" / f"seqkd_seed{seed}_{key}.jsonl"
             rec["seqkd_alignment"] = seqkd_data(s, paths, seed, seqkd_file)
-            times["seqkd_data_s"] = time.perf_counter() - t
+            ran_now["seqkd_data"] = time.perf_counter() - t
         cfg = method_config(s, paths, label, seed, seqkd_file)
         t = time.perf_counter()
         model = run_dir / "final" / "student"
         if not (model / "config.json").is_file():
             train_keep_checkpoints(cfg, run_dir)
-        times["train_s"] = time.perf_counter() - t
+            ran_now["train"] = time.perf_counter() - t
+            record_stage(run_dir, "train", ran_now["train"], meta)
         recs = read_metrics(run_dir / "metrics.jsonl")
         rec["steps"] = max((r["step"] for r in recs), default=0)
         rec["train_step_s"] = sum(r.get("step_time", 0.0) for r in recs)  # over every sitting that trained it
@@ -851,7 +877,11 @@ def run_cell(s: dict, paths: Paths, label_name: str, seed: int, meta: dict) -> d
     eval_dir = run_dir / "eval" if label_name not in ("Init", "Teacher") else \
         paths.cache / "eval" / f"{cid}-{key}-{rec['init_hash'][:12] if label_name == 'Init' else 'teacher'}"
     job = eval_job(s, paths, model, eval_dir)
+    eval_cached = (eval_dir / "scores.json").is_file()
     run_evaluation(job, show_progress=False)
+    if not eval_cached:
+        ran_now["eval"] = time.perf_counter() - t
+        record_stage(run_dir, "eval", ran_now["eval"], meta)
     from promptkd.evaluation.runner import deviations as eval_deviations
 
     rec["eval_deviations"] = eval_deviations(job)
@@ -862,8 +892,8 @@ def run_cell(s: dict, paths: Paths, label_name: str, seed: int, meta: dict) -> d
         rec["scores"][name] = round(statistics.fmean(scores), 4)
         rec["prompts_hash"][name] = h
     rec["average"] = round(average_over_sets(rec["scores"], SETS), 4)
-    times["eval_s"] = time.perf_counter() - t
     if label.exposure_bias:
+        stages.append("exposure_bias")
         t = time.perf_counter()
         ckpts = {f"step {n}": run_dir / "checkpoints" / f"step-{n:08d}" for n in eb_steps(s)}
         missing = [str(p) for p in ckpts.values() if not (p / "model.safetensors").is_file()]
@@ -872,17 +902,39 @@ def run_cell(s: dict, paths: Paths, label_name: str, seed: int, meta: dict) -> d
             if missing:
                 raise RuntimeError(f"{cid}: checkpoints for ExAccErr are missing: {missing}")
             exposure_bias_over_checkpoints(ckpts, eb_config(s, paths, run_dir / "eb"))
+            ran_now["exposure_bias"] = time.perf_counter() - t
+            record_stage(run_dir, "exposure_bias", ran_now["exposure_bias"], meta)
         curves = json.loads(eb_file.read_text())["curves"]
         rec["exaccerr"] = {k.split()[1]: [_num(v) for v in c["exaccerr"]] for k, c in curves.items()}
-        times["exposure_bias_s"] = time.perf_counter() - t
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer state: not needed any more
     shutil.rmtree(run_dir / "best", ignore_errors=True)
-    rec["times"] = {k: round(v, 1) for k, v in times.items()}
-    rec["wall_s"] = round(time.perf_counter() - t0, 1)
+    rec.update(cell_provenance(stages, ran_now, read_stage_log(run_dir), meta, time.perf_counter() - t0))
     rec["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     rec["weights"] = str(model)  # in the cache, never in the repository
     atomic_write_json(paths.study_dir / "cells" / f"{cid}.json", rec)
     return rec
+
+
+def cell_provenance(stages: list[str], ran_now: dict[str, float], log: dict, meta: dict, elapsed: float) -> dict:
+    """A cell's times, wall time and code from the stages it ran now and the stage log of those an
+    earlier sitting ran. code: the revision of its training stage (of its evaluation for Init and
+    Teacher); stage_code says where each stage ran when they differ."""
+    times, codes, unrecorded = {}, {}, []
+    for stage in [st for st in ran_now if st not in stages] + stages:
+        if stage in ran_now:
+            times[f"{stage}_s"], codes[stage] = round(ran_now[stage], 1), meta["code"]
+        elif stage in log:
+            times[f"{stage}_s"], codes[stage] = log[stage]["seconds"], log[stage]["code"]
+        else:
+            unrecorded.append(stage)
+    overhead = max(0.0, elapsed - sum(ran_now.values()))  # loading, scoring, this sitting's share
+    out = {"times": times, "wall_s": round(sum(times.values()) + overhead, 1),
+           "code": codes.get(stages[0], "unrecorded" if stages[0] in unrecorded else meta["code"])}
+    if len(set(codes.values())) > 1:
+        out["stage_code"] = codes
+    if unrecorded:
+        out["times_unrecorded"] = unrecorded
+    return out
 
 
 def train_keep_checkpoints(cfg: dict, run_dir: Path) -> None:
@@ -1033,10 +1085,16 @@ def build_report(study_dir: Path, s: dict, scale: str, *, n_boot: int | None = N
               f"(cells {cell_wall / 60:.0f} min, summed over cells that ran two at a time; init {init_wall / 60:.1f} "
               f"min); {len(sittings)} sitting(s), {sum(x.get('wall_s', 0.0) for x in sittings) / 60:.0f} min of "
               "sitting wall clock in all.", ""]
+    unrecorded = {c: r["times_unrecorded"] for c, r in ok.items() if r.get("times_unrecorded")}
+    if unrecorded:
+        lines[-1:-1] = ["- not in these totals: the time of " + "; ".join(
+            f"{c} ({', '.join(st)})" for c, st in sorted(unrecorded.items())) + ", stages that ran in a sitting whose "
+            "record was lost (no stage log)."]
     if sittings:
         lines += table_head(["sitting", "started", "host", "code", "wall (min)", "cells finished", "failed", "command"])
         lines += [table_row([i, x.get("started", ""), x.get("host", ""), x.get("code", ""),
-                             f"{x.get('wall_s', 0) / 60:.1f}", len(x.get("finished", [])), len(x.get("failed", [])),
+                             f"{x['wall_s'] / 60:.1f}" if "wall_s" in x else "not recorded",
+                             len(x.get("finished", [])), len(x.get("failed", [])),
                              f"`{x.get('command', '')}`"]) for i, x in enumerate(sittings, 1)]
         lines.append("")
     # setup

@@ -308,6 +308,9 @@ def test_long_prompts_dropped_and_counted():
     assert [len(e.prompt_ids) for e in examples] == [10]
     assert (stats.num_records, stats.num_kept, stats.num_dropped_long_prompt) == (3, 1, 2)
     assert "1/3 examples kept" in stats.summary() and "2 dropped" in stats.summary()
+    assert not stats.lossless  # the training loop warns about it
+    _, whole = build_examples(records[:1], tok, template="plain", max_prompt_length=10, max_length=20)
+    assert whole.lossless  # logged at INFO only
 
 
 def test_eval_prompts_keep_the_last_tokens():

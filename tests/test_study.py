@@ -266,6 +266,38 @@ def test_finished_cells_are_skipped_and_not_recomputed(study, tmp_path):
     assert calls == ["PromptKD__seed1"] and done == ["PromptKD__seed1"] and not failed and not left
 
 
+def test_a_cached_stage_keeps_the_code_and_time_of_the_sitting_that_ran_it(study, tmp_path):
+    now = {"code": "git new", "host": "h"}
+    study.record_stage(tmp_path, "train", 1500.0, {"code": "git old", "host": "h"})
+    log = study.read_stage_log(tmp_path)
+    assert log["train"]["code"] == "git old" and log["train"]["seconds"] == 1500.0
+
+    # trained in an earlier sitting, evaluated now: the cell's code is the training's, both codes are listed
+    p = study.cell_provenance(["train", "eval"], {"eval": 300.0}, log, now, elapsed=310.0)
+    assert p["code"] == "git old" and p["stage_code"] == {"train": "git old", "eval": "git new"}
+    assert p["times"] == {"train_s": 1500.0, "eval_s": 300.0} and p["wall_s"] == 1810.0
+    assert "times_unrecorded" not in p
+
+    # everything ran now: one code, the elapsed time
+    p = study.cell_provenance(["train", "eval"], {"train": 100.0, "eval": 50.0}, {}, now, elapsed=155.0)
+    assert p == {"times": {"train_s": 100.0, "eval_s": 50.0}, "wall_s": 155.0, "code": "git new"}
+
+    # cached with no stage log (a sitting whose record was lost): said, not guessed
+    p = study.cell_provenance(["train", "eval", "exposure_bias"], {}, {}, now, elapsed=7.0)
+    assert p["code"] == "unrecorded" and p["times_unrecorded"] == ["train", "eval", "exposure_bias"]
+    assert p["wall_s"] == 7.0
+
+
+def test_cells_with_unrecorded_times_do_not_set_the_time_estimates(study):
+    s = dict(study.STUDY_SCALES[SMOKE])
+    fast = _cell(study, s, "GKD", 1)
+    fast.update(wall_s=6.0, times_unrecorded=["train"])
+    est = study.refined_estimates(s, [("GKD", 2)], {"GKD__seed1": fast})
+    assert est["GKD__seed2"] == pytest.approx(study.estimate_cell_minutes(s, study.study_labels(s)["GKD"]))
+    fast.pop("times_unrecorded")
+    assert study.refined_estimates(s, [("GKD", 2)], {"GKD__seed1": fast})["GKD__seed2"] == pytest.approx(0.1)
+
+
 def test_sitting_stops_starting_cells_past_the_budget_and_survives_a_failure(study):
     import time
 
@@ -333,7 +365,9 @@ def test_report_from_partial_cells(study, tmp_path):
     for sd in (1, 2):
         _write(study, d, _cell(study, s, "PromptKD", sd, shift=0.5))
         _write(study, d, _cell(study, s, "GKD", sd))
-    _write(study, d, _cell(study, s, "PromptKD-lr1e-3-guard", 1, shift=-2.0))
+    guard = _cell(study, s, "PromptKD-lr1e-3-guard", 1, shift=-2.0)
+    guard["times_unrecorded"] = ["eval", "exposure_bias"]
+    _write(study, d, guard)
     _write(study, d, _cell(study, s, "Init", 0, shift=-3.0))
     (d / "sittings.jsonl").write_text(json.dumps({"wall_s": 120.0, "finished": ["x"], "code": "git abc"}) + "\n")
     out = study.build_report(d, s, SMOKE, n_boot=300)
@@ -349,6 +383,7 @@ def test_report_from_partial_cells(study, tmp_path):
         assert f"]({png})" in text
     assert "(cells 6 min, summed over cells" in text and "init 0.5 min" in text  # 6 cells x 60 s, init 30 s
     assert "1 sitting(s), 2 min of sitting wall clock" in text
+    assert "not in these totals: the time of PromptKD-lr1e-3-guard__seed1 (eval, exposure_bias)" in text
 
 
 def test_atomic_cell_write_leaves_no_partial_file(study, tmp_path):

@@ -75,6 +75,11 @@ class FilterStats:
     num_truncated_prompt: int = 0
     prompt_truncation: str = "keep_first"
 
+    @property
+    def lossless(self) -> bool:
+        """True when every record was kept whole (nothing dropped or truncated)."""
+        return not (self.num_dropped_long_prompt or self.num_truncated_response or self.num_truncated_prompt)
+
     def summary(self) -> str:
         text = (
             f"{self.num_kept}/{self.num_records} examples kept; "
