@@ -785,8 +785,9 @@ def per_prompt_scores(eval_dir: Path, set_name: str, eval_seed: int) -> tuple[li
     """Per-prompt ROUGE-L of one set's predictions file, and a hash of its prompts (pairing check)."""
     from promptkd.metric import rouge_l
 
+    # split on "\n" only: str.splitlines() also splits on U+2028 and friends inside generated text
     rows = [json.loads(x) for x in (eval_dir / f"predictions_{set_name}_seed{eval_seed}.jsonl").read_text(
-        encoding="utf-8").splitlines() if x.strip()]
+        encoding="utf-8").split("\n") if x.strip()]
     scores = [round(rouge_l(r["prediction"], r["references"]), 3) for r in rows]
     h = hashlib.sha256(json.dumps([[r["instruction"], r["input"]] for r in rows]).encode()).hexdigest()[:16]
     return scores, h

@@ -391,3 +391,12 @@ def test_atomic_cell_write_leaves_no_partial_file(study, tmp_path):
     assert [p.name for p in (tmp_path / "cells").iterdir()] == ["A__seed1.json"]
     (tmp_path / "cells" / "broken__seed1.json").write_text("{not json")
     assert list(study.load_cells(tmp_path)) == ["A__seed1"]
+
+
+def test_per_prompt_scores_keep_a_prediction_with_a_unicode_line_separator(study, tmp_path):
+    rows = [{"instruction": "a", "input": "", "prediction": "one\u2028two \x85 three", "references": ["one two three"]},
+            {"instruction": "b", "input": "", "prediction": "x", "references": ["x"]}]
+    (tmp_path / "predictions_dolly_seed10.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    scores, _ = study.per_prompt_scores(tmp_path, "dolly", 10)
+    assert len(scores) == 2 and scores[1] == 100.0

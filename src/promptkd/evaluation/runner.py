@@ -214,7 +214,8 @@ def _read_predictions(path: Path, records, meta: dict) -> list[str] | None:
     meta_file = _meta_path(path)
     try:
         saved_meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        # "\n" only: str.splitlines() would also split generated text at U+2028, U+0085, ...
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     except (OSError, ValueError):
         logger.warning("%s (or %s) is unreadable: regenerating", path, meta_file.name)
         return None
