@@ -34,6 +34,7 @@ Conventions (MiniLLM / PromptKD data processing, docs/method.md section 8):
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,11 @@ class FilterStats:
     def lossless(self) -> bool:
         """True when every record was kept whole (nothing dropped or truncated)."""
         return not (self.num_dropped_long_prompt or self.num_truncated_response or self.num_truncated_prompt)
+
+    @property
+    def log_level(self) -> int:
+        """The level to log summary() at: a warning only when records were dropped or cut."""
+        return logging.INFO if self.lossless else logging.WARNING
 
     def summary(self) -> str:
         text = (

@@ -477,9 +477,8 @@ class Trainer:
             on_records=lambda recs: self.method.check_train_records(
                 recs, source=source, is_main_process=self.accelerator.is_main_process),
         )
-        if self.accelerator.is_main_process:  # a warning only when records were dropped or cut
-            logger.log(logging.INFO if stats.lossless else logging.WARNING, "training data %s: %s", source,
-                       stats.summary())
+        if self.accelerator.is_main_process:
+            logger.log(stats.log_level, "training data %s: %s", source, stats.summary())
         if d.max_train_examples:
             examples = examples[: d.max_train_examples]
         return examples
@@ -488,8 +487,7 @@ class Trainer:
         """A method's own data (minillm.lm_data), with responses, tokenised like the training data."""
         examples, stats = self._examples(source, source=str(source), split="train", data_files=None, with_responses=True)
         if self.accelerator.is_main_process:
-            logger.log(logging.INFO if stats.lossless else logging.WARNING, "%s data %s: %s", self.cfg.method, source,
-                       stats.summary())
+            logger.log(stats.log_level, "%s data %s: %s", self.cfg.method, source, stats.summary())
         if not examples:
             raise UserError(f"{source}: no usable records (see the counts above)")
         return examples
