@@ -229,9 +229,12 @@ def _cell(study, s, label, seed, *, init_hash="h0", shift=0.0, key=None, n=(3, 3
            "trained_tokens": 100.0, "trained_tokens_per_step": 33.3,
            "curves": {"student/loss": [[1, 2.0], [2, 1.5], [3, 1.2]], "dev/loss": [[1, 3.2], [3, 3.0]]}}
     if lab.method == "promptkd":
-        rec["curves"]["prompt/drift"] = [[1, 0.05], [2, 0.2], [3, 0.4]]
-        rec["curves"]["prompt/kl_to_student"] = [[1, 1.9], [2, 1.0], [3, 0.3]]
-        rec["curves"]["prompt/frozen_by_guard"] = [[1, 0.0], [2, 1.0], [3, 1.0]]
+        # 24 steps: the report's start / end are means over the first / last 10 steps; one spike at
+        # step 12 is the maximum; the prompted teacher ends closer to the student than to the teacher
+        steps = range(1, 25)
+        rec["curves"]["prompt/drift"] = [[t, 0.05 if t <= 10 else 0.9 if t == 12 else 0.4] for t in steps]
+        rec["curves"]["prompt/kl_to_student"] = [[t, 1.9 if t <= 10 else 0.3] for t in steps]
+        rec["curves"]["prompt/frozen_by_guard"] = [[t, float(t > 20)] for t in steps]
     if lab.exposure_bias:
         rec["exaccerr"] = {str(st): [-5.0 * st, -6.0 * st] for st in study.eb_steps(s)}
     return rec
@@ -376,7 +379,8 @@ def test_report_from_partial_cells(study, tmp_path):
     assert "PromptKD vs GKD: resolved: PromptKD is higher than GKD by 0.50 ROUGE-L" in text
     assert "PromptKD vs KD: not available" in text
     assert "| PromptKD-lr1e-3-guard | 1e-3 | max_drift 0.1 | 1/1 |" in text
-    assert "0.050 -> 0.400" in text  # drift curve start -> end
+    # drift: first-10 mean -> last-10 mean (max); kl_to_student likewise; 4 steps frozen; collapse
+    assert "| 0.050 -> 0.400 (0.900) | 1.900 -> 0.300 | 4 | yes |" in text
     assert "## Exposure bias through training" in text
     for png in ("training_curves.png", "paired_differences.png", "exposure_bias.png", "drift.png"):
         assert (d / png).stat().st_size > 1000
