@@ -420,23 +420,42 @@ def paired_bootstrap(diffs: list[dict[str, list[float]]], *, n_boot: int = 10000
             "n_pairs": k, "n_prompts": n_prompts, "n_boot": n_boot, "level": level}
 
 
+def verdict_interval(r: dict) -> tuple[float, float, str]:
+    """The interval a verdict is read from: (lo, hi, what it covers).
+
+    With 2 or more seed pairs, the two-level interval (training seeds and prompts resampled):
+    retraining with another seed moves a method's average by more than the gaps being judged, so
+    an interval over prompts alone overstates the evidence (it called a pair resolved whose two
+    seed pairs differed in sign). With one seed pair the seed spread is unmeasured: the prompt
+    interval is shown, and the pair is not judged (see ``resolved``).
+    """
+    if r["n_pairs"] >= 2 and r.get("two_level"):
+        lo, hi = r["two_level"]
+        return min(lo, r["estimate"]), max(hi, r["estimate"]), "seeds and prompts"
+    return r["lo"], r["hi"], "prompts only"
+
+
 def verdict(a: str, b: str, res: dict | None, planned: int | None = None) -> str:
-    """Plain words: is A - B resolved (the 95% interval excludes 0)?"""
+    """Plain words: is A - B resolved (the 95% interval over seeds and prompts excludes 0)?"""
     if res is None:
         return f"not available: no training seed has both {a} and {b} yet."
-    est, lo, hi = res["estimate"], res["lo"], res["hi"]
+    est = res["estimate"]
+    lo, hi, covers = verdict_interval(res)
     pct = int(round(100 * res.get("level", 0.95)))
-    ci = f"{pct}% CI {lo:+.2f} to {hi:+.2f}"
+    ci = f"{pct}% CI {lo:+.2f} to {hi:+.2f}, {covers}"
     n = res["n_pairs"]
     seeds = f"{n} seed pair{'s' if n != 1 else ''}"
     if planned and n < planned:
         seeds += f", partial: {n} of {planned} planned"
-    if lo > 0:
+    if n < 2:
+        text = (f"not judged (one seed pair, so the training-seed spread is unmeasured): {a} - {b} = "
+                f"{est:+.2f} ROUGE-L ({ci}; {seeds}).")
+    elif lo > 0:
         text = f"resolved: {a} is higher than {b} by {est:.2f} ROUGE-L ({ci}; {seeds})."
     elif hi < 0:
         text = f"resolved: {a} is lower than {b} by {-est:.2f} ROUGE-L ({ci}; {seeds})."
     else:
-        text = f"not resolved: {a} - {b} = {est:+.2f} ROUGE-L; the {ci} includes 0 ({seeds})."
+        text = f"not resolved: {a} - {b} = {est:+.2f} ROUGE-L; the {ci}, includes 0 ({seeds})."
     signs = res.get("per_seed") or []
     if len(signs) > 1:
         pos = sum(x > 0 for x in signs)
@@ -1137,16 +1156,18 @@ def build_report(study_dir: Path, s: dict, scale: str, *, n_boot: int | None = N
               f"{n_boot} replicates resamples the prompts of every set with replacement (the same prompts for "
               "every seed pair) and recomputes the mean over pairs of the average-over-sets difference. It covers "
               "the prompt sample and the sampling noise of the one evaluation seed, and the training seeds only "
-              "through the pairs that exist. With 3 seeds a bootstrap over seeds is weak, so it is not the "
-              "verdict; the per-seed differences and a two-level interval (seeds and prompts resampled) are "
-              "shown beside it. Resolved = the interval excludes 0.", "",
+              "through the pairs that exist. The verdict is read from the two-level interval, which also "
+              "resamples the seed pairs: training seeds move a method's average by more than the gaps judged "
+              "here, and the prompt interval alone ignores that. Resolved = 2 or more seed pairs and the "
+              "two-level interval excludes 0; a comparison with one seed pair is not judged. With 3 seeds the "
+              "seed resampling is coarse, so the per-seed differences are shown beside it.", "",
               "### PromptKD against GKD, KD, MiniLLM and its own no-reg ablation", ""]
     for a, b, primary in comparisons:
         if primary:
             planned = min(planned_seeds(s, a), planned_seeds(s, b))
             lines.append(f"- PromptKD vs {b}: " + verdict(a, b, results[(a, b)], planned))
     lines += ["", *table_head(["A", "B", "pairs", "A - B", "95% CI (prompts)", "two-level CI (seeds + prompts)",
-                               "per seed", "resolved"])]
+                               "per seed", "resolved (two-level CI)"])]
     for a, b, _ in comparisons:
         r = results[(a, b)]
         if r is None:
@@ -1154,7 +1175,7 @@ def build_report(study_dir: Path, s: dict, scale: str, *, n_boot: int | None = N
             continue
         lines.append(table_row([a, b, r["n_pairs"], f"{r['estimate']:+.2f}", f"{r['lo']:+.2f} to {r['hi']:+.2f}",
                                 f"{r['two_level'][0]:+.2f} to {r['two_level'][1]:+.2f}",
-                                ", ".join(f"{x:+.2f}" for x in r["per_seed"]), "yes" if resolved(r) else "no"]))
+                                ", ".join(f"{x:+.2f}" for x in r["per_seed"]), resolved_cell(r)]))
     lines.append("")
     # drift study
     lines += drift_section(s, labels, by_label, stats, results)
@@ -1198,8 +1219,16 @@ def table_head(columns: list[str]) -> list[str]:
 
 
 def resolved(r: dict) -> bool:
-    """A paired difference is resolved when its 95% interval excludes 0."""
-    return r["lo"] > 0 or r["hi"] < 0
+    """Resolved: 2 or more seed pairs and the interval over seeds and prompts excludes 0."""
+    lo, hi, _ = verdict_interval(r)
+    return r["n_pairs"] >= 2 and (lo > 0 or hi < 0)
+
+
+def resolved_cell(r: dict) -> str:
+    """The report table's 'resolved' column."""
+    if r["n_pairs"] < 2:
+        return "not judged (1 seed pair)"
+    return "yes" if resolved(r) else "no"
 
 
 def drift_labels(labels: dict[str, Label]) -> list[str]:
@@ -1316,7 +1345,7 @@ def drift_section(s, labels, by_label, stats, results) -> list[str]:
              "Start / end: means over the first / last 10 optimizer steps (single steps are noisy). "
              "Collapse: kl_to_student < drift at the end (the prompted teacher is closer to the student than to "
              "the teacher).", "",
-             *table_head(["variant", "prompt LR", "guard", "seeds", "average ROUGE-L", "- GKD (95% CI)",
+             *table_head(["variant", "prompt LR", "guard", "seeds", "average ROUGE-L", "- GKD (95% CI; prompts only with 1 seed)",
                           "drift start -> end (max)", "kl_to_student start -> end", "steps frozen by guard",
                           "collapse"])]
     for n in drift_labels(labels):
@@ -1328,7 +1357,7 @@ def drift_section(s, labels, by_label, stats, results) -> list[str]:
             continue
         avg = stats[n]["average"]
         r = results.get((n, "GKD"))
-        g = f"{r['estimate']:+.2f} ({r['lo']:+.2f} to {r['hi']:+.2f})" if r else ""
+        g = f"{r['estimate']:+.2f} ({verdict_interval(r)[0]:+.2f} to {verdict_interval(r)[1]:+.2f})" if r else ""
         _, dr = _mean_curve(recs, "prompt/drift")
         _, kl = _mean_curve(recs, "prompt/kl_to_student")
         frozen = [sum(v for _, v in rr.get("curves", {}).get("prompt/frozen_by_guard", [])) for rr in recs]
@@ -1399,14 +1428,15 @@ def make_plots(study_dir, s, labels, by_label, results, comparisons, init) -> di
     fig, ax = plt.subplots(figsize=(7.5, 0.35 * max(len(rows), 3) + 1.2))
     for i, (a, b) in enumerate(rows):
         r = results[(a, b)]
-        ax.errorbar([r["estimate"]], [i], xerr=[[r["estimate"] - r["lo"]], [r["hi"] - r["estimate"]]], fmt="o",
-                    color="C3" if resolved(r) else "C0", capsize=3)
+        lo, hi, _ = verdict_interval(r)
+        ax.errorbar([r["estimate"]], [i], xerr=[[r["estimate"] - lo], [hi - r["estimate"]]], fmt="o",
+                    color="C3" if resolved(r) else "C0" if r["n_pairs"] >= 2 else "grey", capsize=3)
         ax.plot(r["per_seed"], [i] * len(r["per_seed"]), "x", color="grey", ms=4)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), [f"{a} - {b}" for a, b in rows], fontsize=7)
     ax.invert_yaxis()
-    ax.set(xlabel="paired difference in average ROUGE-L (95% prompt-bootstrap CI; x = per seed)",
-           title="Paired differences (red: resolved)")
+    ax.set(xlabel="paired difference in average ROUGE-L (95% CI over seeds and prompts; x = per seed)",
+           title="Paired differences (red: resolved; grey: one seed pair, prompt CI, not judged)")
     save(fig, "paired differences", "paired_differences.png")
     # ExAccErr over training
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4))

@@ -79,21 +79,38 @@ def test_bootstrap_rejects_mismatched_sets(study):
 # ----------------------------------------------------------------------------- verdicts
 
 
-def _res(est, lo, hi, per_seed=(0.1, 0.2, 0.3)):
-    return {"estimate": est, "lo": lo, "hi": hi, "n_pairs": len(per_seed), "per_seed": list(per_seed), "level": 0.95}
+def _res(est, lo, hi, per_seed=(0.1, 0.2, 0.3), two_level=None):
+    return {"estimate": est, "lo": lo, "hi": hi, "n_pairs": len(per_seed), "per_seed": list(per_seed),
+            "level": 0.95, "two_level": two_level or (lo, hi)}
 
 
 def test_verdict_wording(study):
     up = study.verdict("PromptKD", "GKD", _res(0.42, 0.11, 0.73))
-    assert up.startswith("resolved: PromptKD is higher than GKD by 0.42 ROUGE-L (95% CI +0.11 to +0.73; 3 seed pairs).")
+    assert up.startswith("resolved: PromptKD is higher than GKD by 0.42 ROUGE-L "
+                         "(95% CI +0.11 to +0.73, seeds and prompts; 3 seed pairs).")
     assert "3 of 3 positive" in up
     down = study.verdict("PromptKD", "KD", _res(-0.97, -1.2, -0.7, (-1.13, -0.83, -0.95)))
     assert down.startswith("resolved: PromptKD is lower than KD by 0.97 ROUGE-L (95% CI -1.20 to -0.70")
     flat = study.verdict("PromptKD", "MiniLLM", _res(0.05, -0.2, 0.3))
-    assert flat.startswith("not resolved: PromptKD - MiniLLM = +0.05 ROUGE-L; the 95% CI -0.20 to +0.30 includes 0")
+    assert flat.startswith("not resolved: PromptKD - MiniLLM = +0.05 ROUGE-L; the 95% CI -0.20 to +0.30")
+    assert "includes 0" in flat
     assert study.verdict("PromptKD", "X", None) == "not available: no training seed has both PromptKD and X yet."
     part = study.verdict("PromptKD", "GKD", _res(0.3, 0.1, 0.5, (0.3,)), planned=3)
-    assert "1 seed pair, partial: 1 of 3 planned" in part
+    assert part.startswith("not judged (one seed pair")
+    assert "1 seed pair, partial: 1 of 3 planned" in part and "prompts only" in part
+    assert study.resolved_cell(_res(0.3, 0.1, 0.5, (0.3,))) == "not judged (1 seed pair)"
+
+
+def test_verdict_reads_the_two_level_interval_not_the_prompt_one(study):
+    # the case that changed the rule: the prompt interval excludes 0, the two seed pairs disagree in
+    # sign, and the interval that also resamples the seeds includes 0 -> not resolved
+    r = _res(-0.28, -0.46, -0.11, (0.44, -1.00), two_level=(-1.16, 0.58))
+    assert not study.resolved(r) and study.resolved_cell(r) == "no"
+    text = study.verdict("PromptKD", "MiniLLM", r)
+    assert text.startswith("not resolved: PromptKD - MiniLLM = -0.28 ROUGE-L; the 95% CI -1.16 to +0.58, "
+                           "seeds and prompts, includes 0 (2 seed pairs).")
+    assert "1 of 2 positive" in text
+    assert study.resolved(_res(0.34, 0.14, 0.55, (0.21, 0.11, 0.72), two_level=(0.05, 0.7)))
 
 
 # ----------------------------------------------------------------------------- design of the study
