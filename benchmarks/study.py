@@ -1357,7 +1357,10 @@ def drift_section(s, labels, by_label, stats, results) -> list[str]:
             continue
         avg = stats[n]["average"]
         r = results.get((n, "GKD"))
-        g = f"{r['estimate']:+.2f} ({verdict_interval(r)[0]:+.2f} to {verdict_interval(r)[1]:+.2f})" if r else ""
+        g = ""
+        if r:
+            lo, hi, _ = verdict_interval(r)
+            g = f"{r['estimate']:+.2f} ({lo:+.2f} to {hi:+.2f})"
         _, dr = _mean_curve(recs, "prompt/drift")
         _, kl = _mean_curve(recs, "prompt/kl_to_student")
         frozen = [sum(v for _, v in rr.get("curves", {}).get("prompt/frozen_by_guard", [])) for rr in recs]
