@@ -1338,22 +1338,42 @@ def _mean_curve(recs: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [statistics.fmean(by_step[x]) for x in steps]
 
 
+def collapse_window() -> int:
+    """The collapse-warning window every study run used (the config default)."""
+    from promptkd.config import PromptKDSection
+
+    return PromptKDSection().collapse_window
+
+
+def warned_step(rec: dict) -> str:
+    """The step at which a cell's run warned of collapse, recomputed from its logged distances by
+    the trainer's own rule; '-' when it did not warn."""
+    from promptkd.methods.promptkd import collapse_warning_step
+
+    curves = rec.get("curves", {})
+    kl = dict(curves.get("prompt/kl_to_student", []))
+    drift = dict(curves.get("prompt/drift", []))
+    step = collapse_warning_step(((st, kl[st], drift[st]) for st in sorted(kl) if st in drift), collapse_window())
+    return "-" if step is None else str(step)
+
+
 def drift_section(s, labels, by_label, stats, results) -> list[str]:
     lines = ["## Prompt learning rate and the drift guard", "",
              "prompt/drift = KL(p_TP || p_T) (the prompted teacher's distance from the teacher), "
              "prompt/kl_to_student = KL(p_TP || p_S), both token means from metrics.jsonl, averaged over seeds. "
              "Start / end: means over the first / last 10 optimizer steps (single steps are noisy). "
              "Collapse: kl_to_student < drift at the end (the prompted teacher is closer to the student than to "
-             "the teacher).", "",
+             "the teacher). Warned at step: where each seed's run warned of collapse (promptkd.collapse_window "
+             f"{collapse_window()} consecutive steps with kl_to_student < drift; '-': no warning).", "",
              *table_head(["variant", "prompt LR", "guard", "seeds", "average ROUGE-L", "- GKD (95% CI; prompts only with 1 seed)",
                           "drift start -> end (max)", "kl_to_student start -> end", "steps frozen by guard",
-                          "collapse"])]
+                          "collapse", "warned at step (per seed)"])]
     for n in drift_labels(labels):
         lab = labels[n]
         recs = list(by_label.get(n, {}).values())
         if not recs:
             lines.append(f"| {n} | {fmt_lr(lab.prompt_lr) if lab.prompt_lr else 'ref'} | "
-                         f"{'yes' if lab.guard else 'no'} | 0/{planned_seeds(s, n)} | | | | | | |")
+                         f"{'yes' if lab.guard else 'no'} | 0/{planned_seeds(s, n)} | | | | | | | |")
             continue
         avg = stats[n]["average"]
         r = results.get((n, "GKD"))
@@ -1371,7 +1391,8 @@ def drift_section(s, labels, by_label, stats, results) -> list[str]:
                                 f"{len(recs)}/{planned_seeds(s, n)}", f"{avg[0]:.2f} ± {avg[1]:.2f}", g,
                                 f"{head(dr):.3f} -> {tail(dr):.3f} ({max(dr):.3f})" if dr else "",
                                 f"{head(kl):.3f} -> {tail(kl):.3f}" if kl else "",
-                                f"{statistics.fmean(frozen):.0f}", "yes" if collapse else "no"]))
+                                f"{statistics.fmean(frozen):.0f}", "yes" if collapse else "no",
+                                ", ".join(warned_step(by_label[n][sd]) for sd in sorted(by_label[n]))]))
     lines += ["", "Drift curves: `drift.png` (below).", ""]
     return lines
 

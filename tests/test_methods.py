@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from promptkd.config import config_from_dict
+from promptkd.methods.promptkd import collapse_warning_step
 from promptkd.training.loop import NonFiniteError, Trainer
 
 
@@ -162,6 +163,18 @@ def test_promptkd_collapse_warns_once(tmp_path, tiny_pair_dirs, tiny_jsonl):
     m = metrics[step - 1]
     assert f"{m['prompt/kl_to_student']:.4g}" in message and f"{m['prompt/drift']:.4g}" in message
     assert all(x["prompt/kl_to_student"] < x["prompt/drift"] for x in metrics[step - 3 : step])
+    # the study report recomputes the warning step from the logged distances by the same rule
+    logged = [(i, x["prompt/kl_to_student"], x["prompt/drift"]) for i, x in enumerate(metrics, 1)]
+    assert collapse_warning_step(logged, 3) == step
+
+
+def test_collapse_warning_step_needs_a_whole_window_of_consecutive_steps():
+    log = [(1, 1.0, 0.5), (2, 1.0, 2.0), (3, 1.0, 2.0), (4, 1.0, 0.5), (5, 0.1, 0.2), (6, 0.1, 0.2), (7, 0.1, 0.2)]
+    assert collapse_warning_step(log, 2) == 3
+    assert collapse_warning_step(log, 3) == 7  # the streak restarts after step 4
+    assert collapse_warning_step(log, 4) is None
+    assert collapse_warning_step(log, 0) is None  # off
+    assert collapse_warning_step([(1, 0.5, 0.5)], 1) is None  # equal distances are not a collapse
 
 
 def test_promptkd_collapse_window_is_part_of_the_checkpointed_state(tmp_path, tiny_pair_dirs, tiny_jsonl):

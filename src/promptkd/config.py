@@ -191,7 +191,7 @@ class PromptKDSection:
     collapse_window: int = opt(
         5,
         "Warn once when KL(p_TP || p_S) < KL(p_TP || p_T) (the prompted teacher closer to the student than to "
-        "the teacher) for this many consecutive steps; 0 = off. Our choice: in the pilot (docs STUDY_NOTES) a "
+        "the teacher) for this many consecutive steps; 0 = off. Our choice: in the pilot (docs/method.md, section 5) a "
         "prompt LR of 1e-3 took these from 1.96 / 0.05 to 0.18 / 0.92 (a student 0.97 ROUGE-L below GKD), "
         "while at the reference LR the drift stayed 0.04-0.05 below 1.15; 5 steps ignores one noisy batch.",
         min=0,

@@ -7,7 +7,7 @@ Panels over optimizer steps: the losses (every `*/loss` key and the eval losses)
 rates (`*/lr`), trained tokens per second and, for a PromptKD run, the two distances of the
 prompted teacher: KL(p_TP || p_S) (`prompt/kl_to_student`, what L_kd drives down) and
 KL(p_TP || p_T) (`prompt/drift`, away from the real teacher). Where the drift line crosses
-above kl_to_student the prompted teacher imitates the student (docs STUDY_NOTES).
+above kl_to_student the prompted teacher imitates the student (docs/method.md, section 5).
 """
 
 from __future__ import annotations

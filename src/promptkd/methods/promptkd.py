@@ -72,6 +72,25 @@ def has_active_dropout(model: torch.nn.Module) -> bool:
     return any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout", "dropout"))
 
 
+def next_collapse_streak(streak: int, kl_to_student: float, drift: float) -> int:
+    """Consecutive steps so far with the prompted teacher closer to the student than to the teacher
+    (kl_to_student < drift), after one more step's pair of distances."""
+    return streak + 1 if kl_to_student < drift else 0
+
+
+def collapse_warning_step(points, window: int) -> int | None:
+    """The step at which a run warns of collapse, from its logged (step, kl_to_student, drift)
+    triples in step order: the first step that ends `window` consecutive collapsed steps; None if
+    none does or `window` is 0 (off). The rule of PromptKD.check_collapse, for reports that read
+    metrics.jsonl after the run."""
+    streak = 0
+    for step, kl_to_student, drift in points:
+        streak = next_collapse_streak(streak, kl_to_student, drift)
+        if window and streak >= window:
+            return step
+    return None
+
+
 class PromptKD(Method):
     name = "promptkd"
     # the reference overwrites the last position of a capped sample with EOS (pad = EOS there):
@@ -184,7 +203,7 @@ class PromptKD(Method):
         """Warn once when the prompted teacher has been closer to the student than to the
         teacher (kl_to_student < drift) for promptkd.collapse_window consecutive steps."""
         window = self.cfg.promptkd.collapse_window
-        self.collapse_streak = self.collapse_streak + 1 if kl_to_student < drift else 0
+        self.collapse_streak = next_collapse_streak(self.collapse_streak, kl_to_student, drift)
         if window and self.collapse_streak >= window and not self.collapse_warned:
             self.collapse_warned = True
             warnings.warn(
