@@ -1393,8 +1393,46 @@ def drift_section(s, labels, by_label, stats, results) -> list[str]:
                                 f"{head(kl):.3f} -> {tail(kl):.3f}" if kl else "",
                                 f"{statistics.fmean(frozen):.0f}", "yes" if collapse else "no",
                                 ", ".join(warned_step(by_label[n][sd]) for sd in sorted(by_label[n]))]))
-    lines += ["", "Drift curves: `drift.png` (below).", ""]
+    lines += ["", *guard_control_lines(s, labels, by_label), "Drift curves: `drift.png` (below).", ""]
     return lines
+
+
+def first_difference(a: dict, b: dict, key: str = "student/loss", tol: float = 1e-6) -> int | None:
+    """The first optimizer step at which two cells' logged `key` curves differ (None: identical)."""
+    ca, cb = dict(a.get("curves", {}).get(key, [])), dict(b.get("curves", {}).get(key, []))
+    for st in sorted(set(ca) | set(cb)):
+        if st not in ca or st not in cb or abs(ca[st] - cb[st]) > tol:
+            return int(st)
+    return None
+
+
+def guard_control_lines(s, labels, by_label) -> list[str]:
+    """A guarded variant whose guard never froze the prompt ran its unguarded twin's algorithm with
+    the same seeds: an A/A control. Per seed: the difference, both code revisions, and whether the
+    training curves are identical, which sizes the run-to-run noise of single cells."""
+    out = []
+    for n in drift_labels(labels):
+        twin = n.removesuffix("-guard")
+        recs, twins = by_label.get(n, {}), by_label.get(twin, {})
+        seeds = sorted(set(recs) & set(twins))
+        if not labels[n].guard or twin == n or not seeds:
+            continue
+        frozen = [sum(v for _, v in recs[sd].get("curves", {}).get("prompt/frozen_by_guard", [])) for sd in seeds]
+        if any(frozen):
+            continue
+        parts = []
+        for sd in seeds:
+            a, b = recs[sd], twins[sd]
+            step = first_difference(a, b)
+            same = "identical training curves" if step is None else f"curves differ from step {step}"
+            parts.append(f"seed {sd}: {a['average'] - b['average']:+.2f} ({b.get('code', '?')} vs "
+                         f"{a.get('code', '?')}, {same})")
+        out += [f"Control: {n} never froze its prompt (the drift stayed under max_drift {s['max_drift']}), so it "
+                f"ran {twin}'s algorithm with the same seeds; {n} - {twin} per {'; '.join(parts)}. Where the "
+                "curves differ, the two cells ran on code revisions whose float rounding differs (for example "
+                "the chunked LM head), and the sampled responses diverge from then on: such a difference is the "
+                "run-to-run noise of one cell, not an effect.", ""]
+    return out
 
 
 def exposure_section(s, labels, by_label, init) -> list[str]:

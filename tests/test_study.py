@@ -421,3 +421,23 @@ def test_per_prompt_scores_keep_a_prediction_with_a_unicode_line_separator(study
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     scores, _ = study.per_prompt_scores(tmp_path, "dolly", 10)
     assert len(scores) == 2 and scores[1] == 100.0
+
+
+def test_a_guard_that_never_acted_is_reported_as_an_a_a_control(study, cpu2):
+    """PromptKD-guard with no frozen step ran PromptKD's algorithm: the report gives the per-seed
+    difference, both code revisions and where the training curves part; a guard that acted is no
+    control and gets no line."""
+    labels = study.study_labels(cpu2)
+    base = {sd: _cell(study, cpu2, "PromptKD", sd) for sd in (1, 2)}
+    guard = {sd: _cell(study, cpu2, "PromptKD-guard", sd, shift=0.25 * (sd - 1)) for sd in (1, 2)}
+    for rec in guard.values():
+        rec["curves"]["prompt/frozen_by_guard"] = [[t, 0.0] for t, _ in rec["curves"]["prompt/frozen_by_guard"]]
+        rec["code"] = "git new"
+    guard[2]["curves"]["student/loss"] = [[1, 2.0], [2, 1.6], [3, 1.2]]
+    lines = study.guard_control_lines(cpu2, labels, {"PromptKD": base, "PromptKD-guard": guard})
+    text = " ".join(lines)
+    assert "PromptKD-guard never froze its prompt" in text
+    assert "seed 1: +0.00 (git abc vs git new, identical training curves)" in text
+    assert "seed 2: +0.25 (git abc vs git new, curves differ from step 2)" in text
+    guard[1]["curves"]["prompt/frozen_by_guard"][5][1] = 1.0
+    assert study.guard_control_lines(cpu2, labels, {"PromptKD": base, "PromptKD-guard": guard}) == []
