@@ -1497,8 +1497,8 @@ def make_plots(study_dir, s, labels, by_label, results, comparisons, init) -> di
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), [f"{a} - {b}" for a, b in rows], fontsize=7)
     ax.invert_yaxis()
-    ax.set(xlabel="paired difference in average ROUGE-L (95% CI over seeds and prompts; x = per seed)",
-           title="Paired differences (red: resolved; grey: one seed pair, prompt CI, not judged)")
+    ax.set(xlabel="paired difference in average ROUGE-L\n(95% CI over seeds and prompts; x = per seed)",
+           title="Paired differences\n(red: resolved; grey: one seed pair, prompt CI, not judged)")
     save(fig, "paired differences", "paired_differences.png")
     # ExAccErr over training
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4))

@@ -193,13 +193,17 @@ class PromptKDSection:
         "Warn once when KL(p_TP || p_S) < KL(p_TP || p_T) (the prompted teacher closer to the student than to "
         "the teacher) for this many consecutive steps; 0 = off. Our choice: in the pilot (docs/method.md, section 5) a "
         "prompt LR of 1e-3 took these from 1.96 / 0.05 to 0.18 / 0.92 (a student 0.97 ROUGE-L below GKD), "
-        "while at the reference LR the drift stayed 0.04-0.05 below 1.15; 5 steps ignores one noisy batch.",
+        "while at the reference LR the drift stayed 0.04-0.05 below 1.15; 5 steps ignores one noisy batch. In "
+        "the cpu2 study it warned at steps 91, 92 and 94 of 160 on the 3 collapsing seeds (prompt LR 1e-3) and "
+        "never on the 18 other PromptKD runs of the study.",
         min=0,
     )
     max_drift: float | None = opt(
         None,
         "Bound on the drift KL(p_TP || p_T): a step whose drift exceeds it skips its prompt update (the prompt "
-        "stays frozen, prompt/frozen_by_guard = 1) until the drift is back under it; null = off.",
+        "stays frozen, prompt/frozen_by_guard = 1) until the drift is back under it; null = off. Measured (cpu2 "
+        "study, 3 seeds): 0.1 prevented the collapse at prompt LR 1e-3 (average ROUGE-L 7.35 against 4.52 "
+        "unguarded), never acted at the reference LR, and no raised LR beat the reference LR with or without it.",
         min=0.0, min_exclusive=True,
     )
 
