@@ -1345,6 +1345,11 @@ def collapse_window() -> int:
     return PromptKDSection().collapse_window
 
 
+def frozen_steps(rec: dict) -> float:
+    """Optimizer steps of a cell's run on which the drift guard froze the prompt."""
+    return sum(v for _, v in rec.get("curves", {}).get("prompt/frozen_by_guard", []))
+
+
 def warned_step(rec: dict) -> str:
     """The step at which a cell's run warned of collapse, recomputed from its logged distances by
     the trainer's own rule; '-' when it did not warn."""
@@ -1383,7 +1388,7 @@ def drift_section(s, labels, by_label, stats, results) -> list[str]:
             g = f"{r['estimate']:+.2f} ({lo:+.2f} to {hi:+.2f})"
         _, dr = _mean_curve(recs, "prompt/drift")
         _, kl = _mean_curve(recs, "prompt/kl_to_student")
-        frozen = [sum(v for _, v in rr.get("curves", {}).get("prompt/frozen_by_guard", [])) for rr in recs]
+        frozen = [frozen_steps(rr) for rr in recs]
         head, tail = (lambda c: statistics.fmean(c[:10])), (lambda c: statistics.fmean(c[-10:]))
         collapse = bool(dr and kl and tail(kl) < tail(dr))
         lines.append(table_row([n, fmt_lr(lab.prompt_lr) if lab.prompt_lr else f"ref ({fmt_lr(s['lr'])})",
@@ -1417,7 +1422,7 @@ def guard_control_lines(s, labels, by_label) -> list[str]:
         seeds = sorted(set(recs) & set(twins))
         if not labels[n].guard or twin == n or not seeds:
             continue
-        frozen = [sum(v for _, v in recs[sd].get("curves", {}).get("prompt/frozen_by_guard", [])) for sd in seeds]
+        frozen = [frozen_steps(recs[sd]) for sd in seeds]
         if any(frozen):
             continue
         parts = []
