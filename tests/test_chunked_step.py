@@ -83,6 +83,9 @@ CASES = {
     "promptkd_lagged_target": ("promptkd", {"promptkd": {"lagged_target": True}}, ONE),
     "promptkd_freeze_prompt": ("promptkd", {"promptkd": {"freeze_prompt": True}}, ONE),
     "promptkd_no_regulariser": ("promptkd", {"promptkd": {"base_coef": 0.0}}, TWO),
+    # the drift guard keeps step 1's update (drift 3.0e-4 -> 1.57e-3) and undoes step 2's (-> 2.0e-3)
+    "promptkd_max_drift": ("promptkd", {"promptkd": {"base_coef": 0.0, "prompt_learning_rate": 10.0,
+                                                     "max_drift": 1.8e-3}}, TWO),
     "gkd_jsd": ("gkd", {"gkd": {"lmbda": 1.0, "beta": 0.3}}, ONE),
     "gkd_off_policy_reverse_kl": ("gkd", {"gkd": {"lmbda": 0.0, "beta": 1.0}}, TWO),
     "kd": ("kd", {}, TWO),
@@ -161,6 +164,8 @@ def test_two_steps_equal_the_logits_path(case, arch):
         assert_tensors_close(trained_c[name], trained_l[name], f"{name} after 2 steps")
     moved = [not torch.equal(a, b) for a, b in zip(trained_c["student"], student.parameters(), strict=True)]
     assert any(moved)  # the steps did train
+    if case == "promptkd_max_drift":
+        assert [m["prompt/frozen_by_guard"] for m in metrics_c] == [0.0, 1.0]
     for got, expected in zip(metrics_c, metrics_l, strict=True):
         assert got.keys() == expected.keys()
         for key, value in expected.items():
@@ -173,7 +178,8 @@ def test_no_logits_sized_tensor_in_a_chunked_promptkd_or_kd_step(monkeypatch):
     (V, H) head / embedding weights and their gradients."""
     monkeypatch.setattr(head_losses, "CHUNK_ELEMENTS", 3 * V)
     student, teacher = ARCHS["llama_tied"]()
-    for method, sections, micro_batches in (CASES["promptkd"], CASES["promptkd_accumulation"], CASES["kd"]):
+    for method, sections, micro_batches in (CASES["promptkd"], CASES["promptkd_accumulation"],
+                                            CASES["promptkd_max_drift"], CASES["kd"]):
         mode = LargestLogits({V}, {32, 48}, limit=3)
         with mode:
             run_steps(student, teacher, method, sections, micro_batches, chunked=True, steps=1)

@@ -200,10 +200,13 @@ class PromptKDSection:
     )
     max_drift: float | None = opt(
         None,
-        "Bound on the drift KL(p_TP || p_T): a step whose drift exceeds it skips its prompt update (the prompt "
-        "stays frozen, prompt/frozen_by_guard = 1) until the drift is back under it; null = off. Measured (cpu2 "
-        "study, 3 seeds): 0.1 prevented the collapse at prompt LR 1e-3 (average ROUGE-L 7.35 against 4.52 "
-        "unguarded), never acted at the reference LR, and no raised LR beat the reference LR with or without it.",
+        "Bound on the drift KL(p_TP || p_T), measured on each step's batch; null = off. The prompt is only moved "
+        "to a point within it: a step whose drift is already over the bound skips its prompt update, and an "
+        "update that leaves the drift over it is undone (prompt, optimizer state and schedule restored); both "
+        "log prompt/frozen_by_guard = 1, and prompt/drift_after is the drift the step ends with. A new batch can "
+        "measure the same prompt above the bound. Measured (cpu2 study, 3 seeds): 0.1 prevented the collapse at "
+        "prompt LR 1e-3, never acted at the reference LR, and no raised LR beat the reference LR with or without "
+        "it (docs/method.md, section 5).",
         min=0.0, min_exclusive=True,
     )
 

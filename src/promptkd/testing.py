@@ -7,6 +7,7 @@ few kilobytes in size.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -417,3 +418,16 @@ class FakeContext:
         opt.step()
         opt.zero_grad(set_to_none=True)
         return {f"{name}/grad_norm": grad_norm, f"{name}/lr": opt.param_groups[0]["lr"]}
+
+    def snapshot_update(self, name: str) -> dict:
+        params, opt = self.param_sets[name]
+        self.calls.append(("snapshot_update", name))
+        return {"params": [p.detach().clone() for p in params], "optimizer": copy.deepcopy(opt.state_dict())}
+
+    def restore_update(self, name: str, snapshot: dict) -> None:
+        params, opt = self.param_sets[name]
+        self.calls.append(("restore_update", name))
+        with torch.no_grad():
+            for p, saved in zip(params, snapshot["params"], strict=True):
+                p.copy_(saved)
+        opt.load_state_dict(snapshot["optimizer"])

@@ -17,9 +17,13 @@ One optimizer step (docs/method.md), for the micro-batches of this step:
    means, of the prompt before this step's update. Two guards read them:
    - collapse warning (promptkd.collapse_window): kl_to_student < drift for that many
      consecutive steps warns once: the prompted teacher now imitates the student;
-   - promptkd.max_drift: a step whose drift exceeds the bound skips its prompt update (the
-     prompt, its optimizer and its schedule pause; prompt/frozen_by_guard = 1) until the drift
-     is back under the bound, so the prompt overshoots the bound by at most one update.
+   - promptkd.max_drift: the prompt is only ever moved to a point whose drift on the step's
+     batch is within the bound. A step whose drift is already over the bound skips its prompt
+     update; otherwise the update is made, the drift of the updated prompt is measured on the
+     same batch (the forward that gives the student its targets, so no extra teacher forward)
+     and an update that left it over the bound is undone (prompt, optimizer state and schedule
+     restored; the targets are recomputed). Either way prompt/frozen_by_guard = 1, and
+     prompt/drift_after logs the drift, on the step's batch, of the prompt the step ends with.
 2. Student update, against the *updated* prompt:
        L_student = mean_R KL(p_S || sg p_TP)           -> student optimizer step
 
@@ -216,6 +220,23 @@ class PromptKD(Method):
                 stacklevel=2,
             )
 
+    def updated_prompt_drift(self, ctx: StepContext, batches: list[SequenceBatch], bases: list,
+                             masks: list[torch.Tensor], global_tokens: float) -> tuple[list, float]:
+        """(the updated prompt's outputs per micro-batch, its drift KL(p_TP || p_T) on them).
+
+        The outputs are the student's targets (the same no-grad forward step 2 would run), so
+        the guard costs the divergence only, unless it undoes the update. `bases` are the plain
+        teacher's outputs of step 1 on the same batches.
+        """
+        outs, drift_sum = [], 0.0
+        for batch, base, mask in zip(batches, bases, masks, strict=True):
+            with ctx.phase("teacher_fwd_target"), torch.no_grad(), ctx.autocast():
+                tp = self.prompted_outputs(ctx, batch)
+            with ctx.phase("losses"), torch.no_grad():
+                drift_sum += float(self.kl_from_prompted(tp, base, mask, reduction="sum"))
+            outs.append(tp)
+        return outs, ctx.reduce_sum(drift_sum) / max(global_tokens, 1.0)
+
     # ------------------------------------------------------------------ the step
     def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
         c = self.cfg.promptkd
@@ -230,6 +251,9 @@ class PromptKD(Method):
         # (B, R, V) logits, or (B, R, H) HiddenStates when ctx.chunked
         student_out: list[Outputs | None] = [None] * len(batches)
         lagged: list[Outputs | None] = [None] * len(batches)
+        targets: list[Outputs | None] = [None] * len(batches)  # the updated prompt's, once measured
+        guarded = c.max_drift is not None
+        bases: list[Outputs | None] = [None] * len(batches)  # kept for the guard's post-update drift
 
         # 1. prompt update: L_kd + lambda_k L_reg, gradients into the prompt only
         if not c.freeze_prompt:
@@ -256,6 +280,8 @@ class PromptKD(Method):
                 drift_sum += sums["drift"]
                 if c.lagged_target:
                     lagged[i] = tp.detach()
+                if guarded:
+                    bases[i] = base
                 with ctx.phase("backward_prompt"):
                     ctx.backward(loss * scale)
                 del tp, target, base, loss
@@ -274,8 +300,23 @@ class PromptKD(Method):
                 # not apply_update: Adam's momentum and weight decay would move a zero-gradient prompt
                 for p in self.prompt_params:
                     p.grad = None
+                if guarded:
+                    metrics["prompt/drift_after"] = drift
+            elif guarded:
+                snapshot = ctx.snapshot_update("prompt")
+                metrics.update(ctx.apply_update("prompt", metrics["prompt/loss"]))
+                targets, drift_after = self.updated_prompt_drift(ctx, batches, bases, masks, global_tokens)
+                if drift_after > c.max_drift:  # the update went past the bound: undo it
+                    ctx.restore_update("prompt", snapshot)
+                    targets = [None] * len(batches)
+                    metrics["prompt/frozen_by_guard"] = 1.0
+                    drift_after = drift
+                metrics["prompt/drift_after"] = drift_after
+                if c.lagged_target:
+                    targets = [None] * len(batches)
             else:
                 metrics.update(ctx.apply_update("prompt", metrics["prompt/loss"]))
+            bases = [None] * len(batches)
 
         # 2. student update: reverse KL to the prompted teacher with the *updated* prompt
         s_sum = 0.0
@@ -288,6 +329,8 @@ class PromptKD(Method):
                         target = self.prompted_outputs(ctx, batch, base=True)
                 elif c.lagged_target:
                     target = lagged[i]
+                elif targets[i] is not None:
+                    target = targets[i]  # measured by the drift guard
                 else:
                     with ctx.phase("teacher_fwd_target"), torch.no_grad(), ctx.autocast():
                         target = self.prompted_outputs(ctx, batch)
@@ -296,7 +339,7 @@ class PromptKD(Method):
                 s_sum += float(l_s.detach())
                 with ctx.phase("backward_student"):
                     ctx.backward(l_s * scale)
-            student_out[i] = lagged[i] = None
+            student_out[i] = lagged[i] = targets[i] = None
         metrics["student/loss"] = ctx.reduce_sum(s_sum) / max(global_tokens, 1.0)
         metrics.update(ctx.apply_update("student", metrics["student/loss"]))
         num_tokens = float(sum(m.sum() for m in masks))

@@ -18,6 +18,7 @@ forwards serve every loss as before.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -452,3 +453,23 @@ class TrainingContext:
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
                 scheduler.step()
         return out
+
+    def snapshot_update(self, name: str) -> dict:
+        """A copy of one parameter set's trained state (its parameters, optimizer state and
+        schedule) for `restore_update`: a method that judges an update by its effect takes the
+        snapshot before `apply_update` and restores it to undo the update (promptkd.max_drift).
+        Meant for small sets such as a soft prompt: everything is copied."""
+        ps = self.param_sets[name]
+        return {"params": [p.detach().clone() for p in ps.params],
+                "optimizer": copy.deepcopy(ps.optimizer.state_dict()),
+                "scheduler": copy.deepcopy(ps.scheduler.state_dict())}
+
+    def restore_update(self, name: str, snapshot: dict) -> None:
+        """Undo the updates since `snapshot_update(name)`: parameters, optimizer and schedule."""
+        ps = self.param_sets[name]
+        with torch.no_grad():
+            for p, saved in zip(ps.params, snapshot["params"], strict=True):
+                p.copy_(saved)
+        ps.optimizer.load_state_dict(snapshot["optimizer"])
+        ps.scheduler.load_state_dict(snapshot["scheduler"])
+        self.updates_applied += 1  # the trained state changed again
