@@ -24,9 +24,13 @@ Design
   another settings key (the preset changed) is "stale": excluded from the statistics, kept, and
   only re-run with --rerun-stale.
 - Init mismatch. When the rebuilt init's hash differs from init.json, the run REFUSES to start
-  cells (exit 3) and says so; --adopt-init makes the new init the study's reference (init.json
-  keeps the old hash in its history), after which cells trained from the old init are listed
-  separately and excluded from every mean and paired statistic. The report always checks each
+  cells (exit 3) and says so. The init is bit-exact only on the code revision that built it
+  (init.json "code"): on a fresh machine, rebuild it from a checkout of that revision into the
+  same cache (measured 2026-12-03: at 2d0f2f9 it hashed to init.json's 8a0f514d again; the
+  current code, with the chunked LM head, gave another hash and dev loss 5.307, not 5.325).
+  --adopt-init makes the new init the study's reference (init.json keeps the old hash in its
+  history), after which cells trained from the old init are listed separately and excluded
+  from every mean and paired statistic. The report always checks each
   cell's init hash against init.json.
 - Budget. --max-minutes (preset: 150) stops starting new cells when the elapsed time plus the
   cell's estimate would exceed it. Estimates: STEP_SECONDS etc. (the pilot of
@@ -554,8 +558,14 @@ def check_init(recorded: dict | None, new_hash: str, adopt: bool) -> tuple[str, 
     if adopt:
         return "adopt", msg + " --adopt-init: the new init becomes the study's reference; cells from the old " \
                               "init are excluded from means and paired statistics (listed in the report)."
-    return "refuse", msg + " Refusing to start cells. Rebuild on the same kind of machine (CPU, threads 1, " \
-                           "same torch), or pass --adopt-init to make the new init the reference."
+    code = recorded.get("code", "?")
+    rev = code.split()[1] if code.startswith("git ") and len(code.split()) > 1 else None
+    at_rev = (f" The init's SFT is only bit-exact on the code revision that built it ({code}; a later "
+              "revision's float rounding, such as the chunked LM head's, changes its bytes): move the cached "
+              f"init aside and rebuild it from a checkout of that revision (git worktree add DIR {rev}; "
+              "PYTHONPATH=DIR/src, the same --cache-dir), then run the sitting here." if rev else "")
+    return "refuse", msg + " Refusing to start cells." + at_rev + " Rebuild on the same kind of machine (CPU, " \
+                           "threads 1, same torch), or pass --adopt-init to make the new init the reference."
 
 
 # ----------------------------------------------------------------------------- preparation

@@ -357,6 +357,8 @@ def test_init_hash_check(study):
     assert study.check_init({"hash": "abc"}, "abc", False)[0] == "ok"
     action, msg = study.check_init({"hash": "abc"}, "def", False)
     assert action == "refuse" and "INIT MISMATCH" in msg and "--adopt-init" in msg
+    action, msg = study.check_init({"hash": "abc", "code": "git 2d0f2f9"}, "def", False)
+    assert action == "refuse" and "git worktree add DIR 2d0f2f9" in msg  # how to rebuild it bit for bit
     assert study.check_init({"hash": "abc"}, "def", True)[0] == "adopt"
 
 
