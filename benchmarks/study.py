@@ -25,9 +25,10 @@ Design
   only re-run with --rerun-stale.
 - Init mismatch. When the rebuilt init's hash differs from init.json, the run REFUSES to start
   cells (exit 3) and says so. The init is bit-exact only on the code revision that built it
-  (init.json "code"): on a fresh machine, rebuild it from a checkout of that revision into the
-  same cache (measured 2026-12-03: at 2d0f2f9 it hashed to init.json's 8a0f514d again; the
-  current code, with the chunked LM head, gave another hash and dev loss 5.307, not 5.325).
+  (init.json "code"), so a sitting on a machine without the init cached builds it with that
+  revision's code, from a temporary git worktree, into the same cache (init_build_revision;
+  measured 2026-12-03: at 2d0f2f9 it hashed to init.json's 8a0f514d again, while the current
+  code, with the chunked LM head, gave another hash and dev loss 5.307, not 5.325).
   --adopt-init makes the new init the study's reference (init.json keeps the old hash in its
   history), after which cells trained from the old init are listed separately and excluded
   from every mean and paired statistic. The report always checks each
@@ -53,7 +54,9 @@ import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -562,8 +565,9 @@ def check_init(recorded: dict | None, new_hash: str, adopt: bool) -> tuple[str, 
     rev = code.split()[1] if code.startswith("git ") and len(code.split()) > 1 else None
     at_rev = (f" The init's SFT is only bit-exact on the code revision that built it ({code}; a later "
               "revision's float rounding, such as the chunked LM head's, changes its bytes): move the cached "
-              f"init aside and rebuild it from a checkout of that revision (git worktree add DIR {rev}; "
-              "PYTHONPATH=DIR/src, the same --cache-dir), then run the sitting here." if rev else "")
+              "init aside (runs/init-* in the cache) and run the sitting again, which rebuilds it with that "
+              f"revision's code (by hand: git worktree add DIR {rev}; PYTHONPATH=DIR/src, the same --cache-dir)."
+              if rev else "")
     return "refuse", msg + " Refusing to start cells." + at_rev + " Rebuild on the same kind of machine (CPU, " \
                            "threads 1, same torch), or pass --adopt-init to make the new init the reference."
 
@@ -650,6 +654,41 @@ def eb_config(s: dict, paths: Paths, out: Path):
                               sampling=SamplingConfig(max_new_tokens=s["max_new_tokens"]),
                               max_prompt_length=s["eval_prompt_length"], seed=10, batch_size=s["eval_batch_size"],
                               out=str(out))
+
+
+def init_build_revision(init_rec: dict | None, current_code: str) -> str | None:
+    """The git revision to build a missing init from: the one that built the study's init
+    (init.json "code"), when it is a clean revision other than the current code's. The init's SFT
+    is bit-exact only on that revision: a later one's float rounding (the chunked LM head, for
+    one) changes its bytes. None: build it here (no init.json yet, the same revision, or a
+    revision with uncommitted changes, which cannot be checked out)."""
+    parts = (init_rec or {}).get("code", "").split()
+    if len(parts) != 2 or parts[0] != "git":
+        return None
+    current = current_code.split()
+    if len(current) >= 2 and current[:2] == parts:
+        return None
+    return parts[1]
+
+
+def build_init_at_revision(rev: str, scale: str, paths: Paths) -> None:
+    """Build the init into this study's cache with the study code of git `rev`: a temporary
+    worktree of that revision runs a sitting that starts no cell (its init is built, hashed and
+    cached; its results directory is thrown away). The current code then finds it cached."""
+    with tempfile.TemporaryDirectory(prefix="promptkd-init-") as tmp:
+        wt = Path(tmp) / "code"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(wt), rev], check=True,
+                       capture_output=True, text=True)
+        try:
+            env = dict(os.environ, PYTHONPATH=str(wt / "src"))
+            subprocess.run([sys.executable, str(wt / "benchmarks" / "reproduce.py"), "--scale", scale,
+                            "--cache-dir", str(paths.cache), "--data-dir", str(paths.data_dir),
+                            "--results-dir", str(Path(tmp) / "results"), "--max-minutes", "0.01"],
+                           env=env, cwd=wt, check=False)
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(wt)], capture_output=True)
+    if not (paths.init_model / "model.safetensors").is_file():
+        raise RuntimeError(f"building the init at git {rev} left no {paths.init_model / 'model.safetensors'}")
 
 
 def build_init(s: dict, paths: Paths) -> dict:
@@ -1636,6 +1675,11 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     prepare(s, paths)
+    rev = None if paths.init_model.is_dir() or args.adopt_init else init_build_revision(init_rec, code)
+    if rev:
+        log(f"init: building it with the code of git {rev}, the revision that built the study's init (its SFT is "
+            "bit-exact only there)")
+        build_init_at_revision(rev, args.scale, paths)
     log("init: building (deterministic SFT)" if not paths.init_model.is_dir() else "init: cached, checking its hash")
     info = build_init(s, paths)
     action, msg = check_init(init_rec, info["hash"], args.adopt_init)

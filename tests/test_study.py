@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -359,6 +360,38 @@ def test_init_hash_check(study):
     assert action == "refuse" and "INIT MISMATCH" in msg and "--adopt-init" in msg
     action, msg = study.check_init({"hash": "abc", "code": "git 2d0f2f9"}, "def", False)
     assert action == "refuse" and "git worktree add DIR 2d0f2f9" in msg  # how to rebuild it bit for bit
+
+
+def test_a_missing_init_is_built_with_the_code_of_the_revision_that_built_it(study, tmp_path, monkeypatch):
+    rec = {"hash": "abc", "code": "git 2d0f2f9"}
+    assert study.init_build_revision(rec, "git 8f34e09") == "2d0f2f9"
+    assert study.init_build_revision(rec, "git 2d0f2f9") is None  # the current code builds it
+    assert study.init_build_revision(rec, "git 2d0f2f9 with uncommitted changes") is None
+    assert study.init_build_revision({"hash": "abc", "code": "git cc01f1c with uncommitted changes"}, "git 1") is None
+    assert study.init_build_revision(None, "git 8f34e09") is None  # the first sitting records its own
+    calls = []
+    paths = study.Paths(study_dir=tmp_path / "results", cache=tmp_path / "cache", data_dir=tmp_path / "data",
+                        init_run=tmp_path / "cache" / "runs" / "init-x")
+
+    def fake_run(cmd, **kw):
+        calls.append((cmd, kw))
+        if "reproduce.py" in " ".join(map(str, cmd)):  # the old revision's sitting builds the init
+            assert kw["env"]["PYTHONPATH"] == str(Path(kw["cwd"]) / "src")
+            (paths.init_model).mkdir(parents=True)
+            (paths.init_model / "model.safetensors").write_bytes(b"w")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(study.subprocess, "run", fake_run)
+    study.build_init_at_revision("2d0f2f9", "cpu2", paths)
+    (add, _), (sitting, kw), (remove, _) = calls
+    assert add[-1] == "2d0f2f9" and "add" in add and "remove" in remove
+    assert sitting[sitting.index("--cache-dir") + 1] == str(paths.cache)  # into this study's cache
+    assert sitting[sitting.index("--scale") + 1] == "cpu2" and "--max-minutes" in sitting  # no cell starts
+    calls.clear()
+    (paths.init_model / "model.safetensors").unlink()
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", ""))
+    with pytest.raises(RuntimeError, match="left no"):
+        study.build_init_at_revision("2d0f2f9", "cpu2", paths)
     assert study.check_init({"hash": "abc"}, "def", True)[0] == "adopt"
 
 
