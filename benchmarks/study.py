@@ -1418,7 +1418,11 @@ def drift_section(s, labels, by_label, stats, results) -> list[str]:
              "Start / end: means over the first / last 10 optimizer steps (single steps are noisy). "
              "Collapse: kl_to_student < drift at the end (the prompted teacher is closer to the student than to "
              "the teacher). Warned at step: where each seed's run warned of collapse (promptkd.collapse_window "
-             f"{collapse_window()} consecutive steps with kl_to_student < drift; '-': no warning).", "",
+             f"{collapse_window()} consecutive steps with kl_to_student < drift; '-': no warning). Steps frozen by "
+             "guard: steps on which promptkd.max_drift left the prompt as it was, because its drift was over the "
+             "bound or because the update would have left it over the bound and was undone (the guard undoes such "
+             "updates since git 8f34e09; before, it only skipped steps over the bound, so a cell's code revision "
+             "says which guard it ran).", "",
              *table_head(["variant", "prompt LR", "guard", "seeds", "average ROUGE-L", "- GKD (95% CI; prompts only with 1 seed)",
                           "drift start -> end (max)", "kl_to_student start -> end", "steps frozen by guard",
                           "collapse", "warned at step (per seed)"])]
