@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -149,3 +150,25 @@ def test_mean_trained_tokens_reads_new_and_old_metrics(reproduce, tmp_path):
                  + json.dumps({"step": 2, "trained_tokens_per_s": 5.0, "step_time": 4.0}) + "\n")
     assert reproduce.mean_trained_tokens(f) == 15.0
     assert reproduce.mean_trained_tokens(tmp_path / "missing.jsonl") is None
+
+
+def test_git_revision_ignores_results_files(reproduce, tmp_path, monkeypatch):
+    """A cell's code revision is "with uncommitted changes" only when code differs from the commit,
+    not when an earlier sitting rewrote the committed results (report, plots, sittings.jsonl)."""
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "src" / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "README.md").write_text("report\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    clean = reproduce.git_revision()
+    assert clean.startswith("git ") and "uncommitted" not in clean
+    (tmp_path / "benchmarks" / "results" / "README.md").write_text("report, rewritten\n")
+    assert reproduce.git_revision() == clean
+    (tmp_path / "src" / "code.py").write_text("x = 2\n")
+    assert reproduce.git_revision() == clean + " with uncommitted changes"
