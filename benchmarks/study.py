@@ -562,7 +562,7 @@ def check_init(recorded: dict | None, new_hash: str, adopt: bool) -> tuple[str, 
         return "adopt", msg + " --adopt-init: the new init becomes the study's reference; cells from the old " \
                               "init are excluded from means and paired statistics (listed in the report)."
     code = recorded.get("code", "?")
-    rev = code.split()[1] if code.startswith("git ") and len(code.split()) > 1 else None
+    rev = clean_revision(code)
     at_rev = (f" The init's SFT is only bit-exact on the code revision that built it ({code}; a later "
               "revision's float rounding, such as the chunked LM head's, changes its bytes): move the cached "
               "init aside (runs/init-* in the cache) and run the sitting again, which rebuilds it with that "
@@ -656,19 +656,21 @@ def eb_config(s: dict, paths: Paths, out: Path):
                               out=str(out))
 
 
+def clean_revision(code: str) -> str | None:
+    """The commit of a recorded code revision "git <rev>"; None for one with uncommitted changes
+    (it cannot be checked out as it ran) or an unknown one."""
+    parts = code.split()
+    return parts[1] if len(parts) == 2 and parts[0] == "git" else None
+
+
 def init_build_revision(init_rec: dict | None, current_code: str) -> str | None:
     """The git revision to build a missing init from: the one that built the study's init
     (init.json "code"), when it is a clean revision other than the current code's. The init's SFT
     is bit-exact only on that revision: a later one's float rounding (the chunked LM head, for
     one) changes its bytes. None: build it here (no init.json yet, the same revision, or a
     revision with uncommitted changes, which cannot be checked out)."""
-    parts = (init_rec or {}).get("code", "").split()
-    if len(parts) != 2 or parts[0] != "git":
-        return None
-    current = current_code.split()
-    if len(current) >= 2 and current[:2] == parts:
-        return None
-    return parts[1]
+    rev = clean_revision((init_rec or {}).get("code", ""))
+    return None if rev is None or current_code.split()[1:2] == [rev] else rev
 
 
 def build_init_at_revision(rev: str, scale: str, paths: Paths) -> None:

@@ -306,14 +306,14 @@ class PromptKD(Method):
                 snapshot = ctx.snapshot_update("prompt")
                 metrics.update(ctx.apply_update("prompt", metrics["prompt/loss"]))
                 targets, drift_after = self.updated_prompt_drift(ctx, batches, bases, masks, global_tokens)
-                if drift_after > c.max_drift:  # the update went past the bound: undo it
+                undone = drift_after > c.max_drift
+                if undone:  # the update went past the bound: restore the prompt as it was
                     ctx.restore_update("prompt", snapshot)
-                    targets = [None] * len(batches)
                     metrics["prompt/frozen_by_guard"] = 1.0
                     drift_after = drift
-                metrics["prompt/drift_after"] = drift_after
-                if c.lagged_target:
+                if undone or c.lagged_target:  # step 2 recomputes them, or uses the lagged ones
                     targets = [None] * len(batches)
+                metrics["prompt/drift_after"] = drift_after
             else:
                 metrics.update(ctx.apply_update("prompt", metrics["prompt/loss"]))
             bases = [None] * len(batches)
