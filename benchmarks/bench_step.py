@@ -23,6 +23,8 @@ Variants (each in its own subprocess, so peak RSS is per variant):
              (default bf16 autocast, float32 loss maths), teacher gradient checkpointing off
   a_ckpt     as (a) with promptkd.teacher_gradient_checkpointing on (memory vs time)
   a_fp32     as (a) in float32 (the speed side of the bf16 comparison)
+  a_guard    as (a) with the drift guard promptkd.max_drift 0.1 (its cost: keeping the plain
+             teacher's outputs and one divergence per step; an undone update adds a forward)
   b          our GKD step, on-policy reverse KL (method gkd, lmbda 1, beta 1), precision of (a)
   c          the reference step re-implemented plainly (benchmarks/reference_step.py): float32,
              separate forwards, full-length logits, unchunked losses, per-sample batch rebuild
@@ -101,6 +103,7 @@ MARK = "@@BENCH "  # prefix of the protocol lines a worker writes to stdout
 VARIANTS = {
     "a": {"kind": "promptkd", "label": "(a) PromptKD (ours)"},
     "a_ckpt": {"kind": "promptkd", "label": "(a') PromptKD (ours), teacher grad. ckpt", "teacher_ckpt": True},
+    "a_guard": {"kind": "promptkd", "label": "(ag) PromptKD (ours), drift guard max_drift 0.1", "max_drift": 0.1},
     "a_fp32": {"kind": "promptkd", "label": "(a32) PromptKD (ours), float32", "precision": "no"},
     "b": {"kind": "gkd", "label": "(b) GKD, on-policy reverse KL (ours)"},
     "c": {"kind": "reference", "label": "(c) reference-style PromptKD step", "precision": "no"},
@@ -275,7 +278,8 @@ def _serve_ours(spec: dict, variant: dict) -> dict:
                 "cpu": True,
                 "chunked_lm_head": variant.get("chunked", spec["chunked_lm_head"]),
             },
-            "promptkd": {"teacher_gradient_checkpointing": bool(variant.get("teacher_ckpt", False))},
+            "promptkd": {"teacher_gradient_checkpointing": bool(variant.get("teacher_ckpt", False)),
+                         "max_drift": variant.get("max_drift")},
             **({"gkd": {"lmbda": 1.0, "divergence": "forward_kl"}} if variant.get("divergence") == "forward_kl"
                else {"gkd": {"lmbda": 1.0, "beta": 1.0, "divergence": "generalized_jsd"}}),
             # MiniLLM: the reference's defaults, rollouts every ppo_epochs steps
