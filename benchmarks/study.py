@@ -1485,8 +1485,8 @@ def guard_control_lines(s, labels, by_label) -> list[str]:
             a, b = recs[sd], twins[sd]
             step = first_difference(a, b)
             same = "identical training curves" if step is None else f"curves differ from step {step}"
-            parts.append(f"seed {sd}: {a['average'] - b['average']:+.2f} ({b.get('code', '?')} vs "
-                         f"{a.get('code', '?')}, {same})")
+            parts.append(f"seed {sd}: {a['average'] - b['average']:+.2f} ({n} on {a.get('code', '?')}, "
+                         f"{twin} on {b.get('code', '?')}; {same})")
         out += [f"Control: {n} never froze its prompt (the drift stayed under max_drift {s['max_drift']}), so it "
                 f"ran {twin}'s algorithm with the same seeds; {n} - {twin} per {'; '.join(parts)}. Where the "
                 "curves differ, the two cells ran on code revisions whose float rounding differs (for example "

@@ -472,7 +472,7 @@ def test_a_guard_that_never_acted_is_reported_as_an_a_a_control(study, cpu2):
     lines = study.guard_control_lines(cpu2, labels, {"PromptKD": base, "PromptKD-guard": guard})
     text = " ".join(lines)
     assert "PromptKD-guard never froze its prompt" in text
-    assert "seed 1: +0.00 (git abc vs git new, identical training curves)" in text
-    assert "seed 2: +0.25 (git abc vs git new, curves differ from step 2)" in text
+    assert "seed 1: +0.00 (PromptKD-guard on git new, PromptKD on git abc; identical training curves)" in text
+    assert "seed 2: +0.25 (PromptKD-guard on git new, PromptKD on git abc; curves differ from step 2)" in text
     guard[1]["curves"]["prompt/frozen_by_guard"][5][1] = 1.0
     assert study.guard_control_lines(cpu2, labels, {"PromptKD": base, "PromptKD-guard": guard}) == []
