@@ -195,7 +195,7 @@ class PromptKDSection:
         "prompt LR of 1e-3 took these from 1.96 / 0.05 to 0.18 / 0.92 (a student 0.97 ROUGE-L below GKD), "
         "while at the reference LR the drift stayed 0.04-0.05 below 1.15; 5 steps ignores one noisy batch. In "
         "the cpu2 study it warned at steps 91, 92 and 94 of 160 on the 3 collapsing seeds (prompt LR 1e-3) and "
-        "never on the 17 other PromptKD runs of the study.",
+        "never on the 18 other PromptKD runs of the study.",
         min=0,
     )
     max_drift: float | None = opt(
@@ -205,7 +205,7 @@ class PromptKDSection:
         "update that leaves the drift over it is undone (prompt, optimizer state and schedule restored); both "
         "log prompt/frozen_by_guard = 1, and prompt/drift_after is the drift the step ends with. A new batch can "
         "measure the same prompt above the bound. Measured (cpu2 study): 0.1 prevented the collapse at prompt LR "
-        "1e-3 (average ROUGE-L 7.16 against 4.52, 2 seeds), never acted at the reference LR, and no raised LR beat "
+        "1e-3 (average ROUGE-L 7.15 against 4.52, 3 seeds), never acted at the reference LR, and no raised LR beat "
         "the reference LR with or without it (docs/method.md, section 5).",
         min=0.0, min_exclusive=True,
     )
