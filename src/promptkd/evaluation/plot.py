@@ -8,6 +8,9 @@ rates (`*/lr`), trained tokens per second and, for a PromptKD run, the two dista
 prompted teacher: KL(p_TP || p_S) (`prompt/kl_to_student`, what L_kd drives down) and
 KL(p_TP || p_T) (`prompt/drift`, away from the real teacher). Where the drift line crosses
 above kl_to_student the prompted teacher imitates the student (docs/method.md, section 5).
+That panel also shows, from the run's config.yaml, the drift guard's bound (`promptkd.max_drift`)
+with the steps on which it held the prompt, and the step at which the run warned of collapse
+(`promptkd.collapse_window`). Its scale is logarithmic when the two distances are far apart.
 """
 
 from __future__ import annotations
@@ -45,8 +48,43 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
-def plot_metrics(records: list[dict], out: str | Path) -> Path:
-    """Write the panels of `records` (metrics.jsonl rows) to the PNG `out`; returns its path."""
+def read_promptkd_settings(run_dir: str | Path) -> dict:
+    """`max_drift` and `collapse_window` of the PromptKD run in RUN_DIR (its config.yaml); {} when
+    the file is missing, unreadable or of another method: the plot then has no such marks."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(cfg, dict) or cfg.get("method") != "promptkd" or not isinstance(cfg.get("promptkd"), dict):
+        return {}
+    return {k: cfg["promptkd"][k] for k in ("max_drift", "collapse_window") if cfg["promptkd"].get(k) is not None}
+
+
+def distance_marks(records: list[dict], settings: dict) -> dict:
+    """What the distances panel marks besides the two curves: `bound` (max_drift or None), `held`
+    (steps whose prompt/frozen_by_guard is 1) and `warned` (the step at which the run warned of
+    collapse, by the trainer's rule with the run's collapse_window; None if it did not)."""
+    from promptkd.methods.promptkd import collapse_warning_step
+
+    held = [r["step"] for r in records if r.get("prompt/frozen_by_guard") == 1]
+    points = [(r["step"], r["prompt/kl_to_student"], r["prompt/drift"]) for r in records
+              if isinstance(r.get("prompt/kl_to_student"), (int, float)) and isinstance(r.get("prompt/drift"), (int, float))]
+    window = settings.get("collapse_window", 0)
+    return {"bound": settings.get("max_drift"), "held": held,
+            "warned": collapse_warning_step(points, window) if window else None}
+
+
+def _wide_range(values: list[float], ratio: float = 20.0) -> bool:
+    positive = [v for v in values if v > 0]
+    return bool(positive) and max(positive) / min(positive) > ratio
+
+
+def plot_metrics(records: list[dict], out: str | Path, settings: dict | None = None) -> Path:
+    """Write the panels of `records` (metrics.jsonl rows) to the PNG `out`; returns its path.
+    `settings`: the run's PromptKD max_drift / collapse_window (read_promptkd_settings), for the
+    marks of the distances panel."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -71,10 +109,11 @@ def plot_metrics(records: list[dict], out: str | Path) -> Path:
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         values = [r[k] for k in panel_keys for r in records if isinstance(r.get(k), (int, float))]
-        positive = [v for v in values if v > 0]
-        if ylabel == "lr" and positive and max(positive) / min(positive) > 20:
+        if ylabel == "lr" and _wide_range(values):
             ax.set_yscale("log")  # a student LR next to a much larger prompt LR
-        if panel_keys:
+        if title.startswith("PromptKD"):
+            _mark_distances(ax, records, distance_marks(records, settings or {}), _wide_range(values))
+        elif panel_keys:
             ax.legend(fontsize="small")
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
@@ -87,8 +126,24 @@ def plot_metrics(records: list[dict], out: str | Path) -> Path:
     return out
 
 
+def _mark_distances(ax, records: list[dict], marks: dict, log_scale: bool) -> None:
+    if log_scale:
+        ax.set_yscale("log")  # a drift of 0.05 beside a KL to the student of 1.5
+    if marks["bound"] is not None:
+        ax.axhline(marks["bound"], color="grey", linestyle=":", linewidth=1, label=f"max_drift {marks['bound']:g}")
+    if marks["held"]:
+        drift = {r["step"]: r["prompt/drift"] for r in records if isinstance(r.get("prompt/drift"), (int, float))}
+        steps = [st for st in marks["held"] if st in drift]
+        ax.plot(steps, [drift[st] for st in steps], linestyle="none", marker="x", markersize=3, color="black",
+                label=f"prompt held by the guard ({len(marks['held'])} steps)")
+    if marks["warned"] is not None:
+        ax.axvline(marks["warned"], color="red", linestyle="--", linewidth=1,
+                   label=f"collapse warning (step {marks['warned']})")
+    ax.legend(fontsize="x-small", loc="center right", bbox_to_anchor=(1.0, 0.62), ncol=2, framealpha=0.85)
+
+
 def run_plot(cfg: PlotConfig) -> Path:
     """`promptkd plot`: RUN_DIR/metrics.jsonl -> cfg.out (default RUN_DIR/metrics.png)."""
     cfg.validate()
     records = read_metrics(cfg.run_dir)
-    return plot_metrics(records, cfg.out or Path(cfg.run_dir) / "metrics.png")
+    return plot_metrics(records, cfg.out or Path(cfg.run_dir) / "metrics.png", read_promptkd_settings(cfg.run_dir))
