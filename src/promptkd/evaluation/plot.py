@@ -26,6 +26,9 @@ DISTANCES = {"prompt/kl_to_student": "KL(p_TP || p_S)  kl_to_student", "prompt/d
              "prompt/kd": "KL(p_TP || p_S)  (prompt/kd)", "prompt/reg": "KL(p_TP || p_T)  (prompt/reg, lambda > 0 only)"}
 
 
+DISTANCES_TITLE = "PromptKD: prompted teacher's distances"
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of RUN_DIR/metrics.jsonl. Raises UserError for a missing, empty or bad file."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -99,7 +102,7 @@ def plot_metrics(records: list[dict], out: str | Path, settings: dict | None = N
     distances = [k for k in ("prompt/kl_to_student", "prompt/drift") if k in keys] or [
         k for k in ("prompt/kd", "prompt/reg") if k in keys]
     if distances:
-        panels.append(("PromptKD: prompted teacher's distances", distances, "KL (nats / token)"))
+        panels.append((DISTANCES_TITLE, distances, "KL (nats / token)"))
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.8 * len(panels)), sharex=True, squeeze=False)
     for ax, (title, panel_keys, ylabel) in zip(axes[:, 0], panels, strict=True):
         for k in panel_keys:
@@ -111,7 +114,7 @@ def plot_metrics(records: list[dict], out: str | Path, settings: dict | None = N
         values = [r[k] for k in panel_keys for r in records if isinstance(r.get(k), (int, float))]
         if ylabel == "lr" and _wide_range(values):
             ax.set_yscale("log")  # a student LR next to a much larger prompt LR
-        if title.startswith("PromptKD"):
+        if title == DISTANCES_TITLE:
             _mark_distances(ax, records, distance_marks(records, settings or {}), _wide_range(values))
         elif panel_keys:
             ax.legend(fontsize="small")
