@@ -255,40 +255,40 @@ def _serve_ours(spec: dict, variant: dict) -> dict:
     """(a), (a_ckpt), (a_fp32), (b): the library's Trainer + method, one step at a time."""
     import torch
 
-    from promptkd.config import config_from_dict
+    from promptkd.config import METHOD_SECTIONS, config_from_dict
     from promptkd.data.dataset import Example
     from promptkd.training.loop import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="worker_", dir=spec["work"]))
     method = variant["kind"]
-    cfg = config_from_dict(
-        {
-            "method": method,
-            "model": {"teacher": spec["teacher"], "student": spec["student"]},
-            "data": {"train": spec["train_file"], "max_prompt_length": spec["max_prompt_length"], "max_length": 512},
-            "sampling": {"max_new_tokens": spec["max_new_tokens"]},
-            "train": {
-                "output_dir": str(work / "run"),
-                "batch_size": spec["batch_size"],
-                "mixed_precision": variant["precision"],
-                "max_steps": spec["total_steps"],
-                "learning_rate": spec["learning_rate"],
-                "warmup_steps": spec["warmup_steps"],
-                "seed": spec["seed"],
-                "cpu": True,
-                "chunked_lm_head": variant.get("chunked", spec["chunked_lm_head"]),
-            },
-            "promptkd": {"teacher_gradient_checkpointing": bool(variant.get("teacher_ckpt", False)),
-                         "max_drift": variant.get("max_drift")},
-            **({"gkd": {"lmbda": 1.0, "divergence": "forward_kl"}} if variant.get("divergence") == "forward_kl"
-               else {"gkd": {"lmbda": 1.0, "beta": 1.0, "divergence": "generalized_jsd"}}),
-            # MiniLLM: the reference's defaults, rollouts every ppo_epochs steps
-            "minillm": {"ppo_epochs": variant.get("ppo_epochs", 4)},
-            # DistiLLM: every step on fresh student samples (phi 1, fixed; the buffer is never full),
-            # its most expensive kind of step; data and replay steps cost a KD step
-            "distillm": {"initial_student_prob": 1.0, "prob_step": 0.0},
-        }
-    )
+    settings = {
+        "method": method,
+        "model": {"teacher": spec["teacher"], "student": spec["student"]},
+        "data": {"train": spec["train_file"], "max_prompt_length": spec["max_prompt_length"], "max_length": 512},
+        "sampling": {"max_new_tokens": spec["max_new_tokens"]},
+        "train": {
+            "output_dir": str(work / "run"),
+            "batch_size": spec["batch_size"],
+            "mixed_precision": variant["precision"],
+            "max_steps": spec["total_steps"],
+            "learning_rate": spec["learning_rate"],
+            "warmup_steps": spec["warmup_steps"],
+            "seed": spec["seed"],
+            "cpu": True,
+            "chunked_lm_head": variant.get("chunked", spec["chunked_lm_head"]),
+        },
+        "promptkd": {"teacher_gradient_checkpointing": bool(variant.get("teacher_ckpt", False)),
+                     "max_drift": variant.get("max_drift")},
+        **({"gkd": {"lmbda": 1.0, "divergence": "forward_kl"}} if variant.get("divergence") == "forward_kl"
+           else {"gkd": {"lmbda": 1.0, "beta": 1.0, "divergence": "generalized_jsd"}}),
+        # MiniLLM: the reference's defaults, rollouts every ppo_epochs steps
+        "minillm": {"ppo_epochs": variant.get("ppo_epochs", 4)},
+        # DistiLLM: every step on fresh student samples (phi 1, fixed; the buffer is never full),
+        # its most expensive kind of step; data and replay steps cost a KD step
+        "distillm": {"initial_student_prob": 1.0, "prob_step": 0.0},
+    }
+    # only the measured method's section: another method's section is a config error
+    cfg = config_from_dict({k: v for k, v in settings.items() if k == method or k not in METHOD_SECTIONS})
     timer = PhaseTimer()
     # the trainer reports each named phase of a step (generation, forwards, losses, backward,
     # optimizer) through its supported on_phase hook

@@ -91,6 +91,10 @@ STUDY_SCALES = {
         threads=1, workers=2, max_minutes=30, n_boot=2000,
     ),
 }
+# The study's cells generated and evaluated without autocast (in the eval_dtype weights), before
+# `mixed_precision: auto` became the default of generate / eval / exposure-bias; kept, so that a
+# cell re-run reproduces the recorded ones.
+RECORDED_EVAL_PRECISION = "no"
 # knobs that do not change any result (they are left out of the cells' settings key)
 RUNTIME_KNOBS = {"threads", "workers", "max_minutes", "n_boot"}
 INIT_SEED = 1
@@ -653,7 +657,7 @@ def eb_config(s: dict, paths: Paths, out: Path):
                               num_prompts=s["eb_prompts"], samples_per_prompt=s["eb_samples"],
                               sampling=SamplingConfig(max_new_tokens=s["max_new_tokens"]),
                               max_prompt_length=s["eval_prompt_length"], seed=10, batch_size=s["eval_batch_size"],
-                              out=str(out))
+                              out=str(out), mixed_precision=RECORDED_EVAL_PRECISION)
 
 
 def clean_revision(code: str) -> str | None:
@@ -829,7 +833,8 @@ def seqkd_data(s: dict, paths: Paths, seed: int, out: Path) -> dict:
         part = out.with_name(out.name + ".part")
         run_generation(GenerateConfig(model=str(paths.teacher), data=str(prompts), out=str(part),
                                       batch_size=s["batch_size"], max_prompt_length=s["max_prompt_length"], seed=seed,
-                                      sampling=SamplingConfig(max_new_tokens=s["max_new_tokens"])),
+                                      sampling=SamplingConfig(max_new_tokens=s["max_new_tokens"]),
+                                      mixed_precision=RECORDED_EVAL_PRECISION),
                        show_progress=False)
         gen = [x for x in part.read_text(encoding="utf-8").splitlines() if x.strip()]
         if len(gen) != n:
@@ -872,7 +877,8 @@ def eval_job(s: dict, paths: Paths, model: Path, out: Path):
     return EvalConfig(model=str(model), out=str(out), datasets=["dolly", "selfinst", "vicuna", str(paths.sinst_file)],
                       data_dir=str(paths.data_dir), seeds=[s["eval_seed"]], batch_size=s["eval_batch_size"],
                       max_prompt_length=s["eval_prompt_length"], limit=s["eval_limit"] or None, dtype=s["eval_dtype"],
-                      sampling=replace(protocol.sampling, max_new_tokens=s["max_new_tokens"]))
+                      sampling=replace(protocol.sampling, max_new_tokens=s["max_new_tokens"]),
+                      mixed_precision=RECORDED_EVAL_PRECISION)
 
 
 STAGES_FILE = "stages.json"  # in a cell's run directory: where and how long each of its stages ran

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Install promptkd (+ test extras) into the active Python environment.
-#   bash scripts/install.sh            # library + tests
-#   EXTRAS=dev bash scripts/install.sh
+# Install promptkd into the active Python environment, with the extras that the README's two commands
+# need: `promptkd demo` (gguf: the demo's SmolLM2 GGUF file) and `python -m pytest` (test, which
+# includes plot: matplotlib).
+#   bash scripts/install.sh            # library + demo + tests
+#   EXTRAS=dev,gguf bash scripts/install.sh
 # If a CPU build of torch 2.13.0 is available on this machine's local wheel store, it is used
 # (no multi-GB CUDA download); elsewhere pip picks torch as usual from the `torch>=2.2` bound.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${EXTRAS:-test}"
+EXTRAS="${EXTRAS:-test,gguf}"
 PIP="python -m pip"
 if ! python -c "import torch" 2>/dev/null; then
   if $PIP install -q --no-index --no-deps "torch==2.13.0" 2>/dev/null; then

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot
 torch.set_num_threads(1)
+
+
+
+def _pin_precision_probe() -> None:
+    """`mixed_precision: auto` must choose the same on every CPU the suite runs on: the bf16
+    probe's cached answer (promptkd.precision) is injected as "emulated" (so auto = float32),
+    in a cache directory of the test session's own, which subprocesses inherit. Tests of the
+    decision itself inject their own answer."""
+    import atexit
+    import json
+    import shutil
+    import tempfile
+
+    from promptkd import precision
+
+    cache = Path(tempfile.mkdtemp(prefix="promptkd-test-cache-"))
+    (cache / precision.CACHE_FILE).write_text(json.dumps({precision.machine_key(): 40.0}), encoding="utf-8")
+    os.environ["PROMPTKD_CACHE"] = str(cache)
+    atexit.register(shutil.rmtree, cache, True)
+
+
+_pin_precision_probe()
 
 
 @pytest.fixture

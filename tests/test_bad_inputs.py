@@ -248,6 +248,25 @@ def test_output_dir_holding_a_run_is_refused(tmp_path, pair, tiny_jsonl, capsys)
     assert (run / "config.yaml").read_text() == "method: sft\n"
 
 
+def test_errors_raised_to_python_callers_name_the_trainer_arguments(tmp_path, pair, tiny_jsonl):
+    """The command line's wording (--resume, --overwrite) is the CLI's; Python callers read theirs."""
+    from promptkd.config import load_config
+    from promptkd.errors import UserError
+    from promptkd.training.loop import Trainer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: sft\n")
+    cfg = load_config(write_config(tmp_path, *pair, tiny_jsonl))
+    with pytest.raises(UserError) as e:
+        Trainer(cfg, show_progress=False).setup()
+    assert str(e.value) == (f"output directory {run} already holds a run; pass resume=True to continue it or "
+                            "overwrite=True to replace it")
+    assert e.value.cli == f"output directory {run} already holds a run; pass --resume to continue it or --overwrite to replace it"
+    with pytest.raises(UserError, match=r"^resume=True: no complete checkpoint under .*start without resume=True\)$"):
+        Trainer(cfg, resume=True, show_progress=False).setup()
+
+
 def test_resume_without_checkpoint_or_run(tmp_path, pair, tiny_jsonl, capsys):
     user_error(capsys, ["train", "--resume", str(tmp_path / "nothing")], "no config.yaml there")
     cfg = write_config(tmp_path, *pair, tiny_jsonl)

@@ -34,7 +34,6 @@ from promptkd.testing import FakeContext, byte_tokenizer, tiny_llama
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
     pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning"),
-    pytest.mark.filterwarnings("ignore:model.teacher is set but method 'sft' uses no teacher:UserWarning"),
 ]
 
 K = 4  # max_steps: lambda_k = 0.75, 0.5 in the two steps

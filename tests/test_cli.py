@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 
 import pytest
 import yaml
 
 from promptkd import cli
+from promptkd import config as config_module
 from promptkd.cli import build_parser, flag_for, main
-from promptkd.config import COMMANDS
+from promptkd.config import COMMANDS, METHOD_SECTIONS, METHODS
+from promptkd.methods import get_method_class
 from promptkd.options import leaves, type_name
 
 SUBCOMMANDS = ["train", "generate", "make-student", "eval", "exposure-bias", "demo", "plot", "config-reference"]
@@ -35,6 +39,35 @@ def test_top_level_help(capsys):
     out = capsys.readouterr().out
     for cmd in SUBCOMMANDS:
         assert cmd in out
+
+
+def test_top_level_help_names_every_method_of_the_registry(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"({', '.join(METHODS)})" in out
+    assert [get_method_class(name).name for name in METHODS] == list(METHODS)
+
+
+def test_console_lines_have_no_source_lines_and_transformers_bars_need_verbose(monkeypatch, capsys):
+    """Warnings print as one `promptkd: warning:` line; transformers' per-load and per-save bars
+    ("Loading weights", "Writing model shards") are off unless -v; both are restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    seen = []
+    monkeypatch.setitem(cli.RUN, "plot", lambda cfg, args: seen.append(
+        (warnings.formatwarning("warm-up too long", UserWarning, "loop.py", 759, "self.setup()"),
+         hf_logging.is_progress_bar_enabled())) or 0)
+    hf_logging.enable_progress_bar()
+    try:
+        assert main(["plot", "r"]) == 0 and main(["-v", "plot", "r"]) == 0
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.disable_progress_bar()  # as tests/conftest.py keeps it
+    assert seen == [("promptkd: warning: warm-up too long\n", False), ("promptkd: warning: warm-up too long\n", True)]
+    assert "loop.py" in warnings.formatwarning("x", UserWarning, "loop.py", 759, "self.setup()")
+    record = logging.LogRecord("promptkd.training.loop", logging.WARNING, "loop.py", 1, "a %s", ("notice",), None)
+    assert cli._Console().format(record) == "promptkd: warning: a notice"
 
 
 def write_config(tmp_path, teacher, student, data, **train):
@@ -119,12 +152,40 @@ def test_plot_a_real_run_and_bad_directories(tmp_path, tiny_pair_dirs, tiny_json
     assert "'run_dir' is not set" in capsys.readouterr().err
 
 
-def test_make_student_cli(tmp_path, tiny_pair_dirs):
+def test_a_feature_whose_extra_is_missing_prints_the_pip_command(tmp_path, monkeypatch, capsys):
+    """gguf (.gguf models: the demo's) and matplotlib (plots) are extras: without one, one line says
+    what to install (import failures simulated)."""
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "student/loss": 1.0}) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["plot", str(run)]) == 2
+    assert capsys.readouterr().err == ("promptkd: error: promptkd plot needs the 'matplotlib' package, which is not "
+                                       "installed: pip install matplotlib (promptkd's 'plot' extra)\n")
+    assert main(["exposure-bias", "--student", "s", "--teacher", "t", "--out", str(tmp_path / "eb")]) == 2
+    assert "the exposure-bias plot needs the 'matplotlib' package" in capsys.readouterr().err
+    model = tmp_path / "model.Q4_0.gguf"
+    model.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    monkeypatch.setenv("PROMPTKD_DENSE_GGUF", "0")
+    assert main(["make-student", "--teacher", str(model), "--num-layers", "1", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == (f"promptkd: error: loading the GGUF file {model.name} needs the 'gguf' package, "
+                                       "which is not installed: pip install gguf (promptkd's 'gguf' extra)\n")
+
+
+def test_make_student_cli(tmp_path, tiny_pair_dirs, capsys):
     teacher, _ = tiny_pair_dirs
     out = tmp_path / "student"
     assert main(["make-student", "--teacher", str(teacher), "--layers", "0,3", "--out", str(out)]) == 0
     info = json.loads((out / "promptkd_student.json").read_text())
     assert info["layers"] == [0, 3]
+    # a pruned student writes gibberish: the command says it must be healed first, and how
+    said = capsys.readouterr().out
+    assert "Heal it before distilling" in said and "(KD or SFT)" in said
+    assert (f"promptkd train --config configs/kd.yaml --model.teacher {teacher} --model.student {out} "
+            f"--train.output_dir {out}-healed") in said
 
 
 def test_generate_cli_is_resumable(tmp_path, tiny_pair_dirs, tiny_jsonl):
@@ -227,6 +288,9 @@ CASES = [(command, leaf) for command, cls in COMMANDS.items() for leaf in leaves
 def test_every_config_key_is_a_flag_that_round_trips(monkeypatch, command, leaf):
     value = other_value(leaf)
     flags = {**REQUIRED[command], leaf.key: value}
+    if command == "train" and leaf.key.split(".")[0] in METHOD_SECTIONS:
+        # a method's knob under another method is an error (tests/test_config.py); only the flag is tested here
+        monkeypatch.setattr(config_module, "_method_knob_problems", lambda cfg: [])
     if command == "make-student" and leaf.key == "layers":
         del flags["num_layers"]
     cfg = parsed(monkeypatch, command, flags)

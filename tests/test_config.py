@@ -15,9 +15,11 @@ from promptkd.config import (
     GenerateConfig,
     config_from_dict,
     config_reference_markdown,
+    fit_warmup,
     load_command_config,
     load_config,
     parse_overrides,
+    validate_config,
 )
 from promptkd.errors import ConfigError, UserError
 from promptkd.options import leaves
@@ -138,10 +140,13 @@ def test_config_reference_lists_every_key():
         assert key in ref
 
 
-def test_readme_config_reference_is_current():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("<!-- config-reference:start -->\n", 1)[1].split("<!-- config-reference:end -->", 1)[0]
-    assert section == config_reference_markdown(), "run: python scripts/update_readme_config.py"
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_docs_config_reference_is_current(command):
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    start, end = f"<!-- config-reference:{command}:start -->\n", f"<!-- config-reference:{command}:end -->"
+    assert start in page and end in page, f"docs/configuration.md has no table for '{command}'"
+    section = page.split(start, 1)[1].split(end, 1)[0]
+    assert section == config_reference_markdown(command), "run: python scripts/update_config_reference.py"
 
 
 def test_seqkd_default_is_the_references_half_ce_half_forward_kl():
@@ -149,7 +154,7 @@ def test_seqkd_default_is_the_references_half_ce_half_forward_kl():
     scripts/gpt2/seqkd/seqkd_base.sh): the default and every shipped seqkd recipe use 0.5."""
     seqkd = {"method": "seqkd", "model": {"teacher": "t", "student": "s"}, "data": {"teacher_responses": "r.jsonl"}}
     assert config_from_dict(seqkd).seqkd.kd_ratio == 0.5
-    with pytest.raises(ConfigError, match="--seqkd.kd_ratio 0"):  # 0.5 needs the teacher
+    with pytest.raises(ConfigError, match="seqkd.kd_ratio 0 trains"):  # 0.5 needs the teacher
         config_from_dict({**seqkd, "model": {"student": "s"}})
     recipes = [load_config(p) for p in SHIPPED if "accelerate" not in p.parts]
     shipped = [c for c in recipes if c.method == "seqkd"]
@@ -189,8 +194,39 @@ def test_knobs_the_divergence_reads_or_nobody_set_are_fine():
     config_from_dict({**MINIMAL, "method": "kd", "kd": {"divergence": "generalized_jsd", "beta": 0.3}})
     config_from_dict({**MINIMAL, "method": "kd", "kd": {"divergence": "skew_reverse_kl", "alpha": 0.3}})
     config_from_dict({**MINIMAL, "method": "gkd", "gkd": {"divergence": "reverse_kl"}})  # defaults left alone
-    # another method's section is ignored as a whole (the trainer warns), not an error
-    config_from_dict({**MINIMAL, "method": "promptkd", "kd": {"divergence": "forward_kl", "beta": 0.3}})
+
+
+def test_another_methods_section_is_an_error_naming_the_section_and_the_method(tmp_path):
+    """A `gkd:` section under method promptkd, in YAML or as flags, would be silently ignored."""
+    expected = ["the 'gkd' section sets gkd.lmbda, gkd.beta but method is 'promptkd', which never reads that "
+                "section: remove it, or set method gkd"]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "method": "promptkd", "gkd": {"beta": 0.5, "lmbda": 0.5}}))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.problems == expected
+    path.write_text(yaml.safe_dump({**MINIMAL, "method": "promptkd"}))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["--gkd.beta", "0.5", "--gkd.lmbda=0.5"])
+    assert e.value.problems == expected
+    # a section at its defaults changes nothing: every saved config.yaml holds one for each method
+    config_from_dict({**MINIMAL, "method": "promptkd", "gkd": {"beta": 1.0}})
+    cfg = config_from_dict({**MINIMAL, "method": "promptkd"})
+    cfg.kd.kd_ratio = 0.9  # set in Python
+    with pytest.raises(ConfigError, match="the 'kd' section sets kd.kd_ratio but method is 'promptkd'"):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize(("warmup", "max_steps", "fitted"), [(100, 3, 0), (100, 100, 10), (100, 250, 100), (0, 3, 0)])
+def test_a_warmup_as_long_as_the_run_is_scaled_to_a_tenth_of_it(warmup, max_steps, fitted):
+    cfg = config_from_dict({**MINIMAL, "train": {"warmup_steps": warmup, "max_steps": max_steps}})
+    out, note = fit_warmup(cfg)
+    assert out.train.warmup_steps == fitted and cfg.train.warmup_steps == warmup  # the caller's config is kept
+    if warmup < max_steps:
+        assert out is cfg and note is None
+    else:
+        assert note == (f"train.warmup_steps = {warmup} is not shorter than train.max_steps = {max_steps}: warming up "
+                        f"over {fitted} steps instead (a tenth of the run); set train.warmup_steps to choose")
 
 
 def test_knob_set_in_python_counts_when_it_differs_from_its_default():

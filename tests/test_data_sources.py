@@ -171,3 +171,81 @@ def test_named_eval_set_goes_to_the_hub_not_to_shared_beside_the_cwd(tmp_path, m
     monkeypatch.delenv(DATA_DIR_ENV)
     assert [r.instruction for r in load_eval_set("dolly", data_dir=shared)] == ["local"]  # and --data-dir
     assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------- unreachable sources fail fast
+
+
+def test_a_dev_source_that_cannot_be_read_fails_before_the_models_load_naming_its_key(
+    tmp_path, monkeypatch, tiny_pair_dirs, tiny_jsonl
+):
+    """Offline (HF_HUB_OFFLINE, set for every test by conftest.py) a Hub id without a cached copy fails
+    at once, before any model loads, and the message names data.dev and how to use local data."""
+    import datasets
+
+    from promptkd.errors import UserError
+    from promptkd.training import loop
+
+    assert datasets.config.HF_HUB_OFFLINE
+    monkeypatch.setattr(loop, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("a model loaded first"))
+    teacher, student = tiny_pair_dirs
+    cfg = config_from_dict({"model": {"teacher": str(teacher), "student": str(student)},
+                            "data": {"train": str(tiny_jsonl), "dev": "promptkd-tests/no-such-dataset",
+                                     "dev_data_files": "raw.jsonl", "dev_split": "train[:1000]"},
+                            "train": {"output_dir": str(tmp_path / "run"), "mixed_precision": "no"}})
+    with pytest.raises(UserError) as e:
+        loop.Trainer(cfg, show_progress=False).setup()
+    message = str(e.value)
+    assert message.startswith("data.dev: could not load 'promptkd-tests/no-such-dataset'"), message
+    assert "HF_HUB_OFFLINE" in message and "give a local JSONL file instead" in message
+    cfg.data.dev, cfg.data.train = None, str(tmp_path / "missing.jsonl")
+    with pytest.raises(UserError, match=r"^data.train: data file not found: '.*missing.jsonl'"):
+        loop.Trainer(cfg, show_progress=False).setup()
+
+
+def test_without_a_network_one_quick_probe_fails_and_datasets_never_retries(monkeypatch):
+    """Online mode with no network: datasets.load_dataset would retry for about 30 s; one request
+    without retries decides instead."""
+    import datasets
+    import huggingface_hub
+
+    from promptkd.data.records import load_records
+    from promptkd.errors import UserError
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    probes = []
+
+    def no_network(self, repo_id, **kwargs):
+        probes.append((repo_id, kwargs))
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", no_network)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("datasets retries an unreachable Hub"))
+    with pytest.raises(UserError) as e:
+        load_records("MiniLLM/dolly", split="train[:1000]", data_files="raw.jsonl")
+    assert probes == [("MiniLLM/dolly", {"timeout": 10})]
+    assert str(e.value) == (
+        "'MiniLLM/dolly' is not a local file or directory, and the Hugging Face Hub cannot be reached "
+        "(ConnectionError: [Errno -2] Name or service not known): give a local JSONL file instead, or set "
+        "HF_HUB_OFFLINE=1 to read a copy in the datasets cache")
+
+
+def test_eval_without_a_local_copy_fails_before_the_model_loads_naming_data_dir(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    from promptkd.cli import main
+    from promptkd.evaluation import runner
+
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(runner, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model loaded first"))
+
+    def offline(*args, **kwargs):  # what datasets raises offline without a cached copy
+        raise ConnectionError("Couldn't reach 'MiniLLM/dolly' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert main(["eval", "--model", "m", "--out", str(tmp_path / "out"), "--datasets", "dolly"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("promptkd: error: evaluation set 'dolly': no local copy (dolly_eval.jsonl under data_dir / "
+                          "--data-dir or $PROMPTKD_DATA_DIR)"), err
+    assert err.rstrip().endswith("Point data_dir (--data-dir) or PROMPTKD_DATA_DIR at a directory that holds "
+                                 "dolly_eval.jsonl") and len(err.splitlines()) == 1

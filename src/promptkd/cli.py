@@ -17,7 +17,9 @@ in either. A value is read as YAML (`true`, `null`, `1e-4`), a list as comma-sep
 override it. The result goes through the config's one validator, which reports every problem
 at once; subcommands then only call the library function that takes the config.
 
-User errors (bad files, flags, values) print `promptkd: error: ...` and exit 2.
+User errors (bad files, flags, values) print `promptkd: error: ...` and exit 2; warnings print as
+`promptkd: warning: ...` lines, without source lines. -v adds debug logs and transformers' model
+loading / saving progress bars.
 Training that diverged under `train.nonfinite stop` (NaN/Inf loss or gradient) prints one line
 `promptkd: training stopped: ...` and exits 3; its last step is checkpointed, so the run can
 continue with --resume once the cause is fixed. SIGINT (Ctrl-C) or SIGTERM during training
@@ -28,11 +30,13 @@ finishes the current step, checkpoints it, prints one line saying how to resume 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 
 import yaml
@@ -40,7 +44,7 @@ import yaml
 from promptkd.errors import NonFiniteError, TrainingInterrupted, UserError
 
 HELP = {
-    "train": "Distil a student (PromptKD, GKD, KD, SeqKD, SFT) from a YAML config.",
+    "train": "Distil a student with one of the methods ({methods}) from a YAML config.",
     "generate": "Sample responses for a JSONL of prompts (SeqKD teacher data); resumable.",
     "make-student": "Build a depth-pruned student from a teacher's layers.",
     "eval": "ROUGE-L evaluation protocol (docs/method.md, section 7): sampled responses, several seeds.",
@@ -108,14 +112,15 @@ def _add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from promptkd.config import COMMANDS
+    from promptkd.config import COMMANDS, METHODS
 
     p = _Parser(prog="promptkd", description="Knowledge distillation of generative LMs (PromptKD and baselines).")
     p.add_argument("--verbose", "-v", action="store_true", help="Debug logging.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for command in COMMANDS:
-        s = sub.add_parser(command, help=HELP[command], description=HELP[command], allow_abbrev=False)
+        text = HELP[command].format(methods=", ".join(METHODS))
+        s = sub.add_parser(command, help=text, description=text, allow_abbrev=False)
         if command == "train":
             s.add_argument("--config", help="YAML config file (see configs/). With --resume RUN_DIR it defaults to RUN_DIR/config.yaml.")
             s.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
@@ -225,7 +230,11 @@ def _cmd_make_student(cfg, args) -> int:
 
     cfg.validate()
     out = make_student_from_path(cfg.teacher, cfg.out, layers=cfg.layers, num_layers=cfg.num_layers, dtype=cfg.dtype)
-    print(f"student saved to {out}")
+    healed = out.with_name(out.name + "-healed")
+    print(f"student saved to {out}\n"
+          "Heal it before distilling: a pruned student writes gibberish until it is trained on the task (KD or SFT), "
+          f"e.g.\n  promptkd train --config configs/kd.yaml --model.teacher {cfg.teacher} --model.student {out} "
+          f"--train.output_dir {healed}\nthen distil into {healed}/final/student.")
     return 0
 
 
@@ -268,12 +277,26 @@ RUN = {
 }
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """warnings.formatwarning for the console: the message without the source line that warned."""
+    return f"promptkd: warning: {message}\n"
+
+
+class _Console(logging.Formatter):
+    """Log records as the console's other lines (`promptkd: warning: ...`); -v adds logger names."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return f"promptkd: {record.levelname.lower()}: {record.message}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         args, rest = build_parser().parse_known_args(_canonical_flags(argv))
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if args.verbose else _Console())
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[console])
         if args.command == "config-reference":
             if rest:
                 raise UserError(f"unrecognized arguments: {' '.join(rest)}")
@@ -282,19 +305,24 @@ def main(argv: list[str] | None = None) -> int:
             print(config_reference_markdown(args.reference_command), end="")
             return 0
         cfg = config_from_args(args.command, args, rest)
-        return RUN[args.command](cfg, args)
+        from promptkd.models.loading import no_transformers_progress_bars
+
+        with contextlib.nullcontext() if args.verbose else no_transformers_progress_bars():
+            return RUN[args.command](cfg, args)
     except UserError as e:
-        print(f"promptkd: error: {e}", file=sys.stderr)
+        print(f"promptkd: error: {e.cli}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
-        print(f"promptkd: training stopped: {e}", file=sys.stderr)
+        print(f"promptkd: training stopped: {e.cli}", file=sys.stderr)
         return 3
     except TrainingInterrupted as e:
-        print(f"promptkd: {e}", file=sys.stderr)
+        print(f"promptkd: {e.cli}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("promptkd: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ validate them again. The resolved train config is saved beside every checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from promptkd.data.templates import TEMPLATE_NAMES
 from promptkd.errors import ConfigError, UserError
 from promptkd.losses import DIVERGENCES
 from promptkd.options import ConfigBase, field_problems, opt, reference_markdown, was_given
+from promptkd.precision import PRECISIONS
 from promptkd.sampling import SamplingConfig
 
 METHODS = ("promptkd", "gkd", "kd", "seqkd", "sft", "minillm", "distillm")
@@ -40,6 +42,16 @@ ENDED_MODES = ("zero", "alive")  # exposure bias: how responses that ended befor
 
 def _dtype_opt(help: str):
     return opt("float32", help, choices=list(DTYPE_NAMES))
+
+
+def _precision_opt(what: str):
+    return opt(
+        "auto",
+        what + " auto = bf16 on a GPU that supports it and on a CPU that computes bf16 natively (a cached matmul "
+        "probe decides), float32 elsewhere; no = float32; fp16 is for CUDA. The choice is logged and recorded "
+        "with the outputs.",
+        choices=list(PRECISIONS),
+    )
 
 
 # =========================================================================== train
@@ -122,13 +134,14 @@ class TrainConfig:
         "constant_with_warmup", "LR schedule (reference code: constant after warm-up).",
         choices=["constant_with_warmup", "linear", "cosine", "constant"],
     )
-    warmup_steps: int = opt(100, "Linear warm-up steps (reference code: 100).", min=0)
+    warmup_steps: int = opt(
+        100, "Linear warm-up steps (reference code: 100). A warm-up not shorter than train.max_steps is cut to "
+        "max_steps // 10, with one line saying so.", min=0,
+    )
     max_grad_norm: float = opt(1.0, "Gradient-norm clip per parameter set (reference code: 1.0); 0 disables.", min=0.0)
-    mixed_precision: str = opt(
-        "no",
+    mixed_precision: str = _precision_opt(
         "Autocast for model compute; loss maths stays float32. bf16 (fp16 on CUDA) also holds the frozen "
-        "teacher's linear weights in that dtype (same results, less memory).",
-        choices=["no", "bf16", "fp16"],
+        "teacher's linear weights in that dtype (same results, less memory)."
     )
     gradient_checkpointing: bool = opt(False, "Gradient checkpointing for the student.")
     fused_losses: bool = opt(
@@ -191,11 +204,8 @@ class PromptKDSection:
     collapse_window: int = opt(
         5,
         "Warn once when KL(p_TP || p_S) < KL(p_TP || p_T) (the prompted teacher closer to the student than to "
-        "the teacher) for this many consecutive steps; 0 = off. Our choice: in the pilot (docs/method.md, section 5) a "
-        "prompt LR of 1e-3 took these from 1.96 / 0.05 to 0.18 / 0.92 (a student 0.97 ROUGE-L below GKD), "
-        "while at the reference LR the drift stayed 0.04-0.05 below 1.15; 5 steps ignores one noisy batch. In "
-        "the cpu2 study it warned at steps 91, 92 and 94 of 160 on the 3 collapsing seeds (prompt LR 1e-3) and "
-        "never on the 18 other PromptKD runs of the study.",
+        "the teacher) for this many consecutive steps; 0 = off. More than one step, so one noisy batch does not "
+        "warn (docs/method.md, section 5).",
         min=0,
     )
     max_drift: float | None = opt(
@@ -204,9 +214,8 @@ class PromptKDSection:
         "to a point within it: a step whose drift is already over the bound skips its prompt update, and an "
         "update that leaves the drift over it is undone (prompt, optimizer state and schedule restored); both "
         "log prompt/frozen_by_guard = 1, and prompt/drift_after is the drift the step ends with. A new batch can "
-        "measure the same prompt above the bound. Measured (cpu2 study): 0.1 prevented the collapse at prompt LR "
-        "1e-3 (average ROUGE-L 7.15 against 4.52, 3 seeds), never acted at the reference LR, and no raised LR beat "
-        "the reference LR with or without it (docs/method.md, section 5).",
+        "measure the same prompt above the bound. Set it when you raise promptkd.prompt_learning_rate "
+        "(docs/method.md, section 5).",
         min=0.0, min_exclusive=True,
     )
 
@@ -349,7 +358,7 @@ class Config(ConfigBase):
         ):
             fix = ""
             if self.method == "seqkd":
-                fix = f" (seqkd.kd_ratio = {self.seqkd.kd_ratio} adds a forward-KL term; --seqkd.kd_ratio 0 trains on the teacher responses alone)"
+                fix = f" (seqkd.kd_ratio = {self.seqkd.kd_ratio} adds a forward-KL term; seqkd.kd_ratio 0 trains on the teacher responses alone)"
             problems.append(f"'model.teacher' is not set but method '{self.method}' needs a teacher{fix}")
         if not self.data.train and "train_dataset" not in provided and not (
             self.method == "seqkd" and self.data.teacher_responses
@@ -421,12 +430,22 @@ def unused_divergence_knobs(section) -> list[str]:
 
 
 def _method_knob_problems(cfg: Config) -> list[str]:
-    """A knob of the chosen method that cannot take effect is an error, not silently ignored.
+    """A knob that cannot take effect is an error, not silently ignored.
 
-    Decided by whether the user set it (the key is in the YAML or on the command line; for a
-    config built in Python, whether it differs from its default).
+    Another method's section is an error when it differs from its defaults (a section at its
+    defaults changes nothing, and every saved config.yaml holds one per method). A knob of the
+    chosen method is decided by whether the user set it (the key is in the YAML or on the command
+    line; for a config built in Python, whether it differs from its default).
     """
     problems = []
+    for name in METHOD_SECTIONS:
+        section, default = getattr(cfg, name), type(getattr(cfg, name))()
+        changed = [f.name for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(default, f.name)]
+        if name != cfg.method and changed:
+            problems.append(
+                f"the '{name}' section sets {', '.join(f'{name}.{k}' for k in changed)} but method is "
+                f"'{cfg.method}', which never reads that section: remove it, or set method {name}"
+            )
     if cfg.method in DIVERGENCE_SECTIONS:
         name = cfg.method
         section = getattr(cfg, name)
@@ -458,17 +477,27 @@ def _method_knob_problems(cfg: Config) -> list[str]:
     return problems
 
 
+def fit_warmup(cfg: Config) -> tuple[Config, str | None]:
+    """`cfg`, or a copy whose warm-up fits the run, and the line that says so.
+
+    A warm-up of train.max_steps or more keeps the learning rate below its peak for the whole run
+    (warmup_steps 100 with max_steps 3 trains at 1e-6 of a 5e-5 peak), so the copy warms up over a
+    tenth of the run (max_steps // 10: 0 for a run under 10 steps), the usual warm-up ratio.
+    """
+    t = cfg.train
+    if t.warmup_steps < t.max_steps:
+        return cfg, None
+    fitted = copy.deepcopy(cfg)
+    fitted.train.warmup_steps = t.max_steps // 10
+    return fitted, (
+        f"train.warmup_steps = {t.warmup_steps} is not shorter than train.max_steps = {t.max_steps}: warming up "
+        f"over {fitted.train.warmup_steps} steps instead (a tenth of the run); set train.warmup_steps to choose"
+    )
+
+
 def config_warnings(cfg: Config) -> list[str]:
     """Settings that are valid but probably not meant (the trainer warns with these)."""
     out = []
-    if cfg.train.warmup_steps > cfg.train.max_steps:
-        out.append(
-            f"train.warmup_steps = {cfg.train.warmup_steps} exceeds train.max_steps = {cfg.train.max_steps}: "
-            "the learning rate never reaches its peak"
-        )
-    for name, section in METHOD_SECTIONS.items():
-        if name != cfg.method and getattr(cfg, section) != type(getattr(cfg, section))():
-            out.append(f"the '{section}' section is set but method is '{cfg.method}': it is ignored")
     if cfg.method in TEACHER_FREE_METHODS and cfg.model.teacher:
         out.append(f"model.teacher is set but method '{cfg.method}' uses no teacher: it is ignored")
     return out
@@ -514,6 +543,7 @@ class PromptOptions(ConfigBase):
         "keep_first", "Which tokens of a longer prompt are kept: the first (as MiniLLM / PromptKD's evaluation "
         "does) or the last.", choices=list(PROMPT_TRUNCATIONS),
     )
+    mixed_precision: str = _precision_opt("Autocast for generation and scoring.")
 
 
 def _sampled_as_is(sampling: SamplingConfig, command: str) -> list[str]:
@@ -672,11 +702,12 @@ class MakeStudentConfig(ConfigBase):
 
 @dataclass
 class DemoConfig(ConfigBase):
-    """`promptkd demo`: PromptKD beside its frozen-prompt ablation, SeqKD and KD, from one init with one
+    """`promptkd demo`: PromptKD beside GKD (its no-prompt ablation), SeqKD and KD, from one init with one
     budget, on SmolLM2-135M-Instruct (see promptkd.demo and docs/demo.md)."""
 
     out: str | None = opt(None, "Run directory; null = ~/.cache/promptkd/demo-run.")
-    steps: int | None = opt(None, "Optimizer steps of each compared run (PromptKD, prompt frozen, SeqKD, KD); null = 40.", min=1)
+    steps: int | None = opt(None, "Optimizer steps of each compared run (PromptKD, GKD, SeqKD, KD); null = the demo's own budget "
+                              "(docs/demo.md).", min=1)
     cache_dir: str | None = opt(
         None, "Where the model and the derived student are cached; null = ~/.cache/promptkd ($PROMPTKD_CACHE)."
     )

@@ -1,4 +1,4 @@
-"""`promptkd demo`: what PromptKD does, beside its frozen-prompt ablation and off-policy baselines.
+"""`promptkd demo`: what PromptKD does, beside its no-prompt ablation (GKD) and off-policy baselines.
 
     promptkd demo                      # SmolLM2-135M-Instruct, offline; caches under ~/.cache/promptkd
     promptkd demo --steps 20 --out runs/demo
@@ -18,8 +18,9 @@ records of `promptkd.demo_data` (generated here, no Hub access), alpaca template
 3. From that init, with the same steps, batch (= prompts per step), learning rate, seed and
    response cap (`sampling.max_new_tokens` = `data.max_response_length`):
    - PromptKD with the library's defaults (prompt learning rate = the student's);
-   - the same run with the prompt frozen (`promptkd.freeze_prompt`): on-policy reverse KL to
-     the plain teacher, the paper's "no prompt" ablation;
+   - GKD with reverse KL on the student's own samples (`gkd.lmbda 1`, `gkd.divergence
+     reverse_kl`): on-policy reverse KL to the plain teacher, PromptKD without its prompt (the
+     paper's "no prompt" ablation);
    - SeqKD on the teacher's responses to the training prompts, and KD on the references: the
      off-policy baselines (0.5 CE + 0.5 forward KL each).
 4. A table for the teacher, the init and each trained student, on held-out prompts:
@@ -30,14 +31,21 @@ records of `promptkd.demo_data` (generated here, no Hub access), alpaca template
    - ROUGE-L against the references.
    ROUGE-L samples with the evaluation protocol (T = 1, top_k 0, no_repeat_ngram_size 6), one
    score per seed. Under the table: PromptKD's prompt distances from its metrics.jsonl, first
-   and last step (whether the prompt moved is what separates PromptKD from the frozen row),
+   and last step (whether the prompt moved is what separates PromptKD from the GKD row),
    and the wall time of each stage. The table is also written to RUN_DIR/demo_results.md and
    demo_results.json.
+
+Stages 1 and 2, and the teacher's responses for SeqKD, depend only on the models, the data, the
+settings and the precision: they are kept in CACHE/demo-models under a hash of those, so a
+second run starts at stage 3.
+Precision is `auto` (promptkd.precision): bf16 autocast where the CPU computes bf16 natively,
+float32 elsewhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -52,6 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from promptkd.config import EvalConfig, GenerateConfig, config_from_dict
 from promptkd.data.collate import collate_prompts
@@ -64,8 +73,14 @@ from promptkd.generate import run_generation
 from promptkd.losses import reverse_kl
 from promptkd.metric import corpus_rouge_l
 from promptkd.models.loading import default_cache_dir as cache_dir
-from promptkd.models.loading import ensure_dense_gguf_copy, eos_token_ids, load_model_and_tokenizer
+from promptkd.models.loading import (
+    ensure_dense_gguf_copy,
+    eos_token_ids,
+    load_model_and_tokenizer,
+    no_transformers_progress_bars,
+)
 from promptkd.models.student import make_student_from_path
+from promptkd.precision import autocast, resolve_precision
 from promptkd.sampling import SamplingConfig, sample_responses
 from promptkd.training.loop import run_training
 
@@ -76,10 +91,10 @@ BASELINES = ("seqkd", "kd")
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The demo's budget. Every compared run (PromptKD, frozen prompt, baselines) gets the same
+    """The demo's budget. Every compared run (PromptKD, GKD, baselines) gets the same
     `steps`, `batch_size`, `learning_rate` and response cap `max_new_tokens`."""
 
-    steps: int = 40  # optimizer steps of each compared run
+    steps: int = 30  # optimizer steps of each compared run
     batch_size: int = 4  # prompts (or records) per optimizer step
     learning_rate: float = 5e-5  # student LR of the compared runs (PromptKD's prompt LR follows it)
     teacher_steps: int = 40  # SFT of the teacher on the training references
@@ -93,7 +108,7 @@ class DemoSettings:
     seeds: tuple[int, ...] = (10, 20)  # evaluation sampling seeds (ROUGE-L); the KL uses the first
     teacher_seed: int = 0  # seed of the teacher's reference responses to the held-out prompts
     baselines: tuple[str, ...] = ("seqkd", "kd")  # off-policy runs, in this order: seqkd and / or kd
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "auto"  # promptkd.precision: bf16 where the CPU computes it natively
 
     def __post_init__(self):
         unknown = [b for b in self.baselines if b not in BASELINES]
@@ -103,7 +118,7 @@ class DemoSettings:
 
 # A few seconds on tiny models (tests/test_demo.py); byte-level tokens need longer prompts.
 SMOKE_SETTINGS = DemoSettings(steps=2, batch_size=2, teacher_steps=1, init_steps=1, warmup_steps=0, max_new_tokens=4,
-                              max_prompt_length=320, num_eval=4, seeds=(10,), mixed_precision="no")
+                              max_prompt_length=320, num_eval=4, seeds=(10,))
 
 
 def default_cache_dir() -> Path:
@@ -215,20 +230,15 @@ class _Quiet:
     model load) and each training-loop warning once."""
 
     def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self._bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
+        self._bars = no_transformers_progress_bars()
+        self._bars.__enter__()
         self._logger = logging.getLogger("promptkd.training.loop")
         self._filter = _FirstOccurrence()
         self._logger.addFilter(self._filter)
         return self
 
     def __exit__(self, *exc):
-        from transformers.utils import logging as hf_logging
-
-        if self._bars:
-            hf_logging.enable_progress_bar()
+        self._bars.__exit__(*exc)
         self._logger.removeFilter(self._filter)
 
 
@@ -248,10 +258,35 @@ class _Row:
 
 
 class _Demo:
-    def __init__(self, run_dir: Path, settings: DemoSettings):
-        self.run_dir, self.s = run_dir, settings
+    def __init__(self, run_dir: Path, settings: DemoSettings, cache: Path):
+        self.run_dir, self.s, self.cache = run_dir, settings, cache
         self.train_file, self.eval_file = write_demo_data(run_dir / "data", num_eval=settings.num_eval)
         self.timings: dict[str, float] = {}
+        self.precision = resolve_precision(settings.mixed_precision, PartialState().device)
+
+    def cached(self, stage: str, name: str, key: dict, build) -> str:
+        """The model directory (or file) `build()` returns, kept in CACHE/demo-models/NAME-HASH, where
+        HASH covers `key`, the training data, the settings, the precision and the library versions;
+        a later run with the same hash reuses it."""
+        import promptkd
+
+        compared_runs_only = ("steps", "learning_rate", "seeds", "teacher_seed", "baselines")
+        settings = {k: v for k, v in dataclasses.asdict(self.s).items() if k not in compared_runs_only}
+        key = {**key, "data": hashlib.sha256(self.train_file.read_bytes()).hexdigest(),
+               "settings": settings, "precision": self.precision.mixed_precision,
+               "promptkd": promptkd.__version__, "torch": torch.__version__}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        target = self.cache / "demo-models" / f"{name}-{digest}"
+        if target.exists():  # (written whole: a copy is renamed into place)
+            print(f"[demo]     cached: {target}", flush=True)
+            self.timings[f"{stage}: cached"] = 0.0
+            return str(target)
+        built = Path(build())
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (shutil.copytree if built.is_dir() else shutil.copy2)(built, tmp)
+        os.replace(tmp, target)
+        return str(target)
 
     def _clock(self, stage: str, t0: float) -> None:
         self.timings[stage] = time.perf_counter() - t0
@@ -308,21 +343,38 @@ class _Demo:
         examples, _ = build_examples(records, tokenizer, template=cfg.template, max_prompt_length=cfg.max_prompt_length,
                                      max_length=cfg.max_prompt_length + s.max_new_tokens, drop_long_prompts=False,
                                      with_responses=False, prompt_truncation=cfg.prompt_truncation)
-        bar = tqdm(total=1 + len(rows) * (len(s.seeds) + 1), desc="evaluation", dynamic_ncols=True)
-        teacher_texts = predict(teacher, tokenizer, examples, seed=s.teacher_seed, cfg=cfg, desc="", show_progress=False)
-        self._write(out / "teacher_responses.jsonl", records, teacher_texts, None)
-        bar.update(1)
-        for i, row in enumerate(rows):
-            model = teacher if i == 0 else load_model_and_tokenizer(row.path)[0]  # rows[0] is the teacher
-            for seed in s.seeds:
-                texts = predict(model, tokenizer, examples, seed=seed, cfg=cfg, desc="", show_progress=False)
-                self._write(out / f"predictions_{row.name}_seed{seed}.jsonl", records, texts, teacher_texts)
-                row.rouge_refs[seed] = corpus_rouge_l(texts, references)
-                row.rouge_teacher[seed] = corpus_rouge_l(texts, [[t] for t in teacher_texts])
-                bar.update(1)
-            row.kl = teacher_kl(model, teacher, tokenizer, self.eval_file, s.max_new_tokens, seed=s.seeds[0],
-                                max_prompt_length=s.max_prompt_length, batch_size=s.num_eval)
+        bar = tqdm(total=1 + (len(rows) - 1) * (len(s.seeds) + 1), desc="evaluation", dynamic_ncols=True)
+
+        def teacher_samples() -> Path:  # the teacher's answers (teacher_seed) and its own row's samples
+            seeds = [s.teacher_seed, *s.seeds]
+            path = out / "teacher_samples.json"
+            path.write_text(json.dumps({str(seed): predict(teacher, tokenizer, examples, seed=seed, cfg=cfg, desc="",
+                                                           show_progress=False) for seed in seeds}), encoding="utf-8")
+            return path
+
+        with autocast(teacher.device, self.precision):
+            key = {"teacher": rows[0].path, "eval": hashlib.sha256(self.eval_file.read_bytes()).hexdigest(),
+                   "seeds": [s.teacher_seed, *s.seeds]}
+            samples = json.loads(Path(self.cached("teacher's evaluation samples", "teacher_samples.json", key,
+                                                  teacher_samples)).read_text(encoding="utf-8"))
+            teacher_texts = samples[str(s.teacher_seed)]
+            self._write(out / "teacher_responses.jsonl", records, teacher_texts, None)
             bar.update(1)
+            for i, row in enumerate(rows):
+                model = teacher if i == 0 else load_model_and_tokenizer(row.path)[0]  # rows[0] is the teacher
+                for seed in s.seeds:
+                    texts = samples[str(seed)] if i == 0 else predict(model, tokenizer, examples, seed=seed, cfg=cfg,
+                                                                      desc="", show_progress=False)
+                    self._write(out / f"predictions_{row.name}_seed{seed}.jsonl", records, texts, teacher_texts)
+                    row.rouge_refs[seed] = corpus_rouge_l(texts, references)
+                    row.rouge_teacher[seed] = corpus_rouge_l(texts, [[t] for t in teacher_texts])
+                    bar.update(i > 0)
+                if i == 0:  # KL(p_T || p_T) = 0: nothing to sample
+                    row.kl = 0.0
+                    continue
+                row.kl = teacher_kl(model, teacher, tokenizer, self.eval_file, s.max_new_tokens, seed=s.seeds[0],
+                                    max_prompt_length=s.max_prompt_length, batch_size=s.num_eval)
+                bar.update(1)
         bar.close()
         self._clock("evaluation", t0)
 
@@ -390,7 +442,7 @@ def results_markdown(rows: list[_Row], settings: DemoSettings, drift: dict, timi
             f"- kl_to_student KL(p_TP ‖ p_S), what the prompt minimises: {k['first']:.4f} → {k['last']:.4f} "
             f"({k['first_mean']:.4f} → {k['last_mean']:.4f})",
             "A drift near 0 means the prompted teacher stayed the plain teacher, so PromptKD trained like the "
-            "frozen-prompt row; a drift above kl_to_student means the prompted teacher imitates the student.",
+            "GKD row; a drift above kl_to_student means the prompted teacher imitates the student.",
         ]
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
@@ -426,29 +478,34 @@ def run_demo(out: str | None = None, steps: int | None = None, cache_dir: str | 
         dense = ensure_dense_gguf_copy(ensure_smollm2(cache), cache)  # every later load reads this copy
         teacher, student = str(dense), str(ensure_student(dense, cache))
     with _Quiet():
-        demo = _Demo(run_dir, s)
+        demo = _Demo(run_dir, s, cache)
         demo._clock("models (cached after the first run)", t0)
         print(f"[demo] teacher {teacher}\n[demo] student {student}\n[demo] data {demo.train_file.parent} "
               f"({s.num_eval} held-out records)", flush=True)
 
-        stages = 5 + len(s.baselines)  # teacher, init, PromptKD, frozen prompt, baselines, evaluation
+        stages = 5 + len(s.baselines)  # teacher, init, PromptKD, GKD, baselines, evaluation
+        print(f"[demo] precision: {demo.precision.describe()}", flush=True)
         print(f"[demo] 1/{stages} teacher: SFT on the training references, {s.teacher_steps} steps", flush=True)
-        tuned = demo.train("teacher (SFT)", "teacher", "sft", student=teacher, steps=s.teacher_steps,
-                           learning_rate=s.teacher_learning_rate, teacher=None)
+        tuned = demo.cached("teacher (SFT)", "teacher", {"base": teacher}, lambda: demo.train(
+            "teacher (SFT)", "teacher", "sft", student=teacher, steps=s.teacher_steps,
+            learning_rate=s.teacher_learning_rate, teacher=None))
         print(f"[demo] 2/{stages} student init: KD healing of the pruned student, {s.init_steps} steps", flush=True)
-        init = demo.train("student init (KD)", "init", "kd", student=student, steps=s.init_steps,
-                          learning_rate=s.init_learning_rate, teacher=tuned)
+        init = demo.cached("student init (KD)", "init", {"base": student, "teacher": tuned}, lambda: demo.train(
+            "student init (KD)", "init", "kd", student=student, steps=s.init_steps,
+            learning_rate=s.init_learning_rate, teacher=tuned))
         common = {"student": init, "steps": s.steps, "learning_rate": s.learning_rate, "teacher": tuned}
         print(f"[demo] 3/{stages} PromptKD from the init, {s.steps} steps", flush=True)
         runs = [("student after PromptKD", "promptkd", demo.train("PromptKD", "promptkd", "promptkd", **common))]
-        print(f"[demo] 4/{stages} PromptKD with the prompt frozen, {s.steps} steps", flush=True)
-        runs.append(("student after PromptKD, prompt frozen (on-policy reverse KL)", "promptkd-frozen",
-                     demo.train("PromptKD, prompt frozen", "promptkd-frozen", "promptkd",
-                                promptkd={"freeze_prompt": True}, **common)))
+        print(f"[demo] 4/{stages} GKD: on-policy reverse KL to the plain teacher (no prompt), {s.steps} steps",
+              flush=True)
+        runs.append(("student after GKD (on-policy reverse KL, no prompt)", "gkd",
+                     demo.train("GKD (no prompt)", "gkd", "gkd", gkd={"lmbda": 1.0, "divergence": "reverse_kl"},
+                                **common)))
         for i, baseline in enumerate(s.baselines, start=5):
             if baseline == "seqkd":
                 print(f"[demo] {i}/{stages} SeqKD on the teacher's responses, {s.steps} steps", flush=True)
-                responses = demo.teacher_responses_for_training(tuned)
+                responses = demo.cached("teacher responses (train prompts)", "teacher_responses.jsonl",
+                                        {"teacher": tuned}, lambda: demo.teacher_responses_for_training(tuned))
                 runs.append(("student after SeqKD (teacher's responses)", "seqkd",
                              demo.train("SeqKD", "seqkd", "seqkd", data={"teacher_responses": str(responses)}, **common)))
             else:

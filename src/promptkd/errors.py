@@ -7,9 +7,30 @@ error and keeps its traceback.
 
 from __future__ import annotations
 
+import importlib
+
 
 class UserError(ValueError):
-    """A problem the user can fix: bad file, field, flag or value. The message names it."""
+    """A problem the user can fix: bad file, field, flag or value. The message names it.
+
+    The message names the fix as a Python caller makes it (`resume=True`); `cli` is the same
+    message for the command line where the fix is a flag (`--resume`), and defaults to it.
+    """
+
+    def __init__(self, message: str = "", *, cli: str | None = None):
+        super().__init__(message)
+        self.cli = message if cli is None else cli
+
+
+def require_extra(module: str, extra: str, feature: str):
+    """Import an optional dependency, or raise a one-line UserError with the pip command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(
+            f"{feature} needs the '{module}' package, which is not installed: pip install {module} "
+            f"(promptkd's '{extra}' extra)"
+        ) from None
 
 
 class ConfigError(UserError):
@@ -25,8 +46,13 @@ class NonFiniteError(RuntimeError):
     """Training stopped on a NaN/Inf loss or gradient (train.nonfinite = stop, or too many skips).
 
     Not a `UserError`: the input was valid but the optimisation diverged. The trainer writes a
-    resumable checkpoint first; the CLI prints the message on one line and exits with status 3.
+    resumable checkpoint first; the CLI prints the message (`cli`, as for UserError) on one line
+    and exits with status 3.
     """
+
+    def __init__(self, message: str = "", *, cli: str | None = None):
+        super().__init__(message)
+        self.cli = message if cli is None else cli
 
 
 class TrainingInterrupted(RuntimeError):
@@ -36,6 +62,7 @@ class TrainingInterrupted(RuntimeError):
     exits with 128 + signum (130 for SIGINT, 143 for SIGTERM), the shells' convention.
     """
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, *, cli: str | None = None):
         super().__init__(message)
         self.signum = signum
+        self.cli = message if cli is None else cli

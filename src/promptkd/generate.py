@@ -87,6 +87,7 @@ def run_generation(cfg: GenerateConfig, show_progress: bool = True) -> Path:
     from promptkd.data.dataset import build_examples
     from promptkd.data.records import load_records
     from promptkd.models.loading import ModelSpec, eos_token_ids, load_model_and_tokenizer
+    from promptkd.precision import autocast, model_precision
 
     cfg.validate()
     out = Path(cfg.out)
@@ -109,7 +110,8 @@ def run_generation(cfg: GenerateConfig, show_progress: bool = True) -> Path:
         prompt_truncation=cfg.prompt_truncation,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f:
+    precision = model_precision(cfg.mixed_precision, model, "generate")
+    with open(out, "a", encoding="utf-8") as f, autocast(model.device, precision):
         recs = records[done:]
         for i, (_, text, ended) in enumerate(
             generate_for_examples(

@@ -22,7 +22,8 @@ A conversation whose final turn is not an assistant turn is prompt-only, unless 
 holding a string is not a conversation: it is the instruction (see the aliases above).
 
 Every problem with the user's data raises `promptkd.errors.UserError` naming the file, the
-1-based line and the field.
+1-based line and the field. A Hub id fails fast: one request without retries checks that the Hub
+can be reached, and offline (HF_HUB_OFFLINE) only the datasets cache is read.
 
     records = load_records("my_data/dev.jsonl")
     records = load_records("databricks/databricks-dolly-15k", split="train")  # needs internet
@@ -450,16 +451,55 @@ def _load_from_disk(path: Path, split: str):
     return loaded
 
 
+LOCAL_FIX = "give a local JSONL file instead"
+
+
+def _hub_offline() -> bool:
+    import datasets
+
+    # datasets < 2.19 names it HF_DATASETS_OFFLINE only
+    return bool(getattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_DATASETS_OFFLINE))
+
+
+def _check_hub(source: str) -> None:
+    """Fail fast when a dataset id cannot be read: one request, no retries.
+
+    datasets.load_dataset retries an unreachable Hub for about 30 s before it fails. Offline
+    (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) nothing is sent: datasets then reads its cache only,
+    and fails at once without a cached copy.
+    """
+    # a name without a namespace may be one of datasets' builders (json, csv, parquet)
+    if _hub_offline() or "/" not in source or Path(source).exists():
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(source, timeout=10)
+    except (RepositoryNotFoundError, HFValidationError):
+        raise UserError(f"{source!r} is neither a local file or directory nor a dataset on the Hugging Face Hub: "
+                        f"{LOCAL_FIX}") from None
+    except HfHubHTTPError:
+        return  # reachable (gated, rate-limited...): datasets reports the rest
+    except Exception as e:  # no network, DNS, timeout
+        raise UserError(
+            f"{source!r} is not a local file or directory, and the Hugging Face Hub cannot be reached "
+            f"({type(e).__name__}: {e}): {LOCAL_FIX}, or set HF_HUB_OFFLINE=1 to read a copy in the datasets cache"
+        ) from None
+
+
 def _load_hub(source: str, split: str, data_files):
     import datasets
 
+    _check_hub(source)
     try:
         return datasets.load_dataset(source, split=split, data_files=data_files)
     except Exception as e:  # network, missing dataset, bad split: all fixable by the user
         files = f", data_files {data_files!r}" if data_files is not None else ""
+        offline = " (HF_HUB_OFFLINE: only the datasets cache is read)" if _hub_offline() else ""
         raise UserError(
-            f"could not load {source!r} (split {split!r}{files}): it is not a local .jsonl/.json file, "
-            f"and loading it with datasets.load_dataset failed: {type(e).__name__}: {e}"
+            f"could not load {source!r} (split {split!r}{files}){offline}: it is not a local .jsonl/.json file, "
+            f"and loading it with datasets.load_dataset failed: {type(e).__name__}: {e}; {LOCAL_FIX}"
         ) from e
 
 

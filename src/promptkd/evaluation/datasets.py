@@ -62,9 +62,16 @@ def load_eval_set(
         if path is not None:
             records = read_jsonl_records(path, require_outputs=True)
         else:
-            records = load_records(
-                spec.hub_id, split="train", require_outputs=True, data_files=spec.hub_data_files
-            )
+            try:
+                records = load_records(
+                    spec.hub_id, split="train", require_outputs=True, data_files=spec.hub_data_files
+                )
+            except UserError as e:
+                raise UserError(
+                    f"evaluation set {key!r}: no local copy ({spec.filename} under data_dir / --data-dir or "
+                    f"${DATA_DIR_ENV}), and reading {spec.hub_id} from the Hub failed: {e}. Point data_dir "
+                    f"(--data-dir) or {DATA_DIR_ENV} at a directory that holds {spec.filename}"
+                ) from e
         if spec.max_records is not None:
             records = records[: spec.max_records]
         return records

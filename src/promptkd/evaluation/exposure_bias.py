@@ -54,7 +54,7 @@ import torch
 from promptkd.config import ENDED_MODES, ExposureBiasConfig
 from promptkd.data.collate import collate_prompts
 from promptkd.data.dataset import build_examples
-from promptkd.errors import UserError
+from promptkd.errors import UserError, require_extra
 from promptkd.evaluation.datasets import load_eval_set
 from promptkd.losses import forward_kl
 from promptkd.models.loading import (
@@ -63,6 +63,7 @@ from promptkd.models.loading import (
     eos_token_ids,
     load_model_and_tokenizer,
 )
+from promptkd.precision import Precision, autocast, model_precision
 from promptkd.sampling import SamplingConfig, response_logits, sample_responses
 
 _TEACHER_SEED_OFFSET = 500_009  # teacher samples use a seed stream disjoint from the student's
@@ -282,8 +283,7 @@ def write_csv(path: str | Path, curves: Mapping[str, ExposureBiasResult]) -> Pat
 
 def plot_curves(path: str | Path, curves: Mapping[str, ExposureBiasResult], title: str = "Exposure bias") -> Path:
     """ExAccErr(l) per curve (matplotlib Agg); non-finite points are skipped."""
-    import matplotlib
-
+    matplotlib = require_extra("matplotlib", "plot", "the exposure-bias plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -336,38 +336,41 @@ def exposure_bias_over_checkpoints(checkpoints: Sequence[str | Path] | Mapping[s
     examples = _load_examples(cfg, tokenizer)
     teacher_batches = None
     curves: dict[str, ExposureBiasResult] = {}
+    precision = model_precision(cfg.mixed_precision, teacher, "exposure-bias")
     for label, path in items.items():
         student, s_tok = load_model_for_eval(path, cfg.dtype)
         vocab = check_tokenizer_compatibility(tokenizer, s_tok, teacher, student)
-        if teacher_batches is None:
-            eos = sorted(set(eos_token_ids(tokenizer, student)) | set(eos_token_ids(tokenizer, teacher)))
-            teacher_batches = sample_sequences(
-                teacher, tokenizer, examples, samples_per_prompt=cfg.samples_per_prompt,
-                sampling=cfg.sampling, seed=cfg.seed + _TEACHER_SEED_OFFSET,
-                batch_size=cfg.batch_size, eos_token_ids=eos,
+        with autocast(teacher.device, precision):
+            if teacher_batches is None:
+                eos = sorted(set(eos_token_ids(tokenizer, student)) | set(eos_token_ids(tokenizer, teacher)))
+                teacher_batches = sample_sequences(
+                    teacher, tokenizer, examples, samples_per_prompt=cfg.samples_per_prompt,
+                    sampling=cfg.sampling, seed=cfg.seed + _TEACHER_SEED_OFFSET,
+                    batch_size=cfg.batch_size, eos_token_ids=eos,
+                )
+            curves[label] = exposure_bias_curve(
+                student, teacher, tokenizer, examples, samples_per_prompt=cfg.samples_per_prompt,
+                sampling=cfg.sampling, seed=cfg.seed, batch_size=cfg.batch_size,
+                ended=cfg.ended, teacher_batches=teacher_batches, vocab=vocab,
             )
-        curves[label] = exposure_bias_curve(
-            student, teacher, tokenizer, examples, samples_per_prompt=cfg.samples_per_prompt,
-            sampling=cfg.sampling, seed=cfg.seed, batch_size=cfg.batch_size,
-            ended=cfg.ended, teacher_batches=teacher_batches, vocab=vocab,
-        )
         del student
     if write:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "exposure_bias_curves.csv", curves)
         plot_curves(out / "exposure_bias_curves.png", curves, title=f"Exposure bias vs teacher ({cfg.data})")
-        _write_json(out / "exposure_bias.json", cfg, curves)
+        _write_json(out / "exposure_bias.json", cfg, curves, precision)
     return curves
 
 
-def _write_json(path: Path, cfg: ExposureBiasConfig, curves: Mapping[str, ExposureBiasResult]) -> None:
+def _write_json(path: Path, cfg: ExposureBiasConfig, curves: Mapping[str, ExposureBiasResult],
+                precision: Precision) -> None:
     from dataclasses import asdict
 
     def clean(v):
         return v if math.isfinite(v) else str(v)
 
-    data = {"config": asdict(cfg), "curves": {
+    data = {"config": asdict(cfg), "precision": precision.as_record(), "curves": {
         k: {**asdict(c), "exaccerr": [clean(v) for v in c.exaccerr]} for k, c in curves.items()}}
     path.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
@@ -377,20 +380,23 @@ def run_exposure_bias(cfg: ExposureBiasConfig) -> str:
     in cfg.out and return a one-paragraph text summary. Raises ConfigError for an invalid config."""
 
     cfg.validate()
+    require_extra("matplotlib", "plot", "the exposure-bias plot")  # before hours of sampling, not after
     teacher, tokenizer = load_model_for_eval(cfg.teacher, cfg.dtype)
     student, s_tok = load_model_for_eval(cfg.student, cfg.dtype)
     vocab = check_tokenizer_compatibility(tokenizer, s_tok, teacher, student)
     examples = _load_examples(cfg, tokenizer)
-    curve = exposure_bias_curve(
-        student, teacher, tokenizer, examples, samples_per_prompt=cfg.samples_per_prompt,
-        sampling=cfg.sampling, seed=cfg.seed, batch_size=cfg.batch_size, ended=cfg.ended, vocab=vocab,
-    )
+    precision = model_precision(cfg.mixed_precision, teacher, "exposure-bias")
+    with autocast(teacher.device, precision):
+        curve = exposure_bias_curve(
+            student, teacher, tokenizer, examples, samples_per_prompt=cfg.samples_per_prompt,
+            sampling=cfg.sampling, seed=cfg.seed, batch_size=cfg.batch_size, ended=cfg.ended, vocab=vocab,
+        )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     curves = {"student": curve}
     write_csv(out / "exposure_bias.csv", curves)
     plot_curves(out / "exposure_bias.png", curves, title=f"Exposure bias of {Path(cfg.student).name} ({cfg.data})")
-    _write_json(out / "exposure_bias.json", cfg, curves)
+    _write_json(out / "exposure_bias.json", cfg, curves, precision)
     return (
         f"{curve.summary()}\n{len(examples)} prompts x {cfg.samples_per_prompt} samples, up to "
         f"{cfg.sampling.max_new_tokens} new tokens; wrote {out / 'exposure_bias.csv'} and {out / 'exposure_bias.png'}"

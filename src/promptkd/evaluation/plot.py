@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from promptkd.config import PlotConfig
-from promptkd.errors import UserError
+from promptkd.errors import UserError, require_extra
 
 DISTANCES = {"prompt/kl_to_student": "KL(p_TP || p_S)  kl_to_student", "prompt/drift": "KL(p_TP || p_T)  drift",
              # runs logged before the two names existed: the same quantities (reg only while lambda > 0)
@@ -88,8 +88,7 @@ def plot_metrics(records: list[dict], out: str | Path, settings: dict | None = N
     """Write the panels of `records` (metrics.jsonl rows) to the PNG `out`; returns its path.
     `settings`: the run's PromptKD max_drift / collapse_window (read_promptkd_settings), for the
     marks of the distances panel."""
-    import matplotlib
-
+    matplotlib = require_extra("matplotlib", "plot", "promptkd plot")
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

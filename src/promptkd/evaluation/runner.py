@@ -37,6 +37,7 @@ from promptkd.evaluation.datasets import EVAL_SETS, load_eval_set
 from promptkd.generate import generate_for_examples
 from promptkd.metric import corpus_rouge_l
 from promptkd.models.loading import ModelSpec, eos_token_ids, load_model_and_tokenizer
+from promptkd.precision import Precision, autocast, model_precision
 from promptkd.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -112,14 +113,17 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None, *, show_progress
     if model is not None and tokenizer is None:
         raise ValueError("run_evaluation: pass the tokenizer together with a loaded model")
     set_names = [n if n in EVAL_SETS else Path(n).stem for n in cfg.datasets]
+    # every set is read before the model loads: a set that cannot be found fails in seconds
+    records_of = {name: load_eval_set(name, cfg.data_dir) for name in cfg.datasets}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
         model, tokenizer = load_model_and_tokenizer(ModelSpec(cfg.model, dtype=cfg.dtype))
     model.eval()
+    precision = model_precision(cfg.mixed_precision, model, "eval")
     scores: dict[str, dict[int, float]] = {}
     for name, set_name in zip(cfg.datasets, set_names, strict=True):
-        records = load_eval_set(name, cfg.data_dir)
+        records = records_of[name]
         if cfg.limit:
             records = records[: cfg.limit]
         examples, _ = build_examples(
@@ -130,10 +134,10 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None, *, show_progress
         scores[set_name] = {}
         for seed in cfg.seeds:
             pred_file = out / f"predictions_{set_name}_seed{seed}.jsonl"
-            meta = _prediction_meta(cfg, seed, len(records))
+            meta = _prediction_meta(cfg, seed, len(records), precision)
             texts = _read_predictions(pred_file, records, meta) if reuse_predictions else None
             if texts is None:
-                with torch.no_grad():
+                with torch.no_grad(), autocast(model.device, precision):
                     texts = predict(model, tokenizer, examples, seed=seed, cfg=cfg, desc=f"{set_name} seed {seed}",
                                     show_progress=show_progress)
                 _write_predictions(pred_file, records, texts, meta)
@@ -141,7 +145,8 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None, *, show_progress
     table = scores_table(scores)
     notes = deviations(cfg)
     (out / "scores.json").write_text(
-        json.dumps({"config": asdict(cfg), "deviations": notes, "scores": scores, "summary": summarize(scores)}, indent=1),
+        json.dumps({"config": asdict(cfg), "precision": precision.as_record(), "deviations": notes, "scores": scores,
+                    "summary": summarize(scores)}, indent=1),
         encoding="utf-8",
     )
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as f:
@@ -179,13 +184,16 @@ def scores_table(scores: dict[str, dict[int, float]], label: str | None = None) 
     return "\n".join([head, sep, row]) + "\n"
 
 
-def _prediction_meta(cfg: EvalConfig, seed: int, num_records: int) -> dict:
+def _prediction_meta(cfg: EvalConfig, seed: int, num_records: int, precision: Precision) -> dict:
     """What a predictions file depends on besides its records (checked before re-use)."""
-    return {
+    meta = {
         "model": str(cfg.model), "seed": seed, "num_records": num_records, "template": cfg.template,
         "dtype": cfg.dtype, "max_prompt_length": cfg.max_prompt_length, "prompt_truncation": cfg.prompt_truncation,
         "batch_size": cfg.batch_size, "sampling": asdict(cfg.sampling),
     }
+    if precision.dtype is not None:  # files from before autocast existed were float32: they stay valid
+        meta["mixed_precision"] = precision.mixed_precision
+    return meta
 
 
 def _meta_path(path: Path) -> Path:

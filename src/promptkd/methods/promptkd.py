@@ -48,7 +48,7 @@ Values and gradients equal the logits path's to float rounding.
 
 from __future__ import annotations
 
-import warnings
+import logging
 
 import torch
 
@@ -66,6 +66,8 @@ from promptkd.methods.base import (
     student_target_outputs,
 )
 from promptkd.models.prompted_teacher import PromptedTeacher
+
+logger = logging.getLogger(__name__)
 
 
 def has_active_dropout(model: torch.nn.Module) -> bool:
@@ -210,14 +212,12 @@ class PromptKD(Method):
         self.collapse_streak = next_collapse_streak(self.collapse_streak, kl_to_student, drift)
         if window and self.collapse_streak >= window and not self.collapse_warned:
             self.collapse_warned = True
-            warnings.warn(
+            logger.warning(
                 f"PromptKD step {step}: the prompted teacher is closer to the student than to the teacher "
                 f"for {window} consecutive steps (KL(p_TP || p_S) = {kl_to_student:.4g} < "
                 f"KL(p_TP || p_T) = {drift:.4g}): the student is learning from a teacher that imitates it. "
                 "Lower promptkd.prompt_learning_rate or set promptkd.max_drift (e.g. a little above the "
-                "early prompt/drift values).",
-                UserWarning,
-                stacklevel=2,
+                "early prompt/drift values)."
             )
 
     def updated_prompt_drift(self, ctx: StepContext, batches: list[SequenceBatch], bases: list,

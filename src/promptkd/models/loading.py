@@ -11,6 +11,7 @@ in `save_pretrained` format.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from promptkd.errors import UserError
+from promptkd.errors import UserError, require_extra
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +204,21 @@ def ensure_dense_gguf_copy(gguf_path: str | Path, cache_dir: str | Path | None =
     return out
 
 
+@contextlib.contextmanager
+def no_transformers_progress_bars():
+    """transformers' progress bars ("Loading weights", "Writing model shards", one per model load
+    or save) off while inside; the command line shows them only with -v."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model_and_tokenizer(spec: ModelSpec | str):
     """Load a causal LM and its tokenizer.
 
@@ -259,6 +275,7 @@ def _load(spec: ModelSpec):
     source, gguf_file = _resolve(spec)
     common = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if gguf_file is not None:
+        require_extra("gguf", "gguf", f"loading the GGUF file {gguf_file}")
         common["gguf_file"] = gguf_file
     model_kwargs = dict(common, dtype=DTYPES[spec.dtype])
     if gguf_file is not None:

@@ -161,6 +161,10 @@ def make_student_from_path(
     save_pretrained format (loadable with AutoModelForCausalLM.from_pretrained) plus
     `promptkd_student.json` recording the teacher source and the layers kept.
 
+    The pruned student is not usable as it is (it writes gibberish): heal it with KD or SFT on
+    the task before distilling, e.g. `promptkd train --config configs/kd.yaml --model.teacher
+    TEACHER --model.student OUT_DIR`, and distil into that run's final/student.
+
     Returns:
         out_dir as a Path.
     """

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import filecmp
 import json
 import logging
 import os
 import shutil
 import signal
+import stat
 from pathlib import Path
 
 TRAINER_STATE = "trainer_state.json"
@@ -159,6 +161,54 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, trainer_state
         _test_kill_point("saved", step)
     accelerator.wait_for_everyone()
     return final
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of the files under `path`, a file hard-linked several times counted once."""
+    seen, total = set(), 0
+    for f in Path(path).rglob("*"):
+        st = f.lstat()
+        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
+
+
+def link_duplicates(dirs: list[Path], min_size: int = 1 << 20) -> int:
+    """Make byte-identical files (of at least `min_size` bytes) under `dirs` hard links to one
+    copy; returns the bytes freed.
+
+    A run writes the student's weights several times over: the final export repeats the last
+    checkpoint's model file, and `best/` repeats both when the best dev score is at the last
+    step (always, for a run that evaluates only at its end). Nothing writes into these files
+    afterwards (every save goes to a new directory), so sharing them is safe. A file system
+    without hard links keeps the copies.
+    """
+    by_size: dict[int, list[Path]] = {}
+    for d in dirs:
+        for f in sorted(Path(d).rglob("*")) if Path(d).is_dir() else ():
+            st = f.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_size >= min_size:
+                by_size.setdefault(st.st_size, []).append(f)
+    freed = 0
+    for size, files in by_size.items():
+        kept: list[Path] = []
+        for f in files:
+            twin = next((k for k in kept if os.path.samefile(k, f) or filecmp.cmp(k, f, shallow=False)), None)
+            if twin is None:
+                kept.append(f)
+                continue
+            if os.path.samefile(twin, f):
+                continue
+            tmp = f.with_name(f".link-{f.name}")
+            try:
+                os.link(twin, tmp)
+                os.replace(tmp, f)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                continue
+            freed += size
+    return freed
 
 
 def _prune(checkpoints_dir: Path, keep_last: int) -> None:

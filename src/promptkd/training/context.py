@@ -76,7 +76,7 @@ class UpdateGuard:
                 reason = "" if self.nonfinite == "stop" else f" ({self.nonfinite_skips} updates skipped, train.max_nonfinite_skips)"
                 self.stop_message = msg + reason
             return
-        warnings.warn(msg + f"; update skipped ({self.nonfinite_skips} so far)", RuntimeWarning, stacklevel=4)
+        logger.warning("%s; update skipped (%d so far)", msg, self.nonfinite_skips)
 
 
 class PhaseClock:

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -35,6 +36,7 @@ import torch
 from promptkd.config import (
     Config,
     config_warnings,
+    fit_warmup,
     load_config,
     merge_dicts,
     parse_overrides,
@@ -57,8 +59,15 @@ from promptkd.models.loading import (
     load_model_and_tokenizer,
 )
 from promptkd.models.lora import check_lora_backend, is_lora_model, save_lora_student, with_lora
+from promptkd.precision import resolve_precision
 from promptkd.samplers import build_sampler
-from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from promptkd.training.checkpoint import (
+    disk_size,
+    latest_checkpoint,
+    link_duplicates,
+    load_trainer_state,
+    save_checkpoint,
+)
 from promptkd.training.context import ParameterSet, TrainingContext, UpdateGuard
 from promptkd.training.optim import build_optimizer, build_scheduler
 
@@ -67,7 +76,7 @@ logger = logging.getLogger(__name__)
 # metric key -> its short label on the progress bar, shown when a step reports it
 PROGRESS_EXTRAS = {"prompt/kl_to_student": "kl_to_student", "prompt/drift": "drift"}
 # What a run writes into train.output_dir; --overwrite removes these and nothing else.
-RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "final.tmp", "best", "best.tmp")
+RUN_ARTEFACTS = ("config.yaml", "precision.json", "metrics.jsonl", "checkpoints", "final", "final.tmp", "best", "best.tmp")
 # accelerate's TensorBoard tracker logs under <output_dir>/<project name> (init_trackers below).
 TRACKER_DIR = "promptkd"
 TRACKER_FILES = ("events.out.tfevents.*", "hparams.yml")
@@ -170,6 +179,17 @@ class Trainer:
         on_phase: called as on_phase(name, seconds) after each timed phase of a step
             (generation, student_fwd, teacher_fwd_*, losses, backward_*, optimizer), for
             profilers such as benchmarks/bench_step.py; None costs nothing.
+
+    What happens to the objects passed in:
+        student: trained in place and moved to the training device; with model.student_lora.r > 0
+            LoRA adapters are added to it (peft). A second Trainer given the same object continues
+            from the first one's result: pass a fresh copy (copy.deepcopy) to start over.
+        teacher: moved to the training device and never updated. While `train()` runs it is
+            frozen (requires_grad False, eval mode); afterwards its requires_grad and train / eval
+            flags are what they were. Its weights keep their dtype (a teacher the trainer loads
+            itself holds its linear weights in bf16 under bf16 autocast).
+        tokenizer: gets pad_token = eos_token when it has no pad token.
+        train_dataset, eval_dataset: read, never changed.
     """
 
     def __init__(self, config: Config, *, student=None, teacher=None, tokenizer=None, train_dataset=None,
@@ -192,6 +212,7 @@ class Trainer:
         self.best_metric: float | None = None
         self.best_step: int | None = None
         self.teacher = None
+        self._teacher_flags = None  # a passed-in teacher's (requires_grad, training) flags
         self._is_setup = False
         # while training: {ctx.updates_applied: dev loss} of the current student state (_dev_loss)
         self._dev_loss_memo: dict[int, float] | None = None
@@ -233,16 +254,15 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if exists:
             if not self.overwrite:
-                raise UserError(
-                    f"output directory {self.output_dir} already holds a run; "
-                    "pass --resume to continue it or --overwrite to replace it"
-                )
+                raise UserError(**_worded(
+                    "output directory {run} already holds a run; pass {resume} to continue it or {overwrite} "
+                    "to replace it", self.output_dir))
             if self.accelerator.is_main_process:
                 self._remove_run_artefacts()
             self.accelerator.wait_for_everyone()
 
     def _remove_run_artefacts(self) -> None:
-        """--overwrite: delete the previous run's files only; anything else in the directory stays."""
+        """overwrite: delete the previous run's files only; anything else in the directory stays."""
         for name in RUN_ARTEFACTS:
             path = self.output_dir / name
             if path.is_dir() and not path.is_symlink():
@@ -255,24 +275,26 @@ class Trainer:
             if all(any(f.match(pat) for pat in TRACKER_FILES) for f in files):
                 shutil.rmtree(tracker)
             else:
-                logger.warning("--overwrite: kept %s (it holds files other than tracker logs)", tracker)
+                logger.warning("overwrite: kept %s (it holds files other than tracker logs)", tracker)
 
     def setup(self) -> Trainer:
         """Models, tokenizer, data, optimizers and the step context, prepared with accelerate."""
         if self._is_setup:
             return self
-        from accelerate import Accelerator
+        from accelerate import Accelerator, PartialState
         from accelerate.utils import set_seed
 
-        cfg = self.cfg
-        for w in config_warnings(cfg):
-            warnings.warn(w, UserWarning, stacklevel=2)
+        cfg, warmup_note = fit_warmup(self.cfg)
+        self.cfg = cfg
+        for note in config_warnings(cfg) + ([warmup_note] if warmup_note else []):
+            logger.warning(note)
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
+        self.precision = resolve_precision(cfg.train.mixed_precision, PartialState(cpu=cfg.train.cpu).device)
         self.accelerator = Accelerator(
             cpu=cfg.train.cpu,
-            mixed_precision=cfg.train.mixed_precision,
+            mixed_precision=self.precision.mixed_precision,
             step_scheduler_with_optimizer=False,  # our schedules count optimizer steps, not batches
             log_with=cfg.train.trackers or None,
             project_dir=str(self.output_dir),
@@ -285,11 +307,15 @@ class Trainer:
 
         method_cls = get_method_class(cfg.method)
         self.method = method_cls(cfg)
+        self._records = self._read_data()  # before the models: a bad data source fails in seconds
         self.student, self.tokenizer = self._student_and_tokenizer()
         self.vocab_size = self.student.get_output_embeddings().weight.shape[0]
         if method_cls.needs_teacher(cfg):
             self.teacher, teacher_tok = self._teacher()
             self.vocab_size = check_tokenizer_compatibility(teacher_tok, self.tokenizer, self.teacher, self.student)
+            if self._given["teacher"] is not None:  # what train() gives back (_teacher_frozen)
+                self._teacher_flags = ([(p, p.requires_grad) for p in self.teacher.parameters()],
+                                       [(m, m.training) for m in self.teacher.modules()])
             self.teacher.requires_grad_(False)
             self.teacher.eval()
             self.teacher.to(self.accelerator.device)
@@ -302,8 +328,8 @@ class Trainer:
                 self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             self.student.config.use_cache = False
 
-        self.train_examples = self._load_train_examples()
-        self.dev_examples = self._load_dev_examples()
+        self.train_examples = self._load_train_examples(self._records.pop("train"))
+        self.dev_examples = self._load_dev_examples(self._records.pop("dev", None))
         self.data_order = DataOrder(len(self.train_examples), cfg.train.seed)
 
         student_optimizer = build_optimizer(
@@ -352,6 +378,11 @@ class Trainer:
         elif self.accelerator.is_main_process:
             cfg.save(self.output_dir / "config.yaml")
             self.metrics_path.write_text("", encoding="utf-8")
+        if self.accelerator.is_main_process:
+            logger.info("precision: %s", self.precision.describe())
+            (self.output_dir / "precision.json").write_text(
+                json.dumps({**self.precision.as_record(), "device": str(self.accelerator.device)}, indent=1) + "\n",
+                encoding="utf-8")
         if cfg.train.trackers:
             self.accelerator.init_trackers("promptkd", config=_flatten(cfg.to_dict()))
         self.accelerator.wait_for_everyone()
@@ -443,11 +474,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def _examples(self, data, *, source: str, split: str, data_files, with_responses: bool, on_records=None):
+    def _read_data(self) -> dict[str, tuple[str, list]]:
+        """Every data source's records, read before any model loads, so that a missing file or an
+        unreachable Hub id fails in seconds and names its config key.
+
+        Returns {"train" / "dev" / a method's own source (minillm.lm_data): (the name logs and
+        messages give it, records)}.
+        """
+        d, given = self.cfg.data, self._given
+        if given["train_dataset"] is not None:
+            train = ("train_dataset", given["train_dataset"], d.train_split, None)
+        elif self.method.train_source() == d.train:
+            train = ("data.train", d.train, d.train_split, d.train_data_files)
+        else:  # another file than data.train (seqkd's teacher responses): data.train's split is not its own
+            train = ("data.teacher_responses", self.method.train_source(), "train", None)
+        reads = {"train": (*train, self.method.needs_references(self.cfg))}
+        if given["eval_dataset"] is not None:
+            reads["dev"] = ("eval_dataset", given["eval_dataset"], d.dev_split, None, True)
+        elif d.dev:
+            reads["dev"] = ("data.dev", d.dev, d.dev_split, d.dev_data_files, True)
+        if self.cfg.method == "minillm" and self.cfg.minillm.lm_data:
+            reads[str(self.cfg.minillm.lm_data)] = ("minillm.lm_data", self.cfg.minillm.lm_data, "train", None, True)
+        return {name: _read_records(*read) for name, read in reads.items()}
+
+    def _examples(self, records, *, source: str, with_responses: bool):
         d = self.cfg.data
-        records = records_from(data, split=split, data_files=data_files, require_outputs=with_responses)
-        if on_records is not None:
-            on_records(records)
         return build_examples(
             records,
             self.tokenizer,
@@ -459,53 +510,33 @@ class Trainer:
             source=source,
         )
 
-    def _load_train_examples(self):
-        d = self.cfg.data
-        if self._given["train_dataset"] is not None:
-            data, source, split, data_files = self._given["train_dataset"], "train_dataset", d.train_split, None
-        elif self.method.train_source() == d.train:
-            data, source, split, data_files = d.train, str(d.train), d.train_split, d.train_data_files
-        else:  # another file than data.train (seqkd's teacher responses): data.train's split is not its own
-            data = self.method.train_source()
-            source, split, data_files = str(data), "train", None
-        examples, stats = self._examples(
-            data,
-            source=source,
-            split=split,
-            data_files=data_files,
-            with_responses=self.method.needs_references(self.cfg),
-            on_records=lambda recs: self.method.check_train_records(
-                recs, source=source, is_main_process=self.accelerator.is_main_process),
-        )
+    def _load_train_examples(self, records: tuple[str, list]):
+        source, records = records
+        self.method.check_train_records(records, source=source, is_main_process=self.accelerator.is_main_process)
+        examples, stats = self._examples(records, source=source, with_responses=self.method.needs_references(self.cfg))
         if self.accelerator.is_main_process:
             logger.log(stats.log_level, "training data %s: %s", source, stats.summary())
-        if d.max_train_examples:
-            examples = examples[: d.max_train_examples]
+        if self.cfg.data.max_train_examples:
+            examples = examples[: self.cfg.data.max_train_examples]
         return examples
 
     def _extra_examples(self, source: str) -> list:
         """A method's own data (minillm.lm_data), with responses, tokenised like the training data."""
-        examples, stats = self._examples(source, source=str(source), split="train", data_files=None, with_responses=True)
+        name, records = self._records.get(str(source)) or _read_records(str(source), source, "train", None, True)
+        examples, stats = self._examples(records, source=name, with_responses=True)
         if self.accelerator.is_main_process:
             logger.log(stats.log_level, "%s data %s: %s", self.cfg.method, source, stats.summary())
         if not examples:
             raise UserError(f"{source}: no usable records (see the counts above)")
         return examples
 
-    def _load_dev_examples(self):
-        d = self.cfg.data
-        data = self._given["eval_dataset"] if self._given["eval_dataset"] is not None else d.dev
-        if data is None or (isinstance(data, str) and not data):
+    def _load_dev_examples(self, records: tuple[str, list] | None):
+        if records is None:
             return []
-        examples, _ = self._examples(
-            data,
-            source="eval_dataset" if self._given["eval_dataset"] is not None else str(d.dev),
-            split=d.dev_split,
-            data_files=d.dev_data_files if self._given["eval_dataset"] is None else None,
-            with_responses=True,
-        )
-        if d.max_dev_examples:
-            examples = examples[: d.max_dev_examples]
+        source, records = records
+        examples, _ = self._examples(records, source=source, with_responses=True)
+        if self.cfg.data.max_dev_examples:
+            examples = examples[: self.cfg.data.max_dev_examples]
         return examples
 
     # ------------------------------------------------------------------ resume
@@ -531,28 +562,25 @@ class Trainer:
     def _restore(self) -> None:
         ckpt = latest_checkpoint(self.checkpoints_dir)
         if ckpt is None:
-            raise UserError(
-                f"--resume: no complete checkpoint under {self.checkpoints_dir} "
-                "(set train.save_every so runs write checkpoints, or start without --resume)"
-            )
+            raise UserError(**_worded(
+                "{resume}: no complete checkpoint under {run}/checkpoints (set train.save_every so runs write "
+                "checkpoints, or start without {resume})", self.output_dir))
         saved_cfg = self.output_dir / "config.yaml"
         saved_method = (_read_yaml_mapping(saved_cfg) or {}).get("method") if saved_cfg.is_file() else None
         if saved_method not in (None, self.cfg.method):
-            raise UserError(
-                f"--resume: {self.output_dir} holds a '{saved_method}' run but the config says method "
-                f"'{self.cfg.method}'; resume with the run's own config (omit --config) or use another "
-                "train.output_dir"
-            )
+            raise UserError(**_worded(
+                "{resume}: {run} holds a '{saved}' run but the config says method '{method}'; resume with "
+                "{own_config} or use another train.output_dir", self.output_dir, saved=saved_method,
+                method=self.cfg.method))
         try:
             self.accelerator.load_state(str(ckpt))
         except (RuntimeError, KeyError, ValueError) as e:  # e.g. another student architecture
             detail = " ".join(str(e).split())  # one line
             detail = detail if len(detail) <= 300 else detail[:297] + "..."
-            raise UserError(
-                f"--resume: checkpoint {ckpt} does not fit this configuration ({type(e).__name__}: "
-                f"{detail}); resume with the run's own config (omit --config) or use another "
-                "train.output_dir"
-            ) from e
+            raise UserError(**_worded(
+                "{resume}: checkpoint {ckpt} does not fit this configuration ({detail}); resume with "
+                "{own_config} or use another train.output_dir", self.output_dir, ckpt=ckpt,
+                detail=f"{type(e).__name__}: {detail}")) from e
         state = load_trainer_state(ckpt)
         self.step = state["step"]
         self.data_order.position = state["data_position"]
@@ -563,12 +591,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             # accelerate ignores an unreadable RNG file silently; an inexact resume should not be
             if state.get("rng_fingerprint") not in (None, _rng_fingerprint()):
-                warnings.warn(
-                    f"random-number generator states were not restored from {ckpt}: the resumed run "
-                    "will not reproduce an uninterrupted one exactly",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                logger.warning("random-number generator states were not restored from %s: the resumed run "
+                               "will not reproduce an uninterrupted one exactly", ckpt)
             if self.metrics_path.exists():
                 offset = state["metrics_offset"]
                 with open(self.metrics_path, "r+b") as f:  # drop records logged after the checkpoint
@@ -589,11 +613,13 @@ class Trainer:
 
         Every teacher forward runs under `self.autocast()`, which would otherwise cast each
         linear weight at every call: same numbers (tests/test_prompted_teacher.py), fewer cast
-        kernels, about half the teacher's weight memory.
+        kernels, about half the teacher's weight memory. Only a teacher the trainer loaded itself:
+        one passed in keeps its weights as they are.
         """
-        mp = self.cfg.train.mixed_precision
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+        dtype = self.precision.dtype
         if dtype is None or (dtype is torch.float16 and self.accelerator.device.type != "cuda"):
+            return
+        if self._given["teacher"] is not None:
             return
 
         cast_frozen_linear_weights(self.teacher, dtype)
@@ -657,7 +683,7 @@ class Trainer:
 
     def _dev_pass_loss(self) -> float:
         total, count = 0.0, 0.0
-        for chunk, indices in self._dev_shards():
+        for chunk, indices in self._dev_shards("dev loss"):
             batch = self.ctx.collate(chunk)
             # eval mode, no grad: (B, R, H) hidden states when chunked, else (B, R, V) logits
             outputs = self.ctx.student_target_hidden(batch) if self.ctx.chunked else self.ctx.student_target_logits(batch)
@@ -677,7 +703,7 @@ class Trainer:
     def _dev_rouge(self) -> float:
 
         scored = []  # (dev index, prediction) of this process's share
-        for chunk, indices in self._dev_shards():
+        for chunk, indices in self._dev_shards("dev ROUGE-L"):
             batch = self.ctx.sample(chunk, training=False)
             if indices is None:  # a filler batch that keeps the processes in step
                 continue
@@ -693,16 +719,20 @@ class Trainer:
         scored.sort(key=lambda x: x[0])
         return corpus_rouge_l([p for _, p in scored], [self.dev_examples[i].references for i, _ in scored])
 
-    def _dev_shards(self):
-        """This process's dev batches as (examples, dev indices), the same count on every process.
+    def _dev_shards(self, desc: str):
+        """This process's dev batches as (examples, dev indices), the same count on every process,
+        with a progress bar named `desc` (when show_progress).
 
         A process with no examples left gets a filler copy of the first batch with indices
         None, so that collectives inside forward / generate (FSDP) stay matched.
         """
+        from tqdm.auto import tqdm
+
         bs = self.cfg.train.batch_size
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         n = len(self.dev_examples)
-        for it in range(math.ceil(n / (bs * world))):
+        for it in tqdm(range(math.ceil(n / (bs * world))), desc=desc, leave=False, dynamic_ncols=True,
+                       disable=not (self.show_progress and self.accelerator.is_main_process)):
             start = (it * world + rank) * bs
             indices = list(range(start, min(start + bs, n)))
             if indices:
@@ -711,6 +741,16 @@ class Trainer:
                 yield self.dev_examples[:bs], None
 
     # ------------------------------------------------------------------ outputs
+
+    def _say(self, message: str) -> None:
+        """One line for whoever watches the run: above the progress bar when it is shown
+        (show_progress, main process), else an INFO log record."""
+        if self.show_progress and self.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+        else:
+            logger.info(message)
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -721,11 +761,15 @@ class Trainer:
 
     def save(self, final: bool) -> None:
         self._last_save_time = time.monotonic()
-        save_checkpoint(
+        path = save_checkpoint(
             self.accelerator, self.checkpoints_dir, self.step, self._trainer_state(), self.cfg.train.keep_last
         )
         if final:
             self.export(self.output_dir / "final")
+        if self.accelerator.is_main_process:
+            link_duplicates([self.checkpoints_dir, self.output_dir / "best", self.output_dir / "final"])
+            total = f"; the run directory holds {disk_size(self.output_dir) / 1e6:.1f} MB" if final else ""
+            self._say(f"checkpoint step {self.step}: {disk_size(path) / 1e6:.1f} MB in {path}{total}")
 
     def export(self, out_dir: Path) -> None:
         """Student in save_pretrained format (+ tokenizer) and the method's artefacts.
@@ -768,7 +812,8 @@ class Trainer:
         )
         last = {"step": self.step}  # a run resumed at max_steps only re-exports
         self._last_save_time = time.monotonic()
-        with _StopSignals() as signals:  # the final save, too, completes before a signal is acted on
+        # the final save, too, completes before a signal is acted on
+        with self._teacher_frozen(), _StopSignals() as signals:
             with self._dev_loss_memoised():
                 last = self._train_steps(bar, last, signals)
             bar.close()
@@ -776,6 +821,23 @@ class Trainer:
         if cfg.trackers:
             self.accelerator.end_training()
         return last
+
+    @contextlib.contextmanager
+    def _teacher_frozen(self):
+        """The teacher is frozen while train() runs (no gradients, eval mode; PromptKD's prompt
+        forward turns dropout on by itself); a teacher passed in gets back the requires_grad and
+        train / eval flags it came with."""
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+        try:
+            yield
+        finally:
+            params, modules = self._teacher_flags or ((), ())
+            for p, flag in params:
+                p.requires_grad_(flag)
+            for m, mode in modules:
+                m.training = mode
 
     def _train_steps(self, bar, last: dict, signals: _StopSignals) -> dict:
         """Optimizer steps until max_steps; a SIGINT / SIGTERM checkpoints and raises after a step."""
@@ -796,32 +858,23 @@ class Trainer:
                 (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.max_steps
             )
             if do_eval:
-                record.update(self.evaluate())
+                dev = self.evaluate()
+                record.update(dev)
+                self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in dev.items()))
                 self._maybe_save_best(record)
             if self.step % cfg.log_every == 0 or do_eval or self.step == cfg.max_steps:
                 self.log(record)
             last = record
-            loss_key = next((k for k in record if k.endswith("loss")), None)
-            bar.set_postfix(
-                {
-                    **({loss_key: f"{record[loss_key]:.4f}"} if loss_key else {}),
-                    # PromptKD: the two distances of the prompted teacher (collapse when kl_to_student < drift)
-                    **{label: f"{record[key]:.3g}" for key, label in PROGRESS_EXTRAS.items() if key in record},
-                    "s/step": f"{dt:.2f}",
-                    "tok/s": f"{record['trained_tokens_per_s']:.0f}",
-                },
-                refresh=False,
-            )
+            bar.set_postfix(progress_postfix(record), refresh=False)
             bar.update(1)
             if self.guard.stop_message is not None:
                 bar.close()
                 self.save(final=False)
-                raise NonFiniteError(
-                    f"{self.guard.stop_message}; the update was skipped and training stopped with a checkpoint "
-                    f"at step {self.step} in {self.checkpoints_dir}: lower train.learning_rate, try "
-                    "train.mixed_precision no or set train.nonfinite skip, then continue with "
-                    f"--resume {self.output_dir}"
-                )
+                raise NonFiniteError(**_worded(
+                    "{reason}; the update was skipped and training stopped with a checkpoint at step {step} in "
+                    "{run}/checkpoints: lower train.learning_rate, try train.mixed_precision no or set "
+                    "train.nonfinite skip, then continue with {continue_run}", self.output_dir,
+                    reason=self.guard.stop_message, step=self.step))
             if self.step >= cfg.max_steps:
                 break
             stop_signal, time_due = self._poll_stop_and_timer(signals)
@@ -830,12 +883,10 @@ class Trainer:
             if stop_signal:
                 bar.close()
                 name = signal.Signals(stop_signal).name
-                raise TrainingInterrupted(
-                    f"{name} received: stopped after step {self.step} of {cfg.max_steps}, checkpoint written "
-                    f"to {self.checkpoints_dir / f'step-{self.step:08d}'}; continue with: "
-                    f"promptkd train --resume {self.output_dir}",
-                    stop_signal,
-                )
+                raise TrainingInterrupted(**_worded(
+                    "{name} received: stopped after step {step} of {max_steps}, checkpoint written to {ckpt}; "
+                    "continue with: {continue_run}", self.output_dir, name=name, step=self.step,
+                    max_steps=cfg.max_steps, ckpt=self.checkpoints_dir / f"step-{self.step:08d}"), signum=stop_signal)
         return last
 
     def _poll_stop_and_timer(self, signals: _StopSignals) -> tuple[int, bool]:
@@ -865,6 +916,39 @@ class Trainer:
             self.best_metric, self.best_step = value, self.step
             record["best"] = True
             self.export(self.output_dir / "best")
+
+
+def progress_postfix(record: dict) -> dict[str, str]:
+    """What the progress bar shows of a step's metrics record: the student's loss (a method's
+    first `*loss` key when it reports none), PromptKD's two distances, seconds and tokens/s."""
+    loss_key = "student/loss" if "student/loss" in record else next((k for k in record if k.endswith("loss")), None)
+    return {
+        **({loss_key: f"{record[loss_key]:.4f}"} if loss_key else {}),
+        # PromptKD: the two distances of the prompted teacher (collapse when kl_to_student < drift)
+        **{label: f"{record[key]:.3g}" for key, label in PROGRESS_EXTRAS.items() if key in record},
+        "s/step": f"{record['step_time']:.2f}",
+        "tok/s": f"{record['trained_tokens_per_s']:.0f}",
+    }
+
+
+def _read_records(key: str, data, split: str, data_files, with_responses: bool) -> tuple[str, list]:
+    """(the name logs give a data source, its records); an error names the source's config key."""
+    try:
+        records = records_from(data, split=split, data_files=data_files, require_outputs=with_responses)
+    except UserError as e:
+        raise UserError(f"{key}: {e}", cli=f"{key}: {e.cli}") from e
+    return (key if key in ("train_dataset", "eval_dataset") else str(data)), records
+
+
+def _worded(text: str, run: Path, **values) -> dict[str, str]:
+    """`message` and `cli` of an error whose fix is a Trainer argument in Python and a flag on the
+    command line: `text` names it with {resume}, {overwrite}, {own_config} or {continue_run}."""
+    python = {"resume": "resume=True", "overwrite": "overwrite=True",
+              "own_config": f"the run's own config ({run / 'config.yaml'})",
+              "continue_run": "resume=True (the same config and train.output_dir)"}
+    cli = {"resume": "--resume", "overwrite": "--overwrite", "own_config": "the run's own config (omit --config)",
+           "continue_run": f"promptkd train --resume {run}"}
+    return {"message": text.format(run=run, **python, **values), "cli": text.format(run=run, **cli, **values)}
 
 
 def _read_yaml_mapping(path: Path) -> dict | None:
