@@ -34,6 +34,10 @@ def test_trainer_samples_through_the_configured_backend(tmp_path, tiny_pair_dirs
     calls = []
 
     class Recording(samplers.HFSampler):
+        def __init__(self, context):
+            super().__init__(context)
+            self.context = context
+
         def __call__(self, model, prompt_ids, prompt_mask, **kw):
             calls.append((self.context, tuple(prompt_ids.shape), kw["config"].max_new_tokens))
             return super().__call__(model, prompt_ids, prompt_mask, **kw)

@@ -46,10 +46,6 @@ def opt(default, help: str, *, choices=None, min=None, max=None, min_exclusive=F
 # --------------------------------------------------------------------------- types and ranges
 
 
-def _is_optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
-
-
 def _split_list(text: str, item_type: Any) -> list:
     """'10,20' -> [10, 20] for list[int]; 'a,b' -> ['a', 'b'] for list[str] (the flag spelling)."""
     items = [p.strip() for p in text.split(",") if p.strip()]

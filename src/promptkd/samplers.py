@@ -1,13 +1,13 @@
 """Pluggable on-policy samplers: how the trainer turns prompts into sampled responses.
 
 `train.sampler` names the backend; the default "hf" is transformers `generate` through
-`promptkd.sampling.sample_responses`. Another backend (for example a vLLM engine on GPUs,
-shipped as an optional extra) registers a factory that receives the trainer:
+`promptkd.sampling.sample_responses`. Another backend registers a factory that receives the
+run's training context:
 
     from promptkd.samplers import register_sampler
 
     class MySampler:
-        def __init__(self, trainer): ...
+        def __init__(self, context): ...
         def __call__(self, model, prompt_ids, prompt_mask, *, eos_token_ids, pad_token_id, config):
             ...  # -> SequenceBatch
 
@@ -57,7 +57,7 @@ class HFSampler:
     """transformers `generate` (batched, KV cache) via `sample_responses`: the default."""
 
     def __init__(self, context=None):
-        self.context = context
+        """Built as `HFSampler(context)` like every factory; generate needs nothing from the context."""
 
     supports_logits_processor = True
 

@@ -166,11 +166,6 @@ def student_target_outputs(ctx: StepContext, batch: SequenceBatch) -> Outputs:
     return ctx.student_target_hidden(batch) if ctx.chunked else ctx.student_target_logits(batch)
 
 
-def teacher_outputs(ctx: StepContext, batch: SequenceBatch) -> Outputs:
-    """The plain teacher's outputs, no grad."""
-    return ctx.teacher_hidden(batch) if ctx.chunked else ctx.teacher_logits(batch)
-
-
 class Divergence:
     """A token-level divergence of promptkd.losses by name, on either form of outputs.
 
