@@ -38,6 +38,17 @@ def _pin_precision_probe() -> None:
 
 _pin_precision_probe()
 
+# torch.compile's on-disk cache does not tell kernels built for one vector ISA from another: a
+# suite run with ATEN_CPU_CAPABILITY=avx2 (an AVX2-only CPU, emulated) on a machine whose native
+# runs share /tmp/torchinductor_<user> read each other's kernels and got wrong divergences and
+# heap corruption. An emulated ISA gets a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import getpass
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
+
 
 @pytest.fixture
 def tokenizer():

@@ -571,8 +571,11 @@ def test_objects_passed_in_the_student_trains_in_place_the_teacher_gets_its_flag
     assert {n: m.training for n, m in teacher.named_modules()} == modes
 
 
-def test_a_teacher_passed_in_keeps_its_weights_dtype_under_bf16(tmp_path, tiny_pair_dirs, tiny_jsonl):
+def test_a_teacher_passed_in_keeps_its_weights_dtype_under_bf16(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
     """Only a teacher the trainer loads itself gets its linear weights held in bf16."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setattr(AcceleratorState, "_shared_state", {})  # one precision per process (see above)
     teacher, student = tiny_llama(num_layers=4, seed=0), tiny_llama(num_layers=2, seed=1)
     cfg = make_cfg(tmp_path, *tiny_pair_dirs, tiny_jsonl, train={"mixed_precision": "bf16", "max_steps": 1})
     tr = Trainer(cfg, student=student, teacher=teacher, tokenizer=byte_tokenizer(), show_progress=False)

@@ -33,9 +33,12 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 CACHE_FILE = "precision.json"
-# the probe's shapes: big enough to time (about 30 ms emulated, 1 ms native on one core), small
-# enough to cost nothing once per machine
+# The probe: one thread, shapes that take about 1 ms in float32 and tens of ms in emulated bf16.
+# The minimum over repeats filters out the time a busy machine takes the core away; float32, the
+# short one, gets many repeats, since an inflated float32 time is what could make emulated bf16
+# look fast (an inflated bf16 time only errs towards float32).
 PROBE_SHAPE = (128, 512, 512)  # (M, K, N): (M, K) @ (K, N)
+PROBE_REPEATS = {torch.float32: 30, torch.bfloat16: 3}
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,13 @@ def _cache_path() -> Path:
     return Path(os.environ.get("PROMPTKD_CACHE") or "~/.cache/promptkd").expanduser() / CACHE_FILE
 
 
-def _time_matmul(dtype: torch.dtype, repeats: int = 3) -> float:
+def _time_matmul(dtype: torch.dtype) -> float:
     m, k, n = PROBE_SHAPE
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(m, k, generator=g).to(dtype), torch.randn(k, n, generator=g).to(dtype)
     a @ b  # first call: kernel selection
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(PROBE_REPEATS[dtype]):
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
@@ -95,8 +98,14 @@ def _time_matmul(dtype: torch.dtype, repeats: int = 3) -> float:
 
 
 def measure_bf16_slowdown() -> float:
-    """Time of a bf16 matmul over that of the same float32 matmul on this CPU (< 1: bf16 is native)."""
-    return _time_matmul(torch.bfloat16) / max(_time_matmul(torch.float32), 1e-9)
+    """Time of a bf16 matmul over that of the same float32 matmul on one core of this CPU
+    (< 1: bf16 is native)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _time_matmul(torch.bfloat16) / max(_time_matmul(torch.float32), 1e-9)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=1)
