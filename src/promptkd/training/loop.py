@@ -379,7 +379,7 @@ class Trainer:
             cfg.save(self.output_dir / "config.yaml")
             self.metrics_path.write_text("", encoding="utf-8")
         if self.accelerator.is_main_process:
-            logger.info("precision: %s", self.precision.describe())
+            self._say(f"precision: {self.precision.describe()}")
             (self.output_dir / "precision.json").write_text(
                 json.dumps({**self.precision.as_record(), "device": str(self.accelerator.device)}, indent=1) + "\n",
                 encoding="utf-8")
