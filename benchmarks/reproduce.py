@@ -346,14 +346,14 @@ def train_stage(cfg_dict: dict, run_dir: str) -> None:
     """Train (or resume) one run into run_dir; module-level so that a worker process can run it."""
     from promptkd.config import config_from_dict
     from promptkd.training.checkpoint import latest_checkpoint
-    from promptkd.training.loop import run_training
+    from promptkd.training.loop import Trainer
 
     run_dir = Path(run_dir)
     cfg_dict = json.loads(json.dumps(cfg_dict))
     cfg_dict["train"]["output_dir"] = str(run_dir)
     cfg = config_from_dict(cfg_dict)
     resume = latest_checkpoint(run_dir / "checkpoints") is not None
-    run_training(cfg, resume=resume, overwrite=not resume, show_progress=sys.stderr.isatty())
+    Trainer(cfg, resume=resume, overwrite=not resume, show_progress=sys.stderr.isatty()).train()
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer state: ~1 GB, not needed
     for extra in ("best",):
         shutil.rmtree(run_dir / extra, ignore_errors=True)
@@ -381,7 +381,7 @@ def eval_config(model: str, out: str, settings: dict):
 
 def seen_records(train_file: Path, steps: int, batch_size: int, seed: int) -> list[str]:
     """The JSONL lines a run with this seed, batch size and step count trains on, in order."""
-    from promptkd.training.loop import DataOrder
+    from promptkd.data.order import DataOrder
 
     lines = [x for x in train_file.read_text(encoding="utf-8").splitlines() if x.strip()]
     order = DataOrder(len(lines), seed)

@@ -808,7 +808,7 @@ def method_config(s: dict, paths: Paths, label: Label, seed: int, seqkd_file: Pa
 def seqkd_order(n: int, seed: int) -> list[int]:
     """file[i] for a one-epoch SeqKD file: position j of DataOrder(n, seed) reads file[perm[j]], so
     writing the j-th seen prompt's response at perm[j] gives SeqKD the same prompts per step."""
-    from promptkd.training.loop import DataOrder
+    from promptkd.data.order import DataOrder
 
     perm = DataOrder(n, seed).take(n)
     inv = [0] * n
@@ -1018,12 +1018,12 @@ def train_keep_checkpoints(cfg: dict, run_dir: Path) -> None:
     """Train (or resume) into run_dir, keeping the checkpoints for ExAccErr (reproduce.train_stage deletes them)."""
     from promptkd.config import config_from_dict
     from promptkd.training.checkpoint import latest_checkpoint
-    from promptkd.training.loop import run_training
+    from promptkd.training.loop import Trainer
 
     d = json.loads(json.dumps(cfg))
     d["train"]["output_dir"] = str(run_dir)
     resume = latest_checkpoint(run_dir / "checkpoints") is not None
-    run_training(config_from_dict(d), resume=resume, overwrite=not resume, show_progress=False)
+    Trainer(config_from_dict(d), resume=resume, overwrite=not resume, show_progress=False).train()
 
 
 # ----------------------------------------------------------------------------- a sitting

@@ -264,7 +264,7 @@ def test_flag_off_never_touches_head_losses(tmp_path, tiny_pair_dirs, tiny_jsonl
     for name in ("head_divergence", "head_divergences", "hidden_states_for_response"):
         monkeypatch.setattr(methods_base, name, refuse)
     monkeypatch.setattr("promptkd.training.context.lm_head_of", refuse)
-    monkeypatch.setattr("promptkd.training.loop.head_cross_entropy", refuse)
+    monkeypatch.setattr("promptkd.training.dev_eval.head_cross_entropy", refuse)
     for method in ("promptkd", "gkd"):
         tr = trainer_for(tmp_path / method, tiny_pair_dirs, tiny_jsonl, method,
                          train={"chunked_lm_head": False}, **_dev_cfg(tiny_jsonl))

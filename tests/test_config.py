@@ -360,16 +360,16 @@ def test_deepspeed_refuses_methods_that_call_backward_twice_per_step(method, sec
 
     from accelerate.utils import DistributedType
 
-    from promptkd.training.loop import Trainer
+    from promptkd.training.assembly import check_distributed_backend
 
     cfg = config_from_dict({"method": method, **section}, check_required=False)
     ds_config = {"train_micro_batch_size_per_gpu": "auto"}
-    fake = SimpleNamespace(cfg=cfg, accelerator=SimpleNamespace(
+    accelerator = SimpleNamespace(
         distributed_type=DistributedType.DEEPSPEED,
-        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config))))
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config)))
     if refused:
         with pytest.raises(UserError, match=refused):
-            Trainer._check_distributed_backend(fake)
+            check_distributed_backend(cfg, accelerator)
     else:
-        Trainer._check_distributed_backend(fake)
+        check_distributed_backend(cfg, accelerator)
         assert ds_config["train_micro_batch_size_per_gpu"] == cfg.train.batch_size

@@ -184,10 +184,10 @@ def test_a_dev_source_that_cannot_be_read_fails_before_the_models_load_naming_it
     import datasets
 
     from promptkd.errors import UserError
-    from promptkd.training import loop
+    from promptkd.training import assembly, loop
 
     assert datasets.config.HF_HUB_OFFLINE
-    monkeypatch.setattr(loop, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("a model loaded first"))
+    monkeypatch.setattr(assembly, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("a model loaded first"))
     teacher, student = tiny_pair_dirs
     cfg = config_from_dict({"model": {"teacher": str(teacher), "student": str(student)},
                             "data": {"train": str(tiny_jsonl), "dev": "promptkd-tests/no-such-dataset",

@@ -487,13 +487,13 @@ def test_phi_check_and_the_evaluation_of_the_same_step_share_one_dev_pass(tmp_pa
     })
     trainer = Trainer(cfg, show_progress=False).setup()
     passes = []
-    dev_pass = trainer._dev_pass_loss
+    dev_pass = trainer.dev.pass_loss
 
-    def counted() -> float:
+    def counted(**kwargs) -> float:
         passes.append(trainer.ctx.updates_applied)
-        return dev_pass()
+        return dev_pass(**kwargs)
 
-    trainer._dev_pass_loss = counted
+    trainer.dev.pass_loss = counted
     trainer.train()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]

@@ -126,7 +126,7 @@ def test_over_checkpoints_shares_teacher_samples(tmp_path, tiny_pair_dirs, tiny_
 def test_training_checkpoint_loads(tmp_path, tiny_pair_dirs, tiny_jsonl):
     """An accelerate checkpoint written during training (no config.json) loads as a student."""
     from promptkd.config import config_from_dict
-    from promptkd.training.loop import run_training
+    from promptkd.training.loop import Trainer
 
     teacher, student = tiny_pair_dirs
     cfg = config_from_dict({
@@ -135,7 +135,7 @@ def test_training_checkpoint_loads(tmp_path, tiny_pair_dirs, tiny_jsonl):
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "batch_size": 2, "warmup_steps": 0,
                   "save_every": 1, "learning_rate": 1e-2},
     })
-    run_training(cfg, show_progress=False)
+    Trainer(cfg, show_progress=False).train()
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000001"
     assert not (ckpt / "config.json").exists()
     model, _ = load_model_for_eval(ckpt)

@@ -12,10 +12,11 @@ import torch
 from promptkd.config import config_from_dict
 from promptkd.data.collate import collate_sequences
 from promptkd.data.dataset import Example
+from promptkd.errors import NonFiniteError
 from promptkd.methods import get_method_class
 from promptkd.methods.promptkd import collapse_warning_step
 from promptkd.testing import FakeContext, byte_tokenizer, tiny_llama
-from promptkd.training.loop import NonFiniteError, Trainer
+from promptkd.training.loop import Trainer
 
 
 def make_cfg(tmp_path, teacher, student, train_file, method="promptkd", **sections):
@@ -467,7 +468,7 @@ def test_bf16_teacher_linear_weights_give_the_same_promptkd_step(tmp_path, tiny_
     for cast in (True, False):
         AcceleratorState._shared_state.clear()
         if not cast:
-            monkeypatch.setattr(Trainer, "_teacher_linears_to_compute_dtype", lambda self: None)
+            monkeypatch.setattr("promptkd.training.assembly.teacher_linears_to_compute_dtype", lambda *args: None)
         tr = trainer_for(tmp_path / str(cast), tiny_pair_dirs, tiny_jsonl, train={"mixed_precision": "bf16"})
         dtypes = {m.weight.dtype for m in tr.teacher.modules() if isinstance(m, torch.nn.Linear)}
         assert dtypes == ({torch.bfloat16, torch.float32} if cast else {torch.float32})  # tied LM head stays
@@ -539,7 +540,7 @@ def test_from_config_takes_a_path_a_dict_or_a_config_with_overrides_and_objects(
 
 def test_the_progress_bar_shows_the_students_loss():
     """PromptKD reports prompt/loss first; the bar shows the student's loss and the two distances."""
-    from promptkd.training.loop import progress_postfix
+    from promptkd.training.console import progress_postfix
 
     record = {"step": 3, "prompt/loss": 9.0, "prompt/kl_to_student": 0.25, "prompt/drift": 0.125,
               "student/loss": 2.0, "step_time": 1.5, "trained_tokens_per_s": 100.0}

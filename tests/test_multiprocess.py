@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from promptkd.data.order import DataOrder
 from promptkd.testing import TINY_RECORDS, save_tiny_pair, write_tiny_jsonl
-from promptkd.training.loop import DataOrder
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_2PROC = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"

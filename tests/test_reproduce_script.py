@@ -48,7 +48,7 @@ def test_rank_statement_not_first(reproduce):
 
 
 def test_seen_records_match_the_trainer_data_order(reproduce, tmp_path):
-    from promptkd.training.loop import DataOrder
+    from promptkd.data.order import DataOrder
 
     lines = [json.dumps({"instruction": f"q{i}", "output": "a"}) for i in range(10)]
     path = tmp_path / "train.jsonl"

@@ -166,7 +166,7 @@ def test_every_method_gets_the_same_steps_prompts_and_response_cap(study, cpu2, 
 
 
 def test_seqkd_file_order_gives_the_same_prompts_per_step(study):
-    from promptkd.training.loop import DataOrder
+    from promptkd.data.order import DataOrder
 
     n, seed = 24, 3
     seen = [f"p{j}" for j in range(n)]  # the j-th prompt the other methods see

@@ -208,10 +208,11 @@ def config_from_args(command: str, args: argparse.Namespace, rest: list[str]):
 
 
 def _cmd_train(cfg, args) -> int:
-    from promptkd.training.loop import run_training
+    from promptkd.training.loop import Trainer
 
-    final = run_training(cfg, resume=args.resume is not None, overwrite=args.overwrite,
-                         show_progress=not args.no_progress)
+    trainer = Trainer.from_config(cfg, resume=args.resume is not None, overwrite=args.overwrite,
+                                  show_progress=not args.no_progress)
+    final = trainer.train()
     lora = cfg.model.student_lora
     exported = "student_adapter" if lora.r > 0 and not lora.merge else "student"
     print(f"done: {cfg.train.output_dir}/final/{exported}  (last step: {final.get('step')})")

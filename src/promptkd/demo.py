@@ -82,7 +82,7 @@ from promptkd.models.loading import (
 from promptkd.models.student import make_student_from_path
 from promptkd.precision import autocast, resolve_precision
 from promptkd.sampling import SamplingConfig, sample_responses
-from promptkd.training.loop import run_training
+from promptkd.training.loop import Trainer
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STUDENT_LAYERS = [0, 1, 2, 8, 13, 18, 23, 27, 28, 29]
@@ -225,6 +225,10 @@ class _FirstOccurrence(logging.Filter):
         return True
 
 
+# the promptkd.training modules whose loggers speak for the training loop
+_TRAINING_LOOP_MODULES = ("loop", "console", "run_dir", "data_sources")
+
+
 class _Quiet:
     """While the demo runs: no transformers progress bars (weight loading, shard writing, once per
     model load) and each training-loop warning once."""
@@ -232,14 +236,16 @@ class _Quiet:
     def __enter__(self):
         self._bars = no_transformers_progress_bars()
         self._bars.__enter__()
-        self._logger = logging.getLogger("promptkd.training.loop")
+        self._loggers = [logging.getLogger(f"promptkd.training.{name}") for name in _TRAINING_LOOP_MODULES]
         self._filter = _FirstOccurrence()
-        self._logger.addFilter(self._filter)
+        for log in self._loggers:
+            log.addFilter(self._filter)
         return self
 
     def __exit__(self, *exc):
         self._bars.__exit__(*exc)
-        self._logger.removeFilter(self._filter)
+        for log in self._loggers:
+            log.removeFilter(self._filter)
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,7 +314,7 @@ class _Demo:
         for key, values in sections.items():
             cfg.setdefault(key, {}).update(values)
         t0 = time.perf_counter()
-        run_training(config_from_dict(cfg), overwrite=True)
+        Trainer(config_from_dict(cfg), overwrite=True).train()
         # the demo is never resumed: keep final/, drop the resumable checkpoint (optimizer states)
         shutil.rmtree(self.run_dir / name / "checkpoints", ignore_errors=True)
         self._clock(stage, t0)

@@ -9,7 +9,7 @@ sizes[m] items in process order:
     start_m = num_processes * (sizes[0] + ... + sizes[m - 1])
 
 The union of every process's micro-batches is the whole global batch, so a step trains on the
-same examples however the batch is split. The training data order (the trainer's `DataOrder`),
+same examples however the batch is split. The training data order (`DataOrder`, below),
 MiniLLM's LM data and DistiLLM's replay draws all use this layout; DistiLLM's replay buffer is
 filled in it (`global_batch`).
 """
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -54,3 +56,45 @@ def global_batch(per_process: Sequence[Sequence[Sequence[T]]]) -> list[T]:
     global batch order (micro-batch, then process)."""
     num_micro = len(per_process[0]) if per_process else 0
     return [item for m in range(num_micro) for proc in per_process for item in proc[m]]
+
+
+class DataOrder:
+    """Seeded epoch permutations of the training examples; the state is one integer (examples
+    consumed globally), which a checkpoint saves and a resumed run restores."""
+
+    def __init__(self, num_examples: int, seed: int):
+        self.num_examples = num_examples
+        self.seed = seed
+        self.position = 0
+        self._epoch = -1
+        self._perm: list[int] = []
+
+    def _perm_for(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.num_examples, generator=g).tolist()
+            self._epoch = epoch
+        return self._perm
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.num_examples
+
+    def micro_batches(self, batch_size: int, accumulation: int, world: int, rank: int) -> list[list[int]]:
+        """Example indices of process `rank`'s micro-batches for the next optimizer step.
+
+        The step takes batch_size x accumulation x world examples in the global batch order
+        (module docstring): micro-batch m of rank r holds global slots
+        (m * world + r) * batch_size ..., so step k trains on the same examples for any split of
+        the same global batch, and the position is global (resumable anywhere).
+        """
+        indices = self.take(batch_size * accumulation * world)
+        return local_micro_batches(indices, [batch_size] * accumulation, num_processes=world, process_index=rank)
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            epoch, idx = divmod(self.position, self.num_examples)
+            out.append(self._perm_for(epoch)[idx])
+            self.position += 1
+        return out

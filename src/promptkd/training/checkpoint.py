@@ -123,6 +123,20 @@ def _quiet_tied_weight_removal(models):
         target.removeFilter(quiet)
 
 
+class MethodState:
+    """Adapter so accelerate's checkpointing saves and restores a method's own tensors
+    (`accelerator.register_for_checkpointing(MethodState(method.state_dict, method.load_state_dict))`)."""
+
+    def __init__(self, get_state, set_state):
+        self._get, self._set = get_state, set_state
+
+    def state_dict(self):
+        return self._get()
+
+    def load_state_dict(self, state):
+        self._set(state)
+
+
 def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, trainer_state: dict, keep_last: int) -> Path:
     """Write a complete checkpoint for `step` (every process must call this)."""
     checkpoints_dir = Path(checkpoints_dir)

@@ -1,0 +1,227 @@
+"""Model assembly: where a run computes (the accelerator and its precision), the student,
+tokenizer and teacher it trains with, taken from the objects passed in or loaded from
+`config.model`, and the distributed backends this loop refuses.
+
+    accelerator, precision = accelerator_for(cfg.train)
+    models = assemble_models(cfg, accelerator, precision, needs_teacher=True,
+                             student=student, teacher=None, tokenizer=tokenizer)
+    models.student, models.tokenizer, models.teacher, models.vocab_size
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from promptkd.errors import UserError
+from promptkd.models.loading import (
+    ModelSpec,
+    cast_frozen_linear_weights,
+    check_tokenizer_compatibility,
+    load_model_and_tokenizer,
+)
+from promptkd.models.lora import check_lora_backend, is_lora_model, with_lora
+from promptkd.precision import resolve_precision
+
+
+def accelerator_for(train_cfg):
+    """(the run's `accelerate.Accelerator`, its resolved precision) for the `train` config section;
+    train.deterministic turns on torch's deterministic algorithms first."""
+    from accelerate import Accelerator, PartialState
+
+    if train_cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    precision = resolve_precision(train_cfg.mixed_precision, PartialState(cpu=train_cfg.cpu).device)
+    accelerator = Accelerator(
+        cpu=train_cfg.cpu,
+        mixed_precision=precision.mixed_precision,
+        step_scheduler_with_optimizer=False,  # our schedules count optimizer steps, not batches
+        log_with=train_cfg.trackers or None,
+        project_dir=str(Path(train_cfg.output_dir)),
+    )
+    return accelerator, precision
+
+
+@dataclass
+class Models:
+    """What `assemble_models` returns.
+
+    teacher_flags: a passed-in teacher's ([(parameter, requires_grad)], [(module, training)]),
+    which `frozen_teacher` gives back after training; None for a teacher the trainer loaded.
+    """
+
+    student: Any
+    tokenizer: Any
+    teacher: Any | None
+    vocab_size: int
+    teacher_flags: tuple | None = None
+
+
+def assemble_models(cfg, accelerator, precision, *, needs_teacher: bool, student=None, teacher=None,
+                    tokenizer=None) -> Models:
+    """The run's models and tokenizer, on `accelerator`'s device for the teacher (the student is
+    placed by `accelerator.prepare` later).
+
+    Args:
+        cfg: the run's `Config` (model.*, train.gradient_checkpointing).
+        accelerator, precision: the run's `Accelerator` and resolved `promptkd.precision` choice.
+        needs_teacher: whether the method uses a teacher; without one a passed teacher is ignored.
+        student, teacher, tokenizer: objects the user passed; None loads from `cfg.model`.
+
+    Returns:
+        `Models`: the student in train mode (with LoRA adapters when model.student_lora.r > 0), a
+        tokenizer with a pad token, the frozen teacher in eval mode (or None) and the vocabulary
+        size student and teacher share.
+
+    Raises:
+        UserError: a student without a tokenizer and no model.student, a tokenizer with neither a
+            pad nor an eos token, or tokenizers that do not match.
+    """
+    teacher_given = teacher is not None
+    student, tokenizer = _student_and_tokenizer(cfg, accelerator, student, tokenizer)
+    vocab_size = student.get_output_embeddings().weight.shape[0]
+    teacher_flags = None
+    if needs_teacher:
+        teacher, teacher_tok = _teacher_and_tokenizer(cfg, teacher, tokenizer)
+        vocab_size = check_tokenizer_compatibility(teacher_tok, tokenizer, teacher, student)
+        if teacher_given:  # what train() gives back (frozen_teacher)
+            teacher_flags = ([(p, p.requires_grad) for p in teacher.parameters()],
+                             [(m, m.training) for m in teacher.modules()])
+        teacher.requires_grad_(False)
+        teacher.eval()
+        teacher.to(accelerator.device)
+        if not teacher_given:  # one passed in keeps its weights as they are
+            teacher_linears_to_compute_dtype(teacher, precision.dtype, accelerator.device)
+    else:
+        teacher = None
+    if cfg.train.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        student.config.use_cache = False
+    return Models(student, tokenizer, teacher, vocab_size, teacher_flags)
+
+
+def _student_and_tokenizer(cfg, accelerator, student, tokenizer):
+    if student is None:
+        student, loaded_tok = load_model_and_tokenizer(
+            ModelSpec(cfg.model.student, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        )
+        tokenizer = tokenizer or loaded_tok
+    elif tokenizer is None:
+        if not cfg.model.student:
+            raise UserError("a student model was passed without a tokenizer: pass tokenizer=... "
+                            "(or set model.student so the tokenizer can be loaded from it)")
+        _, tokenizer = load_model_and_tokenizer(ModelSpec(cfg.model.student, dtype=cfg.model.dtype))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError("the tokenizer has neither a pad nor an eos token: set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token  # pad positions are always masked out
+    lora = cfg.model.student_lora
+    if is_lora_model(student):
+        if lora.r > 0:
+            warnings.warn(
+                "the student passed in is a PeftModel already: its own adapters train and "
+                "model.student_lora's r, alpha, dropout and target_modules are ignored",
+                UserWarning, stacklevel=5,  # the caller of Trainer.train() / setup()
+            )
+    elif lora.r > 0:
+        student = with_lora(student, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                            target_modules=lora.target_modules)
+    if is_lora_model(student):
+        check_lora_backend(accelerator)
+        if cfg.train.gradient_checkpointing:
+            student.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
+    student.train()
+    return student, tokenizer
+
+
+def _teacher_and_tokenizer(cfg, teacher, student_tokenizer):
+    if teacher is None:
+        return load_model_and_tokenizer(
+            ModelSpec(cfg.model.teacher, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+        )
+    # a passed-in teacher shares the student's tokenizer unless model.teacher names its own
+    if cfg.model.teacher:
+        _, teacher_tok = load_model_and_tokenizer(ModelSpec(cfg.model.teacher, dtype=cfg.model.dtype))
+        return teacher, teacher_tok
+    return teacher, student_tokenizer
+
+
+def teacher_linears_to_compute_dtype(teacher, dtype: torch.dtype | None, device: torch.device) -> None:
+    """Under bf16 (or CUDA fp16) autocast, hold the frozen teacher's linear weights in that dtype.
+
+    Every teacher forward runs under the step context's autocast, which would otherwise cast each
+    linear weight at every call: same numbers (tests/test_prompted_teacher.py), fewer cast
+    kernels, about half the teacher's weight memory. `assemble_models` applies it only to a
+    teacher the trainer loaded itself.
+    """
+    if dtype is None or (dtype is torch.float16 and device.type != "cuda"):
+        return
+    cast_frozen_linear_weights(teacher, dtype)
+
+
+@contextlib.contextmanager
+def frozen_teacher(teacher, teacher_flags: tuple | None):
+    """The teacher is frozen while training runs (no gradients, eval mode; PromptKD's prompt
+    forward turns dropout on by itself); a teacher passed in gets back the requires_grad and
+    train / eval flags it came with (`Models.teacher_flags`)."""
+    if teacher is not None:
+        teacher.requires_grad_(False)
+        teacher.eval()
+    try:
+        yield
+    finally:
+        params, modules = teacher_flags or ((), ())
+        for p, flag in params:
+            p.requires_grad_(flag)
+        for m, mode in modules:
+            m.training = mode
+
+
+def check_distributed_backend(cfg, accelerator) -> None:
+    """Refuse what accelerate's DeepSpeed integration cannot run with this loop.
+
+    `accelerator.backward` under DeepSpeed runs the engine's backward *and* its optimizer
+    step on every call, so a second parameter set (PromptKD's prompt) would step the
+    student and gradient accumulation would step per micro-batch (docs/distributed.md).
+
+    Raises:
+        UserError: under DeepSpeed, for PromptKD with a trained prompt, MiniLLM with
+            minillm.lm_coef > 0, or train.gradient_accumulation_steps > 1.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if cfg.method == "promptkd" and not cfg.promptkd.freeze_prompt:
+        raise UserError(
+            "DeepSpeed is not supported for method promptkd: accelerate's DeepSpeed backward "
+            "also steps the student's engine, so the prompt update would step the student; "
+            "launch with DDP or FSDP instead (configs/accelerate/, docs/distributed.md)"
+        )
+    if cfg.method == "minillm" and cfg.minillm.lm_coef > 0:
+        raise UserError(
+            "DeepSpeed is not supported for minillm with minillm.lm_coef > 0: the language-modelling "
+            "term is a second backward per step, and accelerate's DeepSpeed backward steps the engine "
+            "each time; set minillm.lm_coef 0 or launch with DDP or FSDP"
+        )
+    if cfg.train.gradient_accumulation_steps > 1:
+        raise UserError(
+            "DeepSpeed with train.gradient_accumulation_steps > 1 is not supported: the engine "
+            "would step after every micro-batch; set train.gradient_accumulation_steps 1 and "
+            "use more processes or a larger train.batch_size, or launch with DDP/FSDP"
+        )
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        # no DataLoader goes through prepare(), so accelerate cannot infer it
+        ds_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
