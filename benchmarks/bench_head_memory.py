@@ -18,28 +18,29 @@ holds about 10 GiB (two 1.5 GiB models, the student's gradients and AdamW moment
 Two modes (--modes), each measured for both paths:
 
 - step: one real PromptKD training step, `Trainer.train_step()` on the library's Trainer
-  (accelerate, the TrainingContext, both AdamW optimizers, clipping, the method's own step)
-  with `train.chunked_lm_head` true ("chunked") or false ("unchunked"); the student's sampling
-  is replaced by one fixed batch (so both paths train on the same tokens, and generation,
-  which does not differ between them, is not part of the figure). Step 1 also allocates the
-  gradients and AdamW's two moments of the student; step 2 is the steady state. On --device
-  cuda the figures are torch.cuda.max_memory_allocated (reset before each step) instead of
-  the resident set.
+  (accelerate, the TrainingContext, both AdamW optimizers, clipping, the method's own step).
+  "chunked" is the library's default (the losses on hidden states and LM heads); "unchunked"
+  sets the context's `student_head` and `teacher_head` to None after setup: the full-logits
+  path that a head which cannot be chunked gets. The student's sampling is replaced by one
+  fixed batch (so both paths train on the same tokens, and generation, which does not differ
+  between them, is not part of the figure). Step 1 also allocates the gradients and AdamW's
+  two moments of the student; step 2 is the steady state. On --device cuda the figures are
+  torch.cuda.max_memory_allocated (reset before each step) instead of the resident set.
 - losses (CPU only): the loss part of PromptKD.step alone, written out here with one
-  micro-batch (kd, reg and student divergences all reverse KL, lambda > 0, the student forward
+  micro-batch (prompt and student losses both reverse KL, lambda > 0, the student forward
   shared by the prompt and student losses, as PromptKD.step does when the student has no
   dropout):
   - unchunked: student response_logits (with grad), prompted-teacher logits (with grad) and
-    base logits (no grad); L_kd + lambda L_reg on them -> backward into the prompt;
-    prompted-teacher target logits (no grad); L_student -> backward into the student.
-    promptkd.losses throughout.
-  - chunked: the same with hidden_states_for_response, head_divergences for L_kd + lambda
-    L_reg (the prompted teacher's logits once per chunk for both terms) and head_divergence
-    for L_student (default chunk size): no (B, R, V) tensor exists.
+    base logits (no grad); KL(p_TP || sg p_S) + lambda KL(p_TP || p_T), masked sums of
+    promptkd.losses.reverse_kl -> backward into the prompt; prompted-teacher target logits
+    (no grad); KL(p_S || p_TP) -> backward into the student. Plain autograd throughout.
+  - chunked: the same with hidden_states_for_response and promptkd.losses.loss_terms on the
+    models' LM heads: one call with both prompt terms (the prompted teacher's logits once per
+    chunk for both), one for the student loss: no (B, R, V) tensor exists.
 
 Each case runs in a fresh subprocess (MALLOC_MMAP_THRESHOLD_=1 MiB so freed tensors leave the
-resident set, as in bench_losses.py). Memory is the resident-set high-water mark (VmHWM, reset
-through /proc/self/clear_refs before each step; ru_maxrss for the whole process):
+resident set). Memory is the resident-set high-water mark (VmHWM, reset through
+/proc/self/clear_refs before each step; ru_maxrss for the whole process):
 
 - setup: resident memory after the models and the batch exist, before any step;
 - step 1 peak: the first step, which also allocates the student's parameter gradients (and,
@@ -49,9 +50,12 @@ through /proc/self/clear_refs before each step; ru_maxrss for the whole process)
 - "extra" = peak - setup. The ratio chunked / unchunked is given for peaks and extras.
 
 Prints a markdown report; the last stdout line is one JSON document with every figure.
-Divergences run eagerly (PROMPTKD_FUSED_LOSSES=0, both paths) unless --fused: compiling would
-add the compiler's own memory and minutes to both. --tiny swaps in a tiny shape (V = 4,096,
-hidden 64, 1 layer) and a small batch: a smoke test of the script, not a measurement.
+The loss chunks run eagerly on both paths (promptkd.losses.COMPILE_MIN_ELEMENTS raised out of
+reach) unless --fused, which keeps the library's default (chunks of at least COMPILE_MIN_ELEMENTS
+logits compiled with torch.compile): compiling would add the compiler's own memory and minutes to
+both. --chunk-elements overrides promptkd.losses.CHUNK_ELEMENTS (logits per chunk). --tiny swaps
+in a tiny shape (V = 4,096, hidden 64, 1 layer) and a small batch: a smoke test of the script,
+not a measurement.
 """
 
 from __future__ import annotations
@@ -165,6 +169,16 @@ def _batch(case: dict, vocab: int):
     return SequenceBatch(ids, attention, loss_mask, prompt_length=p)
 
 
+def _configure_losses(case: dict) -> None:
+    """The loss engine's module settings for this case (read by promptkd.losses at each call)."""
+    from promptkd import losses
+
+    if not case["fused"]:
+        losses.COMPILE_MIN_ELEMENTS = 1 << 62  # no chunk reaches it: every chunk runs eagerly
+    if case["chunk_elements"] is not None:
+        losses.CHUNK_ELEMENTS = case["chunk_elements"]
+
+
 def _run_step_case(case: dict) -> dict:
     """Runs in the child process: whole PromptKD training steps through the Trainer."""
     import shutil
@@ -177,6 +191,7 @@ def _run_step_case(case: dict) -> dict:
     from promptkd.training.loop import Trainer
 
     torch.set_num_threads(case["threads"])
+    _configure_losses(case)
     shape = SHAPES[case["shape"]]
     vocab = shape["vocab_size"]
     cuda = case["device"] == "cuda"
@@ -189,15 +204,16 @@ def _run_step_case(case: dict) -> dict:
         "method": "promptkd",
         "train": {"output_dir": f"{work}/run", "max_steps": 100, "batch_size": case["batch"],
                   "warmup_steps": 0, "learning_rate": 1e-5, "cpu": not cuda,
-                  "mixed_precision": case["precision"], "chunked_lm_head": case["path"] == "chunked",
-                  "save_every_minutes": 0},
+                  "mixed_precision": case["precision"], "save_every_minutes": 0},
         "promptkd": {"teacher_dropout": False},
         "sampling": {"max_new_tokens": case["response_length"]},
     }, check_required=False)
     records = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(8)]
     tr = Trainer(cfg, student=student, teacher=teacher, tokenizer=tokenizer, train_dataset=records,
                  show_progress=False).setup()
-    assert tr.ctx.chunked is (case["path"] == "chunked"), tr.ctx.chunked_fallback
+    if case["path"] == "unchunked":  # the full-logits path, as for a head that cannot be chunked
+        tr.ctx.student_head = tr.ctx.teacher_head = None
+    assert (tr.ctx.student_head is not None) is (case["path"] == "chunked"), tr.ctx.chunked_fallback
     batch = _batch(case, vocab).to(tr.ctx.device)
     tr.ctx.sample = lambda examples, **kwargs: batch  # the same tokens on both paths
     tokens = float(batch.loss_mask.sum())
@@ -230,7 +246,8 @@ def _run_step_case(case: dict) -> dict:
             "seconds": seconds,
             "peak_mib": _mib(peak_kib),
             "extra_mib": None if peak_kib is None else _mib(peak_kib - setup_kib),
-            "l_kd": metrics["prompt/kd"] * tokens, "l_reg": metrics["prompt/reg"] * tokens,
+            "l_kl_to_student": metrics["prompt/kl_to_student"] * tokens,
+            "l_drift": metrics["prompt/drift"] * tokens,
             "l_student": metrics["student/loss"] * tokens,
             "student_grad_norm": metrics["student/grad_norm"], "prompt_grad_norm": metrics["prompt/grad_norm"],
         })
@@ -254,18 +271,13 @@ def _run_case(case: dict) -> dict:
         return _run_step_case(case)
     import torch
 
-    from promptkd.head_losses import (
-        HeadTerm,
-        head_divergence,
-        head_divergences,
-        hidden_states_for_response,
-        lm_head_of,
-    )
-    from promptkd.losses import reverse_kl
+    from promptkd.losses import Outputs, divergence, loss_terms, reverse_kl
+    from promptkd.models.head import hidden_states_for_response, lm_head_of
     from promptkd.models.prompted_teacher import PromptedTeacher
     from promptkd.sampling import response_logits
 
     torch.set_num_threads(case["threads"])
+    _configure_losses(case)
     shape = SHAPES[case["shape"]]
     vocab = shape["vocab_size"]
     student = _build(shape, case["layers"], seed=1)
@@ -281,41 +293,42 @@ def _run_case(case: dict) -> dict:
     keep = ids.shape[1] - p + 1
     student_params = [q for q in student.parameters() if q.requires_grad]
 
+    def masked_sum(logits, target_logits):  # reverse_kl summed over the masked positions, plain autograd
+        return reverse_kl(logits, target_logits)[mask].sum()  # (B, R, V), (B, R, V) -> (B, R) -> ()
+
     def step_unchunked():
         s_logits = response_logits(student, batch, vocab)  # (B, R, V), with grad
         target = s_logits.detach()
         tp = prompted(ids, attention, logits_to_keep=keep)[:, :-1, :vocab]  # with grad
         with torch.no_grad():
             base = prompted.forward_base(ids, attention, logits_to_keep=keep)[:, :-1, :vocab]
-        l_kd = reverse_kl(tp, target, mask, reduction="sum")
-        l_reg = reverse_kl(tp, base, mask, reduction="sum")
-        ((l_kd + lam * l_reg) * scale).backward()
+        l_kl = masked_sum(tp, target)
+        l_drift = masked_sum(tp, base)
+        ((l_kl + lam * l_drift) * scale).backward()
         del tp, base, target
         with torch.no_grad():
             t = prompted(ids, attention, logits_to_keep=keep)[:, :-1, :vocab]
-        l_s = reverse_kl(s_logits, t, mask, reduction="sum")
+        l_s = masked_sum(s_logits, t)
         (l_s * scale).backward()
-        return float(l_kd), float(l_reg), float(l_s)
+        return float(l_kl), float(l_drift), float(l_s)
 
     s_head, t_head = lm_head_of(student, vocab), lm_head_of(prompted, vocab)
-    chunk = case["chunk_size"]
+    kl = divergence("reverse_kl")
 
     def step_chunked():
-        h = hidden_states_for_response(student, batch)  # (B, R, H), with grad
-        th = hidden_states_for_response(prompted, batch)  # with grad (the prompt's)
+        student_out = Outputs(hidden_states_for_response(student, batch), s_head)  # (B, R, H), with grad
+        prompted_out = Outputs(hidden_states_for_response(prompted, batch), t_head)  # with grad (the prompt's)
         with torch.no_grad():
-            bh = hidden_states_for_response(prompted, batch, base=True)
-        loss, (l_kd, l_reg) = head_divergences(th, t_head, [
-            HeadTerm("reverse_kl", h.detach(), s_head.detached()),
-            HeadTerm("reverse_kl", bh, t_head, weight=lam),
-        ], mask, chunk_size=chunk)
+            base = Outputs(hidden_states_for_response(prompted, batch, base=True), t_head.detached())
+        loss, (l_kl, l_drift) = loss_terms(prompted_out, [(kl, student_out.detach(), 1.0),
+                                                          (kl, base, lam)], mask)
         (loss * scale).backward()
-        del th, bh, loss
+        del prompted_out, base, loss
         with torch.no_grad():
-            th = hidden_states_for_response(prompted, batch)
-        l_s = head_divergence("reverse_kl", h, s_head, th, t_head, mask, chunk_size=chunk)
-        (l_s * scale).backward()
-        return float(l_kd), float(l_reg), float(l_s)
+            target = Outputs(hidden_states_for_response(prompted, batch), t_head.detached())
+        loss, (l_s,) = loss_terms(student_out, [(kl, target, 1.0)], mask)
+        (loss * scale).backward()
+        return l_kl, l_drift, l_s
 
     step = step_chunked if case["path"] == "chunked" else step_unchunked
     setup_kib = _status_kib("VmRSS")
@@ -332,7 +345,7 @@ def _run_case(case: dict) -> dict:
             "seconds": seconds,
             "peak_mib": _mib(peak_kib),
             "extra_mib": None if peak_kib is None else _mib(peak_kib - setup_kib),
-            "l_kd": losses[0], "l_reg": losses[1], "l_student": losses[2],
+            "l_kl_to_student": losses[0], "l_drift": losses[1], "l_student": losses[2],
             "student_grad_norm": grad_norm, "prompt_grad_norm": float(prompt.grad.norm()),
         })
         for q in student_params + [prompt]:  # keep the buffers: step 2 measures a steady state
@@ -349,11 +362,9 @@ def _run_case(case: dict) -> dict:
     }
 
 
-def _spawn(case: dict, timeout_s: float, fused: bool) -> dict:
+def _spawn(case: dict, timeout_s: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--case", json.dumps(case)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    if not fused:
-        env["PROMPTKD_FUSED_LOSSES"] = "0"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
@@ -421,7 +432,7 @@ def _tables(results: list[dict]) -> str:
         diff = max(
             abs(cs[k] - us[k]) / max(abs(us[k]), 1e-12)
             for cs, us in zip(c["steps"], u["steps"], strict=False)
-            for k in ("l_kd", "l_reg", "l_student", "student_grad_norm", "prompt_grad_norm")
+            for k in ("l_kl_to_student", "l_drift", "l_student", "student_grad_norm", "prompt_grad_norm")
         )
         rows.append(
             f"| {shape} | {mode} | {_fmt(u['logits_mib'])} | {_fmt(u['student_grads_mib'])} | "
@@ -440,12 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--response-length", type=int, default=128)
-    parser.add_argument("--chunk-size", type=int, default=None,
-                        help="head_divergence chunk_size (default: the library's)")
+    parser.add_argument("--chunk-elements", type=int, default=None,
+                        help="logits per loss chunk, promptkd.losses.CHUNK_ELEMENTS (default: the library's)")
     parser.add_argument("--steps", type=int, default=2, choices=(1, 2))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--fused", action="store_true",
-                        help="leave promptkd.losses' fused (torch.compile) default on")
+                        help="compile large loss chunks with torch.compile (the library's default); "
+                        "without it every chunk runs eagerly")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="step mode only")
     parser.add_argument("--precision", default="no", choices=("no", "bf16", "fp16"),
                         help="train.mixed_precision of the step mode (fp16: CUDA only)")
@@ -478,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             "batch": args.batch,
             "prompt_length": args.prompt_length,
             "response_length": args.response_length,
-            "chunk_size": args.chunk_size,
+            "chunk_elements": args.chunk_elements,
+            "fused": args.fused,
             "steps": args.steps,
             "threads": args.threads,
             "device": args.device if mode == "step" else "cpu",
@@ -494,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results = []
     for case in cases:
-        results.append(_spawn(case, args.timeout_s, args.fused))
+        results.append(_spawn(case, args.timeout_s))
         print(f"done {len(results)}/{len(cases)}", file=sys.stderr, flush=True)
     meta = {
         "date": datetime.date.today().isoformat(),
@@ -505,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "fused_losses": args.fused,
+        "loss_chunks": "torch.compile from COMPILE_MIN_ELEMENTS logits" if args.fused else "eager",
         "device": args.device,
         "cuda": torch.cuda.get_device_name(0) if args.device == "cuda" and torch.cuda.is_available() else None,
         "precision (step mode)": args.precision,

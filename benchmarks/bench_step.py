@@ -4,8 +4,7 @@
     python benchmarks/bench_step.py --quick              # 32 new tokens, pairs a:b a:c a:d, 2 steps each
     python benchmarks/bench_step.py --pairs a:b --max-new-tokens 64 --steps 2
     python benchmarks/bench_step.py --pairs methods --steps 4   # PromptKD vs MiniLLM, DistiLLM, ImitKD
-    python benchmarks/bench_step.py --pairs chunking --steps 3  # LM-head chunking on vs off (PromptKD, GKD)
-    python benchmarks/bench_step.py --quick --chunked-lm-head off    # every variant of ours on full logits
+    python benchmarks/bench_step.py --pairs chunking --steps 3  # hidden states + LM heads vs full logits
     python benchmarks/bench_step.py --bf16-check 6 --out benchmarks/results/bench_step_20261127.md
                                                          # the committed run (~13 min on 2 shared cores)
 
@@ -23,8 +22,6 @@ Variants (each in its own subprocess, so peak RSS is per variant):
              (default bf16 autocast, float32 loss maths), teacher gradient checkpointing off
   a_ckpt     as (a) with promptkd.teacher_gradient_checkpointing on (memory vs time)
   a_fp32     as (a) in float32 (the speed side of the bf16 comparison)
-  a_guard    as (a) with the drift guard promptkd.max_drift 0.1 (its cost: keeping the plain
-             teacher's outputs and one divergence per step; an undone update adds a forward)
   b          our GKD step, on-policy reverse KL (method gkd, lmbda 1, beta 1), precision of (a)
   c          the reference step re-implemented plainly (benchmarks/reference_step.py): float32,
              separate forwards, full-length logits, unchunked losses, per-sample batch rebuild
@@ -40,12 +37,11 @@ Variants (each in its own subprocess, so peak RSS is per variant):
   f          our DistiLLM on its most expensive kind of step, fresh student samples (phi fixed
              at 1), skew reverse KL
   g          the ImitKD preset: our GKD with lmbda 1 and forward KL
-  a_logits   as (a) with train.chunked_lm_head false: the losses on full (B, R, V) logits
-  b_logits   as (b) with train.chunked_lm_head false
+  a_logits   as (a) with the losses on full (B, R, V) logits: the fallback for a head that
+             cannot be chunked, forced by clearing the context's LM heads after setup
+  b_logits   as (b) on full logits
 
---chunked-lm-head {on,off} (default on, the library's default) sets train.chunked_lm_head for
-every variant of ours (a, a_ckpt, a_fp32, b, e, e4, f, g); a_logits / b_logits are always off,
-so `--pairs chunking` (a:a_logits, b:b_logits) compares the two loss paths step by step.
+`--pairs chunking` (a:a_logits, b:b_logits) compares the two forms of outputs step by step.
 
 Measurement, built for a machine shared with other jobs (its speed changes 2-3x within
 minutes, so variants measured one after the other are not comparable): variants are measured
@@ -103,7 +99,6 @@ MARK = "@@BENCH "  # prefix of the protocol lines a worker writes to stdout
 VARIANTS = {
     "a": {"kind": "promptkd", "label": "(a) PromptKD (ours)"},
     "a_ckpt": {"kind": "promptkd", "label": "(a') PromptKD (ours), teacher grad. ckpt", "teacher_ckpt": True},
-    "a_guard": {"kind": "promptkd", "label": "(ag) PromptKD (ours), drift guard max_drift 0.1", "max_drift": 0.1},
     "a_fp32": {"kind": "promptkd", "label": "(a32) PromptKD (ours), float32", "precision": "no"},
     "b": {"kind": "gkd", "label": "(b) GKD, on-policy reverse KL (ours)"},
     "c": {"kind": "reference", "label": "(c) reference-style PromptKD step", "precision": "no"},
@@ -113,13 +108,13 @@ VARIANTS = {
     "e4": {"kind": "minillm", "label": "(e4) MiniLLM, ppo_epochs 4 (rollouts every 4th step)", "ppo_epochs": 4},
     "f": {"kind": "distillm", "label": "(f) DistiLLM, a step on fresh student samples (skew RKL)"},
     "g": {"kind": "gkd", "label": "(g) ImitKD preset (GKD, forward KL)", "divergence": "forward_kl"},
-    "a_logits": {"kind": "promptkd", "label": "(a-) PromptKD (ours), LM-head chunking off", "chunked": False},
-    "b_logits": {"kind": "gkd", "label": "(b-) GKD (ours), LM-head chunking off", "chunked": False},
+    "a_logits": {"kind": "promptkd", "label": "(a-) PromptKD (ours), full logits", "chunked": False},
+    "b_logits": {"kind": "gkd", "label": "(b-) GKD (ours), full logits", "chunked": False},
 }
 DEFAULT_PAIRS = "a:b,a:c,a:d,a:a_ckpt,a:a_fp32,a:d_default,a:e,a:e4,a:f,a:g"
 METHOD_PAIRS = "a:e,a:e4,a:f,a:g"  # --pairs methods: PromptKD against the other on-policy methods
 QUICK_PAIRS = "a:b,a:c,a:d"
-CHUNKING_PAIRS = "a:a_logits,b:b_logits"  # --pairs chunking: train.chunked_lm_head on vs off
+CHUNKING_PAIRS = "a:a_logits,b:b_logits"  # --pairs chunking: hidden states + LM heads vs full logits
 PHASES = REFERENCE_PHASES + ("other",)  # the same phase names in every variant
 PHASE_HELP = {
     "generation": "student sampling (generate, KV cache)",
@@ -275,10 +270,8 @@ def _serve_ours(spec: dict, variant: dict) -> dict:
             "warmup_steps": spec["warmup_steps"],
             "seed": spec["seed"],
             "cpu": True,
-            "chunked_lm_head": variant.get("chunked", spec["chunked_lm_head"]),
         },
-        "promptkd": {"teacher_gradient_checkpointing": bool(variant.get("teacher_ckpt", False)),
-                     "max_drift": variant.get("max_drift")},
+        "promptkd": {"teacher_gradient_checkpointing": bool(variant.get("teacher_ckpt", False))},
         **({"gkd": {"lmbda": 1.0, "divergence": "forward_kl"}} if variant.get("divergence") == "forward_kl"
            else {"gkd": {"lmbda": 1.0, "beta": 1.0, "divergence": "generalized_jsd"}}),
         # MiniLLM: the reference's defaults, rollouts every ppo_epochs steps
@@ -293,6 +286,8 @@ def _serve_ours(spec: dict, variant: dict) -> dict:
     # the trainer reports each named phase of a step (generation, forwards, losses, backward,
     # optimizer) through its supported on_phase hook
     tr = Trainer(cfg, overwrite=True, show_progress=False, on_phase=timer.add).setup()
+    if not variant.get("chunked", True):  # what a head that cannot be chunked gets
+        tr.ctx.student_head = tr.ctx.teacher_head = None
     tr.student.train()
     emit({"ready": True, "load_peak_rss_mib": peak_rss_mib()})
 
@@ -307,7 +302,7 @@ def _serve_ours(spec: dict, variant: dict) -> dict:
         out = tr.train_step([examples])
         seconds = time.perf_counter() - start
         probe = (probe + probe_ms()) / 2
-        losses = {k: v for k, v in out.metrics.items() if "loss" in k or k in ("prompt/kd", "prompt/reg", "student/kd")}
+        losses = {k: v for k, v in out.metrics.items() if "loss" in k or k in ("prompt/kl_to_student", "prompt/drift", "student/kd")}
         emit(record(i, seconds, probe, out.generated_tokens, out.trained_tokens, timer.finish(seconds), losses))
     return {"precision": variant["precision"]}
 
@@ -344,7 +339,8 @@ def _serve_reference(spec: dict, variant: dict) -> dict:
         phases = dict.fromkeys(PHASES, 0.0)
         phases.update(out["phases"])
         phases["other"] = max(0.0, seconds - sum(out["phases"].values()))
-        losses = {k: out[k] for k in ("prompt/kd", "prompt/reg", "student/loss")}
+        losses = {"prompt/kl_to_student": out["prompt/kd"], "prompt/drift": out["prompt/reg"],
+                  "student/loss": out["student/loss"]}
         emit(record(i, seconds, probe, out["generated_tokens"], out["trained_tokens"], phases, losses))
     return {"precision": "no"}
 
@@ -513,7 +509,6 @@ def run_bf16_check(spec_path: str, result_path: str, precision: str) -> None:
                 "warmup_steps": 0,
                 "seed": spec["seed"],
                 "cpu": True,
-                "chunked_lm_head": spec["chunked_lm_head"],
             },
             "promptkd": {"prompt_learning_rate": spec["bf16_check_prompt_lr"]},
         }
@@ -583,7 +578,7 @@ def run_bf16_check(spec_path: str, result_path: str, precision: str) -> None:
 def bf16_summary(fp32: list[dict], bf16: list[dict]) -> dict:
     steps = [{"step": i, "response_tokens": a["response_tokens"], "no": a, "bf16": b} for i, (a, b) in enumerate(zip(fp32, bf16, strict=True))]
     diffs = {}
-    for key in ("prompt/kd", "prompt/reg", "student/loss", "prompt/grad_norm", "student/grad_norm"):
+    for key in ("prompt/kl_to_student", "prompt/drift", "student/loss", "prompt/grad_norm", "student/grad_norm"):
         rel = [abs(s["bf16"][key] - s["no"][key]) / max(abs(s["no"][key]), 1e-12) for s in steps]
         diffs[key] = {"median_rel_diff": statistics.median(rel), "max_rel_diff": max(rel)}
     cosines = {k: v for k, v in bf16[0].items() if k.endswith("_vs_fp32")}
@@ -686,7 +681,6 @@ def prepare(args) -> dict:
         "seed": args.seed,
         "threads": args.threads,
         "precision": args.precision,
-        "chunked_lm_head": args.chunked_lm_head == "on",
         "learning_rate": 5e-5,
         "warmup_steps": 100,
         "total_steps": 1000,
@@ -888,13 +882,13 @@ def markdown(meta: dict, results: dict, pairs: list[dict], ratios: dict, targets
             f"{spec['bf16_check_lr']}, prompt LR {spec['bf16_check_prompt_lr']}, no warm-up, so both parameter sets move):",
             "",
         ]
-        lines.append("| step | tokens | prompt/kd fp32 / bf16 | prompt/reg fp32 / bf16 | student/loss fp32 / bf16 | s fp32 / bf16 |")
+        lines.append("| step | tokens | prompt/kl_to_student fp32 / bf16 | prompt/drift fp32 / bf16 | student/loss fp32 / bf16 | s fp32 / bf16 |")
         lines.append("|---|---|---|---|---|---|")
         for r in bf16["steps"]:
             a, b = r["no"], r["bf16"]
             lines.append(
-                f"| {r['step']} | {r['response_tokens']:.0f} | {a['prompt/kd']:.4f} / {b['prompt/kd']:.4f} | "
-                f"{a['prompt/reg']:.5f} / {b['prompt/reg']:.5f} | {a['student/loss']:.4f} / {b['student/loss']:.4f} | "
+                f"| {r['step']} | {r['response_tokens']:.0f} | {a['prompt/kl_to_student']:.4f} / {b['prompt/kl_to_student']:.4f} | "
+                f"{a['prompt/drift']:.5f} / {b['prompt/drift']:.5f} | {a['student/loss']:.4f} / {b['student/loss']:.4f} | "
                 f"{a['seconds']:.1f} / {b['seconds']:.1f} |"
             )
         lines += [""] + [
@@ -921,8 +915,6 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-tokens", type=int, default=16, help="max new tokens of the warm-up steps")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--precision", default="bf16", choices=["bf16", "no"], help="mixed precision of (a), (b), (d)")
-    p.add_argument("--chunked-lm-head", default="on", choices=["on", "off"],
-                   help="train.chunked_lm_head of our variants (a_logits and b_logits: always off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--quick", action="store_true", help=f"32 new tokens, pairs {QUICK_PAIRS}, 2 measured steps")

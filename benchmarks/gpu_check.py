@@ -33,7 +33,7 @@ tokenizer is a word-level tokenizer built in memory, and only promptkd's own dep
    Prompts are --prompt-tokens random token ids each (no padding), the student samples up to
    --new-tokens tokens (T 1, no top-k / top-p; random models almost never emit EOS, so sampling
    runs to the cap). PromptKD (library defaults) and GKD (on-policy reverse KL: lmbda 1, beta 1)
-   each take --warmup unmeasured steps (first-call costs, torch.compile of the fused losses)
+   each take --warmup unmeasured steps (first-call costs, torch.compile of the loss chunks)
    and then up to --steps measured ones, with train.mixed_precision bf16, through
    Trainer.train_step. Per method: median s/step (min-max), trained and generated tokens/s,
    decode tokens/s (generated tokens / generation time), peak GPU memory
@@ -212,18 +212,15 @@ def peak_rss_gib() -> float:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # Linux: KiB
 
 
-def fused_losses_state() -> str:
-    """Whether the divergences ran through torch.compile (promptkd.losses' fused path)."""
-    try:
-        from promptkd import losses
-    except ImportError:
-        return "unknown"
-    fused_enabled = getattr(losses, "fused_enabled", None)
-    if fused_enabled is None:
-        return "unknown"
-    if fused_enabled():
-        return "on (torch.compile for calls of >= FUSED_MIN_ELEMENTS rows x vocabulary; smaller calls eager)"
-    return "off (PROMPTKD_FUSED_LOSSES=0, or the compiler failed and they fell back to eager: see the warnings)"
+def loss_compile_state() -> str:
+    """Whether any loss chunk fell back to eager after a torch.compile failure in this process."""
+    from promptkd import losses
+
+    failures = losses._COMPILE_FAILED  # the driver's record of compiler failures (first one kept)
+    if failures:
+        return f"fell back to eager after a torch.compile failure ({failures[0][:300]})"
+    return (f"no fallback (chunks of >= {losses.COMPILE_MIN_ELEMENTS:,} logits compiled with torch.compile, "
+            "smaller ones eager)")
 
 
 # ============================================================================ tokenizer and models
@@ -435,7 +432,7 @@ def numerics_step(method: str, teacher, student, tokenizer, device, precision: s
     out = tr.train_step([list(examples)])
     for h in handles:
         h.remove()
-    result = {"metrics": {k: v for k, v in out.metrics.items() if k in ("prompt/kd", "prompt/reg", "student/loss")}}
+    result = {"metrics": {k: v for k, v in out.metrics.items() if k in ("prompt/kl_to_student", "prompt/drift", "student/loss")}}
     for name, ps in params.items():
         g = grads[name]
         result[f"{name}_grad"] = torch.cat([g.get(i, torch.zeros(p.numel(), dtype=torch.float64)) for i, p in enumerate(ps)])
@@ -664,7 +661,7 @@ def markdown(meta: dict, numerics: dict | None, results: dict) -> str:
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v),
         f"- Command: `{meta['command']}`",
         f"- Wall time: {meta['wall_s']:.0f} s (budget --max-seconds {meta['max_seconds']:g}).",
-        f"- Fused losses at the end of the run: {meta['fused_losses']}.",
+        f"- Loss chunks at the end of the run: {meta['loss_compile']}.",
     ]
     if not on_gpu:
         lines.append("- **CPU run (--device cpu): a dry run of the flow. Its timings, throughputs and MFU say "
@@ -834,7 +831,7 @@ def main(argv=None) -> int:
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
     meta["wall_s"] = time.perf_counter() - t0
-    meta["fused_losses"] = fused_losses_state()
+    meta["loss_compile"] = loss_compile_state()
     report = markdown(meta, numerics, results)
     print(report)
     if args.out:

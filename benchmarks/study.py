@@ -23,6 +23,9 @@ Design
 - Resume. A cell whose file exists with the current settings key is skipped. A cell file with
   another settings key (the preset changed) is "stale": excluded from the statistics, kept, and
   only re-run with --rerun-stale.
+- Removed settings. A cell whose label sets a config key the current code removed (cpu2's guard
+  cells: promptkd.max_drift) cannot be re-run: a sitting skips it with a log line, and naming it
+  in --cells is an error. Its committed file is still reported.
 - Init mismatch. When the rebuilt init's hash differs from init.json, the run REFUSES to start
   cells (exit 3) and says so. The init is bit-exact only on the code revision that built it
   (init.json "code"), so a sitting on a machine without the init cached builds it with that
@@ -199,6 +202,30 @@ def study_labels(s: dict) -> dict[str, Label]:
                                 description=f"prompt LR {fmt_lr(lr) if lr else 'ref'}"
                                 + (f", guard max_drift {s['max_drift']}" if guard else ", no guard")))
     return {x.name: x for x in labels}
+
+
+def removed_keys(label: Label) -> dict[str, str]:
+    """The keys of a label's config sections that the current code removed, dotted, with the reason
+    the config gives (cpu2's guard cells set promptkd.max_drift). The committed files of such cells
+    stay in the report (their sections and settings key are unchanged), but they cannot be re-run."""
+    from typing import get_type_hints
+
+    from promptkd.config import Config
+
+    sections = get_type_hints(Config)
+    return {f"{sec}.{key}": sections[sec].REMOVED_KEYS[key]
+            for sec, values in label.sections.items() for key in values
+            if key in getattr(sections.get(sec), "REMOVED_KEYS", {})}
+
+
+def refuse_removed(cells: list[str], removed: dict[str, str]) -> None:
+    """Raises UserError naming the cells and the removed keys (removed_keys) that keep them from running."""
+    from promptkd.errors import UserError
+
+    if removed:
+        why = "; ".join(f"'{k}' was removed ({v})" for k, v in removed.items())
+        raise UserError(f"{', '.join(cells)}: cannot be re-run on the current code: {why}. Committed cell files "
+                        "of these cells are still reported.")
 
 
 def cell_id(label: str, seed: int) -> str:
@@ -536,6 +563,21 @@ def pending_cells(ids: list[str], status: dict[str, str], rerun_stale: bool = Fa
     return [c for c in ids if c not in status or status[c] == "other-init" or (rerun_stale and status[c] == "stale")]
 
 
+def runnable_cells(pending: list[str], order: list[tuple[str, int]], labels: dict[str, Label], *,
+                   explicit: bool) -> list[str]:
+    """The pending cells that the current code can run. A cell whose label sets a removed config key
+    (removed_keys) is left out with a log line, or, when the user named cells with --cells,
+    refused with a UserError (refuse_removed)."""
+    label_of = {cell_id(*c): c[0] for c in order}
+    removed = {c: removed_keys(labels[label_of[c]]) for c in pending}
+    blocked = [c for c in pending if removed[c]]
+    if blocked and explicit:
+        refuse_removed(blocked, {k: v for c in blocked for k, v in removed[c].items()})
+    for c in blocked:
+        log(f"{c}: skipped, it cannot run on the current code (removed: {', '.join(removed[c])})")
+    return [c for c in pending if not removed[c]]
+
+
 def archive_other_init(study_dir: Path, cells: dict[str, dict], status: dict[str, str], ids: list[str]) -> list[Path]:
     """Move the files of cells (among ids) trained from another init to cells_other_init/ (kept as a
     record, out of the tables) before they are re-run from the reference init."""
@@ -788,7 +830,12 @@ def curves_from_metrics(recs: list[dict]) -> dict[str, list]:
 
 
 def method_config(s: dict, paths: Paths, label: Label, seed: int, seqkd_file: Path | None) -> dict:
-    """The training config of one cell: same init, data order (seed), steps, batch, LR, response cap."""
+    """The training config of one cell: same init, data order (seed), steps, batch, LR, response cap.
+
+    Raises:
+        UserError: the label sets a config key the current code removed (refuse_removed).
+    """
+    refuse_removed([cell_id(label.name, seed)], removed_keys(label))
     cfg = {"method": label.method, "model": {"student": str(paths.init_model)},
            "data": common_data(s, paths),
            "train": {"max_steps": s["steps"], "batch_size": s["batch_size"], "learning_rate": s["lr"],
@@ -1653,6 +1700,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = load_cells(study_dir)
     status = classify_cells(cells, s, (init_rec or {}).get("hash"))
     pending = pending_cells([cell_id(*c) for c in order], status, args.rerun_stale)
+    pending = runnable_cells(pending, order, labels, explicit=bool(args.cells))
     est = refined_estimates(s, order, {c: r for c, r in cells.items() if status[c] == "ok"})
     init_min = 0.0 if init_rec else estimate_init_minutes(s)
     log(f"study {study} (scale {args.scale}): {len(order)} cells selected, {len(order) - len(pending)} finished, "
@@ -1709,6 +1757,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"init_hash": init_rec["hash"], "code": code, "study": study, "host": host}
     status = classify_cells(cells, s, init_rec["hash"])
     pending = pending_cells([cell_id(*c) for c in order], status, args.rerun_stale)
+    pending = runnable_cells(pending, order, labels, explicit=bool(args.cells))
     for p in archive_other_init(study_dir, cells, status, pending):
         log(f"archived {p.name}: trained from another init, re-run from the reference init")
     job_args = {cell_id(lab, sd): (s, paths, lab, sd, meta) for lab, sd in order}

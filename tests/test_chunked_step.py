@@ -1,16 +1,18 @@
-"""train.chunked_lm_head: training steps on hidden states + LM heads equal the logits path.
+"""Training steps on hidden states + LM heads equal the same steps on full logits.
 
     .venv/bin/python -m pytest -q tests/test_chunked_step.py
 
-Every method that takes the chunked path (PromptKD in each of its variants, GKD, KD, SeqKD, SFT,
-DistiLLM) runs two steps twice from the same models on the same batches, once with the losses
-on hidden states and LM heads (`promptkd.head_losses`) and once on (B, R, V) logits, through
-`promptkd.testing.FakeContext`; the trained parameters (student and prompt), the gradients and
-the logged metrics agree to float32 rounding. Models: a tiny Llama with tied embeddings, GPT-2
-(its head tied to the token embedding, Conv1D layers) and an untied Qwen2. Through the Trainer: KD's steps and the
-dev loss, the fallback to logits for a head that cannot be chunked (LoRA on lm_head), and
-`false` really taking the logits path. The PromptKD step against its float64 reference, on both
-paths, is in tests/test_promptkd_step_pinned.py.
+Every method that computes its losses from hidden states and LM heads (PromptKD, GKD, KD, SeqKD,
+SFT, DistiLLM) runs two steps twice from the same models on the same batches, through
+`fakes.FakeContext`: once with forwards that serve final hidden states + LM heads (`heads=True`,
+as the trainer does; `promptkd.losses.loss_terms` makes the logits a chunk at a time) and once
+with forwards that serve (B, R, V) logits (the fallback for a head that cannot be chunked); the
+trained parameters (student and prompt), the gradients and the logged metrics agree to float32
+rounding. Models: a tiny Llama with tied embeddings, GPT-2 (its head tied to the token embedding,
+Conv1D layers) and an untied Qwen2. Through the Trainer: KD's steps and the dev loss, the
+fallback to logits for a head that cannot be chunked (LoRA on lm_head), and the removed config
+keys. The PromptKD step against its float64 reference, in both forms, is in
+tests/test_promptkd_step_pinned.py.
 """
 
 from __future__ import annotations
@@ -20,16 +22,17 @@ import logging
 
 import pytest
 import torch
-from test_head_losses import LargestLogits
+from fakes import FakeContext
+from test_head import LargestLogits
 from test_methods import trainer_for
 
-from promptkd import head_losses
+from promptkd import losses
 from promptkd.config import config_from_dict
 from promptkd.data.collate import collate_sequences
 from promptkd.data.dataset import Example
-from promptkd.methods import base as methods_base
+from promptkd.errors import ConfigError
 from promptkd.methods import get_method_class
-from promptkd.testing import FakeContext, byte_tokenizer, tiny_llama
+from promptkd.testing import byte_tokenizer, tiny_llama
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
@@ -77,14 +80,8 @@ TWO = [[0, 1], [2, 3, 4]]  # accumulation: PromptKD's student target is its own 
 CASES = {
     "promptkd": ("promptkd", {}, ONE),
     "promptkd_accumulation": ("promptkd", {}, TWO),
-    "promptkd_forward_directions": ("promptkd", {"promptkd": {"kd_direction": "forward", "reg_direction": "forward",
-                                                              "student_divergence": "generalized_jsd"}}, ONE),
-    "promptkd_lagged_target": ("promptkd", {"promptkd": {"lagged_target": True}}, ONE),
-    "promptkd_freeze_prompt": ("promptkd", {"promptkd": {"freeze_prompt": True}}, ONE),
+    "promptkd_jsd_student": ("promptkd", {"promptkd": {"student_divergence": "generalized_jsd"}}, ONE),
     "promptkd_no_regulariser": ("promptkd", {"promptkd": {"base_coef": 0.0}}, TWO),
-    # the drift guard keeps step 1's update (drift 3.0e-4 -> 1.57e-3) and undoes step 2's (-> 2.0e-3)
-    "promptkd_max_drift": ("promptkd", {"promptkd": {"base_coef": 0.0, "prompt_learning_rate": 10.0,
-                                                     "max_drift": 1.8e-3}}, TWO),
     "gkd_jsd": ("gkd", {"gkd": {"lmbda": 1.0, "beta": 0.3}}, ONE),
     "gkd_off_policy_reverse_kl": ("gkd", {"gkd": {"lmbda": 0.0, "beta": 1.0}}, TWO),
     "kd": ("kd", {}, TWO),
@@ -108,20 +105,44 @@ def fixed_sampler(examples, *, from_teacher=False):
     return collate_sequences(examples, PAD)
 
 
-def run_steps(student, teacher, method: str, sections: dict, micro_batches, *, chunked: bool, steps: int = 2):
-    """(ctx, the metrics of each step) after `steps` steps of `method` on copies of the models."""
+def record_outputs(ctx, method) -> list[tuple[str, bool, bool]]:
+    """Wraps the context's forwards (and PromptKD's prompted-teacher forward) to record, per call,
+    (name, logits asked for, the Outputs carry an LM head)."""
+    record = []
+
+    def wrap(owner, name):
+        forward = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            record.append((name, kwargs.get("logits", False), out.head is not None))
+            return out
+
+        setattr(owner, name, wrapped)
+
+    wrap(ctx, "student_forward")
+    wrap(ctx, "teacher_forward")
+    if hasattr(method, "prompted_outputs"):
+        wrap(method, "prompted_outputs")
+    return record
+
+
+def run_steps(student, teacher, method: str, sections: dict, micro_batches, *, heads: bool, steps: int = 2):
+    """(ctx, the metrics of each step, the forwards' record) after `steps` steps of `method` on
+    copies of the models."""
     cls = get_method_class(method)
     cfg = make_cfg(method, sections)
     ctx = FakeContext(copy.deepcopy(student), copy.deepcopy(teacher) if cls.needs_teacher(cfg) else None, TOK,
-                      vocab_size=V, max_steps=K, sampler=fixed_sampler, chunked_lm_head=chunked)
-    assert ctx.chunked is chunked, ctx.chunked_fallback
+                      vocab_size=V, max_steps=K, sampler=fixed_sampler, heads=heads)
+    assert (ctx.student_head is not None) is heads, ctx.chunked_fallback
     m = cls(cfg)
     m.setup(ctx)
+    record = record_outputs(ctx, m)
     metrics = []
     for step in range(steps):
         ctx.step = step
         metrics.append(m.step(ctx, [[EXAMPLES[i] for i in mb] for mb in micro_batches]).metrics)
-    return ctx, metrics
+    return ctx, metrics, record
 
 
 def trained_tensors(ctx) -> dict[str, list[torch.Tensor]]:
@@ -134,7 +155,7 @@ def assert_tensors_close(got, expected, what):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale, msg=lambda m, i=i: f"{what} {i}: {m}")
 
 
-# ---------------------------------------------------------------------------- both paths, every method
+# ---------------------------------------------------------------------------- both forms, every method
 
 
 # every case on the tied Llama; the main path of each loss kind on the other architectures
@@ -147,60 +168,60 @@ RUNS = [(case, "llama_tied") for case in CASES] + [
 def test_two_steps_equal_the_logits_path(case, arch):
     method, sections, micro_batches = CASES[case]
     student, teacher = ARCHS[arch]()
-    (ctx_c, metrics_c), (ctx_l, metrics_l) = (
-        run_steps(student, teacher, method, sections, micro_batches, chunked=chunked) for chunked in (True, False)
+    (ctx_h, metrics_h, record_h), (ctx_l, metrics_l, record_l) = (
+        run_steps(student, teacher, method, sections, micro_batches, heads=heads) for heads in (True, False)
     )
-    # the chunked run took no logits, the logits run no hidden states
-    assert not any(c[0].endswith("_logits") for c in ctx_c.calls)
-    assert not any(c[0].endswith("_hidden") for c in ctx_l.calls)
-    assert ctx_c.calls_named("student_hidden")
-    trained_c, trained_l = trained_tensors(ctx_c), trained_tensors(ctx_l)
-    assert trained_c.keys() == trained_l.keys() == ({"student", "prompt"} if method == "promptkd" else {"student"})
-    assert ctx_c.grads.keys() == ctx_l.grads.keys()  # freeze_prompt: no prompt update
-    for name in ctx_c.grads:
-        assert_tensors_close(ctx_c.grads[name], ctx_l.grads[name], f"{name} grad (last step)")
-    for name in trained_c:
-        assert_tensors_close(trained_c[name], trained_l[name], f"{name} after 2 steps")
-    moved = [not torch.equal(a, b) for a, b in zip(trained_c["student"], student.parameters(), strict=True)]
+    # the run on heads got hidden states + heads from every forward, the other run logits only
+    assert record_h and all(has_head for _, _, has_head in record_h), record_h
+    assert record_l and not any(has_head for _, _, has_head in record_l), record_l
+    assert [r[:2] for r in record_h] == [r[:2] for r in record_l]  # the same forwards, in order
+    trained_h, trained_l = trained_tensors(ctx_h), trained_tensors(ctx_l)
+    assert trained_h.keys() == trained_l.keys() == ({"student", "prompt"} if method == "promptkd" else {"student"})
+    assert ctx_h.grads.keys() == ctx_l.grads.keys() == trained_h.keys()
+    for name in ctx_h.grads:
+        assert_tensors_close(ctx_h.grads[name], ctx_l.grads[name], f"{name} grad (last step)")
+    for name in trained_h:
+        assert_tensors_close(trained_h[name], trained_l[name], f"{name} after 2 steps")
+    moved = [not torch.equal(a, b) for a, b in zip(trained_h["student"], student.parameters(), strict=True)]
     assert any(moved)  # the steps did train
-    if case == "promptkd_max_drift":
-        assert [m["prompt/frozen_by_guard"] for m in metrics_c] == [0.0, 1.0]
-    for got, expected in zip(metrics_c, metrics_l, strict=True):
+    for got, expected in zip(metrics_h, metrics_l, strict=True):
         assert got.keys() == expected.keys()
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
-def test_no_logits_sized_tensor_in_a_chunked_promptkd_or_kd_step(monkeypatch):
+def test_no_logits_sized_tensor_in_a_promptkd_or_kd_step_on_heads(monkeypatch):
     """With chunks of 3 positions, no tensor in any pass of a whole step (forwards, losses,
     backward, both optimizer updates) has a vocabulary dim with more than 3 rows, except the
     (V, H) head / embedding weights and their gradients."""
-    monkeypatch.setattr(head_losses, "CHUNK_ELEMENTS", 3 * V)
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 3 * V)
     student, teacher = ARCHS["llama_tied"]()
-    for method, sections, micro_batches in (CASES["promptkd"], CASES["promptkd_accumulation"],
-                                            CASES["promptkd_max_drift"], CASES["kd"]):
+    for case in ("promptkd", "promptkd_accumulation", "kd"):
+        method, sections, micro_batches = CASES[case]
         mode = LargestLogits({V}, {32, 48}, limit=3)
         with mode:
-            run_steps(student, teacher, method, sections, micro_batches, chunked=True, steps=1)
-        assert mode.offenders == [], (method, mode.offenders[:5])
+            run_steps(student, teacher, method, sections, micro_batches, heads=True, steps=1)
+        assert mode.offenders == [], (case, mode.offenders[:5])
     # the same step on logits does make them
     mode = LargestLogits({V}, {32, 48}, limit=3)
     with mode:
-        run_steps(student, teacher, "promptkd", {}, ONE, chunked=False, steps=1)
+        run_steps(student, teacher, "promptkd", {}, ONE, heads=False, steps=1)
     assert mode.offenders
 
 
-def test_minillm_keeps_the_logits_path():
+def test_minillm_uses_full_logits():
     """MiniLLM needs per-token log-probabilities of the sampled tokens (rewards, importance
-    weights, the PPO ratio), so it takes logits whatever the flag says."""
+    weights, the PPO ratio), so its forwards ask for full logits even where the heads are there."""
     student, teacher = ARCHS["llama_tied"]()
     cfg = make_cfg("minillm", {"minillm": {"teacher_mix_alpha": 0.0, "ppo_epochs": 1}})
-    ctx = FakeContext(student, teacher, TOK, vocab_size=V, max_steps=K, sampler=fixed_sampler, chunked_lm_head=True)
-    assert ctx.chunked
+    ctx = FakeContext(student, teacher, TOK, vocab_size=V, max_steps=K, sampler=fixed_sampler, heads=True)
+    assert ctx.student_head is not None and ctx.teacher_head is not None
     m = get_method_class("minillm")(cfg)
     m.setup(ctx)
+    record = record_outputs(ctx, m)
     m.step(ctx, [EXAMPLES[:2]])
-    assert ctx.calls_named("student_logits") and not ctx.calls_named("student_hidden")
+    assert {r[0] for r in record} == {"student_forward", "teacher_forward"}
+    assert all(logits and not has_head for _, logits, has_head in record), record
 
 
 # ---------------------------------------------------------------------------- through the Trainer
@@ -210,38 +231,47 @@ def _dev_cfg(tiny_jsonl):
     return {"data": {"dev": str(tiny_jsonl), "max_dev_examples": 4}}
 
 
-def test_trainer_kd_steps_and_dev_loss_equal_the_logits_path(tmp_path, tiny_pair_dirs, tiny_jsonl):
+def test_trainer_kd_steps_and_dev_loss_equal_the_logits_path(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
     runs = {}
-    for chunked in (True, False):
-        tr = trainer_for(tmp_path / str(chunked), tiny_pair_dirs, tiny_jsonl, "kd",
-                         train={"chunked_lm_head": chunked}, **_dev_cfg(tiny_jsonl))
-        assert tr.ctx.chunked is chunked and tr.ctx.chunked_fallback is None
-        assert (tr.ctx.student_head is not None) is chunked and (tr.ctx.teacher_head is not None) is chunked
+    for heads in (True, False):
+        tr = trainer_for(tmp_path / str(heads), tiny_pair_dirs, tiny_jsonl, "kd", **_dev_cfg(tiny_jsonl))
+        assert tr.ctx.student_head is not None and tr.ctx.teacher_head is not None
+        assert tr.ctx.chunked_fallback is None
+        if not heads:  # what a head that cannot be chunked gets
+            monkeypatch.setattr(tr.ctx, "student_head", None)
+            monkeypatch.setattr(tr.ctx, "teacher_head", None)
+        record = record_outputs(tr.ctx, tr.method)
         dev0 = tr.evaluate()["dev/loss"]
         metrics = [tr.train_step().metrics for _ in range(2)]
-        runs[chunked] = (dev0, metrics, [p.detach().clone() for p in tr.unwrapped_student.parameters()],
-                         tr.evaluate()["dev/loss"])
-    (dev0_c, m_c, p_c, dev_c), (dev0_l, m_l, p_l, dev_l) = runs[True], runs[False]
-    assert dev0_c == pytest.approx(dev0_l, rel=1e-6) and dev_c == pytest.approx(dev_l, rel=1e-6)
-    for got, expected in zip(m_c, m_l, strict=True):
+        runs[heads] = (dev0, metrics, [p.detach().clone() for p in tr.unwrapped_student.parameters()],
+                       tr.evaluate()["dev/loss"])
+        # the dev loss and the steps took the form under test
+        assert {r[0] for r in record} == {"student_forward", "teacher_forward"}
+        assert {has_head for _, _, has_head in record} == {heads}
+    (dev0_h, m_h, p_h, dev_h), (dev0_l, m_l, p_l, dev_l) = runs[True], runs[False]
+    assert dev0_h == pytest.approx(dev0_l, rel=1e-6) and dev_h == pytest.approx(dev_l, rel=1e-6)
+    for got, expected in zip(m_h, m_l, strict=True):
         for key in ("student/ce", "student/kd", "student/loss"):
             assert got[key] == pytest.approx(expected[key], rel=1e-5), key
     # AdamW's first steps are about lr * sign(g): a gradient entry near 0 may take either sign
     # under float rounding, so parameters are compared to a fraction of the learning rate
     lr = 1e-3
-    for a, b in zip(p_c, p_l, strict=True):
+    for a, b in zip(p_h, p_l, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0.05 * lr)
+
+
+FALLBACK = "the losses use full (batch, response, vocabulary) logits"
 
 
 def test_lora_on_the_lm_head_falls_back_to_logits_with_one_info_line(tmp_path, tiny_pair_dirs, tiny_jsonl, caplog):
     model = {"student_lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "lm_head"]}}
     with caplog.at_level(logging.INFO, logger="promptkd.training.context"):
         tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "promptkd", model=model)
-    assert not tr.ctx.chunked and tr.ctx.student_head is None
-    assert "PEFT" in tr.ctx.chunked_fallback and "student" in tr.ctx.chunked_fallback
-    lines = [r.getMessage() for r in caplog.records if "chunked_lm_head" in r.getMessage()]
-    assert len(lines) == 1 and "full" in lines[0] and "lm_head" in lines[0], lines
-    assert all(r.levelno == logging.INFO for r in caplog.records if "chunked_lm_head" in r.getMessage())
+    assert tr.ctx.student_head is None and tr.ctx.teacher_head is None
+    assert tr.ctx.chunked_fallback.startswith("student: ") and "PEFT" in tr.ctx.chunked_fallback
+    records = [r for r in caplog.records if FALLBACK in r.getMessage()]
+    assert len(records) == 1 and records[0].levelno == logging.INFO, [r.getMessage() for r in records]
+    assert "lm_head" in records[0].getMessage() and "chunked_lm_head" not in records[0].getMessage()
     metrics = tr.train_step().metrics
     assert torch.isfinite(torch.tensor(metrics["student/loss"]))
 
@@ -251,31 +281,26 @@ def test_fake_context_falls_back_like_the_trainer():
 
     student, teacher = ARCHS["llama_tied"]()
     student = get_peft_model(student, LoraConfig(r=2, target_modules=["lm_head"]))
-    ctx = FakeContext(student, teacher, TOK, vocab_size=V, chunked_lm_head=True)
-    assert not ctx.chunked and "train.chunked_lm_head false" in ctx.chunked_fallback
+    ctx = FakeContext(student, teacher, TOK, vocab_size=V, heads=True)
+    assert ctx.student_head is None and ctx.teacher_head is None
+    assert "PEFT" in ctx.chunked_fallback and "lm_head" in ctx.chunked_fallback
+    batch = collate_sequences(EXAMPLES[:2], PAD)
+    assert ctx.student_forward(batch).head is None and ctx.teacher_forward(batch).head is None
 
 
-def test_flag_off_never_touches_head_losses(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
-    """chunked_lm_head false: the heads are not even looked up, and a step that called any
-    chunked loss would fail here."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a chunked loss ran with train.chunked_lm_head false")
-
-    for name in ("head_divergence", "head_divergences", "hidden_states_for_response"):
-        monkeypatch.setattr(methods_base, name, refuse)
-    monkeypatch.setattr("promptkd.training.context.lm_head_of", refuse)
-    monkeypatch.setattr("promptkd.training.dev_eval.head_cross_entropy", refuse)
-    for method in ("promptkd", "gkd"):
-        tr = trainer_for(tmp_path / method, tiny_pair_dirs, tiny_jsonl, method,
-                         train={"chunked_lm_head": False}, **_dev_cfg(tiny_jsonl))
-        assert not tr.ctx.chunked and tr.ctx.chunked_fallback is None
-        tr.train_step()
-        tr.evaluate()
-    # and the same patches do break the default (on)
-    with pytest.raises(AssertionError, match="chunked loss ran"):
-        trainer_for(tmp_path / "on", tiny_pair_dirs, tiny_jsonl, "gkd")
+@pytest.mark.parametrize("key,replacement", [
+    ("chunked_lm_head", "the losses use hidden states and LM heads where the head allows, full logits otherwise"),
+    ("fused_losses", "the losses compile themselves when a chunk is large"),
+])
+@pytest.mark.parametrize("value", [True, False])
+def test_the_removed_flags_are_config_errors_naming_the_replacement(key, replacement, value):
+    with pytest.raises(ConfigError, match=rf"'train\.{key}' was removed: {replacement}") as err:
+        config_from_dict({"method": "sft", "train": {key: value}}, check_required=False)
+    assert len(err.value.problems) == 1
 
 
-def test_the_flag_defaults_to_on():
-    cfg = config_from_dict({"method": "sft"}, check_required=False)
-    assert cfg.train.chunked_lm_head is True
+def test_both_removed_flags_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"method": "kd", "train": {"chunked_lm_head": True, "fused_losses": False}},
+                         check_required=False)
+    assert sorted(p.split("'")[1] for p in err.value.problems) == ["train.chunked_lm_head", "train.fused_losses"]

@@ -58,7 +58,7 @@ def test_defaults_are_the_papers():
     c = config_from_dict(MINIMAL)
     p = c.promptkd
     assert (p.num_virtual_tokens, p.prompt_init, p.prompt_init_text) == (7, "text", "Suppose you are a student.")
-    assert (p.kd_direction, p.reg_direction, p.student_divergence, p.base_coef) == ("reverse", "reverse", "reverse_kl", 1.0)
+    assert (p.student_divergence, p.base_coef) == ("reverse_kl", 1.0)
     t = c.train
     assert (t.weight_decay, t.warmup_steps, t.max_grad_norm, t.lr_scheduler) == (0.01, 100, 1.0, "constant_with_warmup")
     s = c.sampling
@@ -70,7 +70,7 @@ def test_all_problems_reported_at_once():
         **MINIMAL,
         "trian": {},
         "train": {"max_steps": 0, "learning_rate": -1.0, "bogus": 1},
-        "promptkd": {"kd_direction": "sideways", "num_virtual_tokens": "seven"},
+        "promptkd": {"student_divergence": "sideways", "num_virtual_tokens": "seven"},
     }
     with pytest.raises(ConfigError) as e:
         config_from_dict(bad)
@@ -79,9 +79,25 @@ def test_all_problems_reported_at_once():
     assert "unknown key 'train.bogus'" in msg
     assert "'train.max_steps' = 0: must be >= 1" in msg
     assert "'train.learning_rate' = -1.0: must be > 0.0" in msg
-    assert "'promptkd.kd_direction' = 'sideways': must be one of reverse, forward" in msg
+    assert "'promptkd.student_divergence' = 'sideways': must be one of " in msg
     assert "'promptkd.num_virtual_tokens' = 'seven': expected int" in msg
     assert len(e.value.problems) == 6
+
+
+@pytest.mark.parametrize("section,key,replacement", [
+    ("promptkd", "max_drift", "lower promptkd.prompt_learning_rate"),
+    ("promptkd", "freeze_prompt", "method gkd at its defaults"),
+    ("promptkd", "lagged_target", "always the updated prompt"),
+    ("promptkd", "kd_direction", "KL(p_TP || p_S)"),
+    ("promptkd", "reg_direction", "KL(p_TP || p_T)"),
+    ("train", "fused_losses", "compile themselves"),
+    ("train", "chunked_lm_head", "full logits otherwise"),
+])
+def test_a_removed_key_is_an_error_naming_its_replacement(section, key, replacement):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({**MINIMAL, section: {key: True}})
+    (problem,) = e.value.problems
+    assert problem.startswith(f"'{section}.{key}' was removed: ") and replacement in problem
 
 
 def test_missing_required_fields_named():
@@ -349,7 +365,6 @@ def test_config_reference_for_every_command():
 
 @pytest.mark.parametrize("method,section,refused", [
     ("promptkd", {}, "method promptkd"),
-    ("promptkd", {"promptkd": {"freeze_prompt": True}}, None),
     ("minillm", {}, None),
     ("minillm", {"minillm": {"lm_coef": 1.0, "lm_data": "lm.jsonl"}}, "minillm.lm_coef"),
     ("distillm", {}, None),

@@ -16,6 +16,7 @@ import json
 
 import pytest
 import torch
+from fakes import FakeContext
 
 from promptkd.config import config_from_dict
 from promptkd.data.batch import SequenceBatch, position_ids_from_mask
@@ -23,7 +24,7 @@ from promptkd.data.collate import collate_sequences
 from promptkd.data.dataset import Example
 from promptkd.methods import distillm as dl
 from promptkd.methods.distillm import DistiLLM
-from promptkd.testing import FakeContext, byte_tokenizer, tiny_llama
+from promptkd.testing import byte_tokenizer, tiny_llama
 
 K = 8  # max_steps
 TOK = byte_tokenizer()

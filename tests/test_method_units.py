@@ -16,18 +16,21 @@ import re
 
 import pytest
 import torch
+from fakes import FakeContext
 
 from promptkd.config import config_from_dict
 from promptkd.data.batch import SequenceBatch, position_ids_from_mask
 from promptkd.data.collate import collate_sequences
 from promptkd.data.dataset import Example
+from promptkd.losses import loss_terms
 from promptkd.methods import base as methods_base
+from promptkd.methods import promptkd as promptkd_module
 from promptkd.methods.gkd import GKD
 from promptkd.methods.kd import KD
 from promptkd.methods.promptkd import PromptKD
 from promptkd.methods.seqkd import SeqKD
 from promptkd.methods.sft import SFT
-from promptkd.testing import FakeContext, byte_tokenizer, tiny_llama
+from promptkd.testing import byte_tokenizer, tiny_llama
 
 K = 4  # max_steps
 TOK = byte_tokenizer()
@@ -120,25 +123,26 @@ def promptkd_cfg(**promptkd):
     return make_cfg("promptkd", promptkd={"num_virtual_tokens": 3, "teacher_dropout": False, **promptkd})
 
 
-def promptkd_setup(samples, **promptkd):
-    """(ctx, method, initial prompt, recorded student-loss inputs) for a PromptKD step on `samples`."""
+def promptkd_setup(samples, monkeypatch, **promptkd):
+    """(ctx, method, initial prompt, recorded student-loss inputs) for a PromptKD step on `samples`:
+    the (B, R, V) student logits and target logits of each student loss (the fake serves logits)."""
     ctx = make_ctx(samples=samples, optimizer="adamw")  # AdamW: the prompt moves ~lr per entry
     method = PromptKD(promptkd_cfg(**promptkd))
     method.setup(ctx)
     seen = []
-    student_loss = method.student_loss
 
-    def recording_student_loss(student_logits, target, mask, **kwargs):
-        seen.append((student_logits.detach().clone(), target.detach().clone()))
-        return student_loss(student_logits, target, mask, **kwargs)
+    def recording(trained, terms, mask):
+        if terms[0][0] is method.student_loss:
+            seen.append((trained.states.detach().clone(), terms[0][1].states.detach().clone()))
+        return loss_terms(trained, terms, mask)
 
-    method.student_loss = recording_student_loss
+    monkeypatch.setattr(promptkd_module, "loss_terms", recording)
     return ctx, method, method.prompt_params[0].detach().clone(), seen
 
 
-def test_promptkd_step_order_and_student_target_from_updated_prompt():
+def test_promptkd_step_order_and_student_target_from_updated_prompt(monkeypatch):
     batch = collate_sequences(EXAMPLES[:3], PAD)
-    ctx, method, prompt0, seen = promptkd_setup([batch])
+    ctx, method, prompt0, seen = promptkd_setup([batch], monkeypatch)
     student0 = copy.deepcopy(ctx.student_module)
     result = method.step(ctx, [EXAMPLES[:3]])
     calls = ctx.calls
@@ -154,7 +158,7 @@ def test_promptkd_step_order_and_student_target_from_updated_prompt():
     assert [c[1] for c in ctx.calls_named("apply_update")] == ["prompt", "student"]
     assert index_of(calls, ("all_reduce_grads",)) < i_prompt
     # one micro-batch, no student dropout: one student forward serves target and loss
-    assert len(ctx.calls_named("student_logits")) == 1 and not ctx.calls_named("student_target_logits")
+    assert ctx.calls_named("student_forward") == [("student_forward", False)]
     assert ctx.open_phases == []
 
     prompt1 = method.prompt_params[0].detach()
@@ -174,60 +178,29 @@ def test_promptkd_step_order_and_student_target_from_updated_prompt():
 
 
 @pytest.mark.parametrize("step,lam", [(0, 1 - 1 / K), (K - 1, 0.0)])
-def test_promptkd_lambda_at_step_k(step, lam):
+def test_promptkd_lambda_at_step_k(step, lam, monkeypatch):
     """lambda_k = base_coef (1 - k/K) for step k = ctx.step + 1; at the last step the regulariser
     leaves the loss, but its plain-teacher forward (one per micro-batch, as at every step) still
     measures the drift."""
-    ctx, method, _, _ = promptkd_setup([collate_sequences(EXAMPLES[:2], PAD)])
+    ctx, method, _, _ = promptkd_setup([collate_sequences(EXAMPLES[:2], PAD)], monkeypatch)
     ctx.step = step
     metrics = method.step(ctx, [EXAMPLES[:2]]).metrics
     assert metrics["prompt/lambda"] == pytest.approx(lam, abs=1e-12)
     assert ctx.phases.count("teacher_fwd_base") == 1
-    assert metrics["prompt/kl_to_student"] == metrics["prompt/kd"]
-    if lam:
-        assert metrics["prompt/drift"] == metrics["prompt/reg"]
-    else:
-        assert metrics["prompt/reg"] == 0.0 and metrics["prompt/loss"] == metrics["prompt/kd"]
-        assert metrics["prompt/drift"] > 0  # the initial text prompt already moves the teacher
+    assert metrics["prompt/loss"] == pytest.approx(metrics["prompt/kl_to_student"] + lam * metrics["prompt/drift"])
+    assert metrics["prompt/drift"] > 0  # the initial text prompt already moves the teacher
 
 
-def test_promptkd_freeze_prompt_never_updates_the_prompt():
-    batch = collate_sequences(EXAMPLES[:2], PAD)
-    ctx, method, prompt0, seen = promptkd_setup([batch], freeze_prompt=True)
-    metrics = method.step(ctx, [EXAMPLES[:2]]).metrics
-    assert [c[1] for c in ctx.calls_named("apply_update")] == ["student"]
-    assert torch.equal(method.prompt_params[0], prompt0)
-    assert "teacher_fwd_prompt_grad" not in ctx.phases and "teacher_fwd_target" not in ctx.phases
-    assert "prompt/loss" not in metrics
-    ((_, target),) = seen  # the plain teacher
-    with torch.no_grad():
-        plain = response_part(plain_forward(method.prompted.teacher, batch), batch, ctx.vocab_size)
-    torch.testing.assert_close(target, plain, rtol=1e-5, atol=1e-5)
-
-
-def test_promptkd_lagged_target_skips_the_target_forward():
-    batch = collate_sequences(EXAMPLES[:2], PAD)
-    ctx, method, prompt0, seen = promptkd_setup([batch], lagged_target=True)
-    method.step(ctx, [EXAMPLES[:2]])
-    assert ctx.phases.count("teacher_fwd_target") == 0
-    assert ctx.phases.count("teacher_fwd_prompt_grad") == 1
-    assert [c[1] for c in ctx.calls_named("apply_update")] == ["prompt", "student"]
-    ((_, target),) = seen  # the prompted teacher before the prompt update
-    with torch.no_grad():
-        before = response_part(prompted_forward(method.prompted.teacher, prompt0, batch), batch, ctx.vocab_size)
-    torch.testing.assert_close(target, before, rtol=1e-5, atol=1e-5)
-
-
-def test_promptkd_two_micro_batches_one_prompt_and_one_student_update():
+def test_promptkd_two_micro_batches_one_prompt_and_one_student_update(monkeypatch):
     batches = [collate_sequences(EXAMPLES[:2], PAD), collate_sequences(EXAMPLES[2:5], PAD)]
-    ctx, method, _, seen = promptkd_setup(list(batches))
+    ctx, method, _, seen = promptkd_setup(list(batches), monkeypatch)
     result = method.step(ctx, [EXAMPLES[:2], EXAMPLES[2:5]])
     calls = ctx.calls
     assert [c[1] for c in ctx.calls_named("apply_update")] == ["prompt", "student"]
     i_prompt = index_of(calls, ("apply_update", "prompt", result.metrics["prompt/loss"]))
     # two micro-batches: eval-mode student targets for the prompt loss, then the training forwards
-    targets = [i for i, c in enumerate(calls) if c == ("student_target_logits",)]
-    forwards = [i for i, c in enumerate(calls) if c == ("student_logits",)]
+    targets = [i for i, c in enumerate(calls) if c == ("student_forward", True)]
+    forwards = [i for i, c in enumerate(calls) if c == ("student_forward", False)]
     assert len(targets) == 2 and max(targets) < i_prompt
     assert len(forwards) == 2 and min(forwards) > i_prompt
     after = calls[i_prompt:]
@@ -249,13 +222,16 @@ def test_promptkd_on_own_samples_reports_sampled_tokens():
     assert result.trained_tokens == result.generated_tokens == num_tokens([batch]) > 0
 
 
-def test_promptkd_exception_inside_step_leaves_the_context_consistent():
-    ctx, method, _, _ = promptkd_setup([collate_sequences(EXAMPLES[:2], PAD)])
+def test_promptkd_exception_inside_step_leaves_the_context_consistent(monkeypatch):
+    ctx, method, _, _ = promptkd_setup([collate_sequences(EXAMPLES[:2], PAD)], monkeypatch)
+    prompt_update = ctx.apply_update
 
-    def failing(*args, **kwargs):
-        raise RuntimeError("boom")
+    def failing_after_the_prompt(name, loss_value):
+        out = prompt_update(name, loss_value)
+        monkeypatch.setattr(promptkd_module, "loss_terms", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        return out
 
-    method.student_loss = failing
+    monkeypatch.setattr(ctx, "apply_update", failing_after_the_prompt)
     ctx.student_module.train()
     with pytest.raises(RuntimeError, match="boom"):
         method.step(ctx, [EXAMPLES[:2]])
@@ -369,7 +345,7 @@ def test_supervised_loss_is_ce_plus_forward_kl(cls, sections, kd_ratio):
     assert len(ctx.calls_named("collate")) == 2 and not ctx.calls_named("sample")
     assert [c[1] for c in ctx.calls_named("apply_update")] == ["student"]
     assert [c[1] for c in ctx.calls_named("accumulate")] == [False, True]
-    assert len(ctx.calls_named("teacher_logits")) == (2 if kd_ratio > 0 else 0)
+    assert len(ctx.calls_named("teacher_forward")) == (2 if kd_ratio > 0 else 0)
     assert result.trained_tokens == num_tokens(ctx.batches) and result.generated_tokens == 0.0
 
     loss, ce, kl, grads = supervised_reference(student0, ctx.teacher, ctx.batches, kd_ratio, ctx.vocab_size)
@@ -389,5 +365,5 @@ def test_sft_never_calls_the_teacher():
     method = SFT(make_cfg("sft"))
     method.setup(ctx)
     method.step(ctx, [EXAMPLES[:3]])
-    assert not ctx.calls_named("teacher_logits")
+    assert not ctx.calls_named("teacher_forward")
     assert "teacher_fwd_base" not in ctx.phases

@@ -222,7 +222,7 @@ def test_two_processes_take_the_same_first_step_as_one(runs):
     # the logged (globally reduced) values agree too: token-weighted losses and the gradient
     # norms after the all-reduce, which a missing or wrong reduction would change
     (m2,), (m1,) = _metrics(runs.dirs["two"]), _metrics(runs.dirs["one"])
-    for key in ("prompt/loss", "prompt/kd", "prompt/reg", "prompt/grad_norm", "student/loss",
+    for key in ("prompt/loss", "prompt/kl_to_student", "prompt/drift", "prompt/grad_norm", "student/loss",
                 "student/grad_norm", "generated_tokens", "dev/rougeL"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-9), key
     assert m2["prompt/grad_norm"] > 0 and m2["student/grad_norm"] > 0

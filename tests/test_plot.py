@@ -1,5 +1,4 @@
-"""`promptkd plot`'s marks on PromptKD's distances panel: the guard's bound, the steps it held the
-prompt, and the step at which the run warned of collapse, all read from the run itself."""
+"""`promptkd plot`'s collapse mark on PromptKD's distances panel, read from the run itself."""
 
 import yaml
 
@@ -8,9 +7,8 @@ from promptkd.evaluation import plot
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _records(kl, drift, held=()):
-    return [{"step": st, "student/loss": 1.0, "prompt/kl_to_student": k, "prompt/drift": d,
-             "prompt/frozen_by_guard": 1.0 if st in held else 0.0}
+def _records(kl, drift):
+    return [{"step": st, "student/loss": 1.0, "prompt/kl_to_student": k, "prompt/drift": d}
             for st, (k, d) in enumerate(zip(kl, drift, strict=True), 1)]
 
 
@@ -22,32 +20,29 @@ def _write_config(run, method="promptkd", **promptkd):
 def test_settings_come_from_the_runs_config_and_are_empty_when_it_says_nothing(tmp_path):
     run = tmp_path / "run"
     assert plot.read_promptkd_settings(run) == {}  # no directory, no config
-    _write_config(run, max_drift=0.1, collapse_window=5)
-    assert plot.read_promptkd_settings(run) == {"max_drift": 0.1, "collapse_window": 5}
-    _write_config(run, max_drift=None, collapse_window=5)
+    _write_config(run, collapse_window=5)
     assert plot.read_promptkd_settings(run) == {"collapse_window": 5}
-    _write_config(run, method="gkd", max_drift=0.1)
+    _write_config(run, max_drift=0.1, collapse_window=5)  # a run of an older promptkd: its guard is not drawn
+    assert plot.read_promptkd_settings(run) == {"collapse_window": 5}
+    _write_config(run, method="gkd", collapse_window=5)
     assert plot.read_promptkd_settings(run) == {}
     (run / "config.yaml").write_text("method: [promptkd\n")  # not YAML
     assert plot.read_promptkd_settings(run) == {}
 
 
-def test_marks_follow_the_logged_guard_and_the_trainers_collapse_rule():
+def test_the_mark_follows_the_trainers_collapse_rule():
     # steps 3-6 collapsed (kl_to_student below drift); step 8 again, alone
     kl = [1.0, 0.9, 0.2, 0.2, 0.2, 0.2, 0.9, 0.2]
     drift = [0.1, 0.1, 0.3, 0.3, 0.3, 0.3, 0.1, 0.3]
-    records = _records(kl, drift, held={4, 7})
-    marks = plot.distance_marks(records, {"max_drift": 0.25, "collapse_window": 3})
-    assert marks == {"bound": 0.25, "held": [4, 7], "warned": 5}
+    records = _records(kl, drift)
+    assert plot.distance_marks(records, {"collapse_window": 3}) == {"warned": 5}
     assert plot.distance_marks(records, {"collapse_window": 5})["warned"] is None  # 4 in a row < 5
-    assert plot.distance_marks(records, {}) == {"bound": None, "held": [4, 7], "warned": None}
-    unguarded = [{k: v for k, v in r.items() if k != "prompt/frozen_by_guard"} for r in records]
-    assert plot.distance_marks(unguarded, {"collapse_window": 3})["held"] == []
+    assert plot.distance_marks(records, {}) == {"warned": None}
 
 
-def test_plot_of_a_guarded_collapsing_run_is_written(tmp_path):
+def test_plot_of_a_collapsing_run_is_written(tmp_path):
     run = tmp_path / "run"
-    _write_config(run, max_drift=0.25, collapse_window=3)
-    records = _records([1.5, 1.2, 0.2, 0.2, 0.2, 0.2], [0.03, 0.05, 0.3, 0.3, 0.3, 0.3], held={5, 6})
+    _write_config(run, collapse_window=3)
+    records = _records([1.5, 1.2, 0.2, 0.2, 0.2, 0.2], [0.03, 0.05, 0.3, 0.3, 0.3, 0.3])
     out = plot.plot_metrics(records, tmp_path / "figs" / "m.png", plot.read_promptkd_settings(run))
     assert out.read_bytes()[:8] == PNG

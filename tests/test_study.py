@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from promptkd.errors import UserError
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -154,6 +156,10 @@ def test_every_method_gets_the_same_steps_prompts_and_response_cap(study, cpu2, 
     for lab in study.study_labels(cpu2).values():
         if not lab.method:
             continue
+        if lab.guard:  # promptkd.max_drift was removed: the guard cells cannot be re-run
+            with pytest.raises(UserError, match=r"'promptkd\.max_drift' was removed"):
+                study.method_config(cpu2, paths, lab, 2, tmp_path / "seqkd.jsonl")
+            continue
         cfg = study.method_config(cpu2, paths, lab, 2, tmp_path / "seqkd.jsonl")
         config_from_dict(cfg, check_required=False)  # a valid promptkd config
         t, d = cfg["train"], cfg["data"]
@@ -163,6 +169,19 @@ def test_every_method_gets_the_same_steps_prompts_and_response_cap(study, cpu2, 
     init = study.init_config(cpu2, paths)
     assert init["method"] == "sft" and init["train"]["deterministic"] and init["train"]["seed"] == study.INIT_SEED
     config_from_dict(init, check_required=False)
+
+
+def test_cells_with_removed_settings_are_skipped_or_refused(study, cpu2):
+    """cpu2's guard cells set promptkd.max_drift, which the current code removed: a sitting skips
+    them, and naming them with --cells is an error that names the key."""
+    order, labels = study.cell_order(cpu2), study.study_labels(cpu2)
+    ids = [study.cell_id(*c) for c in order]
+    guard = [c for c in ids if "-guard__" in c]
+    assert len(guard) == 9 and all(study.removed_keys(labels[c.split("__")[0]]) for c in guard)
+    assert study.runnable_cells(ids, order, labels, explicit=False) == [c for c in ids if c not in guard]
+    assert study.runnable_cells(["GKD__seed1"], order, labels, explicit=True) == ["GKD__seed1"]
+    with pytest.raises(UserError, match=r"PromptKD-guard__seed1: .*'promptkd\.max_drift' was removed"):
+        study.runnable_cells(["GKD__seed1", "PromptKD-guard__seed1"], order, labels, explicit=True)
 
 
 def test_seqkd_file_order_gives_the_same_prompts_per_step(study):

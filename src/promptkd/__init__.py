@@ -38,6 +38,8 @@ _EXPORTS = {
     "Trainer": "promptkd.training.loop",
     "StepContext": "promptkd.methods.base",
     "StepResult": "promptkd.methods.base",
+    "Method": "promptkd.methods.base",
+    "register_method": "promptkd.methods",
     # models
     "PromptedTeacher": "promptkd.models.prompted_teacher",
     "make_student": "promptkd.models.student",

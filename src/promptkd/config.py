@@ -22,6 +22,7 @@ import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -121,6 +122,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "fused_losses": "the losses compile themselves when a chunk is large and fall back to eager on a compiler failure",
+        "chunked_lm_head": "the losses use hidden states and LM heads where the head allows, full logits otherwise "
+                           "(one info line says why)",
+    }
     output_dir: str = opt("runs/promptkd", "Run directory: config, metrics, checkpoints, final student.")
     seed: int = opt(42, "Seed for data order, sampling and initialisation.")
     max_steps: int = opt(1000, "Total optimizer steps K (also the horizon of PromptKD's regulariser schedule).", min=1)
@@ -144,18 +150,6 @@ class TrainConfig:
         "teacher's linear weights in that dtype (same results, less memory)."
     )
     gradient_checkpointing: bool = opt(False, "Gradient checkpointing for the student.")
-    fused_losses: bool = opt(
-        True, "Divergences through torch.compile (one fused kernel per pass, forward and backward; eager "
-        "fallback when compilation fails; calls under 4M logit elements stay eager). Same values as eager to "
-        "float32 rounding; false = eager only (also PROMPTKD_FUSED_LOSSES=0).",
-    )
-    chunked_lm_head: bool = opt(
-        True, "Compute the training losses from the models' final hidden states and LM heads a chunk of positions "
-        "at a time (promptkd.head_losses), so no (batch, response, vocabulary) logits tensor is built; same values "
-        "to float rounding. A head that cannot be chunked (LoRA / PEFT on lm_head, not a plain Linear, FSDP or "
-        "DeepSpeed ZeRO-3 sharding, an unknown output transform) falls back to full logits, with one info line. "
-        "MiniLLM always uses full logits. false = full logits everywhere.",
-    )
     eval_every: int = opt(0, "Evaluate on data.dev every N optimizer steps (0: only at the end).", min=0)
     eval_metric: str = opt(
         "loss", "Dev metric for best-checkpoint selection: reference-response token loss (fast) or sampled ROUGE-L.",
@@ -184,6 +178,15 @@ class TrainConfig:
 @dataclass
 class PromptKDSection:
     """PromptKD (docs/method.md, sections 3-4). Defaults follow the paper and the authors' code."""
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "max_drift": "the drift guard never made a raised prompt learning rate pay (study cpu2): lower "
+                     "promptkd.prompt_learning_rate; promptkd.collapse_window still warns",
+        "lagged_target": "the student's target is always the updated prompt (the paper's order)",
+        "freeze_prompt": "a frozen prompt is GKD with reverse KL: method gkd at its defaults (lmbda 1, generalized_jsd "
+                         "with beta 1 = reverse KL)",
+        "kd_direction": "the prompt loss is KL(p_TP || p_S), as in the paper and its code",
+        "reg_direction": "the regulariser is KL(p_TP || p_T), as in the paper and its code",
+    }
 
     num_virtual_tokens: int = opt(7, "Soft-prompt length (paper: 7).", min=1)
     prompt_init: str = opt(
@@ -193,13 +196,9 @@ class PromptKDSection:
     prompt_init_text: str = opt("Suppose you are a student.", "Init text (paper / reference code).")
     prompt_learning_rate: float | None = opt(None, "Prompt LR; null = train.learning_rate (reference code).", min=0.0, min_exclusive=True)
     prompt_weight_decay: float = opt(0.01, "Prompt AdamW weight decay (reference).", min=0.0)
-    kd_direction: str = opt("reverse", "L_kd: reverse = KL(p_TP || sg p_S); forward = KL(sg p_S || p_TP).", choices=["reverse", "forward"])
-    reg_direction: str = opt("reverse", "L_reg: reverse = KL(p_TP || sg p_T); forward = KL(sg p_T || p_TP).", choices=["reverse", "forward"])
     student_divergence: str = opt("reverse_kl", "Student loss to sg p_TP on its own samples (paper: reverse KL).", choices=list(DIVERGENCE_NAMES))
     base_coef: float = opt(1.0, "Regulariser weight: lambda_k = base_coef * (1 - k/K); 0 disables it.", min=0.0)
     teacher_dropout: bool = opt(True, "Teacher dropout during the prompt forward (reference code quirk: on).")
-    freeze_prompt: bool = opt(False, "Freeze the prompt (= on-policy reverse KL to the plain teacher: the 'no prompt' ablation).")
-    lagged_target: bool = opt(False, "Student target from the pre-update prompt (saves one teacher forward; not the paper's order).")
     teacher_gradient_checkpointing: bool = opt(False, "Checkpoint the teacher during the prompt backward (less memory, more time).")
     collapse_window: int = opt(
         5,
@@ -207,16 +206,6 @@ class PromptKDSection:
         "the teacher) for this many consecutive steps; 0 = off. More than one step, so one noisy batch does not "
         "warn (docs/method.md, section 5).",
         min=0,
-    )
-    max_drift: float | None = opt(
-        None,
-        "Bound on the drift KL(p_TP || p_T), measured on each step's batch; null = off. The prompt is only moved "
-        "to a point within it: a step whose drift is already over the bound skips its prompt update, and an "
-        "update that leaves the drift over it is undone (prompt, optimizer state and schedule restored); both "
-        "log prompt/frozen_by_guard = 1, and prompt/drift_after is the drift the step ends with. A new batch can "
-        "measure the same prompt above the bound. Set it when you raise promptkd.prompt_learning_rate "
-        "(docs/method.md, section 5).",
-        min=0.0, min_exclusive=True,
     )
 
 
@@ -335,7 +324,7 @@ class DistiLLMSection:
 class Config(ConfigBase):
     """`promptkd train`: the method, its models and data, the loop, sampling and method knobs."""
 
-    method: str = opt("promptkd", "Distillation method.", choices=list(METHODS))
+    method: str = opt("promptkd", "Distillation method: a built-in one or a name given to promptkd.register_method.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

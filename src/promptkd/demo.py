@@ -200,7 +200,7 @@ def teacher_kl(student, teacher, tokenizer, eval_file: Path, max_new_tokens: int
         s_logits = student(**kwargs).logits[:, :-1]  # (B, R, V)
         t_logits = teacher(**kwargs).logits[:, :-1]  # (B, R, V)
         resp_mask = batch.loss_mask[:, batch.prompt_length :]  # (B, R)
-        total += float(reverse_kl(s_logits, t_logits, resp_mask, reduction="sum"))
+        total += float(reverse_kl(s_logits[resp_mask].float(), t_logits[resp_mask].float()).sum())
         count += int(resp_mask.sum())
     return total / max(count, 1)
 

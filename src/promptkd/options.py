@@ -246,6 +246,9 @@ def build(cls, data: Any, problems: list[str], *, prefix: str = "", base: Any = 
         key = str(key)
         name = f"{prefix}{key}"
         f = names.get(key)
+        if f is None and key in getattr(cls, "REMOVED_KEYS", {}):
+            problems.append(f"'{name}' was removed: {cls.REMOVED_KEYS[key]}")
+            continue
         if f is None:
             guess = suggest(name, known)
             level = [f"{prefix}{g.name}" for g in ordered_fields(cls)]

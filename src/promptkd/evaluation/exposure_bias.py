@@ -198,8 +198,8 @@ def per_step_kl(student, teacher, batches, *, max_new_tokens: int, vocab: int) -
             continue
         s_logits = response_logits(student, batch, vocab)  # (B, R, V)
         t_logits = response_logits(teacher, batch.to(next(teacher.parameters()).device), vocab).to(s_logits.device)
-        # forward_kl(logits=q, target=p) = KL(p || q): here KL(p_T || p_S), float32 inside.
-        values = forward_kl(s_logits, t_logits, mask, reduction="none")  # (N,)
+        # forward_kl(logits=q, target=p) = KL(p || q): here KL(p_T || p_S), in float32
+        values = forward_kl(s_logits[mask].float(), t_logits[mask].float())  # (N,)
         per_pos = torch.zeros(mask.shape, dtype=torch.float64)
         per_pos[mask.cpu()] = values.double().cpu()
         width = min(mask.shape[1], max_new_tokens)

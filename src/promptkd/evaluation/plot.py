@@ -8,9 +8,8 @@ rates (`*/lr`), trained tokens per second and, for a PromptKD run, the two dista
 prompted teacher: KL(p_TP || p_S) (`prompt/kl_to_student`, what L_kd drives down) and
 KL(p_TP || p_T) (`prompt/drift`, away from the real teacher). Where the drift line crosses
 above kl_to_student the prompted teacher imitates the student (docs/method.md, section 5).
-That panel also shows, from the run's config.yaml, the drift guard's bound (`promptkd.max_drift`)
-with the steps on which it held the prompt, and the step at which the run warned of collapse
-(`promptkd.collapse_window`). Its scale is logarithmic when the two distances are far apart.
+That panel also marks the step at which the run warned of collapse (`promptkd.collapse_window`,
+from the run's config.yaml). Its scale is logarithmic when the two distances are far apart.
 """
 
 from __future__ import annotations
@@ -52,8 +51,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def read_promptkd_settings(run_dir: str | Path) -> dict:
-    """`max_drift` and `collapse_window` of the PromptKD run in RUN_DIR (its config.yaml); {} when
-    the file is missing, unreadable or of another method: the plot then has no such marks."""
+    """`collapse_window` of the PromptKD run in RUN_DIR (its config.yaml); {} when the file is
+    missing, unreadable or of another method: the plot then has no collapse mark."""
     import yaml
 
     try:
@@ -62,21 +61,19 @@ def read_promptkd_settings(run_dir: str | Path) -> dict:
         return {}
     if not isinstance(cfg, dict) or cfg.get("method") != "promptkd" or not isinstance(cfg.get("promptkd"), dict):
         return {}
-    return {k: cfg["promptkd"][k] for k in ("max_drift", "collapse_window") if cfg["promptkd"].get(k) is not None}
+    window = cfg["promptkd"].get("collapse_window")
+    return {} if window is None else {"collapse_window": window}
 
 
 def distance_marks(records: list[dict], settings: dict) -> dict:
-    """What the distances panel marks besides the two curves: `bound` (max_drift or None), `held`
-    (steps whose prompt/frozen_by_guard is 1) and `warned` (the step at which the run warned of
-    collapse, by the trainer's rule with the run's collapse_window; None if it did not)."""
+    """What the distances panel marks besides the two curves: `warned`, the step at which the run
+    warned of collapse (the trainer's rule with the run's collapse_window; None if it did not)."""
     from promptkd.methods.promptkd import collapse_warning_step
 
-    held = [r["step"] for r in records if r.get("prompt/frozen_by_guard") == 1]
     points = [(r["step"], r["prompt/kl_to_student"], r["prompt/drift"]) for r in records
               if isinstance(r.get("prompt/kl_to_student"), (int, float)) and isinstance(r.get("prompt/drift"), (int, float))]
     window = settings.get("collapse_window", 0)
-    return {"bound": settings.get("max_drift"), "held": held,
-            "warned": collapse_warning_step(points, window) if window else None}
+    return {"warned": collapse_warning_step(points, window) if window else None}
 
 
 def _wide_range(values: list[float], ratio: float = 20.0) -> bool:
@@ -86,8 +83,8 @@ def _wide_range(values: list[float], ratio: float = 20.0) -> bool:
 
 def plot_metrics(records: list[dict], out: str | Path, settings: dict | None = None) -> Path:
     """Write the panels of `records` (metrics.jsonl rows) to the PNG `out`; returns its path.
-    `settings`: the run's PromptKD max_drift / collapse_window (read_promptkd_settings), for the
-    marks of the distances panel."""
+    `settings`: the run's PromptKD collapse_window (read_promptkd_settings), for the distances
+    panel's collapse mark."""
     matplotlib = require_extra("matplotlib", "plot", "promptkd plot")
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -114,7 +111,7 @@ def plot_metrics(records: list[dict], out: str | Path, settings: dict | None = N
         if ylabel == "lr" and _wide_range(values):
             ax.set_yscale("log")  # a student LR next to a much larger prompt LR
         if title == DISTANCES_TITLE:
-            _mark_distances(ax, records, distance_marks(records, settings or {}), _wide_range(values))
+            _mark_distances(ax, distance_marks(records, settings or {}), _wide_range(values))
         elif panel_keys:
             ax.legend(fontsize="small")
         else:
@@ -128,16 +125,9 @@ def plot_metrics(records: list[dict], out: str | Path, settings: dict | None = N
     return out
 
 
-def _mark_distances(ax, records: list[dict], marks: dict, log_scale: bool) -> None:
+def _mark_distances(ax, marks: dict, log_scale: bool) -> None:
     if log_scale:
         ax.set_yscale("log")  # a drift of 0.05 beside a KL to the student of 1.5
-    if marks["bound"] is not None:
-        ax.axhline(marks["bound"], color="grey", linestyle=":", linewidth=1, label=f"max_drift {marks['bound']:g}")
-    if marks["held"]:
-        drift = {r["step"]: r["prompt/drift"] for r in records if isinstance(r.get("prompt/drift"), (int, float))}
-        steps = [st for st in marks["held"] if st in drift]
-        ax.plot(steps, [drift[st] for st in steps], linestyle="none", marker="x", markersize=3, color="black",
-                label=f"prompt held by the guard ({len(marks['held'])} steps)")
     if marks["warned"] is not None:
         ax.axvline(marks["warned"], color="red", linestyle="--", linewidth=1,
                    label=f"collapse warning (step {marks['warned']})")

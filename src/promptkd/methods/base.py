@@ -1,18 +1,14 @@
-"""What every method shares: the step context it is given, the result it returns, the two
-forms a model's outputs take in a loss, and the supervised (teacher-forced) step of SFT, KD,
-SeqKD, DistiLLM and GKD.
+"""What every method shares: the step context it is given, the result it returns, and the
+supervised (teacher-forced) step of SFT, KD, SeqKD, DistiLLM and GKD.
 
 A method never sees the trainer. `setup(ctx)` and `step(ctx, micro_batches)` receive a
-`StepContext`: the few operations a step needs (forward passes with autocast, sampling,
-response logits or hidden states, the global token count and loss scale, backward, an update
-of a parameter set, reductions over processes). `promptkd.training.context.TrainingContext`
-implements it for real training; a test can drive a method with a fake one.
+`StepContext`: the few operations a step needs (forwards with autocast, sampling, the global
+token count and loss scale, backward, an update of a parameter set, reductions over processes).
+`promptkd.training.context.TrainingContext` implements it for real training.
 
-Outputs. With `ctx.chunked` (train.chunked_lm_head, on unless a head cannot be chunked) a
-forward returns `HiddenStates` (the (B, R, H) final hidden states and the model's LM head)
-instead of (B, R, V) logits; `Divergence` and `divergence_terms` take either form, so a method's
-step is written once. On hidden states the losses run through `promptkd.head_losses`, a chunk of
-positions at a time, and no (B, R, V) tensor is built in any pass.
+A forward returns `promptkd.losses.Outputs`: final hidden states and the model's LM head, or full
+logits when the head cannot be chunked; `promptkd.losses.loss_terms` takes either, chunk by chunk,
+so a method's step is written once.
 """
 
 from __future__ import annotations
@@ -24,18 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from promptkd.data.batch import SequenceBatch
-from promptkd.head_losses import (
-    CrossEntropyTerm,
-    HeadTerm,
-    LMHead,
-    head_divergence,
-    head_divergences,
-    hidden_states_for_response,
-)
-from promptkd.losses import get_divergence
+from promptkd.losses import CROSS_ENTROPY, Divergence, Outputs, loss_terms
+from promptkd.models.head import LMHead, hidden_states_for_response
+from promptkd.models.prompted_teacher import PromptedTeacher
+from promptkd.sampling import response_logits
 
 logger = logging.getLogger(__name__)
 
@@ -56,47 +46,25 @@ class StepResult:
     generated_tokens: float = 0.0
 
 
-@dataclass(frozen=True, eq=False)
-class HiddenStates:
-    """A model's outputs on the response columns in the chunked form: hidden states + LM head.
-
-    hidden:         (B, R, H) final hidden states predicting the response columns (aligned with
-                    `response_mask`), as `promptkd.head_losses.hidden_states_for_response`
-                    captures them; with or without grad, as the forward ran.
-    head:           the model's LMHead (`lm_head_of`), cut to the compared vocabulary.
-    autocast_dtype: the autocast dtype the forward ran under (None: none). The head's matmul
-                    runs in it too, as the model's own head would (`head_autocast`).
-    """
-
-    hidden: torch.Tensor
-    head: LMHead
-    autocast_dtype: torch.dtype | None = None
-
-    @classmethod
-    def of(cls, model: torch.nn.Module, batch: SequenceBatch, head: LMHead, **kwargs) -> HiddenStates:
-        """Run `model` (a causal LM, DDP / PEFT-wrapped or not, or a PromptedTeacher; `base=True`
-        for its un-prompted forward) on `batch` in the caller's grad mode, train / eval mode and
-        autocast, and keep its (B, R, H) hidden states: the LM head computes nothing. Under
-        no_grad the head is detached too: like no-grad logits, the result is a target that no
-        gradient reaches (the student's head weight requires grad)."""
-        hidden = hidden_states_for_response(model, batch, **kwargs)  # (B, R, H)
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        return cls(hidden, head if torch.is_grad_enabled() else head.detached(), dtype)
-
-    def detach(self) -> HiddenStates:
-        """A target that gets no gradient (like `logits.detach()`): hidden states and head weight."""
-        return HiddenStates(self.hidden.detach(), self.head.detached(), self.autocast_dtype)
-
-    def head_autocast(self) -> contextlib.AbstractContextManager:
-        """Around a loss on these hidden states: the head's matmul in the forward's autocast dtype."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.hidden.device.type, dtype=self.autocast_dtype)
-
-
-Outputs = torch.Tensor | HiddenStates
-"""A model's outputs on the response columns: (B, R, V) logits or `HiddenStates`."""
+def outputs_of(model: torch.nn.Module, batch: SequenceBatch, head: LMHead | None, vocab_size: int,
+               **kwargs) -> Outputs:
+    """`model`'s predictions for the response columns, in the caller's grad mode, train / eval mode
+    and autocast: (B, R, H) final hidden states and `head` (no logits computed), or, with head
+    None, (B, R, V) logits. `model` is a causal LM (DDP / PEFT-wrapped or not) or a
+    PromptedTeacher (`base=True`: without its prompt). Under no_grad the head is detached too: the
+    result is a target no gradient reaches."""
+    device_type = batch.input_ids.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if head is None:
+        if isinstance(model, PromptedTeacher):
+            forward = model.forward_base if kwargs.pop("base", False) else model
+            keep = batch.input_ids.shape[1] - batch.prompt_length + 1
+            logits = forward(batch.input_ids, batch.attention_mask, logits_to_keep=keep)[:, :-1, :vocab_size]
+        else:
+            logits = response_logits(model, batch, vocab_size, **kwargs)
+        return Outputs(logits, None, dtype)  # (B, R, V)
+    hidden = hidden_states_for_response(model, batch, **kwargs)  # (B, R, H)
+    return Outputs(hidden, head if torch.is_grad_enabled() else head.detached(), dtype)
 
 
 class StepContext(Protocol):
@@ -106,9 +74,8 @@ class StepContext(Protocol):
     data, this step's batch included), `max_steps`, `vocab_size` (logit columns comparable
     between student and teacher), `tokenizer`, `teacher` (the frozen teacher or None), `device`,
     `student_module` (the unwrapped student, for inspection), `is_main_process`,
-    `num_processes`, `process_index`; `chunked` (True: the losses take the `*_hidden` forwards'
-    HiddenStates, no (B, R, V) logits; False: the `*_logits` forwards), `student_head` and
-    `teacher_head` (the models' LMHeads; None when not chunked or without a teacher).
+    `num_processes`, `process_index`; `teacher_head` (the teacher's LMHead, for a method's own
+    teacher forwards with `outputs_of`; None when the losses use full logits).
     """
 
     step: int
@@ -122,28 +89,20 @@ class StepContext(Protocol):
     is_main_process: bool
     num_processes: int
     process_index: int
-    chunked: bool
-    student_head: LMHead | None
     teacher_head: LMHead | None
 
     def phase(self, name: str) -> contextlib.AbstractContextManager: ...
     def autocast(self) -> contextlib.AbstractContextManager: ...
     def sample(self, examples: Sequence, *, from_teacher: bool = False, teacher_mix: float = 0.0) -> SequenceBatch: ...
     def collate(self, examples: Sequence) -> SequenceBatch: ...
-    def student_logits(self, batch: SequenceBatch) -> torch.Tensor: ...
-    def student_target_logits(self, batch: SequenceBatch) -> torch.Tensor: ...
-    def teacher_logits(self, batch: SequenceBatch) -> torch.Tensor: ...
-    def student_hidden(self, batch: SequenceBatch) -> HiddenStates: ...
-    def student_target_hidden(self, batch: SequenceBatch) -> HiddenStates: ...
-    def teacher_hidden(self, batch: SequenceBatch) -> HiddenStates: ...
+    def student_forward(self, batch: SequenceBatch, *, target: bool = False, logits: bool = False) -> Outputs: ...
+    def teacher_forward(self, batch: SequenceBatch, *, logits: bool = False) -> Outputs: ...
     def global_token_count(self, batches: Sequence[SequenceBatch]) -> float: ...
     def loss_scale(self, global_tokens: float) -> float: ...
     def accumulate(self, is_last: bool) -> contextlib.AbstractContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def add_parameter_set(self, name: str, params: list, *, learning_rate: float, weight_decay: float) -> None: ...
     def apply_update(self, name: str, loss_value: float) -> dict[str, float]: ...
-    def snapshot_update(self, name: str) -> dict: ...
-    def restore_update(self, name: str, snapshot: dict) -> None: ...
     def all_reduce_grads(self, params: list) -> None: ...
     def reduce_sum(self, value: float) -> float: ...
     def gather_object(self, obj) -> list: ...
@@ -152,79 +111,8 @@ class StepContext(Protocol):
 
 
 def response_mask(batch: SequenceBatch) -> torch.Tensor:
-    """(B, T - P) bool: the response positions in the loss, aligned with `response_logits`."""
+    """(B, T - P) bool: the response positions in the loss, aligned with a forward's outputs."""
     return batch.loss_mask[:, batch.prompt_length :]
-
-
-def student_outputs(ctx: StepContext, batch: SequenceBatch) -> Outputs:
-    """The student's outputs with grad (train mode): HiddenStates when ctx.chunked, else logits."""
-    return ctx.student_hidden(batch) if ctx.chunked else ctx.student_logits(batch)
-
-
-def student_target_outputs(ctx: StepContext, batch: SequenceBatch) -> Outputs:
-    """The student's outputs as a target: eval mode, no grad."""
-    return ctx.student_target_hidden(batch) if ctx.chunked else ctx.student_target_logits(batch)
-
-
-class Divergence:
-    """A token-level divergence of promptkd.losses by name, on either form of outputs.
-
-    `div(outputs, target, mask, reduction=...)`: on (B, R, V) logits it is the divergence
-    function itself; on HiddenStates it is `head_divergence` (chunked over positions, the head
-    matmul in the forward's autocast dtype). The first argument is the trained distribution q,
-    the second the target p, as everywhere in promptkd.losses.
-    """
-
-    def __init__(self, name: str, **params):
-        self.fn = get_divergence(name, **params)  # UserError: unknown name / bad parameter
-        self.name = name
-        self.params = params
-
-    def __repr__(self) -> str:
-        return f"Divergence({self.name!r}, {self.params})"
-
-    def __call__(self, outputs: Outputs, target: Outputs, mask: torch.Tensor, *,
-                 reduction: str = "mean") -> torch.Tensor:
-        if isinstance(outputs, HiddenStates):
-            with outputs.head_autocast():
-                return head_divergence(self.name, outputs.hidden, outputs.head, target.hidden, target.head, mask,
-                                       reduction=reduction, **self.params)
-        return self.fn(outputs, target, mask, reduction=reduction)
-
-
-def divergence(name: str, *, beta: float = 0.5, alpha: float = 0.1) -> Divergence:
-    """The divergence `name` with the one knob it takes (generalized_jsd: beta; skew KLs: alpha)."""
-    params = {"generalized_jsd": {"beta": beta}, "skew_forward_kl": {"alpha": alpha}, "skew_reverse_kl": {"alpha": alpha}}
-    return Divergence(name, **params.get(name, {}))
-
-
-def divergence_terms(outputs: Outputs, terms: Sequence[tuple[Divergence, Outputs, float]],
-                     mask: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Several divergences of one trained side: (sum_k weight_k D_k, [D_k detached]), summed over `mask`.
-
-    terms: (divergence, target outputs, weight); weight 0 = the value only (a logged distance,
-    no gradient work). On HiddenStates one `head_divergences` pass computes every term, the
-    trained side's logits once per chunk. On logits each term is its own divergence call, the
-    weight-0 ones under no_grad. Gradients flow into whatever requires them.
-    """
-    if isinstance(outputs, HiddenStates):
-        head_terms = [HeadTerm(div.name, target.hidden, target.head, weight, div.params)
-                      for div, target, weight in terms]
-        with outputs.head_autocast():
-            loss, per_term = head_divergences(outputs.hidden, outputs.head, head_terms, mask, reduction="sum")
-        return loss, list(per_term.unbind())
-    loss, values = None, []
-    for div, target, weight in terms:
-        if weight:
-            value = div(outputs, target, mask, reduction="sum")
-            loss = (value if weight == 1.0 else weight * value) if loss is None else loss + weight * value
-        else:
-            with torch.no_grad():
-                value = div(outputs, target, mask, reduction="sum")
-        values.append(value.detach())
-    if loss is None:
-        loss = torch.zeros((), device=mask.device)
-    return loss, values
 
 
 class Method:
@@ -280,39 +168,23 @@ def supervised_step(ctx: StepContext, batches: list[SequenceBatch], *, kd_ratio:
     """(1 - kd_ratio) CE + kd_ratio divergence(student, teacher) on given sequences, one update.
 
     Used by SFT (kd_ratio 0), KD, SeqKD, DistiLLM and GKD. Token-level mean over every response
-    token of the optimizer step (the global count across micro-batches and processes). With
-    ctx.chunked, CE and the divergence come from one `head_divergences` pass over the student's
-    hidden states (its logits once per chunk; CE at weight 0, as GKD has it, costs no gradient).
+    token of the optimizer step (the global count across micro-batches and processes). CE and the
+    divergence are one `loss_terms` pass (CE at weight 0, as GKD has it, is logged only).
     """
     global_tokens = ctx.global_token_count(batches)
     scale = ctx.loss_scale(global_tokens)
     ce_sum = kd_sum = 0.0
     for i, batch in enumerate(batches):
         with ctx.accumulate(is_last=i == len(batches) - 1):
-            mask = response_mask(batch)  # (B, R)
             targets = batch.input_ids[:, batch.prompt_length :]  # (B, R)
-            outputs = student_outputs(ctx, batch)  # (B, R, V) logits or (B, R, H) HiddenStates, with grad
-            if isinstance(outputs, HiddenStates):
-                terms = [CrossEntropyTerm(targets, 1.0 - kd_ratio)]
-                if kd_ratio > 0:
-                    teacher = ctx.teacher_hidden(batch)  # (B, R, H_t), no grad
-                    terms.append(HeadTerm(div.name, teacher.hidden, teacher.head, kd_ratio, div.params))
-                with ctx.phase("losses"), outputs.head_autocast():
-                    loss, values = head_divergences(outputs.hidden, outputs.head, terms, mask, reduction="sum")
-                ce_sum += float(values[0])
-                if kd_ratio > 0:
-                    kd_sum += float(values[1])
-            else:
-                with ctx.phase("losses"):
-                    ce = F.cross_entropy(outputs[mask].float(), targets[mask], reduction="sum")
-                loss = (1.0 - kd_ratio) * ce
-                if kd_ratio > 0:
-                    teacher_logits = ctx.teacher_logits(batch)  # (B, R, V), no grad
-                    with ctx.phase("losses"):
-                        kd = div(outputs, teacher_logits, mask, reduction="sum")
-                    loss = loss + kd_ratio * kd
-                    kd_sum += float(kd.detach())
-                ce_sum += float(ce.detach())
+            terms = [(CROSS_ENTROPY, targets, 1.0 - kd_ratio)]
+            student = ctx.student_forward(batch)  # with grad
+            if kd_ratio > 0:
+                terms.append((div, ctx.teacher_forward(batch), kd_ratio))  # no grad
+            with ctx.phase("losses"):
+                loss, values = loss_terms(student, terms, response_mask(batch))
+            ce_sum += values[0]
+            kd_sum += values[1] if kd_ratio > 0 else 0.0
             ctx.backward(loss * scale)
     ce_mean = ctx.reduce_sum(ce_sum) / max(global_tokens, 1.0)
     metrics = {"student/ce": ce_mean}

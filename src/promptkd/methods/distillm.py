@@ -33,14 +33,8 @@ import torch
 from promptkd.data.batch import SequenceBatch
 from promptkd.data.dataset import Example
 from promptkd.data.order import global_batch, local_micro_batches
-from promptkd.methods.base import (
-    Method,
-    StepContext,
-    StepResult,
-    divergence,
-    response_mask,
-    supervised_step,
-)
+from promptkd.losses import divergence
+from promptkd.methods.base import Method, StepContext, StepResult, response_mask, supervised_step
 
 SOURCES = ("data", "fresh", "replay")
 

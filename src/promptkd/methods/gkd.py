@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from promptkd.methods.base import Method, StepContext, StepResult, divergence, supervised_step
+from promptkd.losses import divergence
+from promptkd.methods.base import Method, StepContext, StepResult, supervised_step
 
 
 class GKD(Method):

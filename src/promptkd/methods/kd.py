@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from promptkd.methods.base import Method, StepContext, StepResult, divergence, supervised_step
+from promptkd.losses import divergence
+from promptkd.methods.base import Method, StepContext, StepResult, supervised_step
 
 
 class KD(Method):

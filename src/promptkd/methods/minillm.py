@@ -34,12 +34,10 @@ code) the return also contains r_t; false gives the paper's split, the return fr
 The rollouts of the current phase are part of the method's state, so a resumed run continues
 the phase on the same rollouts.
 
-MiniLLM keeps the (B, R, V) logits path whatever train.chunked_lm_head says: the PPO term is a
-non-linear function of each sampled token's log-probability log p_S(y_t), which needs its own
-differentiable per-token values next to the single-step KL. On hidden states that would be a
-`head_cross_entropy(reduction="none")` pass (whose backward recomputes every chunk) plus a
-divergence pass, about twice the LM-head matmuls of one logits forward and backward; the
-memory win is left for later.
+MiniLLM computes full (B, R, V) logits (`logits=True` forwards): the PPO term is a non-linear
+function of each sampled token's log-probability log p_S(y_t), which needs its own
+differentiable per-token values next to the single-step KL; its divergences run through the same
+`loss_terms` as every method's, on those logits.
 """
 
 from __future__ import annotations
@@ -52,7 +50,8 @@ import torch
 
 from promptkd.data.batch import SequenceBatch
 from promptkd.data.order import local_micro_batches
-from promptkd.methods.base import Method, StepContext, StepResult, divergence, response_mask
+from promptkd.losses import CROSS_ENTROPY, Outputs, divergence, loss_terms
+from promptkd.methods.base import Method, StepContext, StepResult, response_mask
 
 
 # ------------------------------------------------------------------------- the formulas
@@ -198,12 +197,12 @@ class MiniLLM(Method):
             if reuse:
                 # the update's forward, run now; the LM term's micro-batches come after it
                 with torch.enable_grad(), ctx.accumulate(is_last=not self.has_lm_term):
-                    self.fresh_student_logits = ctx.student_logits(batch)  # (B, R, V), with grad
+                    self.fresh_student_logits = ctx.student_forward(batch, logits=True).states  # (B, R, V), with grad
                 student_logits = self.fresh_student_logits.detach()
             else:
-                student_logits = ctx.student_target_logits(batch)  # (B, R, V), eval mode, no grad
+                student_logits = ctx.student_forward(batch, target=True, logits=True).states  # (B, R, V), eval, no grad
             lq = token_logprobs(student_logits, targets) * mask  # (B, R)
-            teacher = ctx.teacher_logits(batch)  # (B, R, V)
+            teacher = ctx.teacher_forward(batch, logits=True).states  # (B, R, V)
             lp = token_logprobs(teacher, targets) * mask  # (B, R)
             self.fresh_teacher_logits = teacher if reuse and c.single_step_reg else None
             del student_logits, teacher
@@ -270,19 +269,19 @@ class MiniLLM(Method):
                 targets = ro.batch.input_ids[:, ro.batch.prompt_length :]
                 # (B, R, V), with grad: the rollout forward's when collect ran it with grad
                 logits = self.fresh_student_logits if fresh and self.fresh_student_logits is not None \
-                    else ctx.student_logits(ro.batch)
+                    else ctx.student_forward(ro.batch, logits=True).states
                 self.fresh_student_logits = None
                 teacher = None  # (B, R, V), no grad
                 if c.single_step_reg:
                     teacher = self.fresh_teacher_logits if fresh and self.fresh_teacher_logits is not None \
-                        else ctx.teacher_logits(ro.batch)
+                        else ctx.teacher_forward(ro.batch, logits=True).states
                     self.fresh_teacher_logits = None
                 with ctx.phase("losses"):
                     logq = token_logprobs(logits, targets)
                     pg, n_clipped = ppo_terms(logq, ro.old_logprobs, ro.weights, ro.advantages, mask, c.cliprange)
                     loss = pg
                     if teacher is not None:
-                        single = self.single_step(logits, teacher, mask, reduction="sum")
+                        single, _ = loss_terms(Outputs(logits), [(self.single_step, Outputs(teacher), 1.0)], mask)
                         loss = loss + single
                         single_sum += float(single.detach())
                 pg_sum += float(pg.detach())
@@ -305,14 +304,12 @@ class MiniLLM(Method):
             for i, batch in enumerate(lm_batches):
                 with ctx.accumulate(is_last=i == len(lm_batches) - 1):
                     mask = response_mask(batch)
-                    logits = ctx.student_logits(batch)
-                    targets = batch.input_ids[:, batch.prompt_length :]
-                    teacher = ctx.teacher_logits(batch) if c.lm_kd_ratio > 0 else None  # no grad
+                    student = ctx.student_forward(batch)  # with grad
+                    terms = [(CROSS_ENTROPY, batch.input_ids[:, batch.prompt_length :], 1.0 - c.lm_kd_ratio)]
+                    if c.lm_kd_ratio > 0:
+                        terms.append((self.lm_divergence, ctx.teacher_forward(batch), c.lm_kd_ratio))  # no grad
                     with ctx.phase("losses"):
-                        lm = torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
-                        loss = (1.0 - c.lm_kd_ratio) * lm
-                        if teacher is not None:
-                            loss = loss + c.lm_kd_ratio * self.lm_divergence(logits, teacher, mask, reduction="sum")
+                        loss, _ = loss_terms(student, terms, mask)
                     lm_sum += float(loss.detach())
                     ctx.backward(loss * lm_scale)
             metrics["minillm/lm"] = ctx.reduce_sum(lm_sum) / max(lm_tokens, 1.0)

@@ -2,48 +2,31 @@
 
     promptkd train --config configs/promptkd.yaml
 
-One optimizer step (docs/method.md), for the micro-batches of this step:
+One optimizer step (docs/method.md), on the micro-batches of this step:
 
 0. Pseudo-targets. The student samples responses y ~ p_S(.|x) (T = 1, top_k off, top_p 1),
    cut after the first EOS (kept); a sample that hits the cap ends in EOS (eos_at_cap).
    Ground-truth responses are not used.
 1. Prompt update. With P the soft prompt (the only trainable teacher parameters):
-       L_kd     = mean_R KL(p_TP || sg p_S)            (kd_direction = reverse)
-       L_reg    = mean_R KL(p_TP || sg p_T)            (reg_direction = reverse, p_T = no prompt)
-       lambda_k = base_coef * (1 - k / K),  k = 1..K
-       L_prompt = L_kd + lambda_k * L_reg              -> prompt optimizer step
-   Logged every step (the base-teacher forward runs even when lambda_k = 0, under no_grad
-   then): prompt/kl_to_student = KL(p_TP || p_S) and prompt/drift = KL(p_TP || p_T), token
-   means, of the prompt before this step's update. Two guards read them:
-   - collapse warning (promptkd.collapse_window): kl_to_student < drift for that many
-     consecutive steps warns once: the prompted teacher now imitates the student;
-   - promptkd.max_drift: the prompt is only ever moved to a point whose drift on the step's
-     batch is within the bound. A step whose drift is already over the bound skips its prompt
-     update; otherwise the update is made, the drift of the updated prompt is measured on the
-     same batch (the forward that gives the student its targets, so no extra teacher forward)
-     and an update that left it over the bound is undone (prompt, optimizer state and schedule
-     restored; the targets are recomputed). Either way prompt/frozen_by_guard = 1, and
-     prompt/drift_after logs the drift, on the step's batch, of the prompt the step ends with.
+       L_prompt = KL(p_TP || sg p_S) + lambda_k KL(p_TP || sg p_T),  lambda_k = base_coef (1 - k / K)
+   for the optimizer step k = 1..K, then one prompt optimizer step. The two KLs are logged as
+   prompt/kl_to_student and prompt/drift (token means, of the prompt before its update); the
+   collapse warning (promptkd.collapse_window) fires when kl_to_student < drift for that many
+   consecutive steps: the prompted teacher then imitates the student.
 2. Student update, against the *updated* prompt:
-       L_student = mean_R KL(p_S || sg p_TP)           -> student optimizer step
+       L_student = KL(p_S || sg p_TP)   -> one student optimizer step
 
 Means are token-level over every response position of the step (all micro-batches and
 processes). Two parameter sets, two AdamW optimizers, two schedules, one clip each.
 
-Reference-code behaviour we follow, and where we differ (all configurable):
+Reference-code behaviour we follow, and where we differ:
 - teacher dropout is on during the prompt forward (`teacher_dropout`), off for targets;
-- with accumulation both optimizers step once per optimizer step (at the boundary); here the
-  prompt steps after all micro-batches' prompt losses, then every micro-batch's student loss
-  uses the updated prompt, which is the paper's order for any accumulation;
+- with accumulation the reference steps both optimizers at the boundary; here the prompt steps
+  after all micro-batches' prompt losses, then every micro-batch's student loss uses the updated
+  prompt: the paper's order for any accumulation;
 - the student target of step 1 is the student in eval mode. When the student has no active
-  dropout and the step has one micro-batch, one student forward (with grad) serves both
-  step 1 (detached) and step 2; that is exact because the student does not change in between.
-
-With train.chunked_lm_head (the default) every forward keeps its final hidden states instead of
-(B, R, V) logits (methods.base.HiddenStates), and the losses run chunk by chunk over positions
-(promptkd.head_losses): the prompt loss, its regulariser and the two logged distances are one
-`head_divergences` pass in which the prompted teacher's logits are computed once per chunk.
-Values and gradients equal the logits path's to float rounding.
+  dropout and the step has one micro-batch, one student forward (with grad) serves both steps
+  (detached in step 1): exact, because the student does not change in between.
 """
 
 from __future__ import annotations
@@ -53,18 +36,8 @@ import logging
 import torch
 
 from promptkd.data.batch import SequenceBatch
-from promptkd.methods.base import (
-    HiddenStates,
-    Method,
-    Outputs,
-    StepContext,
-    StepResult,
-    divergence,
-    divergence_terms,
-    response_mask,
-    student_outputs,
-    student_target_outputs,
-)
+from promptkd.losses import Outputs, divergence, loss_terms
+from promptkd.methods.base import Method, StepContext, StepResult, outputs_of, response_mask
 from promptkd.models.prompted_teacher import PromptedTeacher
 
 logger = logging.getLogger(__name__)
@@ -126,10 +99,8 @@ class PromptKD(Method):
             learning_rate=c.prompt_learning_rate or self.cfg.train.learning_rate,
             weight_decay=c.prompt_weight_decay,
         )
-        self.kd_loss = divergence("reverse_kl" if c.kd_direction == "reverse" else "forward_kl")
-        self.reg_loss = divergence("reverse_kl" if c.reg_direction == "reverse" else "forward_kl")
+        self.prompt_loss = divergence("reverse_kl")  # KL(p_TP || .), as in the paper and its code
         self.student_loss = divergence(c.student_divergence)
-        self.kl_from_prompted = divergence("reverse_kl")  # KL(p_TP || other): the logged distances
         self.student_dropout = has_active_dropout(ctx.student_module)
         self.collapse_streak = 0  # consecutive steps with kl_to_student < drift
         self.collapse_warned = False
@@ -159,51 +130,11 @@ class PromptKD(Method):
         """
         return self.cfg.promptkd.base_coef * (1.0 - (step + 1) / self.cfg.train.max_steps)
 
-    def teacher_logits_on(self, forward, batch: SequenceBatch, vocab_size: int) -> torch.Tensor:
-        """(B, R, V) logits of a teacher forward predicting the response columns.
-
-        Only the last R + 1 positions go through the LM head (`logits_to_keep`): the same
-        values as slicing the full output, without the (B, T, V) logits.
-        """
-        keep = batch.input_ids.shape[1] - batch.prompt_length + 1
-        logits = forward(batch.input_ids, batch.attention_mask, logits_to_keep=keep)  # (B, R + 1, V)
-        return logits[:, :-1, :vocab_size]
-
     def prompted_outputs(self, ctx: StepContext, batch: SequenceBatch, *, base: bool = False) -> Outputs:
-        """The prompted teacher's outputs on the response columns (base: the teacher without
-        its prompt): HiddenStates when ctx.chunked, else (B, R, V) logits. Grad mode and
-        autocast are the caller's."""
-        if ctx.chunked:
-            return HiddenStates.of(self.prompted, batch, ctx.teacher_head, base=base)  # (B, R, H)
-        forward = self.prompted.forward_base if base else self.prompted
-        return self.teacher_logits_on(forward, batch, ctx.vocab_size)  # (B, R, V)
-
-    def prompt_loss(self, tp: Outputs, target: Outputs, base: Outputs, lam: float,
-                    mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """(L_kd + lambda L_reg summed over `mask`, {kd, reg, kl_to_student, drift} sums).
-
-        One `divergence_terms` call: on hidden states the prompted teacher's logits are computed
-        once per chunk for every term. L_reg is a term only when lambda > 0; the logged
-        distances KL(p_TP || p_S) and KL(p_TP || p_T) reuse L_kd / L_reg when those are the same
-        reverse KL, and are weight-0 terms (no gradient) otherwise.
-        """
-        c = self.cfg.promptkd
-        terms = [(self.kd_loss, target, 1.0)]
-        reg = None
-        if lam > 0:
-            reg = len(terms)
-            terms.append((self.reg_loss, base, lam))
-        kl = 0
-        if c.kd_direction != "reverse":
-            kl = len(terms)
-            terms.append((self.kl_from_prompted, target, 0.0))
-        drift = reg
-        if reg is None or c.reg_direction != "reverse":
-            drift = len(terms)
-            terms.append((self.kl_from_prompted, base, 0.0))
-        loss, values = divergence_terms(tp, terms, mask)
-        return loss, {"kd": float(values[0]), "reg": 0.0 if reg is None else float(values[reg]),
-                      "kl_to_student": float(values[kl]), "drift": float(values[drift])}
+        """The prompted teacher's outputs on the response columns (base: without its prompt).
+        Grad mode is the caller's."""
+        with ctx.autocast():
+            return outputs_of(self.prompted, batch, ctx.teacher_head, ctx.vocab_size, base=base)
 
     def check_collapse(self, step: int, kl_to_student: float, drift: float) -> None:
         """Warn once when the prompted teacher has been closer to the student than to the
@@ -216,131 +147,58 @@ class PromptKD(Method):
                 f"PromptKD step {step}: the prompted teacher is closer to the student than to the teacher "
                 f"for {window} consecutive steps (KL(p_TP || p_S) = {kl_to_student:.4g} < "
                 f"KL(p_TP || p_T) = {drift:.4g}): the student is learning from a teacher that imitates it. "
-                "Lower promptkd.prompt_learning_rate or set promptkd.max_drift (e.g. a little above the "
-                "early prompt/drift values)."
+                "Lower promptkd.prompt_learning_rate."
             )
-
-    def updated_prompt_drift(self, ctx: StepContext, batches: list[SequenceBatch], bases: list,
-                             masks: list[torch.Tensor], global_tokens: float) -> tuple[list, float]:
-        """(the updated prompt's outputs per micro-batch, its drift KL(p_TP || p_T) on them).
-
-        The outputs are the student's targets (the same no-grad forward step 2 would run), so
-        the guard costs the divergence only, unless it undoes the update. `bases` are the plain
-        teacher's outputs of step 1 on the same batches.
-        """
-        outs, drift_sum = [], 0.0
-        for batch, base, mask in zip(batches, bases, masks, strict=True):
-            with ctx.phase("teacher_fwd_target"), torch.no_grad(), ctx.autocast():
-                tp = self.prompted_outputs(ctx, batch)
-            with ctx.phase("losses"), torch.no_grad():
-                drift_sum += float(self.kl_from_prompted(tp, base, mask, reduction="sum"))
-            outs.append(tp)
-        return outs, ctx.reduce_sum(drift_sum) / max(global_tokens, 1.0)
 
     # ------------------------------------------------------------------ the step
     def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
-        c = self.cfg.promptkd
-        metrics: dict[str, float] = {}
+        batches = [ctx.sample(mb) for mb in micro_batches]  # 0. the student's own samples
+        tokens = max(ctx.global_token_count(batches), 1.0)
+        scale = ctx.loss_scale(tokens)
+        shared = len(batches) == 1 and not self.student_dropout  # one student forward serves both updates
+        students: list[Outputs | None] = [None] * len(batches)
 
-        # 0. pseudo-targets: on-policy samples of the current student
-        batches = [ctx.sample(mb) for mb in micro_batches]
-        global_tokens = ctx.global_token_count(batches)
-        scale = ctx.loss_scale(global_tokens)
-        masks = [response_mask(b) for b in batches]  # (B, R) each
-        share_student_forward = len(batches) == 1 and not self.student_dropout
-        # (B, R, V) logits, or (B, R, H) HiddenStates when ctx.chunked
-        student_out: list[Outputs | None] = [None] * len(batches)
-        lagged: list[Outputs | None] = [None] * len(batches)
-        targets: list[Outputs | None] = [None] * len(batches)  # the updated prompt's, once measured
-        guarded = c.max_drift is not None
-        bases: list[Outputs | None] = [None] * len(batches)  # kept for the guard's post-update drift
-
-        # 1. prompt update: L_kd + lambda_k L_reg, gradients into the prompt only
-        if not c.freeze_prompt:
-            lam = self.regulariser_weight(ctx.step)
-            kd_sum = reg_sum = kl_sum = drift_sum = 0.0
-            for i, batch in enumerate(batches):
-                if share_student_forward:
-                    with ctx.accumulate(is_last=True):
-                        student_out[i] = student_outputs(ctx, batch)  # with grad
-                    target = student_out[i].detach()
-                else:
-                    target = student_target_outputs(ctx, batch)  # eval mode, no grad
-                # with grad: teacher dropout on when teacher_dropout (the reference's quirk)
-                with ctx.phase("teacher_fwd_prompt_grad"), ctx.autocast():
-                    tp = self.prompted_outputs(ctx, batch)
-                # every step, lambda_k = 0 included: the drift is logged and guarded
-                with ctx.phase("teacher_fwd_base"), torch.no_grad(), ctx.autocast():
-                    base = self.prompted_outputs(ctx, batch, base=True)
-                with ctx.phase("losses"):
-                    loss, sums = self.prompt_loss(tp, target, base, lam, masks[i])
-                kd_sum += sums["kd"]
-                reg_sum += sums["reg"]
-                kl_sum += sums["kl_to_student"]
-                drift_sum += sums["drift"]
-                if c.lagged_target:
-                    lagged[i] = tp.detach()
-                if guarded:
-                    bases[i] = base
-                with ctx.phase("backward_prompt"):
-                    ctx.backward(loss * scale)
-                del tp, target, base, loss
-            ctx.all_reduce_grads(self.prompt_params)
-            kd_mean = ctx.reduce_sum(kd_sum) / max(global_tokens, 1.0)
-            reg_mean = ctx.reduce_sum(reg_sum) / max(global_tokens, 1.0)
-            kl_to_student = ctx.reduce_sum(kl_sum) / max(global_tokens, 1.0)
-            drift = ctx.reduce_sum(drift_sum) / max(global_tokens, 1.0)
-            frozen = c.max_drift is not None and drift > c.max_drift
-            metrics.update({"prompt/loss": kd_mean + lam * reg_mean, "prompt/kd": kd_mean,
-                            "prompt/reg": reg_mean, "prompt/lambda": lam,
-                            "prompt/kl_to_student": kl_to_student, "prompt/drift": drift,
-                            "prompt/frozen_by_guard": float(frozen)})
-            self.check_collapse(ctx.step + 1, kl_to_student, drift)
-            if frozen:
-                # not apply_update: Adam's momentum and weight decay would move a zero-gradient prompt
-                for p in self.prompt_params:
-                    p.grad = None
-                if guarded:
-                    metrics["prompt/drift_after"] = drift
-            elif guarded:
-                snapshot = ctx.snapshot_update("prompt")
-                metrics.update(ctx.apply_update("prompt", metrics["prompt/loss"]))
-                targets, drift_after = self.updated_prompt_drift(ctx, batches, bases, masks, global_tokens)
-                undone = drift_after > c.max_drift
-                if undone:  # the update went past the bound: restore the prompt as it was
-                    ctx.restore_update("prompt", snapshot)
-                    metrics["prompt/frozen_by_guard"] = 1.0
-                    drift_after = drift
-                if undone or c.lagged_target:  # step 2 recomputes them, or uses the lagged ones
-                    targets = [None] * len(batches)
-                metrics["prompt/drift_after"] = drift_after
+        # 1. prompt update: KL(p_TP || sg p_S) + lambda_k KL(p_TP || sg p_T), gradients into the prompt only
+        lam = self.regulariser_weight(ctx.step)
+        kl_sum = drift_sum = 0.0
+        for i, batch in enumerate(batches):
+            if shared:
+                with ctx.accumulate(is_last=True):
+                    students[i] = ctx.student_forward(batch)  # with grad, for step 2
+                target = students[i].detach()
             else:
-                metrics.update(ctx.apply_update("prompt", metrics["prompt/loss"]))
-            bases = [None] * len(batches)
+                target = ctx.student_forward(batch, target=True)  # eval mode, no grad
+            with ctx.phase("teacher_fwd_prompt_grad"):
+                prompted = self.prompted_outputs(ctx, batch)  # teacher dropout as configured
+            with ctx.phase("teacher_fwd_base"), torch.no_grad():
+                base = self.prompted_outputs(ctx, batch, base=True)
+            with ctx.phase("losses"):
+                loss, (kl, drift) = loss_terms(prompted, [(self.prompt_loss, target, 1.0),
+                                                          (self.prompt_loss, base, lam)], response_mask(batch))
+            kl_sum, drift_sum = kl_sum + kl, drift_sum + drift
+            with ctx.phase("backward_prompt"):
+                ctx.backward(loss * scale)
+        ctx.all_reduce_grads(self.prompt_params)
+        kl, drift = ctx.reduce_sum(kl_sum) / tokens, ctx.reduce_sum(drift_sum) / tokens
+        metrics = {"prompt/loss": kl + lam * drift, "prompt/lambda": lam, "prompt/kl_to_student": kl,
+                   "prompt/drift": drift}
+        self.check_collapse(ctx.step + 1, kl, drift)
+        metrics.update(ctx.apply_update("prompt", metrics["prompt/loss"]))
 
-        # 2. student update: reverse KL to the prompted teacher with the *updated* prompt
-        s_sum = 0.0
+        # 2. student update: KL(p_S || sg p_TP) against the *updated* prompt
+        student_sum = 0.0
         for i, batch in enumerate(batches):
             with ctx.accumulate(is_last=i == len(batches) - 1):
-                if student_out[i] is None:
-                    student_out[i] = student_outputs(ctx, batch)  # with grad
-                if c.freeze_prompt:
-                    with ctx.phase("teacher_fwd_base"), torch.no_grad(), ctx.autocast():
-                        target = self.prompted_outputs(ctx, batch, base=True)
-                elif c.lagged_target:
-                    target = lagged[i]
-                elif targets[i] is not None:
-                    target = targets[i]  # measured by the drift guard
-                else:
-                    with ctx.phase("teacher_fwd_target"), torch.no_grad(), ctx.autocast():
-                        target = self.prompted_outputs(ctx, batch)
+                student = students[i] if shared else ctx.student_forward(batch)  # with grad
+                with ctx.phase("teacher_fwd_target"), torch.no_grad():
+                    target = self.prompted_outputs(ctx, batch)
                 with ctx.phase("losses"):
-                    l_s = self.student_loss(student_out[i], target, masks[i], reduction="sum")
-                s_sum += float(l_s.detach())
+                    loss, (value,) = loss_terms(student, [(self.student_loss, target, 1.0)], response_mask(batch))
+                student_sum += value
                 with ctx.phase("backward_student"):
-                    ctx.backward(l_s * scale)
-            student_out[i] = lagged[i] = targets[i] = None
-        metrics["student/loss"] = ctx.reduce_sum(s_sum) / max(global_tokens, 1.0)
+                    ctx.backward(loss * scale)
+            students[i] = None
+        metrics["student/loss"] = ctx.reduce_sum(student_sum) / tokens
         metrics.update(ctx.apply_update("student", metrics["student/loss"]))
-        num_tokens = float(sum(m.sum() for m in masks))
+        num_tokens = float(sum(response_mask(b).sum() for b in batches))
         return StepResult(metrics, trained_tokens=num_tokens, generated_tokens=num_tokens)

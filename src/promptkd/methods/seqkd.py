@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 
-from promptkd.methods.base import Method, StepContext, StepResult, divergence, supervised_step
+from promptkd.losses import divergence
+from promptkd.methods.base import Method, StepContext, StepResult, supervised_step
 
 logger = logging.getLogger(__name__)
 

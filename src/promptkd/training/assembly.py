@@ -203,7 +203,7 @@ def check_distributed_backend(cfg, accelerator) -> None:
 
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
-    if cfg.method == "promptkd" and not cfg.promptkd.freeze_prompt:
+    if cfg.method == "promptkd":
         raise UserError(
             "DeepSpeed is not supported for method promptkd: accelerate's DeepSpeed backward "
             "also steps the student's engine, so the prompt update would step the student; "

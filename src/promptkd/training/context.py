@@ -6,19 +6,17 @@ backward, parameter sets (an AdamW optimizer and a schedule each) and their upda
 non-finite guard and fp16 loss scaling, reductions over processes, and named phases that a
 profiler can time (`on_phase`). The trainer builds one per run; methods never see the trainer.
 
-LM-head chunking (train.chunked_lm_head): the context finds the student's and the teacher's
-LM heads once (`promptkd.head_losses.lm_head_of`, with its check forward under the run's
-autocast) and then serves hidden states (`student_hidden`, `student_target_hidden`,
-`teacher_hidden`) for the methods' losses. When a head cannot be chunked (LoRA on lm_head, a
-head that is not a plain Linear, an unknown output transform) or the student is sharded
-(FSDP, DeepSpeed ZeRO-3), `chunked` is False, one info line says why, and the `*_logits`
-forwards serve every loss as before.
+Forwards return `promptkd.losses.Outputs`. The context finds the student's and the teacher's LM
+heads once (`promptkd.models.head.lm_head_of`, with its check forward under the run's autocast)
+and then serves final hidden states + heads, which the losses turn into logits a chunk at a time.
+When a head cannot be used that way (LoRA on lm_head, a head that is not a plain Linear, an
+unknown output transform) or the student is sharded (FSDP, DeepSpeed ZeRO-3), one info line says
+why and the forwards serve full logits.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -32,9 +30,10 @@ import torch
 from promptkd.data.batch import SequenceBatch
 from promptkd.data.collate import collate_prompts, collate_sequences
 from promptkd.errors import UserError
-from promptkd.head_losses import LMHead, lm_head_of
-from promptkd.methods.base import HiddenStates, response_mask
-from promptkd.sampling import TeacherMixture, response_logits
+from promptkd.losses import Outputs
+from promptkd.methods.base import outputs_of, response_mask
+from promptkd.models.head import LMHead, lm_head_of
+from promptkd.sampling import TeacherMixture
 from promptkd.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -142,9 +141,8 @@ class TrainingContext:
             self._clock = PhaseClock(on_phase, sync)
         self.student_head: LMHead | None = None
         self.teacher_head: LMHead | None = None
-        self.chunked_fallback: str | None = None  # why the logits path serves the losses
-        if train_cfg.chunked_lm_head:
-            self._find_heads()
+        self.chunked_fallback: str | None = None  # why the forwards serve full logits
+        self._find_heads()
 
     def _find_heads(self) -> None:
         """The LM heads for chunked losses, or (logged once) why the run uses full logits."""
@@ -169,12 +167,7 @@ class TrainingContext:
                 return
         self.chunked_fallback = why
         if self.is_main_process:
-            logger.info("train.chunked_lm_head: the losses use full (batch, response, vocabulary) logits: %s", why)
-
-    @property
-    def chunked(self) -> bool:
-        """Whether the losses take hidden states + LM heads (the `*_hidden` forwards)."""
-        return self.student_head is not None
+            logger.info("the losses use full (batch, response, vocabulary) logits: %s", why)
 
     # ---------------------------------------------------------------- facts
     @property
@@ -268,53 +261,27 @@ class TrainingContext:
         return collate_sequences(examples, self.pad_token_id).to(self.device)
 
     # ---------------------------------------------------------------- forwards
-    def response_logits(self, model, batch: SequenceBatch) -> torch.Tensor:
-        """(B, R, V) logits predicting the response columns (`sampling.response_logits`), autocast."""
-        with self.autocast():
-            return response_logits(model, batch, self.vocab_size)
-
-    def student_logits(self, batch: SequenceBatch) -> torch.Tensor:
-        """(B, R, V) student logits with grad, through the (DDP-wrapped) training student."""
-        with self.phase("student_fwd"):
-            return self.response_logits(self.student, batch)
-
-    def student_target_logits(self, batch: SequenceBatch) -> torch.Tensor:
-        """(B, R, V) student logits as a target: eval mode (no dropout), no grad."""
-        model = self.student_module
-        was_training = model.training
-        model.eval()
-        try:
-            with self.phase("student_fwd"), torch.no_grad(), self.gathered_student():
-                return self.response_logits(model, batch)
-        finally:
-            model.train(was_training)
-
-    def teacher_logits(self, batch: SequenceBatch) -> torch.Tensor:
-        """(B, R, V) logits of the plain teacher, no grad."""
-        with self.phase("teacher_fwd_base"), torch.no_grad():
-            return self.response_logits(self.teacher, batch)
-
-    def student_hidden(self, batch: SequenceBatch) -> HiddenStates:
-        """(B, R, H) student hidden states with grad, through the (DDP-wrapped) training
-        student, and its head: `student_logits` without the logits (chunked only)."""
-        with self.phase("student_fwd"), self.autocast():
-            return HiddenStates.of(self.student, batch, self.student_head)
-
-    def student_target_hidden(self, batch: SequenceBatch) -> HiddenStates:
-        """`student_target_logits` as hidden states: eval mode (no dropout), no grad."""
+    def student_forward(self, batch: SequenceBatch, *, target: bool = False, logits: bool = False) -> Outputs:
+        """The student's outputs on the response columns, under autocast: with grad through the
+        (DDP-wrapped) training student, or as a `target`: eval mode (no dropout), no grad.
+        `logits`: full (B, R, V) logits instead of hidden states + head."""
+        head = None if logits else self.student_head
+        if not target:
+            with self.phase("student_fwd"), self.autocast():
+                return outputs_of(self.student, batch, head, self.vocab_size)
         model = self.student_module
         was_training = model.training
         model.eval()
         try:
             with self.phase("student_fwd"), torch.no_grad(), self.gathered_student(), self.autocast():
-                return HiddenStates.of(model, batch, self.student_head)
+                return outputs_of(model, batch, head, self.vocab_size)
         finally:
             model.train(was_training)
 
-    def teacher_hidden(self, batch: SequenceBatch) -> HiddenStates:
-        """`teacher_logits` as hidden states: the plain teacher, no grad."""
+    def teacher_forward(self, batch: SequenceBatch, *, logits: bool = False) -> Outputs:
+        """The plain teacher's outputs on the response columns, no grad (`logits` as above)."""
         with self.phase("teacher_fwd_base"), torch.no_grad(), self.autocast():
-            return HiddenStates.of(self.teacher, batch, self.teacher_head)
+            return outputs_of(self.teacher, batch, None if logits else self.teacher_head, self.vocab_size)
 
     # ---------------------------------------------------------------- normalisation and backward
     def global_token_count(self, batches: Sequence[SequenceBatch]) -> float:
@@ -453,23 +420,3 @@ class TrainingContext:
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
                 scheduler.step()
         return out
-
-    def snapshot_update(self, name: str) -> dict:
-        """A copy of one parameter set's trained state (its parameters, optimizer state and
-        schedule) for `restore_update`: a method that judges an update by its effect takes the
-        snapshot before `apply_update` and restores it to undo the update (promptkd.max_drift).
-        Meant for small sets such as a soft prompt: everything is copied."""
-        ps = self.param_sets[name]
-        return {"params": [p.detach().clone() for p in ps.params],
-                "optimizer": copy.deepcopy(ps.optimizer.state_dict()),
-                "scheduler": copy.deepcopy(ps.scheduler.state_dict())}
-
-    def restore_update(self, name: str, snapshot: dict) -> None:
-        """Undo the updates since `snapshot_update(name)`: parameters, optimizer and schedule."""
-        ps = self.param_sets[name]
-        with torch.no_grad():
-            for p, saved in zip(ps.params, snapshot["params"], strict=True):
-                p.copy_(saved)
-        ps.optimizer.load_state_dict(snapshot["optimizer"])
-        ps.scheduler.load_state_dict(snapshot["scheduler"])
-        self.updates_applied += 1  # the trained state changed again

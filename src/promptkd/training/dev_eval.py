@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from promptkd.head_losses import head_cross_entropy
+from promptkd.losses import CROSS_ENTROPY, loss_terms
 from promptkd.methods.base import response_mask
 from promptkd.metric import corpus_rouge_l
 
@@ -72,18 +72,13 @@ class DevEvaluation:
         total, count = 0.0, 0.0
         for chunk, indices in self.shards("dev loss", show_progress=show_progress):
             batch = ctx.collate(chunk)
-            # eval mode, no grad: (B, R, H) hidden states when chunked, else (B, R, V) logits
-            outputs = ctx.student_target_hidden(batch) if ctx.chunked else ctx.student_target_logits(batch)
+            outputs = ctx.student_forward(batch, target=True)  # eval mode, no grad
             if indices is None:  # a filler batch that keeps the processes in step
                 continue
             mask = response_mask(batch)
             targets = batch.input_ids[:, batch.prompt_length :]
-            if ctx.chunked:
-                with outputs.head_autocast():
-                    nll = head_cross_entropy(outputs.hidden, outputs.head, targets, mask, reduction="sum")
-            else:
-                nll = torch.nn.functional.cross_entropy(outputs.float()[mask], targets[mask], reduction="sum")
-            total += float(nll)
+            _, (nll,) = loss_terms(outputs, [(CROSS_ENTROPY, targets, 1.0)], mask)
+            total += nll
             count += float(mask.sum())
         return ctx.reduce_sum(total) / max(ctx.reduce_sum(count), 1.0)
 

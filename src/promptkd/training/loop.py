@@ -36,7 +36,6 @@ from promptkd.config import (
     validate_config,
 )
 from promptkd.data.order import DataOrder
-from promptkd.losses import set_fused
 from promptkd.methods import get_method_class
 from promptkd.methods.base import StepResult
 from promptkd.models.loading import eos_token_ids
@@ -144,10 +143,6 @@ class Trainer:
         run_dir.check_output_dir(self.accelerator, self.output_dir, resume=self.resume, overwrite=self.overwrite)
         assembly.check_distributed_backend(cfg, self.accelerator)
         set_seed(cfg.train.seed)
-        # -- begin train.fused_losses: promptkd.losses' process-wide switch
-        if not cfg.train.fused_losses:  # (on by default unless PROMPTKD_FUSED_LOSSES=0 turned it off)
-            set_fused(False)
-        # -- end train.fused_losses
 
         method_cls = get_method_class(cfg.method)
         self.method = method_cls(cfg)
