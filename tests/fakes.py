@@ -56,6 +56,7 @@ class FakeContext:
         self.step = 0
         self.epoch = 0.0
         self.max_steps = max_steps
+        self.seed = seed
         self.device = torch.device("cpu")
         self.is_main_process = True
         self.num_processes = 1
@@ -178,9 +179,6 @@ class FakeContext:
     def reduce_sum(self, value: float) -> float:
         return float(value)
 
-    def all_reduce_grads(self, params: list) -> None:
-        self.calls.append(("all_reduce_grads",))
-
     def gather_object(self, obj) -> list:
         return [obj]
 
@@ -194,9 +192,11 @@ class FakeContext:
         return list(source)
 
     # ------------------------------------------------------------ parameter sets
-    def add_parameter_set(self, name: str, params: list, *, learning_rate: float, weight_decay: float) -> None:
+    def add_parameter_set(self, name: str, params: list, *, learning_rate: float | None, weight_decay: float) -> None:
         if name in self.param_sets:
             raise ValueError(f"parameter set {name!r} exists already")
+        if learning_rate is None:  # the student's, as in the trainer
+            learning_rate = self.param_sets["student"][1].param_groups[0]["lr"]
         params = list(params)
         if self.optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=learning_rate, weight_decay=weight_decay)

@@ -80,7 +80,7 @@ TWO = [[0, 1], [2, 3, 4]]  # accumulation: PromptKD's student target is its own 
 CASES = {
     "promptkd": ("promptkd", {}, ONE),
     "promptkd_accumulation": ("promptkd", {}, TWO),
-    "promptkd_jsd_student": ("promptkd", {"promptkd": {"student_divergence": "generalized_jsd"}}, ONE),
+    "promptkd_jsd_student": ("promptkd", {"promptkd": {"divergence": "generalized_jsd"}}, ONE),
     "promptkd_no_regulariser": ("promptkd", {"promptkd": {"base_coef": 0.0}}, TWO),
     "gkd_jsd": ("gkd", {"gkd": {"lmbda": 1.0, "beta": 0.3}}, ONE),
     "gkd_off_policy_reverse_kl": ("gkd", {"gkd": {"lmbda": 0.0, "beta": 1.0}}, TWO),
@@ -132,10 +132,11 @@ def run_steps(student, teacher, method: str, sections: dict, micro_batches, *, h
     copies of the models."""
     cls = get_method_class(method)
     cfg = make_cfg(method, sections)
-    ctx = FakeContext(copy.deepcopy(student), copy.deepcopy(teacher) if cls.needs_teacher(cfg) else None, TOK,
+    options = getattr(cfg, method, None)  # the method's own section (SFT has none)
+    ctx = FakeContext(copy.deepcopy(student), copy.deepcopy(teacher) if cls.needs_teacher(options) else None, TOK,
                       vocab_size=V, max_steps=K, sampler=fixed_sampler, heads=heads)
     assert (ctx.student_head is not None) is heads, ctx.chunked_fallback
-    m = cls(cfg)
+    m = cls(options)
     m.setup(ctx)
     record = record_outputs(ctx, m)
     metrics = []
@@ -216,7 +217,7 @@ def test_minillm_uses_full_logits():
     cfg = make_cfg("minillm", {"minillm": {"teacher_mix_alpha": 0.0, "ppo_epochs": 1}})
     ctx = FakeContext(student, teacher, TOK, vocab_size=V, max_steps=K, sampler=fixed_sampler, heads=True)
     assert ctx.student_head is not None and ctx.teacher_head is not None
-    m = get_method_class("minillm")(cfg)
+    m = get_method_class("minillm")(cfg.minillm)
     m.setup(ctx)
     record = record_outputs(ctx, m)
     m.step(ctx, [EXAMPLES[:2]])
@@ -264,7 +265,7 @@ FALLBACK = "the losses use full (batch, response, vocabulary) logits"
 
 
 def test_lora_on_the_lm_head_falls_back_to_logits_with_one_info_line(tmp_path, tiny_pair_dirs, tiny_jsonl, caplog):
-    model = {"student_lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "lm_head"]}}
+    model = {"student_lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "lm_head"]}}
     with caplog.at_level(logging.INFO, logger="promptkd.training.context"):
         tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "promptkd", model=model)
     assert tr.ctx.student_head is None and tr.ctx.teacher_head is None

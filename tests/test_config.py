@@ -58,7 +58,7 @@ def test_defaults_are_the_papers():
     c = config_from_dict(MINIMAL)
     p = c.promptkd
     assert (p.num_virtual_tokens, p.prompt_init, p.prompt_init_text) == (7, "text", "Suppose you are a student.")
-    assert (p.student_divergence, p.base_coef) == ("reverse_kl", 1.0)
+    assert (p.divergence, p.base_coef) == ("reverse_kl", 1.0)
     t = c.train
     assert (t.weight_decay, t.warmup_steps, t.max_grad_norm, t.lr_scheduler) == (0.01, 100, 1.0, "constant_with_warmup")
     s = c.sampling
@@ -70,7 +70,7 @@ def test_all_problems_reported_at_once():
         **MINIMAL,
         "trian": {},
         "train": {"max_steps": 0, "learning_rate": -1.0, "bogus": 1},
-        "promptkd": {"student_divergence": "sideways", "num_virtual_tokens": "seven"},
+        "promptkd": {"divergence": "sideways", "num_virtual_tokens": "seven"},
     }
     with pytest.raises(ConfigError) as e:
         config_from_dict(bad)
@@ -79,7 +79,7 @@ def test_all_problems_reported_at_once():
     assert "unknown key 'train.bogus'" in msg
     assert "'train.max_steps' = 0: must be >= 1" in msg
     assert "'train.learning_rate' = -1.0: must be > 0.0" in msg
-    assert "'promptkd.student_divergence' = 'sideways': must be one of " in msg
+    assert "'promptkd.divergence' = 'sideways': must be one of " in msg
     assert "'promptkd.num_virtual_tokens' = 'seven': expected int" in msg
     assert len(e.value.problems) == 6
 
@@ -92,12 +92,19 @@ def test_all_problems_reported_at_once():
     ("promptkd", "reg_direction", "KL(p_TP || p_T)"),
     ("train", "fused_losses", "compile themselves"),
     ("train", "chunked_lm_head", "full logits otherwise"),
+    ("promptkd", "student_divergence", "renamed promptkd.divergence"),
 ])
 def test_a_removed_key_is_an_error_naming_its_replacement(section, key, replacement):
     with pytest.raises(ConfigError) as e:
         config_from_dict({**MINIMAL, section: {key: True}})
     (problem,) = e.value.problems
     assert problem.startswith(f"'{section}.{key}' was removed: ") and replacement in problem
+
+
+def test_the_lora_alpha_is_named_as_in_peft():
+    with pytest.raises(ConfigError, match=r"'model.student_lora.alpha' was removed: renamed model.student_lora.lora_alpha"):
+        config_from_dict({**MINIMAL, "model": {**MINIMAL["model"], "student_lora": {"alpha": 8}}})
+    assert config_from_dict({**MINIMAL, "model": {**MINIMAL["model"], "student_lora": {"lora_alpha": 8}}}).model.student_lora.lora_alpha == 8
 
 
 def test_missing_required_fields_named():

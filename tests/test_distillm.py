@@ -78,7 +78,8 @@ def make_ctx(sampler=None, **kwargs) -> FakeContext:
 
 def setup(cfg, **kwargs) -> tuple[FakeContext, DistiLLM]:
     ctx = make_ctx(**kwargs)
-    method = DistiLLM(cfg)
+    ctx.seed = cfg.train.seed  # what the trainer's context holds
+    method = DistiLLM(cfg.distillm)
     method.setup(ctx)
     return ctx, method
 
@@ -327,8 +328,8 @@ def clone_run(ctx, method, cfg):
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
     ctx2 = FakeContext(copy.deepcopy(ctx.student_module), copy.deepcopy(TEACHER), TOK, max_steps=K,
-                       sampler=copy.deepcopy(ctx.sampler))
-    method2 = DistiLLM(cfg)
+                       sampler=copy.deepcopy(ctx.sampler), seed=ctx.seed)
+    method2 = DistiLLM(cfg.distillm)
     method2.setup(ctx2)
     method2.load_state_dict(state)
     return ctx2, method2
@@ -368,7 +369,7 @@ def test_state_dict_round_trip_continues_identically():
 
     # a new instance without the state asks for an initial dev loss and holds no buffer
     ctx3 = make_ctx()
-    fresh = DistiLLM(cfg)
+    fresh = DistiLLM(cfg.distillm)
     fresh.setup(ctx3)
     ctx3.dev_losses = [1.0]
     run_steps(ctx3, fresh, [4], epochs=[epochs[4]])

@@ -24,7 +24,7 @@ TIMING_KEYS = {"step_time", "trained_tokens_per_s"}
 
 def lora_trainer(tmp_path, tiny_pair_dirs, tiny_jsonl, method="promptkd", lora=None, **sections):
     """A set-up Trainer whose student gets LoRA adapters (r 4, alpha 8, plus `lora`)."""
-    model = {"student_lora": {"r": 4, "alpha": 8, **(lora or {})}}
+    model = {"student_lora": {"r": 4, "lora_alpha": 8, **(lora or {})}}
     return trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, method, model=model, **sections)
 
 
@@ -165,7 +165,7 @@ def _metrics(run) -> list[dict]:
 
 def test_in_process_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
     """4 steps in one go == 2 steps, a crash, and a resume to 4 (LoRA dropout on: the RNG matters)."""
-    sections = {"model": {"student_lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
+    sections = {"model": {"student_lora": {"r": 4, "lora_alpha": 8, "dropout": 0.1}},
                 "train": {"max_steps": 4, "save_every": 1, "deterministic": True}}
     ref = Trainer(make_cfg(tmp_path / "ref", *tiny_pair_dirs, tiny_jsonl, **sections), show_progress=False)
     ref.train()

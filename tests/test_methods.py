@@ -126,7 +126,7 @@ def test_regulariser_schedule_counts_steps_from_one_and_reaches_zero(tmp_path, t
     """lambda_k = base_coef (1 - k/K) with k = 1..K as in the reference (global_step starts at 1),
     so the last step's weight is exactly 0 and the first is below base_coef."""
     tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, promptkd={"base_coef": 0.5}, train={"max_steps": 4})
-    assert [tr.method.regulariser_weight(done) for done in range(4)] == [0.375, 0.25, 0.125, 0.0]
+    assert [tr.method.regulariser_weight(done, 4) for done in range(4)] == [0.375, 0.25, 0.125, 0.0]
     lambdas = []
     for _ in range(4):
         lambdas.append(tr.train_step().metrics["prompt/lambda"])

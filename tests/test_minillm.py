@@ -252,7 +252,7 @@ def test_step_equals_the_formulas(case):
         ctx = make_ctx(max_new_tokens=5)
     else:
         ctx = make_ctx(samples=[collate_sequences(mb, PAD) for mb in micro])
-    method = MiniLLM(cfg)
+    method = MiniLLM(cfg.minillm)
     method.setup(ctx)
     student0 = copy.deepcopy(ctx.student_module)
     r0 = method.step(ctx, micro)
@@ -384,7 +384,7 @@ def test_importance_weights_are_one_when_alpha_is_zero():
     assert not torch.allclose(mm.importance_weights(lq, lp, 0.2), torch.ones(1, 3), atol=1e-2)
 
     ctx = make_ctx(sampler=fake_sampler)
-    method = MiniLLM(make_cfg(teacher_mix_alpha=0.0))
+    method = MiniLLM(make_cfg(teacher_mix_alpha=0.0).minillm)
     method.setup(ctx)
     result = method.step(ctx, [EXAMPLES[:3]])
     assert ctx.calls_named("sample") == [("sample", False)]  # no teacher mixing asked for
@@ -396,7 +396,7 @@ def test_importance_weights_are_one_when_alpha_is_zero():
 def test_importance_weights_with_alpha_are_ps_over_the_mixture():
     a = 0.4
     ctx = make_ctx(sampler=fake_sampler)
-    method = MiniLLM(make_cfg(teacher_mix_alpha=a))
+    method = MiniLLM(make_cfg(teacher_mix_alpha=a).minillm)
     method.setup(ctx)
     method.step(ctx, [EXAMPLES[:3], EXAMPLES[3:]])
     assert ctx.calls_named("sample") == [("sample", False, a)] * 2
@@ -428,7 +428,7 @@ def analytic_reverse_kl_grad(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def test_single_step_term_gradient_is_the_analytic_reverse_kl_gradient():
     torch.manual_seed(1)
     ctx = make_ctx(sampler=fake_sampler)
-    method = MiniLLM(make_cfg())
+    method = MiniLLM(make_cfg().minillm)
     method.setup(ctx)
     z = (3 * torch.randn(2, 4, 11, dtype=torch.float64)).requires_grad_(True)
     t = 3 * torch.randn(2, 4, 11, dtype=torch.float64)
@@ -448,7 +448,7 @@ def test_single_step_gradient_of_a_step_with_zero_advantages():
     the analytic reverse-KL gradient (1/N) sum_t q (log q - log p - KL), chained into the model."""
     micro = [EXAMPLES[:2], EXAMPLES[2:5]]
     ctx = make_ctx(samples=[collate_sequences(mb, PAD) for mb in micro])
-    method = MiniLLM(make_cfg(ppo_epochs=2))
+    method = MiniLLM(make_cfg(ppo_epochs=2).minillm)
     method.setup(ctx)
     method.step(ctx, micro)
     for ro in method.rollouts:
@@ -588,7 +588,7 @@ def test_teacher_mixture_rejects_alpha_outside_zero_one(alpha):
 
 def test_fresh_rollouts_every_ppo_epochs_steps():
     ctx = make_ctx(max_new_tokens=4)
-    method = MiniLLM(make_cfg(ppo_epochs=3, teacher_mix_alpha=0.2))
+    method = MiniLLM(make_cfg(ppo_epochs=3, teacher_mix_alpha=0.2).minillm)
     method.setup(ctx)
     prompts = [EXAMPLES[:2], EXAMPLES[2:4], EXAMPLES[4:6]]
     fresh, samples, phases = [], [], []
@@ -614,7 +614,7 @@ def test_fresh_rollouts_every_ppo_epochs_steps():
 
 def test_a_step_without_rollouts_samples_even_inside_a_phase():
     ctx = make_ctx(sampler=fake_sampler)
-    method = MiniLLM(make_cfg(ppo_epochs=4))
+    method = MiniLLM(make_cfg(ppo_epochs=4).minillm)
     method.setup(ctx)
     ctx.step = 2  # e.g. a run resumed mid-phase from a checkpoint without rollouts
     result = method.step(ctx, [EXAMPLES[:2]])
@@ -633,7 +633,7 @@ def test_state_dict_round_trip_continues_the_phase_identically():
     cfg = make_cfg(ppo_epochs=3, teacher_mix_alpha=0.3, lm_coef=0.5, lm_data=LM_EXAMPLES)
     micro = [EXAMPLES[:2], EXAMPLES[2:5]]
     ctx_a = make_ctx(max_new_tokens=4)
-    a = MiniLLM(cfg)
+    a = MiniLLM(cfg.minillm)
     a.setup(ctx_a)
     a.step(ctx_a, micro)
     buf = io.BytesIO()
@@ -644,7 +644,7 @@ def test_state_dict_round_trip_continues_the_phase_identically():
 
     ctx_b = FakeContext(copy.deepcopy(ctx_a.student_module), copy.deepcopy(TEACHER), TOK, max_steps=K,
                         max_new_tokens=4, seed=99)  # its own sampler would draw other rollouts
-    b = MiniLLM(cfg)
+    b = MiniLLM(cfg.minillm)
     b.setup(ctx_b)
     b.load_state_dict(state)
     for step in (1, 2):
@@ -663,7 +663,7 @@ def test_state_dict_round_trip_continues_the_phase_identically():
 
     # without the state a new instance would sample fresh rollouts at step 1
     ctx_c = FakeContext(copy.deepcopy(STUDENT), copy.deepcopy(TEACHER), TOK, max_steps=K, max_new_tokens=4)
-    c = MiniLLM(cfg)
+    c = MiniLLM(cfg.minillm)
     c.setup(ctx_c)
     ctx_c.step = 1
     assert c.step(ctx_c, micro).metrics["minillm/fresh_rollouts"] == 1.0
@@ -671,12 +671,12 @@ def test_state_dict_round_trip_continues_the_phase_identically():
 
 def test_rollouts_of_another_world_size_are_dropped_with_a_warning():
     ctx = make_ctx(sampler=fake_sampler)
-    method = MiniLLM(make_cfg(ppo_epochs=3))
+    method = MiniLLM(make_cfg(ppo_epochs=3).minillm)
     method.setup(ctx)
     method.step(ctx, [EXAMPLES[:2]])
     state = method.state_dict()
     state["world_size"] = 2
-    other = MiniLLM(make_cfg(ppo_epochs=3))
+    other = MiniLLM(make_cfg(ppo_epochs=3).minillm)
     ctx2 = make_ctx(sampler=fake_sampler)
     other.setup(ctx2)
     with pytest.warns(UserWarning, match="rollouts"):
@@ -695,7 +695,7 @@ def test_lm_term_is_added_with_its_coefficient():
     cfg = make_cfg(ppo_epochs=1, teacher_mix_alpha=0.2, lm_coef=0.7, lm_kd_ratio=0.3, lm_data=LM_EXAMPLES)
     micro = [EXAMPLES[:2], EXAMPLES[2:5]]
     ctx = make_ctx(sampler=fake_sampler)
-    method = MiniLLM(cfg)
+    method = MiniLLM(cfg.minillm)
     method.setup(ctx)
     expected_rows = [[[0, 1], [2, 3, 0]], [[1, 2], [3, 0, 1]]]  # positions 0..4, then 5..9 mod 4
     for step in range(2):
@@ -723,7 +723,7 @@ def test_lm_term_is_added_with_its_coefficient():
 
 def test_lm_term_is_off_by_default():
     ctx = make_ctx(sampler=fake_sampler)
-    method = MiniLLM(make_cfg())
+    method = MiniLLM(make_cfg().minillm)
     method.setup(ctx)
     result = method.step(ctx, [EXAMPLES[:2]])
     assert "minillm/lm" not in result.metrics and len(ctx.batches) == 1
@@ -750,7 +750,7 @@ def test_one_micro_batch_rollout_step_runs_the_student_once_with_the_same_update
     for reuse in (True, False):
         cfg = make_cfg(ppo_epochs=2, teacher_mix_alpha=0.2, **REUSE_CASES[case])
         ctx = make_ctx(sampler=fake_sampler)  # no generation: every student forward scores or trains
-        method = MiniLLM(cfg)
+        method = MiniLLM(cfg.minillm)
         method.setup(ctx)
         if not reuse:  # the path of several micro-batches: a no-grad scoring forward, then the update's
             monkeypatch.setattr(method, "reuses_rollout_forwards", lambda micro_batches: False)

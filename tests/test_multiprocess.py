@@ -2,7 +2,7 @@
 
 2 processes x batch b must take the same first optimizer step as 1 process x batch 2b, for the
 student (DDP averages its gradients) and for the soft prompt (its gradients are averaged by
-`TrainingContext.all_reduce_grads`); checkpoints are written once, by the main process, and resume
+`TrainingContext.apply_update`); checkpoints are written once, by the main process, and resume
 across world sizes. Greedy decoding (`sampling.do_sample false`) makes the on-policy samples
 the same whatever the per-process RNG; left padding differs between a 2-row and a 4-row batch,
 which leaves float32 rounding differences only (hence the tolerances below). A LoRA student
@@ -288,7 +288,7 @@ def lora_runs(tmp_path_factory):
     """The same with a LoRA student (merged export on): step 1 with 2 processes x 2 and 1 x 4,
     then step 2 of each resumed in 1 process x 4."""
     root = tmp_path_factory.mktemp("mp_lora")
-    config, student = _write_config(root, student_lora={"r": 4, "alpha": 8, "merge": True})
+    config, student = _write_config(root, student_lora={"r": 4, "lora_alpha": 8, "merge": True})
     out = {k: root / k for k in ("two", "one", "two_then_one", "one_then_one")}
     logs = root / "logs"
     times = _first_step_runs(config, out, logs)

@@ -61,9 +61,11 @@ def _precision_opt(what: str):
 @dataclass
 class StudentLoRAConfig:
     """LoRA adapters on the student (peft): only the adapters train; r 0 = full fine-tuning."""
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "alpha": "renamed model.student_lora.lora_alpha (PEFT's name; alpha elsewhere is a divergence's skew)"}
 
     r: int = opt(0, "LoRA rank; 0 trains the whole student (no LoRA).", min=0)
-    alpha: float = opt(16.0, "LoRA scaling numerator (lora_alpha); the update is scaled by alpha / r.", min=0.0, min_exclusive=True)
+    lora_alpha: float = opt(16.0, "LoRA scaling numerator (PEFT's lora_alpha); the update is scaled by lora_alpha / r.", min=0.0, min_exclusive=True)
     dropout: float = opt(0.0, "Dropout on the LoRA branch (lora_dropout).", min=0.0, max=1.0)
     target_modules: list[str] = opt([], "Module names to adapt, e.g. [q_proj, v_proj]; [] = every linear layer but the LM head.")
     merge: bool = opt(False, "Also export the merged student (final/student); the adapter is always exported (final/student_adapter).")
@@ -186,6 +188,7 @@ class PromptKDSection:
                          "with beta 1 = reverse KL)",
         "kd_direction": "the prompt loss is KL(p_TP || p_S), as in the paper and its code",
         "reg_direction": "the regulariser is KL(p_TP || p_T), as in the paper and its code",
+        "student_divergence": "renamed promptkd.divergence, the name every method's divergence has",
     }
 
     num_virtual_tokens: int = opt(7, "Soft-prompt length (paper: 7).", min=1)
@@ -196,7 +199,7 @@ class PromptKDSection:
     prompt_init_text: str = opt("Suppose you are a student.", "Init text (paper / reference code).")
     prompt_learning_rate: float | None = opt(None, "Prompt LR; null = train.learning_rate (reference code).", min=0.0, min_exclusive=True)
     prompt_weight_decay: float = opt(0.01, "Prompt AdamW weight decay (reference).", min=0.0)
-    student_divergence: str = opt("reverse_kl", "Student loss to sg p_TP on its own samples (paper: reverse KL).", choices=list(DIVERGENCE_NAMES))
+    divergence: str = opt("reverse_kl", "Student loss to sg p_TP on its own samples (paper: reverse KL).", choices=list(DIVERGENCE_NAMES))
     base_coef: float = opt(1.0, "Regulariser weight: lambda_k = base_coef * (1 - k/K); 0 disables it.", min=0.0)
     teacher_dropout: bool = opt(True, "Teacher dropout during the prompt forward (reference code quirk: on).")
     teacher_gradient_checkpointing: bool = opt(False, "Checkpoint the teacher during the prompt backward (less memory, more time).")

@@ -330,6 +330,8 @@ class _ChunkedTerms(torch.autograd.Function):
         grads = [wide(t) if n else None for t, n in zip((states, weight, bias), need, strict=True)]
         values = torch.zeros(len(spec.divergences), dtype=torch.float64, device=states.device)
         rows = max(1, CHUNK_ELEMENTS // _vocab(trained))
+        if num_rows % rows == 1 and rows > 2:
+            rows -= 1  # no 1-row last chunk: torch.compile would specialise (and compile again) for it
         for start in range(0, num_rows, rows):
             index = tuple(p[start : start + rows] for p in positions)
             x = trained.states[index].detach()  # (c, H), or (c, V) logits

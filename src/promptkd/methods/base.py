@@ -74,8 +74,8 @@ class StepContext(Protocol):
     data, this step's batch included), `max_steps`, `vocab_size` (logit columns comparable
     between student and teacher), `tokenizer`, `teacher` (the frozen teacher or None), `device`,
     `student_module` (the unwrapped student, for inspection), `is_main_process`,
-    `num_processes`, `process_index`; `teacher_head` (the teacher's LMHead, for a method's own
-    teacher forwards with `outputs_of`; None when the losses use full logits).
+    `num_processes`, `process_index`, `seed` (train.seed); `teacher_head` (the teacher's LMHead,
+    for a method's own teacher forwards with `outputs_of`; None when the losses use full logits).
     """
 
     step: int
@@ -89,6 +89,7 @@ class StepContext(Protocol):
     is_main_process: bool
     num_processes: int
     process_index: int
+    seed: int
     teacher_head: LMHead | None
 
     def phase(self, name: str) -> contextlib.AbstractContextManager: ...
@@ -101,9 +102,8 @@ class StepContext(Protocol):
     def loss_scale(self, global_tokens: float) -> float: ...
     def accumulate(self, is_last: bool) -> contextlib.AbstractContextManager: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def add_parameter_set(self, name: str, params: list, *, learning_rate: float, weight_decay: float) -> None: ...
+    def add_parameter_set(self, name: str, params: list, *, learning_rate: float | None, weight_decay: float) -> None: ...
     def apply_update(self, name: str, loss_value: float) -> dict[str, float]: ...
-    def all_reduce_grads(self, params: list) -> None: ...
     def reduce_sum(self, value: float) -> float: ...
     def gather_object(self, obj) -> list: ...
     def dev_loss(self) -> float | None: ...
@@ -116,7 +116,7 @@ def response_mask(batch: SequenceBatch) -> torch.Tensor:
 
 
 class Method:
-    """A distillation method: its config, its setup and its optimizer step.
+    """A distillation method: its options (its own config section), its setup and its step.
 
     The trainer owns the student's parameter set ("student"); a method may add its own in
     `setup` (PromptKD's soft prompt) with `ctx.add_parameter_set`, and then saves its tensors
@@ -128,21 +128,20 @@ class Method:
     # hit max_new_tokens get EOS as their last token
     eos_at_cap_default = False
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    # True: trains on data.teacher_responses (SeqKD) instead of data.train
+    trains_on_teacher_responses = False
+
+    def __init__(self, options=None):
+        self.options = options  # the method's config section (cfg.<method>); None for methods without one
 
     @classmethod
-    def needs_teacher(cls, cfg) -> bool:
+    def needs_teacher(cls, options) -> bool:
         return True
 
     @classmethod
-    def needs_references(cls, cfg) -> bool:
+    def needs_references(cls, options) -> bool:
         """Whether training records must carry a reference response (on-policy methods: no)."""
         return True
-
-    def train_source(self) -> str | None:
-        """The training data this method reads when none is passed as an object (data.train)."""
-        return self.cfg.data.train
 
     def check_train_records(self, records, *, source: str, is_main_process: bool) -> None:
         """A hook to warn about training records (SeqKD: teacher responses without `ended`)."""

@@ -77,12 +77,13 @@ class DistiLLM(Method):
     eos_at_cap_default = False
 
     @classmethod
-    def needs_references(cls, cfg) -> bool:
-        return cfg.distillm.initial_student_prob < 1.0  # phi < 1: some steps train on the dataset's responses
+    def needs_references(cls, options) -> bool:
+        return options.initial_student_prob < 1.0  # phi < 1: some steps train on the dataset's responses
 
     def setup(self, ctx: StepContext) -> None:
-        c = self.cfg.distillm
+        c = self.options
         self.ctx = ctx
+        self.seed = ctx.seed
         self.div = divergence(c.divergence, beta=c.beta, alpha=c.alpha)
         self.phi = c.initial_student_prob
         self.prev_loss: float | None = None  # dev loss at the last growth of phi (or at the start)
@@ -99,16 +100,16 @@ class DistiLLM(Method):
 
     # ------------------------------------------------------------------ pieces
     def adapting(self) -> bool:
-        return self.cfg.distillm.prob_step > 0 and self.phi < 1.0
+        return self.options.prob_step > 0 and self.phi < 1.0
 
     def draw(self, step: int, stream: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step * 3 + stream)
+        return torch.Generator().manual_seed(self.seed * 7919 + step * 3 + stream)
 
     def push(self, ctx: StepContext, batches: list[SequenceBatch]) -> None:
         """Add every process's samples in global batch order (micro-batch, then process)."""
         gathered = ctx.gather_object([batch_to_pairs(b) for b in batches])  # [process][micro-batch] -> pairs
         self.buffer.extend(global_batch(gathered))
-        del self.buffer[: max(0, len(self.buffer) - self.cfg.distillm.capacity)]
+        del self.buffer[: max(0, len(self.buffer) - self.options.capacity)]
 
     def replay(self, ctx: StepContext, step: int, micro_batches: list[list]) -> list[SequenceBatch]:
         """This process's share of a global batch drawn from the buffer (same layout as the data)."""
@@ -123,7 +124,7 @@ class DistiLLM(Method):
 
     def maybe_adapt(self, ctx: StepContext, metrics: dict) -> None:
         """The dev-loss check after a step: once per epoch, or every adapt_every steps."""
-        c = self.cfg.distillm
+        c = self.options
         if c.adapt_every:
             if (ctx.step + 1) % c.adapt_every:
                 return
@@ -146,7 +147,7 @@ class DistiLLM(Method):
 
     # ------------------------------------------------------------------ the step
     def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
-        c = self.cfg.distillm
+        c = self.options
         if self.prev_loss is None and self.adapting():
             self.prev_loss = ctx.dev_loss()  # the reference evaluates before training (finetune.py:266)
         u = float(torch.rand((), generator=self.draw(ctx.step, 0)))

@@ -20,27 +20,27 @@ class GKD(Method):
     name = "gkd"
 
     @classmethod
-    def needs_references(cls, cfg) -> bool:
-        return cfg.gkd.lmbda < 1.0 and not cfg.gkd.seq_kd  # off-policy steps train on dataset responses
+    def needs_references(cls, options) -> bool:
+        return options.lmbda < 1.0 and not options.seq_kd  # off-policy steps train on dataset responses
 
     def setup(self, ctx: StepContext) -> None:
-        c = self.cfg.gkd
+        c = self.options
         self.div = divergence(c.divergence, beta=c.beta, alpha=c.alpha)
 
-    def on_policy(self, step: int) -> bool:
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + step)
-        return bool(torch.rand((), generator=g) < self.cfg.gkd.lmbda)
+    def on_policy(self, step: int, seed: int) -> bool:
+        g = torch.Generator().manual_seed(seed * 7919 + step)
+        return bool(torch.rand((), generator=g) < self.options.lmbda)
 
     def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
-        on_policy = self.on_policy(ctx.step)
+        on_policy = self.on_policy(ctx.step, ctx.seed)
         if on_policy:
             batches = [ctx.sample(mb) for mb in micro_batches]
-        elif self.cfg.gkd.seq_kd:
+        elif self.options.seq_kd:
             batches = [ctx.sample(mb, from_teacher=True) for mb in micro_batches]
         else:
             batches = [ctx.collate(mb) for mb in micro_batches]
         result = supervised_step(ctx, batches, kd_ratio=1.0, div=self.div)
         result.metrics["on_policy"] = float(on_policy)
-        if on_policy or self.cfg.gkd.seq_kd:  # sampled by the student or the teacher
+        if on_policy or self.options.seq_kd:  # sampled by the student or the teacher
             result.generated_tokens = result.trained_tokens
         return result

@@ -14,9 +14,9 @@ class KD(Method):
     name = "kd"
 
     def setup(self, ctx: StepContext) -> None:
-        c = self.cfg.kd
+        c = self.options
         self.div = divergence(c.divergence, beta=c.beta, alpha=c.alpha)
 
     def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
         batches = [ctx.collate(mb) for mb in micro_batches]
-        return supervised_step(ctx, batches, kd_ratio=self.cfg.kd.kd_ratio, div=self.div)
+        return supervised_step(ctx, batches, kd_ratio=self.options.kd_ratio, div=self.div)

@@ -140,7 +140,7 @@ class MiniLLM(Method):
     eos_at_cap_default = False
 
     @classmethod
-    def needs_references(cls, cfg) -> bool:
+    def needs_references(cls, options) -> bool:
         return False  # rollouts only; the LM term reads minillm.lm_data
 
     def setup(self, ctx: StepContext) -> None:
@@ -152,7 +152,7 @@ class MiniLLM(Method):
         self.rollout_stats: dict[str, float] = {}
         self.single_step = divergence("reverse_kl")
         self.lm_divergence = divergence("forward_kl")
-        self.lm_examples = ctx.load_examples(self.cfg.minillm.lm_data) if self.has_lm_term else []
+        self.lm_examples = ctx.load_examples(self.options.lm_data) if self.has_lm_term else []
         self.lm_position = 0  # LM examples consumed, over all processes
 
     # ------------------------------------------------------------------ state
@@ -187,7 +187,7 @@ class MiniLLM(Method):
 
     @torch.no_grad()
     def collect(self, ctx: StepContext, micro_batches: list[list]) -> list[Rollout]:
-        c = self.cfg.minillm
+        c = self.options
         reuse = self.reuses_rollout_forwards(micro_batches)
         pieces, reward_sum, weight_sum = [], 0.0, 0.0
         for mb in micro_batches:
@@ -229,7 +229,7 @@ class MiniLLM(Method):
     # ------------------------------------------------------------------ the LM term's data
     @property
     def has_lm_term(self) -> bool:
-        return self.cfg.minillm.lm_coef > 0
+        return self.options.lm_coef > 0
 
     def lm_micro_batches(self, ctx: StepContext, sizes: list[int]) -> list[list]:
         """This process's LM micro-batches: the next examples (cycling), laid out like the
@@ -241,7 +241,7 @@ class MiniLLM(Method):
 
     # ------------------------------------------------------------------ the step
     def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
-        c = self.cfg.minillm
+        c = self.options
         student = ctx.student_module
         was_training = student.training
         student.eval()  # the reference's RL student has no dropout (LMOps minillm/model.py:14)

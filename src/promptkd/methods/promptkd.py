@@ -77,12 +77,12 @@ class PromptKD(Method):
     eos_at_cap_default = True
 
     @classmethod
-    def needs_references(cls, cfg) -> bool:
+    def needs_references(cls, options) -> bool:
         return False  # trains on the student's own samples only
 
     # ------------------------------------------------------------------ setup
     def setup(self, ctx: StepContext) -> None:
-        c = self.cfg.promptkd
+        c = self.options
         self.prompted = PromptedTeacher(
             ctx.teacher,
             ctx.tokenizer,
@@ -96,11 +96,11 @@ class PromptKD(Method):
         ctx.add_parameter_set(
             "prompt",
             self.prompt_params,
-            learning_rate=c.prompt_learning_rate or self.cfg.train.learning_rate,
+            learning_rate=c.prompt_learning_rate,  # None: the student's (the reference code's)
             weight_decay=c.prompt_weight_decay,
         )
         self.prompt_loss = divergence("reverse_kl")  # KL(p_TP || .), as in the paper and its code
-        self.student_loss = divergence(c.student_divergence)
+        self.student_loss = divergence(c.divergence)
         self.student_dropout = has_active_dropout(ctx.student_module)
         self.collapse_streak = 0  # consecutive steps with kl_to_student < drift
         self.collapse_warned = False
@@ -121,14 +121,14 @@ class PromptKD(Method):
         self.prompted.save_adapter(out_dir / "prompt_adapter")
 
     # ------------------------------------------------------------------ pieces
-    def regulariser_weight(self, step: int) -> float:
+    def regulariser_weight(self, step: int, max_steps: int) -> float:
         """lambda_k = base_coef * (1 - k / K) for the optimizer step k = 1..K being taken.
 
         The reference counts k from 1 (gmkim-ai/PromptKD train_promptkd.py:293 starts
         `global_step` at 1; :360-364 compute the weight), so lambda reaches 0 at the last step K.
         `step` is the number of optimizer steps already done (k - 1).
         """
-        return self.cfg.promptkd.base_coef * (1.0 - (step + 1) / self.cfg.train.max_steps)
+        return self.options.base_coef * (1.0 - (step + 1) / max_steps)
 
     def prompted_outputs(self, ctx: StepContext, batch: SequenceBatch, *, base: bool = False) -> Outputs:
         """The prompted teacher's outputs on the response columns (base: without its prompt).
@@ -139,7 +139,7 @@ class PromptKD(Method):
     def check_collapse(self, step: int, kl_to_student: float, drift: float) -> None:
         """Warn once when the prompted teacher has been closer to the student than to the
         teacher (kl_to_student < drift) for promptkd.collapse_window consecutive steps."""
-        window = self.cfg.promptkd.collapse_window
+        window = self.options.collapse_window
         self.collapse_streak = next_collapse_streak(self.collapse_streak, kl_to_student, drift)
         if window and self.collapse_streak >= window and not self.collapse_warned:
             self.collapse_warned = True
@@ -159,7 +159,7 @@ class PromptKD(Method):
         students: list[Outputs | None] = [None] * len(batches)
 
         # 1. prompt update: KL(p_TP || sg p_S) + lambda_k KL(p_TP || sg p_T), gradients into the prompt only
-        lam = self.regulariser_weight(ctx.step)
+        lam = self.regulariser_weight(ctx.step, ctx.max_steps)
         kl_sum = drift_sum = 0.0
         for i, batch in enumerate(batches):
             if shared:
@@ -178,7 +178,6 @@ class PromptKD(Method):
             kl_sum, drift_sum = kl_sum + kl, drift_sum + drift
             with ctx.phase("backward_prompt"):
                 ctx.backward(loss * scale)
-        ctx.all_reduce_grads(self.prompt_params)
         kl, drift = ctx.reduce_sum(kl_sum) / tokens, ctx.reduce_sum(drift_sum) / tokens
         metrics = {"prompt/loss": kl + lam * drift, "prompt/lambda": lam, "prompt/kl_to_student": kl,
                    "prompt/drift": drift}

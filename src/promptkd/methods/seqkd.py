@@ -23,13 +23,11 @@ logger = logging.getLogger(__name__)
 
 class SeqKD(Method):
     name = "seqkd"
+    trains_on_teacher_responses = True
 
     @classmethod
-    def needs_teacher(cls, cfg) -> bool:
-        return cfg.seqkd.kd_ratio > 0
-
-    def train_source(self) -> str | None:
-        return self.cfg.data.teacher_responses
+    def needs_teacher(cls, options) -> bool:
+        return options.kd_ratio > 0
 
     def check_train_records(self, records, *, source: str, is_main_process: bool) -> None:
         num_flagless = sum("ended" not in r.metadata for r in records)
@@ -46,4 +44,4 @@ class SeqKD(Method):
 
     def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
         batches = [ctx.collate(mb) for mb in micro_batches]
-        return supervised_step(ctx, batches, kd_ratio=self.cfg.seqkd.kd_ratio, div=self.div)
+        return supervised_step(ctx, batches, kd_ratio=self.options.kd_ratio, div=self.div)

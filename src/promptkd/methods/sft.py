@@ -12,7 +12,7 @@ class SFT(Method):
     name = "sft"
 
     @classmethod
-    def needs_teacher(cls, cfg) -> bool:
+    def needs_teacher(cls, options) -> bool:
         return False
 
     def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:

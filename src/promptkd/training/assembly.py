@@ -131,11 +131,11 @@ def _student_and_tokenizer(cfg, accelerator, student, tokenizer):
         if lora.r > 0:
             warnings.warn(
                 "the student passed in is a PeftModel already: its own adapters train and "
-                "model.student_lora's r, alpha, dropout and target_modules are ignored",
+                "model.student_lora's r, lora_alpha, dropout and target_modules are ignored",
                 UserWarning, stacklevel=5,  # the caller of Trainer.train() / setup()
             )
     elif lora.r > 0:
-        student = with_lora(student, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+        student = with_lora(student, r=lora.r, alpha=lora.lora_alpha, dropout=lora.dropout,
                             target_modules=lora.target_modules)
     if is_lora_model(student):
         check_lora_backend(accelerator)

@@ -130,6 +130,7 @@ class TrainingContext:
         self.step = 0
         self.epoch = 0.0  # passes over the training data, this step's batch included (set by the trainer)
         self.max_steps = train_cfg.max_steps
+        self.seed = train_cfg.seed
         self.dev_loss_fn: Callable[[], float | None] | None = None  # set by the trainer
         self.examples_fn: Callable[[str], list] | None = None  # set by the trainer
         self.param_sets: dict[str, ParameterSet] = {}
@@ -333,8 +334,8 @@ class TrainingContext:
             raise RuntimeError("this context cannot load data")
         return self.examples_fn(source)
 
-    def all_reduce_grads(self, params: list) -> None:
-        """Average gradients of parameters not wrapped by DDP (the soft prompt) over processes."""
+    def _average_grads(self, params: list) -> None:
+        """Average gradients of parameters DDP does not wrap (a method's own set) over processes."""
         if self.accelerator.num_processes == 1:
             return
         for p in params:
@@ -342,9 +343,10 @@ class TrainingContext:
                 p.grad = self.accelerator.reduce(p.grad, "mean")
 
     # ---------------------------------------------------------------- parameter sets
-    def add_parameter_set(self, name: str, params: list, *, learning_rate: float, weight_decay: float,
+    def add_parameter_set(self, name: str, params: list, *, learning_rate: float | None, weight_decay: float,
                           prepare: bool = True) -> ParameterSet:
-        """Train `params` with their own AdamW and schedule (train.* betas, schedule, warm-up).
+        """Train `params` with their own AdamW and schedule (train.* betas, schedule, warm-up);
+        learning_rate None = the student's (train.learning_rate).
 
         The student's set ("student") is added by the trainer; a method adds its own in setup
         (PromptKD: "prompt"). Optimizers and schedules are checkpointed in the order added.
@@ -358,7 +360,7 @@ class TrainingContext:
                 "cannot be prepared without a model; use fsdp_version: 1 (configs/accelerate/fsdp.yaml)"
             )
         t = self.train_cfg
-        optimizer = build_optimizer(params, lr=learning_rate, weight_decay=weight_decay, betas=(t.adam_beta1, t.adam_beta2))
+        optimizer = build_optimizer(params, lr=t.learning_rate if learning_rate is None else learning_rate, weight_decay=weight_decay, betas=(t.adam_beta1, t.adam_beta2))
         scheduler = build_scheduler(optimizer, name=t.lr_scheduler, warmup_steps=t.warmup_steps, total_steps=t.max_steps)
         if prepare:
             optimizer, scheduler = self.accelerator.prepare(optimizer, scheduler)
@@ -366,7 +368,9 @@ class TrainingContext:
         return self.param_sets[name]
 
     def apply_update(self, name: str, loss_value: float) -> dict[str, float]:
-        """Non-finite guard, clipping, optimizer and scheduler step for one parameter set.
+        """Non-finite guard, clipping, optimizer and scheduler step for one parameter set. The
+        gradients of a set other than the student's (which DDP averages) are averaged over
+        processes first.
 
         Under fp16 loss scaling (a GradScaler, CUDA) an infinite gradient with a finite loss is
         an overflow, which is normal: the update goes through the scaler, which skips it and
@@ -376,6 +380,8 @@ class TrainingContext:
         """
         ps = self.param_sets[name]
         self.updates_applied += 1
+        if name != "student":
+            self._average_grads(ps.params)
         with self.phase("optimizer"):
             return self._apply_update(ps, loss_value)
 

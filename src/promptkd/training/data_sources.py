@@ -35,11 +35,11 @@ def read_sources(cfg, method, *, train_dataset=None, eval_dataset=None) -> dict[
     d = cfg.data
     if train_dataset is not None:
         train = ("train_dataset", train_dataset, d.train_split, None)
-    elif method.train_source() == d.train:
+    elif not method.trains_on_teacher_responses:
         train = ("data.train", d.train, d.train_split, d.train_data_files)
     else:  # another file than data.train (seqkd's teacher responses): data.train's split is not its own
-        train = ("data.teacher_responses", method.train_source(), "train", None)
-    reads = {"train": (*train, method.needs_references(cfg))}
+        train = ("data.teacher_responses", d.teacher_responses, "train", None)
+    reads = {"train": (*train, method.needs_references(method.options))}
     if eval_dataset is not None:
         reads["dev"] = ("eval_dataset", eval_dataset, d.dev_split, None, True)
     elif d.dev:
@@ -54,7 +54,7 @@ def train_examples(cfg, method, tokenizer, records: tuple[str, list], *, is_main
     their counts; the first data.max_train_examples when set."""
     source, records = records
     method.check_train_records(records, source=source, is_main_process=is_main_process)
-    examples, stats = _examples(cfg, tokenizer, records, source=source, with_responses=method.needs_references(cfg))
+    examples, stats = _examples(cfg, tokenizer, records, source=source, with_responses=method.needs_references(method.options))
     if is_main_process:
         logger.log(stats.log_level, "training data %s: %s", source, stats.summary())
     if cfg.data.max_train_examples:

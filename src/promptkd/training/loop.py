@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from promptkd.config import (
+    METHOD_SECTIONS,
     Config,
     config_warnings,
     fit_warmup,
@@ -145,14 +146,15 @@ class Trainer:
         set_seed(cfg.train.seed)
 
         method_cls = get_method_class(cfg.method)
-        self.method = method_cls(cfg)
+        options = getattr(cfg, METHOD_SECTIONS[cfg.method]) if cfg.method in METHOD_SECTIONS else None
+        self.method = method_cls(options)
         main = self.accelerator.is_main_process
         given = self._given
         # the data before the models: a bad data source fails in seconds
         records = data_sources.read_sources(cfg, self.method, train_dataset=given["train_dataset"],
                                             eval_dataset=given["eval_dataset"])
         models = assembly.assemble_models(
-            cfg, self.accelerator, self.precision, needs_teacher=method_cls.needs_teacher(cfg),
+            cfg, self.accelerator, self.precision, needs_teacher=method_cls.needs_teacher(options),
             student=given["student"], teacher=given["teacher"], tokenizer=given["tokenizer"])
         self.student, self.tokenizer, self.teacher = models.student, models.tokenizer, models.teacher
         self.vocab_size, self._teacher_flags = models.vocab_size, models.teacher_flags
