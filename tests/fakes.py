@@ -169,10 +169,8 @@ class FakeContext:
     def global_token_count(self, batches) -> float:
         return float(sum(int(b.loss_mask[:, b.prompt_length :].sum()) for b in batches))
 
-    def loss_scale(self, global_tokens: float) -> float:
-        return 1.0 / max(global_tokens, 1.0)
-
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss_sum: torch.Tensor, tokens: float) -> None:
+        loss = loss_sum / max(tokens, 1.0)
         self.calls.append(("backward", float(loss.detach())))
         loss.backward()
 

@@ -170,7 +170,7 @@ def test_lora_student_sigkilled_then_resumed_equals_uninterrupted_run(tmp_path):
     """The same with a LoRA student (model.student_lora, dropout on, so the RNG matters): the
     exported adapter, the prompt, the metrics and the last checkpoint (the wrapped student, both
     optimizers over the adapter and the prompt) are bit-identical."""
-    lora = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    lora = {"r": 4, "lora_alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj", "down_proj"]}
     cfg_path = write_run_config(tmp_path, LORA_MAX_STEPS, student_lora=lora)
     ref, run = tmp_path / "ref", tmp_path / "run"
     done = cli(["--config", str(cfg_path)])

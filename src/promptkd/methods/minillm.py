@@ -257,7 +257,6 @@ class MiniLLM(Method):
             self.rollouts = self.collect(ctx, micro_batches)
         batches = [r.batch for r in self.rollouts]
         global_tokens = ctx.global_token_count(batches)
-        scale = ctx.loss_scale(global_tokens)
         lm_batches = []
         if self.has_lm_term:
             lm_batches = [ctx.collate(mb) for mb in self.lm_micro_batches(ctx, [len(mb) for mb in micro_batches])]
@@ -286,7 +285,7 @@ class MiniLLM(Method):
                         single_sum += float(single.detach())
                 pg_sum += float(pg.detach())
                 clipped += float(n_clipped)
-                ctx.backward(loss * scale)
+                ctx.backward(loss, global_tokens)
             del logits, teacher, loss
         metrics = dict(self.rollout_stats)
         pg_mean = ctx.reduce_sum(pg_sum) / max(global_tokens, 1.0)
@@ -299,7 +298,6 @@ class MiniLLM(Method):
             loss_value += single_mean
         if lm_batches:
             lm_tokens = ctx.global_token_count(lm_batches)
-            lm_scale = ctx.loss_scale(lm_tokens) * c.lm_coef
             lm_sum = 0.0
             for i, batch in enumerate(lm_batches):
                 with ctx.accumulate(is_last=i == len(lm_batches) - 1):
@@ -311,7 +309,7 @@ class MiniLLM(Method):
                     with ctx.phase("losses"):
                         loss, _ = loss_terms(student, terms, mask)
                     lm_sum += float(loss.detach())
-                    ctx.backward(loss * lm_scale)
+                    ctx.backward(loss * c.lm_coef, lm_tokens)
             metrics["minillm/lm"] = ctx.reduce_sum(lm_sum) / max(lm_tokens, 1.0)
             loss_value += c.lm_coef * metrics["minillm/lm"]
         metrics["student/loss"] = loss_value

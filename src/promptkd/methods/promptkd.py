@@ -154,7 +154,6 @@ class PromptKD(Method):
     def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
         batches = [ctx.sample(mb) for mb in micro_batches]  # 0. the student's own samples
         tokens = max(ctx.global_token_count(batches), 1.0)
-        scale = ctx.loss_scale(tokens)
         shared = len(batches) == 1 and not self.student_dropout  # one student forward serves both updates
         students: list[Outputs | None] = [None] * len(batches)
 
@@ -177,7 +176,7 @@ class PromptKD(Method):
                                                           (self.prompt_loss, base, lam)], response_mask(batch))
             kl_sum, drift_sum = kl_sum + kl, drift_sum + drift
             with ctx.phase("backward_prompt"):
-                ctx.backward(loss * scale)
+                ctx.backward(loss, tokens)
         kl, drift = ctx.reduce_sum(kl_sum) / tokens, ctx.reduce_sum(drift_sum) / tokens
         metrics = {"prompt/loss": kl + lam * drift, "prompt/lambda": lam, "prompt/kl_to_student": kl,
                    "prompt/drift": drift}
@@ -195,7 +194,7 @@ class PromptKD(Method):
                     loss, (value,) = loss_terms(student, [(self.student_loss, target, 1.0)], response_mask(batch))
                 student_sum += value
                 with ctx.phase("backward_student"):
-                    ctx.backward(loss * scale)
+                    ctx.backward(loss, tokens)
             students[i] = None
         metrics["student/loss"] = ctx.reduce_sum(student_sum) / tokens
         metrics.update(ctx.apply_update("student", metrics["student/loss"]))

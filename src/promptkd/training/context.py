@@ -291,13 +291,6 @@ class TrainingContext:
         total = self.accelerator.reduce(torch.as_tensor(local, device=self.device, dtype=torch.float64), "sum")
         return float(total.item())
 
-    def loss_scale(self, global_tokens: float) -> float:
-        """Multiply a micro-batch's summed loss by this so gradients equal sum / global tokens.
-
-        DDP averages gradients over processes, hence the factor num_processes.
-        """
-        return self.accelerator.num_processes / max(global_tokens, 1.0)
-
     def accumulate(self, is_last: bool):
         """Around a micro-batch's student forward + backward: skip DDP's gradient all-reduce on
         all but the last micro-batch of a step."""
@@ -305,9 +298,12 @@ class TrainingContext:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.student)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss_sum: torch.Tensor, tokens: float) -> None:
+        """Backward of a micro-batch's summed loss as its share of the step's token mean:
+        gradients equal sum / tokens (`tokens` from global_token_count). DDP averages gradients
+        over processes, hence the factor num_processes."""
         with self.phase("backward_student"):
-            self.accelerator.backward(loss)
+            self.accelerator.backward(loss_sum * (self.accelerator.num_processes / max(tokens, 1.0)))
 
     def reduce_sum(self, value: float) -> float:
         t = torch.tensor(float(value), device=self.device, dtype=torch.float64)
