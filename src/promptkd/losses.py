@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import math
 import warnings
@@ -222,7 +223,7 @@ def loss_terms(trained: Outputs, terms: Sequence[Term], mask: torch.Tensor) -> t
         else:  # token ids
             sides.append(target)
             targets.append(len(sides) - 1)
-    spec = _Spec(tuple(div for div, _, _ in terms), tuple(targets),
+    spec = _Spec(tuple(div for div, _, _ in terms), tuple(targets), tuple(float(w) != 0 for _, _, w in terms),
                  tuple(_transform_of(s.head) if isinstance(s, Outputs) else None for s in sides))
     weights = torch.tensor([float(w) for _, _, w in terms], dtype=torch.float64)
     head = trained.head
@@ -246,6 +247,7 @@ class _Spec:
 
     divergences: tuple[Divergence, ...]
     targets: tuple[int, ...]  # each term's side: an index into the sides (0 = trained)
+    weighted: tuple[bool, ...]  # False: a weight-0 term, logged only (no gradient work)
     transforms: tuple  # each side's (scale, softcap), None for logits or token ids
 
 
@@ -273,7 +275,8 @@ def _chunk_loss(spec: _Spec, z, others, weights):
         return x
 
     sides = [logits(z, spec.transforms[0])] + [logits(x, t) for x, t in zip(others, spec.transforms[1:], strict=True)]
-    values = torch.stack([div(sides[0], sides[j]) for div, j in zip(spec.divergences, spec.targets, strict=True)])
+    values = torch.stack([div(sides[0] if weighted else sides[0].detach(), sides[j])
+                          for div, j, weighted in zip(spec.divergences, spec.targets, spec.weighted, strict=True)])
     loss = (weights.to(dtype) @ values).sum()
     return loss, values.detach()
 
@@ -288,7 +291,12 @@ def _chunk_function(spec: _Spec, need_grad: bool, compiled: bool) -> Callable:
 
     if need_grad:  # (d loss / d z, (loss, values))
         fn = torch.func.grad_and_value(fn, has_aux=True)
-    return torch.compile(fn, dynamic=True) if compiled else fn
+    if not compiled:
+        return fn
+    # every spec's function shares torch.func's wrapper code object: without isolate_recompiles
+    # (torch >= 2.13) they would count as recompiles of one function, against one cache limit
+    isolate = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+    return torch.compile(fn, dynamic=True, fullgraph=True, **isolate)
 
 
 def _run_chunk(spec: _Spec, need_grad: bool, z, others, weights):
