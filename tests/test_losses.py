@@ -235,8 +235,11 @@ def test_a_weight_zero_term_is_logged_not_trained():
     assert values[1] == pytest.approx(float(forward_kl(logits, target).sum()), rel=1e-12)
 
 
-def test_chunks_do_not_change_the_result(monkeypatch):
-    """One position per chunk against everything in one chunk."""
+@pytest.mark.parametrize("block_elements", [11, 1 << 19], ids=["blocks_of_rows", "one_block"])
+def test_chunks_do_not_change_the_result(monkeypatch, block_elements):
+    """One position per chunk against everything in one chunk, each chunk in one block of rows or
+    in blocks of a few rows (what a large vocabulary gets on CPU)."""
+    monkeypatch.setattr(losses, "BLOCK_ELEMENTS", block_elements)
     logits, target = _pair(shape=(3, 4, 11), seed=5)
     mask = torch.rand(3, 4, generator=torch.Generator().manual_seed(2)) < 0.7
     results = []
@@ -244,7 +247,7 @@ def test_chunks_do_not_change_the_result(monkeypatch):
         monkeypatch.setattr(losses, "CHUNK_ELEMENTS", elements)
         x = logits.clone().requires_grad_(True)
         loss, values = loss_terms(Outputs(x), [(divergence("generalized_jsd"), Outputs(target), 1.0)], mask)
-        results.append((float(loss), values, torch.autograd.grad(loss, x)[0]))
+        results.append((float(loss.detach()), values, torch.autograd.grad(loss, x)[0]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-12, atol=1e-15)
 
@@ -289,6 +292,7 @@ def test_compiled_chunks_equal_eager(monkeypatch):
     mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(3)) < 0.8
     ids = torch.randint(0, 50, (4, 6))
     terms = [(divergence("skew_reverse_kl"), Outputs(target), 0.6), (CROSS_ENTROPY, ids, 0.4)]
+    monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 100)  # blocks of 2 to 3 rows of the 24
     results = []
     for threshold in (1 << 40, 0):  # eager, then compiled
         monkeypatch.setattr(losses, "COMPILE_MIN_ELEMENTS", threshold)
