@@ -29,6 +29,7 @@ from promptkd.sampling import response_logits
 from promptkd.testing import tiny_llama
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
     pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning"),
 ]
@@ -40,12 +41,6 @@ PARAMS = {"skew_forward_kl": {"alpha": 0.1}, "skew_reverse_kl": {"alpha": 0.1}, 
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)

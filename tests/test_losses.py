@@ -35,13 +35,7 @@ NAMES = sorted(DIVERGENCES)
 PARAMS = {"skew_forward_kl": {"alpha": 0.3}, "skew_reverse_kl": {"alpha": 0.3}, "generalized_jsd": {"beta": 0.3}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every tensor here is tiny; on shared cores OpenMP barriers make tiny ops far slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
