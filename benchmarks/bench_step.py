@@ -43,6 +43,11 @@ Variants (each in its own subprocess, so peak RSS is per variant):
 
 `--pairs chunking` (a:a_logits, b:b_logits) compares the two forms of outputs step by step.
 
+--baseline DIR measures another revision of promptkd in the same run: DIR is a checkout of it
+(`git worktree add /tmp/base <rev>`), and a variant named `x@base` runs DIR's own benchmark
+worker for variant x with DIR/src first on the import path. `--pairs a@base:a,b@base:b` then
+gives old/new step and phase times of the same batches, in lockstep.
+
 Measurement, built for a machine shared with other jobs (its speed changes 2-3x within
 minutes, so variants measured one after the other are not comparable): variants are measured
 in PAIRS (--pairs, default a:b a:c a:d a:a_ckpt a:a_fp32 a:d_default). For a pair, both
@@ -94,6 +99,7 @@ sys.path.insert(0, str(HERE))  # sibling module (also when imported from a worke
 from reference_step import PHASES as REFERENCE_PHASES  # noqa: E402
 
 DEFAULT_DATA = str(REPO.parent / "shared" / "data" / "train" / "dolly_minillm_train.jsonl")  # ../shared/data
+BASE = "@base"  # suffix of a variant run from the --baseline checkout
 MARK = "@@BENCH "  # prefix of the protocol lines a worker writes to stdout
 
 VARIANTS = {
@@ -697,8 +703,15 @@ class Worker:
     """One variant's process, driven step by step over stdin/stdout (MARK lines)."""
 
     def __init__(self, spec: dict, spec_path: Path, name: str, log_dir: Path):
+        script, worker = Path(__file__).resolve(), name
+        extra = {}
+        if name.endswith(BASE):  # the baseline checkout's own worker and package
+            base = Path(spec["baseline"])
+            script, worker = base / "benchmarks" / "bench_step.py", name[: -len(BASE)]
+            extra["PYTHONPATH"] = os.pathsep.join([str(base / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
         env = dict(
             os.environ,
+            **extra,
             OMP_NUM_THREADS=str(spec["threads"]),
             MKL_NUM_THREADS=str(spec["threads"]),
             TRL_EXPERIMENTAL_SILENCE="1",
@@ -707,7 +720,7 @@ class Worker:
         self.name = name
         self.log = log_dir / f"{name}_{time.monotonic_ns()}.log"
         self._log_file = open(self.log, "w", encoding="utf-8")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--spec", str(spec_path), "--worker", name]
+        cmd = [sys.executable, str(script), "--spec", str(spec_path), "--worker", worker]
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log_file, text=True, bufsize=1)
         self.steps: list[dict] = []
         self.ready = self._read()  # blocks until the models are loaded
@@ -782,7 +795,7 @@ def summarise(name: str, runs: list[dict]) -> dict:
     phases = {p: statistics.median([s["phases"].get(p, 0.0) for s in measured]) for p in PHASES}
     return {
         "variant": name,
-        "label": VARIANTS[name]["label"],
+        "label": label(name),
         "precision": runs[0]["precision"],
         "seconds_per_step": _median_spread(secs),
         "probe_ms_median": statistics.median(s["probe_ms"] for s in measured),
@@ -830,6 +843,8 @@ def markdown(meta: dict, results: dict, pairs: list[dict], ratios: dict, targets
         "processes stepping in lockstep on the same batches.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v),
         f"- Command: `{meta['command']}`",
+        f"- Revisions: this checkout {meta['revision']}"
+        + (f"; baseline (`@base` variants) {meta['baseline_revision']} from {spec['baseline']}" if spec.get("baseline") else ""),
         f"- Setup: teacher SmolLM2-135M-Instruct ({Path(spec['teacher_gguf']).name}, dequantised to float32), "
         f"student 10-layer depth-pruned copy ({Path(spec['student']).name}), batch {spec['batch_size']}, "
         f"Alpaca prompts <= {spec['max_prompt_length']} tokens from {Path(spec['data']).name} (seeded draw), "
@@ -849,7 +864,7 @@ def markdown(meta: dict, results: dict, pairs: list[dict], ratios: dict, targets
             f"{r['peak_rss_mib']:.0f} ({r['load_peak_rss_mib']:.0f}) | {r['probe_ms_median']:.1f} |"
         )
     for name, why in skipped.items():
-        lines.append(f"| {VARIANTS[name]['label']} | - | skipped: {why.splitlines()[0]} | | | | | |")
+        lines.append(f"| {label(name)} | - | skipped: {why.splitlines()[0]} | | | | | |")
     lines += [
         "",
         "s/step medians of a variant pool every pair it was in (a is in all of them). probe ms: median time "
@@ -921,6 +936,7 @@ def main(argv=None) -> int:
     p.add_argument("--bf16-check", type=int, default=0, metavar="STEPS", help="also run the fp32-vs-bf16 check for STEPS steps (0: off)")
     p.add_argument("--bf16-check-tokens", type=int, default=64, help="max new tokens of the bf16 check")
     p.add_argument("--out", default=None, help="write the markdown report here")
+    p.add_argument("--baseline", default=None, metavar="DIR", help="a checkout of another revision: variants x@base run it")
     p.add_argument("--keep-work", action="store_true", help="keep the scratch directory (spec, worker logs, run dirs)")
     # worker mode (internal)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -947,7 +963,10 @@ def main(argv=None) -> int:
         pair_names = [tuple(x.strip() for x in item.split(":")) for item in args.pairs.split(",") if item.strip()]
     except ValueError:
         p.error(f"--pairs: expected x:y,x:y,... got {args.pairs!r}")
-    bad = [n for pair in pair_names for n in pair if n not in VARIANTS] + [":".join(pr) for pr in pair_names if len(pr) != 2]
+    if args.baseline and not (Path(args.baseline) / "benchmarks" / "bench_step.py").is_file():
+        p.error(f"--baseline {args.baseline}: no benchmarks/bench_step.py there (a promptkd checkout is needed)")
+    known = lambda n: n in VARIANTS or (args.baseline is not None and n.endswith(BASE) and n[: -len(BASE)] in VARIANTS)  # noqa: E731
+    bad = [n for pair in pair_names for n in pair if not known(n)] + [":".join(pr) for pr in pair_names if len(pr) != 2]
     if bad:
         p.error(f"--pairs: unknown variant(s) or malformed pair(s) {bad}; variants are {sorted(VARIANTS)}")
     t_start = time.perf_counter()
@@ -956,12 +975,18 @@ def main(argv=None) -> int:
         "hardware": hardware(),
         "versions": versions(),
         "command": "python benchmarks/bench_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "revision": _revision(Path(__file__).resolve().parent.parent),
     }
+    if args.baseline:
+        meta["baseline_revision"] = _revision(Path(args.baseline))
     spec = prepare(args)
+    if args.baseline:
+        # chunked_lm_head: read by workers of revisions before the one loss path (their default)
+        spec.update(baseline=str(Path(args.baseline).resolve()), chunked_lm_head=True)
     spec_path = Path(spec["work"]) / "spec.json"
     spec_path.write_text(json.dumps(spec))
     skipped: dict[str, str] = {}
-    if any(VARIANTS[n]["kind"] == "trl" for pr in pair_names for n in pr):
+    if any(VARIANTS[n.removesuffix(BASE)]["kind"] == "trl" for pr in pair_names for n in pr):
         why = trl_status()
         if why:
             print(f"[bench] skipping the TRL variants: {why}", file=sys.stderr, flush=True)
@@ -1006,6 +1031,19 @@ def main(argv=None) -> int:
         shutil.rmtree(spec["work"], ignore_errors=True)
     print(json.dumps({"meta": meta, "results": results, "pairs": pairs, "ratios": ratios, "targets": targets, "skipped": skipped, "bf16_check": bf16}))
     return 0
+
+
+def label(name: str) -> str:
+    if name.endswith(BASE):
+        return VARIANTS[name[: -len(BASE)]]["label"] + " @ baseline"
+    return VARIANTS[name]["label"]
+
+
+def _revision(checkout: Path) -> str:
+    """The checkout's short commit, with "+changes" when its tracked files differ from it."""
+    rev = _sh(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"]).strip() or "unknown"
+    dirty = _sh(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"]).strip()
+    return rev + (" +changes" if dirty else "")
 
 
 def _run_once(spec: dict, spec_path: Path, worker: str) -> tuple[list | None, str]:

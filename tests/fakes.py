@@ -95,9 +95,10 @@ class FakeContext:
     # ------------------------------------------------------------ context managers
     def phase(self, name: str):
         @contextlib.contextmanager
-        def entered():
-            self.calls.append(("phase", name))
-            self.phases.append(name)
+        def entered():  # like the trainer's clock, a nested phase counts in the outermost only
+            if not self.open_phases:
+                self.calls.append(("phase", name))
+                self.phases.append(name)
             self.open_phases.append(name)
             try:
                 yield
@@ -105,9 +106,6 @@ class FakeContext:
                 self.open_phases.pop()
 
         return entered()
-
-    def autocast(self):
-        return contextlib.nullcontext()
 
     def accumulate(self, is_last: bool):
         self.calls.append(("accumulate", is_last))
@@ -158,17 +156,16 @@ class FakeContext:
         finally:
             model.train(was_training)
 
-    def teacher_forward(self, batch, *, logits: bool = False) -> Outputs:
-        self.calls.append(("teacher_forward",))
+    def teacher_forward(self, batch, *, model=None, base: bool = False, grad: bool = False,
+                        logits: bool = False) -> Outputs:
+        self.calls.append(("teacher_forward",) + (("model",) if model is not None else ()))
         if self.teacher is None:
             raise RuntimeError("FakeContext: teacher_forward called but the context has no teacher")
-        with self.phase("teacher_fwd_base"), torch.no_grad():
-            return outputs_of(self.teacher, batch, None if logits else self.teacher_head, self.vocab_size)
+        with self.phase("teacher_fwd_base"), contextlib.nullcontext() if grad else torch.no_grad():
+            return outputs_of(model if model is not None else self.teacher, batch,
+                              None if logits else self.teacher_head, self.vocab_size, **({"base": True} if base else {}))
 
     # ------------------------------------------------------------ normalisation and backward
-    def global_token_count(self, batches) -> float:
-        return float(sum(int(b.loss_mask[:, b.prompt_length :].sum()) for b in batches))
-
     def backward(self, loss_sum: torch.Tensor, tokens: float) -> None:
         loss = loss_sum / max(tokens, 1.0)
         self.calls.append(("backward", float(loss.detach())))

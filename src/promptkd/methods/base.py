@@ -74,8 +74,7 @@ class StepContext(Protocol):
     data, this step's batch included), `max_steps`, `vocab_size` (logit columns comparable
     between student and teacher), `tokenizer`, `teacher` (the frozen teacher or None), `device`,
     `student_module` (the unwrapped student, for inspection), `is_main_process`,
-    `num_processes`, `process_index`, `seed` (train.seed); `teacher_head` (the teacher's LMHead,
-    for a method's own teacher forwards with `outputs_of`; None when the losses use full logits).
+    `num_processes`, `process_index`, `seed` (train.seed).
     """
 
     step: int
@@ -90,15 +89,13 @@ class StepContext(Protocol):
     num_processes: int
     process_index: int
     seed: int
-    teacher_head: LMHead | None
 
     def phase(self, name: str) -> contextlib.AbstractContextManager: ...
-    def autocast(self) -> contextlib.AbstractContextManager: ...
     def sample(self, examples: Sequence, *, from_teacher: bool = False, teacher_mix: float = 0.0) -> SequenceBatch: ...
     def collate(self, examples: Sequence) -> SequenceBatch: ...
     def student_forward(self, batch: SequenceBatch, *, target: bool = False, logits: bool = False) -> Outputs: ...
-    def teacher_forward(self, batch: SequenceBatch, *, logits: bool = False) -> Outputs: ...
-    def global_token_count(self, batches: Sequence[SequenceBatch]) -> float: ...
+    def teacher_forward(self, batch: SequenceBatch, *, model: torch.nn.Module | None = None, base: bool = False,
+                        grad: bool = False, logits: bool = False) -> Outputs: ...
     def accumulate(self, is_last: bool) -> contextlib.AbstractContextManager: ...
     def backward(self, loss_sum: torch.Tensor, tokens: float) -> None: ...
     def add_parameter_set(self, name: str, params: list, *, learning_rate: float | None, weight_decay: float) -> None: ...
@@ -112,6 +109,12 @@ class StepContext(Protocol):
 def response_mask(batch: SequenceBatch) -> torch.Tensor:
     """(B, T - P) bool: the response positions in the loss, aligned with a forward's outputs."""
     return batch.loss_mask[:, batch.prompt_length :]
+
+
+def step_tokens(ctx: StepContext, batches: Sequence[SequenceBatch]) -> float:
+    """The response tokens of this optimizer step, over its micro-batches and all processes: the
+    denominator of every token mean (`ctx.backward(loss_sum, tokens)`)."""
+    return ctx.reduce_sum(sum(float(response_mask(b).sum()) for b in batches))
 
 
 class Method:
@@ -169,7 +172,7 @@ def supervised_step(ctx: StepContext, batches: list[SequenceBatch], *, kd_ratio:
     token of the optimizer step (the global count across micro-batches and processes). CE and the
     divergence are one `loss_terms` pass (CE at weight 0, as GKD has it, is logged only).
     """
-    global_tokens = ctx.global_token_count(batches)
+    global_tokens = step_tokens(ctx, batches)
     ce_sum = kd_sum = 0.0
     for i, batch in enumerate(batches):
         with ctx.accumulate(is_last=i == len(batches) - 1):

@@ -51,7 +51,7 @@ import torch
 from promptkd.data.batch import SequenceBatch
 from promptkd.data.order import local_micro_batches
 from promptkd.losses import CROSS_ENTROPY, Outputs, divergence, loss_terms
-from promptkd.methods.base import Method, StepContext, StepResult, response_mask
+from promptkd.methods.base import Method, StepContext, StepResult, response_mask, step_tokens
 
 
 # ------------------------------------------------------------------------- the formulas
@@ -212,7 +212,7 @@ class MiniLLM(Method):
             pieces.append((batch, lq, w, g, mask))
             reward_sum += float((lp - lq)[mask].sum())
             weight_sum += float(w[mask].sum())
-        tokens = ctx.global_token_count([p[0] for p in pieces])
+        tokens = step_tokens(ctx, [p[0] for p in pieces])
         out = []
         if c.whiten:  # mean and variance over every response token of the step, all processes
             mean = ctx.reduce_sum(sum(float(g[m].sum()) for _, _, _, g, m in pieces)) / max(tokens, 1.0)
@@ -256,7 +256,7 @@ class MiniLLM(Method):
             self.rollouts = []  # free the last phase's tensors before sampling
             self.rollouts = self.collect(ctx, micro_batches)
         batches = [r.batch for r in self.rollouts]
-        global_tokens = ctx.global_token_count(batches)
+        global_tokens = step_tokens(ctx, batches)
         lm_batches = []
         if self.has_lm_term:
             lm_batches = [ctx.collate(mb) for mb in self.lm_micro_batches(ctx, [len(mb) for mb in micro_batches])]
@@ -297,7 +297,7 @@ class MiniLLM(Method):
             metrics["minillm/single_step"] = single_mean
             loss_value += single_mean
         if lm_batches:
-            lm_tokens = ctx.global_token_count(lm_batches)
+            lm_tokens = step_tokens(ctx, lm_batches)
             lm_sum = 0.0
             for i, batch in enumerate(lm_batches):
                 with ctx.accumulate(is_last=i == len(lm_batches) - 1):

@@ -37,7 +37,7 @@ import torch
 
 from promptkd.data.batch import SequenceBatch
 from promptkd.losses import Outputs, divergence, loss_terms
-from promptkd.methods.base import Method, StepContext, StepResult, outputs_of, response_mask
+from promptkd.methods.base import Method, StepContext, StepResult, response_mask, step_tokens
 from promptkd.models.prompted_teacher import PromptedTeacher
 
 logger = logging.getLogger(__name__)
@@ -130,11 +130,11 @@ class PromptKD(Method):
         """
         return self.options.base_coef * (1.0 - (step + 1) / max_steps)
 
-    def prompted_outputs(self, ctx: StepContext, batch: SequenceBatch, *, base: bool = False) -> Outputs:
-        """The prompted teacher's outputs on the response columns (base: without its prompt).
-        Grad mode is the caller's."""
-        with ctx.autocast():
-            return outputs_of(self.prompted, batch, ctx.teacher_head, ctx.vocab_size, base=base)
+    def prompted_outputs(self, ctx: StepContext, batch: SequenceBatch, *, base: bool = False,
+                         grad: bool = False) -> Outputs:
+        """The prompted teacher's outputs on the response columns (base: without its prompt);
+        `grad`: differentiable into the prompt."""
+        return ctx.teacher_forward(batch, model=self.prompted, base=base, grad=grad)
 
     def check_collapse(self, step: int, kl_to_student: float, drift: float) -> None:
         """Warn once when the prompted teacher has been closer to the student than to the
@@ -153,7 +153,7 @@ class PromptKD(Method):
     # ------------------------------------------------------------------ the step
     def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
         batches = [ctx.sample(mb) for mb in micro_batches]  # 0. the student's own samples
-        tokens = max(ctx.global_token_count(batches), 1.0)
+        tokens = max(step_tokens(ctx, batches), 1.0)
         shared = len(batches) == 1 and not self.student_dropout  # one student forward serves both updates
         students: list[Outputs | None] = [None] * len(batches)
 
@@ -168,8 +168,8 @@ class PromptKD(Method):
             else:
                 target = ctx.student_forward(batch, target=True)  # eval mode, no grad
             with ctx.phase("teacher_fwd_prompt_grad"):
-                prompted = self.prompted_outputs(ctx, batch)  # teacher dropout as configured
-            with ctx.phase("teacher_fwd_base"), torch.no_grad():
+                prompted = self.prompted_outputs(ctx, batch, grad=True)  # teacher dropout as configured
+            with ctx.phase("teacher_fwd_base"):
                 base = self.prompted_outputs(ctx, batch, base=True)
             with ctx.phase("losses"):
                 loss, (kl, drift) = loss_terms(prompted, [(self.prompt_loss, target, 1.0),
@@ -188,7 +188,7 @@ class PromptKD(Method):
         for i, batch in enumerate(batches):
             with ctx.accumulate(is_last=i == len(batches) - 1):
                 student = students[i] if shared else ctx.student_forward(batch)  # with grad
-                with ctx.phase("teacher_fwd_target"), torch.no_grad():
+                with ctx.phase("teacher_fwd_target"):
                     target = self.prompted_outputs(ctx, batch)
                 with ctx.phase("losses"):
                     loss, (value,) = loss_terms(student, [(self.student_loss, target, 1.0)], response_mask(batch))

@@ -31,7 +31,7 @@ from promptkd.data.batch import SequenceBatch
 from promptkd.data.collate import collate_prompts, collate_sequences
 from promptkd.errors import UserError
 from promptkd.losses import Outputs
-from promptkd.methods.base import outputs_of, response_mask
+from promptkd.methods.base import outputs_of
 from promptkd.models.head import LMHead, lm_head_of
 from promptkd.sampling import TeacherMixture
 from promptkd.training.optim import build_optimizer, build_scheduler
@@ -279,18 +279,17 @@ class TrainingContext:
         finally:
             model.train(was_training)
 
-    def teacher_forward(self, batch: SequenceBatch, *, logits: bool = False) -> Outputs:
-        """The plain teacher's outputs on the response columns, no grad (`logits` as above)."""
-        with self.phase("teacher_fwd_base"), torch.no_grad(), self.autocast():
-            return outputs_of(self.teacher, batch, None if logits else self.teacher_head, self.vocab_size)
+    def teacher_forward(self, batch: SequenceBatch, *, model: torch.nn.Module | None = None, base: bool = False,
+                        grad: bool = False, logits: bool = False) -> Outputs:
+        """The teacher's outputs on the response columns under autocast, no grad unless `grad`.
+        `model`: a module around the teacher that a method trains (PromptKD's prompted teacher,
+        with the teacher's head); `base` runs it without its own parameters. `logits` as above."""
+        grad_mode = contextlib.nullcontext() if grad else torch.no_grad()
+        with self.phase("teacher_fwd_base"), grad_mode, self.autocast():
+            return outputs_of(model if model is not None else self.teacher, batch,
+                              None if logits else self.teacher_head, self.vocab_size, **({"base": True} if base else {}))
 
     # ---------------------------------------------------------------- normalisation and backward
-    def global_token_count(self, batches: Sequence[SequenceBatch]) -> float:
-        """Response tokens of this optimizer step summed over micro-batches and processes."""
-        local = sum(response_mask(b).sum() for b in batches)
-        total = self.accelerator.reduce(torch.as_tensor(local, device=self.device, dtype=torch.float64), "sum")
-        return float(total.item())
-
     def accumulate(self, is_last: bool):
         """Around a micro-batch's student forward + backward: skip DDP's gradient all-reduce on
         all but the last micro-batch of a step."""
@@ -300,7 +299,7 @@ class TrainingContext:
 
     def backward(self, loss_sum: torch.Tensor, tokens: float) -> None:
         """Backward of a micro-batch's summed loss as its share of the step's token mean:
-        gradients equal sum / tokens (`tokens` from global_token_count). DDP averages gradients
+        gradients equal sum / tokens (`tokens` from promptkd.methods.base.step_tokens). DDP averages gradients
         over processes, hence the factor num_processes."""
         with self.phase("backward_student"):
             self.accelerator.backward(loss_sum * (self.accelerator.num_processes / max(tokens, 1.0)))
