@@ -249,3 +249,18 @@ def test_eval_without_a_local_copy_fails_before_the_model_loads_naming_data_dir(
                           "--data-dir or $PROMPTKD_DATA_DIR)"), err
     assert err.rstrip().endswith("Point data_dir (--data-dir) or PROMPTKD_DATA_DIR at a directory that holds "
                                  "dolly_eval.jsonl") and len(err.splitlines()) == 1
+
+
+def test_best_checkpoint_rule_lower_loss_higher_rouge():
+    """train.eval_metric loss keeps the lowest dev loss, rougeL the highest ROUGE-L; ties and
+    records without the metric keep the earlier best."""
+    from promptkd.training.dev_eval import DevEvaluation
+
+    improved = DevEvaluation.improved
+    assert improved("loss", {"dev/loss": 2.0}, None) == 2.0
+    assert improved("loss", {"dev/loss": 1.5}, 2.0) == 1.5
+    assert improved("loss", {"dev/loss": 2.0}, 2.0) is None
+    assert improved("loss", {"dev/loss": 2.5}, 2.0) is None
+    assert improved("rougeL", {"dev/rougeL": 30.0}, 25.0) == 30.0
+    assert improved("rougeL", {"dev/rougeL": 20.0}, 25.0) is None
+    assert improved("rougeL", {"dev/loss": 1.0}, 25.0) is None

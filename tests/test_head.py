@@ -149,6 +149,23 @@ def _masked_sum(div, logits, target, mask) -> torch.Tensor:
     return div(logits[mask], target[mask]).sum()
 
 
+def _both_paths(student, teacher, batch, div, *, upcast=False):
+    """(the unchunked reference over full logits, the loss_terms loss over hidden states + LM
+    heads, the student's head) of the student against the teacher on one batch."""
+    mask = _mask(batch)
+    s_logits = response_logits(student, batch, V)
+    with torch.no_grad():
+        t_logits = response_logits(teacher, batch, V)
+        th = hidden_states_for_response(teacher, batch)
+    if upcast:  # low-precision models: the divergences run in float32 on both paths
+        s_logits, t_logits = s_logits.float(), t_logits.float()
+    ref = _masked_sum(div, s_logits, t_logits, mask)
+    head = lm_head_of(student, V)
+    h = hidden_states_for_response(student, batch)
+    got, _ = loss_terms(Outputs(h, head), [(div, Outputs(th, lm_head_of(teacher, V)), 1.0)], mask)
+    return ref, got, head
+
+
 def _grads(loss, params, *, retain_graph=False):
     return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
 
@@ -252,20 +269,9 @@ def test_padded_vocabulary_rows_are_cut():
     only the first V columns are compared; the padded rows get exactly zero gradient."""
     student = _qwen2(1, tied=False, vocab=V + 5).double()
     teacher = _qwen2(2, tied=True, vocab=V + 2).double()
-    batch = _batch()
-    mask = _mask(batch)
-    div = divergence("reverse_kl")
-    s_logits = response_logits(student, batch, V)
-    with torch.no_grad():
-        t_logits = response_logits(teacher, batch, V)
-    ref = _masked_sum(div, s_logits, t_logits, mask)
-    ref_grads = _grads(ref, list(student.parameters()))
-    head = lm_head_of(student, V)
+    ref, got, head = _both_paths(student, teacher, _batch(), divergence("reverse_kl"))
     assert head.weight.shape[0] == V + 5 and head.vocab_size == V
-    h = hidden_states_for_response(student, batch)
-    with torch.no_grad():
-        th = hidden_states_for_response(teacher, batch)
-    got, _ = loss_terms(Outputs(h, head), [(div, Outputs(th, lm_head_of(teacher, V)), 1.0)], mask)
+    ref_grads = _grads(ref, list(student.parameters()))
     _assert_close(got, ref.detach(), "value")
     got_grads = _grads(got, list(student.parameters()))
     for g, r in zip(got_grads, ref_grads, strict=True):
@@ -409,18 +415,7 @@ def test_bfloat16_close_to_unchunked():
     """bf16 models: the matmul in bf16 like the model's head, the divergence in float32."""
     student = tiny_llama(num_layers=2, seed=1).to(torch.bfloat16)
     teacher = tiny_llama(num_layers=2, seed=2).to(torch.bfloat16)
-    batch = _batch()
-    mask = _mask(batch)
-    div = divergence("reverse_kl")
-    s_logits = response_logits(student, batch, V)
-    with torch.no_grad():
-        t_logits = response_logits(teacher, batch, V)
-    ref = _masked_sum(div, s_logits.float(), t_logits.float(), mask)
-    h = hidden_states_for_response(student, batch)
-    with torch.no_grad():
-        th = hidden_states_for_response(teacher, batch)
-    head = lm_head_of(student, V)
-    got, _ = loss_terms(Outputs(h, head), [(div, Outputs(th, lm_head_of(teacher, V)), 1.0)], mask)
+    ref, got, head = _both_paths(student, teacher, _batch(), divergence("reverse_kl"), upcast=True)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=BF16_VALUE_RTOL, atol=0)
     (g,) = torch.autograd.grad(got, [head.weight])

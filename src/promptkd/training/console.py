@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 
 import torch
@@ -31,6 +32,17 @@ def progress_postfix(record: dict) -> dict[str, str]:
         "s/step": f"{record['step_time']:.2f}",
         "tok/s": f"{record['trained_tokens_per_s']:.0f}",
     }
+
+
+def say(message: str, *, above_bar: bool) -> None:
+    """One line for whoever watches the run: above the progress bar when it is shown, else an
+    INFO log record."""
+    if above_bar:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    else:
+        logger.info(message)
 
 
 class StopSignals:

@@ -30,6 +30,16 @@ class DevEvaluation:
     through ctx.apply_update, whose count is the memo's key.
     """
 
+    @staticmethod
+    def improved(metric: str, record: dict, best: float | None) -> float | None:
+        """The record's value of train.eval_metric when it beats `best` (lower loss, higher
+        ROUGE-L), else None."""
+        key = "dev/loss" if metric == "loss" else "dev/rougeL"
+        value = record.get(key)
+        if value is None or (best is not None and (value >= best if key == "dev/loss" else value <= best)):
+            return None
+        return value
+
     def __init__(self, ctx, tokenizer, examples: list, *, batch_size: int):
         self.ctx = ctx
         self.tokenizer = tokenizer

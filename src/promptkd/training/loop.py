@@ -1,28 +1,17 @@
-"""The one training loop shared by every method.
+"""The one training loop shared by every method (`promptkd train`, `Trainer(...).train()`).
 
-    promptkd train --config configs/promptkd.yaml              # from the command line
-
-    trainer = Trainer(config, student=student, teacher=teacher, tokenizer=tokenizer,
-                      train_dataset=dataset)                   # from Python, with your objects
-    trainer.train()
-
-`Trainer.setup()` takes the models, tokenizer and data it was given (loading whatever is missing
-from the config) and prepares them with `accelerate`; `Trainer.train()` runs optimizer steps.
-Each step takes `gradient_accumulation_steps` micro-batches per process from a seeded,
-resumable data order and hands them to the method's `step(ctx, micro_batches)`. The method
-sees only the step context (`promptkd.training.context.TrainingContext`): forward passes with
-autocast, on-policy sampling, global-token normalisation, backward and parameter-set updates.
-Logging, checkpointing, the progress bar and stopping on a signal happen here. Each part of
-the setup has a module of its own: the accelerator and the models (`assembly`), the data
-(`data_sources`), the run directory, resume and export (`run_dir`), the dev evaluation
-(`dev_eval`), the progress bar's summary and the signal handlers (`console`).
+Each optimizer step takes `gradient_accumulation_steps` micro-batches per process from a seeded,
+resumable data order and hands them to the method's `step(ctx, micro_batches)`; the method sees
+only the step context (`promptkd.training.context`). Logging, checkpointing, the progress bar
+and stopping on a signal happen here; the setup's parts have modules of their own: `assembly`
+(accelerator, models), `data_sources`, `run_dir` (run directory, resume, export), `dev_eval`
+and `console` (progress summary, signals, messages).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -43,7 +32,7 @@ from promptkd.models.loading import eos_token_ids
 from promptkd.samplers import build_sampler
 from promptkd.training import assembly, data_sources, run_dir
 from promptkd.training.checkpoint import MethodState, disk_size, link_duplicates, save_checkpoint
-from promptkd.training.console import StopSignals, progress_postfix
+from promptkd.training.console import StopSignals, progress_postfix, say
 from promptkd.training.context import ParameterSet, TrainingContext, UpdateGuard
 from promptkd.training.dev_eval import DevEvaluation
 from promptkd.training.optim import build_optimizer, build_scheduler
@@ -255,14 +244,7 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
 
     def _say(self, message: str) -> None:
-        """One line for whoever watches the run: above the progress bar when it is shown
-        (show_progress, main process), else an INFO log record."""
-        if self.show_progress and self.accelerator.is_main_process:
-            from tqdm.auto import tqdm
-
-            tqdm.write(message, file=sys.stderr)
-        else:
-            logger.info(message)
+        say(message, above_bar=self.show_progress and self.accelerator.is_main_process)
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -364,12 +346,8 @@ class Trainer:
         return last
 
     def _maybe_save_best(self, record: dict) -> None:
-        key = "dev/loss" if self.cfg.train.eval_metric == "loss" else "dev/rougeL"
-        value = record.get(key)
-        if value is None:
-            return
-        better = self.best_metric is None or (value < self.best_metric if key == "dev/loss" else value > self.best_metric)
-        if better:
+        value = DevEvaluation.improved(self.cfg.train.eval_metric, record, self.best_metric)
+        if value is not None:
             self.best_metric, self.best_step = value, self.step
             record["best"] = True
             self.export(self.output_dir / "best")
