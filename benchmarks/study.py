@@ -40,11 +40,14 @@ Design
   cell's estimate would exceed it. Estimates: STEP_SECONDS etc. (the pilot of
   ../shared/docs/STUDY_NOTES.md x CONSERVATIVE), replaced by measured cell times once cells of
   the same label exist, and scaled by the measured/estimated ratio of finished cells otherwise.
-- Statistics (report): mean and sample std over training seeds per set and for the average
-  (mean over sets); paired differences PromptKD seed k - X seed k with a bootstrap 95% interval
-  that resamples the evaluation prompts (jointly across the seed pairs, per set), pooled over
-  seeds. With 3 seeds a bootstrap over seeds is weak, so the seed-level spread is shown beside it
-  (per-seed differences and a two-level interval that also resamples seeds).
+- Statistics (report), from promptkd.compare.stats: mean and sample std over training seeds per
+  set and for the average (mean over sets). Each comparison (PromptKD against every baseline,
+  each prompt-LR / guard variant against GKD and PromptKD: comparison_pairs) is a paired t-test
+  over training seeds on the cells' average ROUGE-L, with a t-interval of the mean difference,
+  Holm-adjusted over all comparisons of the report. The verdict is better / worse (Holm p < 0.05)
+  or unresolved; cpu2 declared no equivalence margin, so nothing is called equivalent.
+- Integrity (report): the code revisions the cells ran on, the overlap of the seed-1 cells with
+  the init's SFT data, and the evaluation seeds: the confounds of the comparison.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ STUDY_SCALES = {
         sinst_every=4, dev_examples=48, eval_every=40, eb_prompts=20, eb_samples=3, eb_every=40, max_drift=0.1,
         raised_prompt_lrs=[2.5e-4, 1e-3], seeds_core=[1, 2, 3], seeds_other=[1, 2, 3], seeds_drift=[1, 2, 3],
         minillm_ppo_epochs=1, distillm_adapt_every=20, mixed_precision="bf16", eval_dtype="bfloat16",
-        threads=1, workers=2, max_minutes=150, n_boot=10000,
+        threads=1, workers=2, max_minutes=150,
     ),
     # every code path on a tiny budget: 3 steps of batch 2, 8 new tokens, 3 prompts per set
     "cpu2-smoke": dict(
@@ -91,7 +94,7 @@ STUDY_SCALES = {
         sinst_every=4, dev_examples=4, eval_every=1, eb_prompts=2, eb_samples=1, eb_every=1, max_drift=0.1,
         raised_prompt_lrs=[1e-3], seeds_core=[1, 2], seeds_other=[1], seeds_drift=[1],
         minillm_ppo_epochs=1, distillm_adapt_every=1, mixed_precision="bf16", eval_dtype="bfloat16",
-        threads=1, workers=2, max_minutes=30, n_boot=2000,
+        threads=1, workers=2, max_minutes=30,
     ),
 }
 # The study's cells generated and evaluated without autocast (in the eval_dtype weights), before
@@ -99,13 +102,16 @@ STUDY_SCALES = {
 # cell re-run reproduces the recorded ones.
 RECORDED_EVAL_PRECISION = "no"
 # knobs that do not change any result (they are left out of the cells' settings key)
-RUNTIME_KNOBS = {"threads", "workers", "max_minutes", "n_boot"}
+RUNTIME_KNOBS = {"threads", "workers", "max_minutes"}
 INIT_SEED = 1
 SETS = ["dolly", "selfinst", "vicuna", "sinst"]
 SET_TITLES = {"dolly": "Dolly", "selfinst": "SelfInst", "vicuna": "Vicuna", "sinst": "S-NI"}
 TARGET = "PromptKD"
-PRIMARY = ["GKD", "KD", "MiniLLM", "PromptKD-noreg"]  # paired comparisons with verdicts
+PRIMARY = ["GKD", "KD", "MiniLLM", "PromptKD-noreg"]  # PromptKD's comparisons, in the report's order
 SECONDARY = ["SFT", "SeqKD", "ImitKD", "DistiLLM"]
+ALPHA = 0.05  # level of every test and interval of the report
+# the study that replaces cpu2's comparison (named in the report's integrity section)
+SUCCESSOR = "cpu3 (to come: one frozen code revision, 5 training seeds and 5 evaluation seeds)"
 
 # ----------------------------------------------------------------------------- cost model
 # Seconds per optimizer step at batch 4, prompts <= 128 tokens, 48 new tokens, bf16, one torch
@@ -404,101 +410,35 @@ def average_over_sets(scores: dict[str, float], sets: list[str]) -> float:
     return statistics.fmean(scores[x] for x in sets)
 
 
-def paired_bootstrap(diffs: list[dict[str, list[float]]], *, n_boot: int = 10000, seed: int = 0,
-                     level: float = 0.95) -> dict:
-    """Bootstrap interval of a paired difference of average ROUGE-L, pooled over seed pairs.
+def comparison_pairs(labels: dict[str, Label]) -> list[tuple[str, str]]:
+    """Every comparison the report tests, as (arm, baseline): PromptKD against each baseline
+    (PRIMARY, then SECONDARY), then each prompt-LR / guard variant against GKD and against
+    PromptKD. Holm's adjustment runs over all of them (cpu2: 8 + 5 x 2 = 18)."""
+    pairs = [(TARGET, b) for b in PRIMARY + SECONDARY if b in labels]
+    for name, lab in labels.items():
+        if lab.group == "drift":
+            pairs += [(name, "GKD"), (name, TARGET)]
+    return pairs
 
-    diffs: one mapping per seed pair, set -> per-prompt differences (A - B on the same prompts,
-    same order in every pair). The statistic is the mean over pairs of the mean over sets of the
-    mean over prompts (the "average" column's difference). Each replicate resamples the prompts
-    of every set with replacement, the same draw for every seed pair (prompts are shared, so their
-    difficulty is resampled jointly). The training seeds themselves are not resampled in the main
-    interval (3 seeds make a weak bootstrap); `two_level` also resamples the seed pairs.
 
-    Returns {"estimate", "lo", "hi", "per_seed": [...], "per_seed_ci": [(lo, hi)], "two_level": (lo, hi),
-    "n_pairs", "n_prompts", "n_boot"}.
+def compare_cells(by_label: dict[str, dict[int, dict]], pairs: list[tuple[str, str]]) -> dict:
+    """(arm, baseline) -> promptkd.compare.stats.Comparison for every pair whose two arms have cells.
+
+    A cell's score is its average ROUGE-L over the sets (the report's "average"); the pairs are
+    compared by a paired t-test over training seeds, Holm-adjusted over the pairs tested, at level
+    ALPHA and without an equivalence margin (cpu2 declared none). A pair with an arm that has no
+    cell yet is left out (the report says "not available").
     """
-    import numpy as np
+    from promptkd.compare.stats import compare
 
-    if not diffs:
-        raise ValueError("paired_bootstrap: no seed pairs")
-    sets = sorted(diffs[0])
-    if any(sorted(d) != sets for d in diffs):
-        raise ValueError("paired_bootstrap: every seed pair needs the same sets")
-    rng = np.random.default_rng(seed)
-    k = len(diffs)
-    per_pair_boot = np.zeros((n_boot, k))
-    per_pair = np.zeros(k)
-    n_prompts = 0
-    for name in sets:
-        d = np.asarray([pair[name] for pair in diffs], dtype=np.float64)  # (K, n)
-        if d.ndim != 2 or d.shape[1] == 0:
-            raise ValueError(f"paired_bootstrap: set {name!r} has no prompts or unequal lengths across pairs")
-        n = d.shape[1]
-        n_prompts += n
-        per_pair += d.mean(1) / len(sets)
-        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)  # (B, n)
-        per_pair_boot += (counts @ d.T) / n / len(sets)  # (B, K)
-    alpha = (1 - level) / 2
-    pooled = per_pair_boot.mean(1)
-    seeds_idx = rng.integers(0, k, size=(n_boot, k))
-    two_level = np.take_along_axis(per_pair_boot, seeds_idx, axis=1).mean(1)
-
-    def q(x):
-        lo, hi = np.quantile(x, [alpha, 1 - alpha])
-        return float(lo), float(hi)
-
-    lo, hi = q(pooled)
-    est = float(per_pair.mean())
-    # floating-point dust: a constant difference gives a zero-width interval at the constant
-    if np.allclose(pooled, est, rtol=0, atol=1e-9):
-        lo = hi = est
-    return {"estimate": est, "lo": min(lo, est), "hi": max(hi, est), "per_seed": [float(x) for x in per_pair],
-            "per_seed_ci": [q(per_pair_boot[:, j]) for j in range(k)], "two_level": q(two_level),
-            "n_pairs": k, "n_prompts": n_prompts, "n_boot": n_boot, "level": level}
+    scores = {name: {sd: r["average"] for sd, r in recs.items()} for name, recs in by_label.items() if recs}
+    tested = [(a, b) for a, b in pairs if a in scores and b in scores]
+    return dict(zip(tested, compare(scores, tested, alpha=ALPHA), strict=True)) if tested else {}
 
 
-def verdict_interval(r: dict) -> tuple[float, float, str]:
-    """The interval a verdict is read from: (lo, hi, what it covers).
-
-    With 2 or more seed pairs, the two-level interval (training seeds and prompts resampled):
-    retraining with another seed moves a method's average by more than the gaps being judged, so
-    an interval over prompts alone overstates the evidence (it called a pair resolved whose two
-    seed pairs differed in sign). With one seed pair the seed spread is unmeasured: the prompt
-    interval is shown, and the pair is not judged (see ``resolved``).
-    """
-    if r["n_pairs"] >= 2 and r.get("two_level"):
-        lo, hi = r["two_level"]
-        return min(lo, r["estimate"]), max(hi, r["estimate"]), "seeds and prompts"
-    return r["lo"], r["hi"], "prompts only"
-
-
-def verdict(a: str, b: str, res: dict | None, planned: int | None = None) -> str:
-    """Plain words: is A - B resolved (the 95% interval over seeds and prompts excludes 0)?"""
-    if res is None:
-        return f"not available: no training seed has both {a} and {b} yet."
-    est = res["estimate"]
-    lo, hi, covers = verdict_interval(res)
-    pct = int(round(100 * res.get("level", 0.95)))
-    ci = f"{pct}% CI {lo:+.2f} to {hi:+.2f}, {covers}"
-    n = res["n_pairs"]
-    seeds = f"{n} seed pair{'s' if n != 1 else ''}"
-    if planned and n < planned:
-        seeds += f", partial: {n} of {planned} planned"
-    if n < 2:
-        text = (f"not judged (one seed pair, so the training-seed spread is unmeasured): {a} - {b} = "
-                f"{est:+.2f} ROUGE-L ({ci}; {seeds}).")
-    elif lo > 0:
-        text = f"resolved: {a} is higher than {b} by {est:.2f} ROUGE-L ({ci}; {seeds})."
-    elif hi < 0:
-        text = f"resolved: {a} is lower than {b} by {-est:.2f} ROUGE-L ({ci}; {seeds})."
-    else:
-        text = f"not resolved: {a} - {b} = {est:+.2f} ROUGE-L; the {ci}, includes 0 ({seeds})."
-    signs = res.get("per_seed") or []
-    if len(signs) > 1:
-        pos = sum(x > 0 for x in signs)
-        text += f" Per seed: {', '.join(f'{x:+.2f}' for x in signs)} ({pos} of {len(signs)} positive)."
-    return text
+def clean_code(code: str) -> bool:
+    """A recorded code state that git can restore: a commit without uncommitted changes."""
+    return code.startswith("git ") and "uncommitted" not in code
 
 
 # ----------------------------------------------------------------------------- files
@@ -996,7 +936,7 @@ def run_cell(s: dict, paths: Paths, label_name: str, seed: int, meta: dict) -> d
         rec["dev_loss"] = devs[-1] if devs else None
         rec["curves"] = curves_from_metrics(recs)
         rec["nonfinite_skips"] = max((r.get("nonfinite_skips", 0) for r in recs), default=0)
-    # evaluation: sampled ROUGE-L, one evaluation seed, per-prompt scores for the paired bootstrap
+    # evaluation: sampled ROUGE-L, one evaluation seed, per-prompt scores kept in the cell
     t = time.perf_counter()
     eval_dir = run_dir / "eval" if label_name not in ("Init", "Teacher") else \
         paths.cache / "eval" / f"{cid}-{key}-{rec['init_hash'][:12] if label_name == 'Init' else 'teacher'}"
@@ -1155,7 +1095,7 @@ def planned_seeds(s: dict, label: str) -> int:
     return sum(1 for lab, _ in cell_order(s) if lab == label)
 
 
-def build_report(study_dir: Path, s: dict, scale: str, *, n_boot: int | None = None) -> Path:
+def build_report(study_dir: Path, s: dict, scale: str) -> Path:
     """README.md + PNGs in study_dir from whatever cell files exist (any subset)."""
     study_dir.mkdir(parents=True, exist_ok=True)
     labels = study_labels(s)
@@ -1167,7 +1107,6 @@ def build_report(study_dir: Path, s: dict, scale: str, *, n_boot: int | None = N
     by_label: dict[str, dict[int, dict]] = {}
     for r in ok.values():
         by_label.setdefault(r["label"], {})[r["seed"]] = r
-    n_boot = n_boot or s["n_boot"]
     order = cell_order(s)
     lines = [f"# PromptKD study `{study_dir.name}` (scale {scale})", ""]
     if scale.endswith("smoke"):
@@ -1193,14 +1132,6 @@ def build_report(study_dir: Path, s: dict, scale: str, *, n_boot: int | None = N
     if archived:
         lines.append(f"- {len(archived)} cell file(s) from earlier inits archived in `cells_other_init/` (not in any "
                      f"table): {', '.join(archived)}")
-    revs: dict[str, list[str]] = {}
-    for c, r in ok.items():
-        revs.setdefault(r.get("code", "?"), []).append(c)
-    if len(revs) > 1:
-        lines.append("- **cells ran on different code revisions:** " + "; ".join(
-            f"{rev}: {', '.join(sorted(cs))}" for rev, cs in sorted(revs.items(), key=lambda x: -len(x[1]))))
-    elif revs:
-        lines.append(f"- every finished cell ran on {next(iter(revs))}.")
     # compute
     sittings = _read_jsonl(study_dir / "sittings.jsonl")
     cell_wall = sum(r.get("wall_s", 0.0) for r in ok.values())
@@ -1226,7 +1157,7 @@ def build_report(study_dir: Path, s: dict, scale: str, *, n_boot: int | None = N
     # results
     lines += ["## ROUGE-L by method (mean ± sample std over training seeds)", ""]
     lines += table_head(["method", "seeds", *(SET_TITLES[x] for x in SETS), "average", "dev loss",
-                         "trained tokens / step"])
+                         "trained tokens / step", "sampled tokens / run"])
     stats = {}
     for name in [n for n in labels if n in by_label]:
         recs = list(by_label[name].values())
@@ -1235,52 +1166,24 @@ def build_report(study_dir: Path, s: dict, scale: str, *, n_boot: int | None = N
         stats[name] = row
         dl = [r["dev_loss"] for r in recs if r.get("dev_loss") is not None]
         tt = [r["trained_tokens_per_step"] for r in recs if r.get("trained_tokens_per_step")]
+        st = [r["generated_tokens"] for r in recs if r.get("generated_tokens") is not None]
         if name == "Init" and init.get("dev_loss") is not None:
             dl = [init["dev_loss"]]
         lines.append(table_row([name, f"{len(recs)}/{planned_seeds(s, name)}",
                                 *(f"{m:.2f} ± {sd:.2f}" for m, sd in (row[x] for x in SETS + ["average"])),
-                                f"{statistics.fmean(dl):.3f}" if dl else "", f"{statistics.fmean(tt):.0f}" if tt else ""]))
+                                f"{statistics.fmean(dl):.3f}" if dl else "", f"{statistics.fmean(tt):.0f}" if tt else "",
+                                f"{statistics.fmean(st):.0f}" if st else ""]))
     lines += ["", "std: sample standard deviation (ddof 1) over training seeds; the average is the mean over the four "
               "sets. Init and Teacher have no training seed (one evaluation). Dev loss: token cross-entropy of "
               f"{s['dev_examples']} Dolly dev references at the end of training. Trained tokens / step: response "
-              f"tokens in each step's loss (all capped at {s['max_new_tokens']}).", ""]
-    # paired comparisons
-    comparisons = []
-    for other_label in PRIMARY + SECONDARY:
-        comparisons.append((TARGET, other_label, other_label in PRIMARY))
-    for name, lab in labels.items():
-        if lab.group == "drift":
-            comparisons.append((name, "GKD", False))
-            comparisons.append((name, TARGET, False))
-    results = {}
-    for a, b, _ in comparisons:
-        results[(a, b)] = paired(by_label.get(a, {}), by_label.get(b, {}), n_boot)
-    lines += ["## Paired differences (A seed k - B seed k), bootstrap 95% intervals", "",
-              "Interval: per-prompt paired bootstrap, pooled over the seed pairs: each of "
-              f"{n_boot} replicates resamples the prompts of every set with replacement (the same prompts for "
-              "every seed pair) and recomputes the mean over pairs of the average-over-sets difference. It covers "
-              "the prompt sample and the sampling noise of the one evaluation seed, and the training seeds only "
-              "through the pairs that exist. The verdict is read from the two-level interval, which also "
-              "resamples the seed pairs: training seeds move a method's average by more than the gaps judged "
-              "here, and the prompt interval alone ignores that. Resolved = 2 or more seed pairs and the "
-              "two-level interval excludes 0; a comparison with one seed pair is not judged. With 3 seeds the "
-              "seed resampling is coarse, so the per-seed differences are shown beside it.", "",
-              "### PromptKD against GKD, KD, MiniLLM and its own no-reg ablation", ""]
-    for a, b, primary in comparisons:
-        if primary:
-            planned = min(planned_seeds(s, a), planned_seeds(s, b))
-            lines.append(f"- PromptKD vs {b}: " + verdict(a, b, results[(a, b)], planned))
-    lines += ["", *table_head(["A", "B", "pairs", "A - B", "95% CI (prompts)", "two-level CI (seeds + prompts)",
-                               "per seed", "resolved (two-level CI)"])]
-    for a, b, _ in comparisons:
-        r = results[(a, b)]
-        if r is None:
-            lines.append(f"| {a} | {b} | 0 | | | | | not available |")
-            continue
-        lines.append(table_row([a, b, r["n_pairs"], f"{r['estimate']:+.2f}", f"{r['lo']:+.2f} to {r['hi']:+.2f}",
-                                f"{r['two_level'][0]:+.2f} to {r['two_level'][1]:+.2f}",
-                                ", ".join(f"{x:+.2f}" for x in r["per_seed"]), resolved_cell(r)]))
-    lines.append("")
+              f"tokens in each step's loss (all capped at {s['max_new_tokens']}). Sampled tokens / run: response tokens the "
+              "student sampled during training, mean over seeds (0: the method trains on the dataset's or the "
+              "teacher's responses only).", ""]
+    # integrity, then the paired comparisons
+    pairs = comparison_pairs(labels)
+    results = compare_cells(by_label, pairs)
+    lines += integrity_section(s, init, ok, labels, by_label, pairs, results)
+    lines += comparison_section(pairs, results, by_label)
     # drift study
     lines += drift_section(s, labels, by_label, stats, results)
     # exposure bias
@@ -1300,14 +1203,14 @@ def build_report(study_dir: Path, s: dict, scale: str, *, n_boot: int | None = N
                                 status[c]]))
     lines.append("")
     # plots
-    plots = make_plots(study_dir, s, labels, by_label, results, comparisons, init)
+    plots = make_plots(study_dir, s, labels, by_label, results, pairs, init)
     lines += ["## Plots", ""] + [f"![{k}]({v.name})" for k, v in plots.items()] + [""]
     lines += ["## Deviations from the paper's protocol", ""] + [f"- {x}" for x in deviation_lines(s)] + [""]
     out = study_dir / "README.md"
     out.write_text("\n".join(lines), encoding="utf-8")
     summary = {"cells_ok": sorted(ok), "stale": stale, "other_init": other, "missing": missing,
                "stats": {k: {x: list(v) for x, v in row.items()} for k, row in stats.items()},
-               "paired": {f"{a} - {b}": results[(a, b)] for a, b, _ in comparisons}}
+               "paired": {f"{a} - {b}": _comparison_json(results[(a, b)]) for a, b in pairs if (a, b) in results}}
     atomic_write_json(study_dir / "summary.json", summary)
     return out
 
@@ -1322,17 +1225,167 @@ def table_head(columns: list[str]) -> list[str]:
     return [table_row(columns), "|---" * len(columns) + "|"]
 
 
-def resolved(r: dict) -> bool:
-    """Resolved: 2 or more seed pairs and the interval over seeds and prompts excludes 0."""
-    lo, hi, _ = verdict_interval(r)
-    return r["n_pairs"] >= 2 and (lo > 0 or hi < 0)
+def plural(n: int, word: str) -> str:
+    """'1 cell', '3 cells'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def resolved_cell(r: dict) -> str:
-    """The report table's 'resolved' column."""
-    if r["n_pairs"] < 2:
-        return "not judged (1 seed pair)"
-    return "yes" if resolved(r) else "no"
+def fmt_p(p: float) -> str:
+    """A p-value for a table: three decimals, or three significant digits below 0.001."""
+    if math.isnan(p):
+        return ""
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.2g}"
+
+
+def verdict_cell(c) -> str:
+    """The verdict column: compare's verdict, with the reason when a pair has no test."""
+    n = len(c.seeds)
+    return c.verdict if n >= 2 else f"{c.verdict} (no test: {n} seed pair{'s' if n != 1 else ''})"
+
+
+def same_code_pairs(c, by_label: dict[str, dict[int, dict]]) -> int:
+    """Seed pairs of a comparison whose two cells ran on one clean code revision (clean_code)."""
+    codes = [(by_label[c.arm][sd].get("code", "?"), by_label[c.baseline][sd].get("code", "?")) for sd in c.seeds]
+    return sum(x == y and clean_code(x) for x, y in codes)
+
+
+def comparison_section(pairs: list[tuple[str, str]], results: dict, by_label: dict[str, dict[int, dict]]) -> list[str]:
+    """The report's paired comparisons: per-seed differences, mean, t-interval, raw and Holm p, verdict."""
+    from promptkd.compare.stats import describe_interval
+
+    tested = [results[x] for x in pairs if x in results]
+    sizes = sorted({len(c.seeds) for c in tested if len(c.seeds) >= 2})
+    lines = ["## Paired comparisons over training seeds", "",
+             "Each comparison pairs the cells of two arms by training seed: d_k = score(A, seed k) - score(B, seed k), "
+             "where a cell's score is its average ROUGE-L over the sets (the average column above). The test is a "
+             "two-sided paired t-test on the d_k over the training seeds both arms have (n - 1 degrees of freedom; "
+             "`promptkd.compare.stats.compare`, scipy.stats.ttest_rel): the training seed is the replicated unit, so "
+             "n is the number of seed pairs, not of prompts. p is the raw p-value; Holm p is adjusted by Holm's "
+             f"step-down method over all {len(tested)} comparisons of this report. Verdict: better or worse (the sign "
+             f"of the mean difference) when Holm p < {ALPHA:g}, else unresolved. The study declared no equivalence "
+             "margin before it ran, so no comparison can be called equivalent: unresolved means not distinguishable "
+             "at this budget, not the same.", ""]
+    for n in sizes:
+        lines.append(f"Interval{f' (comparisons with {n} seed pairs)' if len(sizes) > 1 else ''}: "
+                     f"{describe_interval(ALPHA, n)}, computed as mean ± t * s / sqrt(n) (s: the sample standard "
+                     "deviation of the d_k; t: Student's t quantile).")
+    if any(len(c.seeds) < 2 for c in tested):
+        lines.append("A comparison with fewer than 2 seed pairs has no test and no interval.")
+    called = [c for c in tested if c.verdict in ("better", "worse")]
+    with_p = [c for c in tested if not math.isnan(c.p_holm)]
+    if with_p:
+        best = min(with_p, key=lambda c: c.p_holm)
+        lines += ["", f"**{len(called)} of {len(tested)} comparisons differ after Holm's adjustment**"
+                  + (f" ({', '.join(f'{c.arm} {c.verdict} than {c.baseline}' for c in called)})" if called else "")
+                  + f"; the smallest Holm p is {fmt_p(best.p_holm)} ({best.arm} - {best.baseline}, raw p "
+                  f"{fmt_p(best.p)}). With {max(sizes)} seeds a t-test has {plural(max(sizes) - 1, 'degree')} of "
+                  f"freedom: only a difference that is large against its seed-to-seed spread reaches p < {ALPHA:g}, "
+                  "and Holm divides the level among the comparisons."]
+    lines += ["", *table_head(["A", "B", "seed pairs", "per seed (A - B)", "mean", f"{100 * (1 - ALPHA):g}% t-interval",
+                               "p", "Holm p", "verdict", "pairs on one clean revision"])]
+    for a, b in pairs:
+        c = results.get((a, b))
+        if c is None:
+            lines.append(table_row([a, b, 0, "", "", "", "", "", "not available (an arm has no cell yet)", ""]))
+            continue
+        ci = "" if math.isnan(c.ci[0]) else f"{c.ci[0]:+.2f} to {c.ci[1]:+.2f}"
+        lines.append(table_row([a, b, len(c.seeds), ", ".join(f"{x:+.2f}" for x in c.differences),
+                                "" if math.isnan(c.mean) else f"{c.mean:+.2f}", ci, fmt_p(c.p), fmt_p(c.p_holm),
+                                verdict_cell(c), f"{same_code_pairs(c, by_label)}/{len(c.seeds)}"]))
+    lines += ["", "Pairs on one clean revision: seed pairs whose two cells ran on the same commit without "
+              "uncommitted changes (see Integrity); in the other pairs the difference also holds the change of code.",
+              ""]
+    return lines
+
+
+def integrity_section(s: dict, init: dict, ok: dict[str, dict], labels: dict[str, Label],
+                      by_label: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], results: dict) -> list[str]:
+    """What confounds the comparison, read from the cell files and init.json: the code revisions the
+    cells ran on, the seed-1 cells' overlap with the init's SFT data, the evaluation seeds and prompts."""
+    lines = ["## Integrity", ""]
+    confounds = []
+    # code revisions (their table closes the section)
+    revs: dict[str, list[str]] = {}
+    for c, r in ok.items():
+        revs.setdefault(r.get("code", "unrecorded"), []).append(c)
+    commits = {x.split()[1] for x in revs if x.startswith("git ")}
+    dirty = sorted(c for x, cs in revs.items() if not clean_code(x) for c in cs)
+    n_unclean = sum(not clean_code(x) for x in revs)
+    if revs:
+        text = (f"- **Code revisions.** The {plural(len(ok), 'cell')} ran on {plural(len(revs), 'code state')} "
+                f"({plural(len(commits), 'commit')}; table below); {plural(n_unclean, 'state')} had uncommitted "
+                f"changes or no record, so git cannot restore the code of {plural(len(dirty), 'cell')}.")
+        if len(revs) > 1:
+            confounds.append("code")
+            tested = [results[x] for x in pairs if x in results]
+            same = sum(same_code_pairs(c, by_label) for c in tested)
+            text += (f" Of the {sum(len(c.seeds) for c in tested)} seed pairs in the {len(tested)} comparisons, {same} "
+                     "ran both cells on one clean revision; in the others the paired difference holds the change of "
+                     "code too (float rounding, which changes the sampled responses from the step where it first "
+                     "differs, and any behaviour that changed).")
+            if guard_control_lines(s, labels, by_label):
+                text += (" The A/A control under *Prompt learning rate and the drift guard* shows what a change of "
+                         "revision alone did to one arm.")
+        lines.append(text)
+    else:
+        lines.append("- No finished cell yet.")
+    # the seed-1 overlap with the init's SFT data
+    cfg = init.get("config") or {}
+    if {"seed", "max_steps", "batch_size"} <= set(cfg):
+        n_init = cfg["max_steps"] * cfg["batch_size"]
+        n_cell = s["steps"] * s["batch_size"]
+        same_seed = sorted(c for c, r in ok.items() if r.get("seed") == cfg["seed"] and labels.get(r["label"])
+                           and labels[r["label"]].method)
+        if same_seed:
+            confounds.append("seed")
+            lines.append(f"- **Seed {cfg['seed']} re-trains on the init's data.** The init's SFT took the first {n_init} "
+                         f"examples ({cfg['max_steps']} steps x batch {cfg['batch_size']}) of training seed "
+                         f"{cfg['seed']}'s order of the training file; a method cell with training seed {cfg['seed']} "
+                         f"takes the first {n_cell} ({s['steps']} steps x batch {s['batch_size']}) of the same order "
+                         "of the same file (promptkd.data.order.DataOrder depends on the seed and the position "
+                         f"only). So the {len(same_seed)} seed-{cfg['seed']} cells train on {min(n_init, n_cell)} "
+                         f"examples the init was fitted to, in the same order (their prompts, and the reference "
+                         "responses for the methods that train on them); the other seeds draw other orders.")
+    # evaluation seeds and prompts
+    confounds.append("eval")
+    lines.append(f"- **One evaluation seed.** Every model was evaluated with evaluation seed {s['eval_seed']} only (the "
+                 "settings key of every cell in the tables includes it; the protocol averages 5). A cell's score "
+                 "carries the sampling noise of one draw per prompt, which the paired test counts with the "
+                 "training-seed spread but cannot average out.")
+    hashes = {x: {r["prompts_hash"].get(x) for r in ok.values() if r.get("prompts_hash")} for x in SETS}
+    differ = [SET_TITLES[x] for x, hs in hashes.items() if len(hs) > 1]
+    lines.append("- **Prompts.** " + (f"Cells were evaluated on different prompts in {', '.join(differ)} (more than "
+                                      "one prompts hash): their paired differences also hold the change of prompts."
+                                      if differ else "Every cell was evaluated on the same prompts (one prompts hash "
+                                      "per set)."))
+    if "code" in confounds or "seed" in confounds:
+        lines += ["", "These confound the comparison: a paired difference mixes the method with "
+                  + " and with ".join(x for x, k in (("the code it ran on", "code"),
+                                                     ("a seed-1 start already fitted to its data", "seed"))
+                                       if k in confounds)
+                  + ", and one evaluation seed adds noise that the training seeds cannot separate. Read the "
+                  f"comparisons below as a pilot. The study {SUCCESSOR} replaces this comparison."]
+    if revs:
+        lines += ["", *table_head(["code", "cells", "uncommitted changes", "which cells"])]
+        for x, cs in sorted(revs.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            lines.append(table_row([x, len(cs), "no" if clean_code(x) else "yes" if "uncommitted" in x else "unrecorded",
+                                    ", ".join(sorted(cs))]))
+    lines.append("")
+    return lines
+
+
+def _comparison_json(c) -> dict:
+    """A Comparison for summary.json (NaN, which JSON lacks, as null)."""
+    from dataclasses import asdict
+
+    def clean(v):
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return {k: clean(v) for k, v in asdict(c).items()}
 
 
 def drift_labels(labels: dict[str, Label]) -> list[str]:
@@ -1353,20 +1406,6 @@ def exaccerr_at(recs: list[dict], step: int, init: dict) -> list[float]:
         return [e0[-1]] if e0 and e0[-1] is not None else []
     return [r["exaccerr"][str(step)][-1] for r in recs
             if str(step) in r.get("exaccerr", {}) and r["exaccerr"][str(step)][-1] is not None]
-
-
-def paired(a: dict[int, dict], b: dict[int, dict], n_boot: int) -> dict | None:
-    seeds = sorted(set(a) & set(b))
-    diffs = []
-    for sd in seeds:
-        ra, rb = a[sd], b[sd]
-        if any(ra["prompts_hash"][x] != rb["prompts_hash"][x] for x in SETS):
-            log(f"WARNING: {ra['label']} and {rb['label']} seed {sd} were evaluated on other prompts: not paired")
-            continue
-        diffs.append({x: [p - q for p, q in zip(ra["per_prompt"][x], rb["per_prompt"][x], strict=True)] for x in SETS})
-    if not diffs:
-        return None
-    return paired_bootstrap(diffs, n_boot=n_boot, seed=0)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -1477,8 +1516,10 @@ def drift_section(s, labels, by_label, stats, results) -> list[str]:
              "guard: steps on which promptkd.max_drift left the prompt as it was, because its drift was over the "
              "bound or because the update would have left it over the bound and was undone (the guard undoes such "
              "updates since git 8f34e09; before, it only skipped steps over the bound, so a cell's code revision "
-             "says which guard it ran).", "",
-             *table_head(["variant", "prompt LR", "guard", "seeds", "average ROUGE-L", "- GKD (95% CI; prompts only with 1 seed)",
+             "says which guard it ran). - GKD: the mean paired difference from GKD, its t-interval and Holm p, "
+             "as in the paired comparisons above.", "",
+             *table_head(["variant", "prompt LR", "guard", "seeds", "average ROUGE-L",
+                          f"- GKD ({100 * (1 - ALPHA):g}% t-interval; Holm p)",
                           "drift start -> end (max)", "kl_to_student start -> end", "steps frozen by guard",
                           "collapse", "warned at step (per seed)"])]
     for n in drift_labels(labels):
@@ -1489,11 +1530,12 @@ def drift_section(s, labels, by_label, stats, results) -> list[str]:
                          f"{'yes' if lab.guard else 'no'} | 0/{planned_seeds(s, n)} | | | | | | | |")
             continue
         avg = stats[n]["average"]
-        r = results.get((n, "GKD"))
+        c = results.get((n, "GKD"))
         g = ""
-        if r:
-            lo, hi, _ = verdict_interval(r)
-            g = f"{r['estimate']:+.2f} ({lo:+.2f} to {hi:+.2f})"
+        if c and len(c.seeds) >= 2:
+            g = f"{c.mean:+.2f} ({c.ci[0]:+.2f} to {c.ci[1]:+.2f}; {fmt_p(c.p_holm)})"
+        elif c and c.seeds:
+            g = f"{c.mean:+.2f} (1 seed pair: no interval)"
         _, dr = _mean_curve(recs, "prompt/drift")
         _, kl = _mean_curve(recs, "prompt/kl_to_student")
         frozen = [frozen_steps(rr) for rr in recs]
@@ -1506,8 +1548,25 @@ def drift_section(s, labels, by_label, stats, results) -> list[str]:
                                 f"{head(kl):.3f} -> {tail(kl):.3f}" if kl else "",
                                 f"{statistics.fmean(frozen):.0f}", "yes" if collapse else "no",
                                 ", ".join(warned_step(by_label[n][sd]) for sd in sorted(by_label[n]))]))
-    lines += ["", *guard_control_lines(s, labels, by_label), "Drift curves: `drift.png` (below).", ""]
+    lines += ["", *collapse_lines(labels, by_label), *guard_control_lines(s, labels, by_label),
+              "Drift curves: `drift.png` (below).", ""]
     return lines
+
+
+def collapse_lines(labels: dict[str, Label], by_label: dict[str, dict[int, dict]]) -> list[str]:
+    """Which PromptKD runs warned of collapse, per variant, against all PromptKD runs of the study:
+    the evidence for a collapse is its mechanism on each seed, not an interval over 3 seeds."""
+    warned = {n: [sd for sd in sorted(by_label.get(n, {})) if warned_step(by_label[n][sd]) != "-"]
+              for n, lab in labels.items() if lab.method == "promptkd"}
+    runs = sum(len(by_label.get(n, {})) for n in warned)
+    hit = {n: sds for n, sds in warned.items() if sds}
+    if not runs:
+        return []
+    if not hit:
+        return [f"Collapse warnings: none of the {runs} PromptKD runs warned.", ""]
+    parts = [f"{n} on {len(sds)} of {len(by_label[n])} seeds ({', '.join(map(str, sds))})" for n, sds in hit.items()]
+    others = runs - sum(len(by_label[n]) for n in hit)
+    return [f"Collapse warnings: {'; '.join(parts)}; none of the other {others} PromptKD runs warned.", ""]
 
 
 def first_difference(a: dict, b: dict, key: str = "student/loss", tol: float = 1e-6) -> int | None:
@@ -1564,6 +1623,7 @@ def exposure_section(s, labels, by_label, init) -> list[str]:
 
 
 def make_plots(study_dir, s, labels, by_label, results, comparisons, init) -> dict[str, Path]:
+    """The report's PNGs; comparisons are (arm, baseline) pairs and results their Comparisons."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1599,19 +1659,19 @@ def make_plots(study_dir, s, labels, by_label, results, comparisons, init) -> di
     a2.set(xlabel="optimizer step", ylabel="dev token loss", title="Dev loss (reference responses)")
     save(fig, "training curves", "training_curves.png", (a1, a2))
     # forest plot of the paired differences
-    rows = [(a, b) for a, b, _ in comparisons if results.get((a, b))]
+    rows = [results[x] for x in comparisons if x in results]
     fig, ax = plt.subplots(figsize=(7.5, 0.35 * max(len(rows), 3) + 1.2))
-    for i, (a, b) in enumerate(rows):
-        r = results[(a, b)]
-        lo, hi, _ = verdict_interval(r)
-        ax.errorbar([r["estimate"]], [i], xerr=[[r["estimate"] - lo], [hi - r["estimate"]]], fmt="o",
-                    color="C3" if resolved(r) else "C0" if r["n_pairs"] >= 2 else "grey", capsize=3)
-        ax.plot(r["per_seed"], [i] * len(r["per_seed"]), "x", color="grey", ms=4)
+    for i, c in enumerate(rows):
+        if len(c.seeds) >= 2:
+            ax.errorbar([c.mean], [i], xerr=[[c.mean - c.ci[0]], [c.ci[1] - c.mean]], fmt="o", capsize=3,
+                        color="C3" if c.verdict in ("better", "worse") else "C0")
+        ax.plot(c.differences, [i] * len(c.differences), "x", color="grey", ms=4)
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(rows)), [f"{a} - {b}" for a, b in rows], fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{c.arm} - {c.baseline}" for c in rows], fontsize=7)
     ax.invert_yaxis()
-    ax.set(xlabel="paired difference in average ROUGE-L\n(95% CI over seeds and prompts; x = per seed)",
-           title="Paired differences\n(red: resolved; grey: one seed pair, prompt CI, not judged)")
+    ax.set(xlabel=f"paired difference in average ROUGE-L (x: one seed pair)\nmean and {100 * (1 - ALPHA):g}% "
+                  "t-interval over training seeds (n - 1 df, unadjusted)",
+           title=f"Paired differences\n(red: Holm-adjusted p < {ALPHA:g}; blue: unresolved)")
     save(fig, "paired differences", "paired_differences.png")
     # ExAccErr over training
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.4))
@@ -1637,7 +1697,8 @@ def make_plots(study_dir, s, labels, by_label, results, comparisons, init) -> di
             a2.plot(range(1, len(curve) + 1), curve, label=f"{n}, step {steps[-1]}")
     if e0:
         a2.plot(range(1, len(e0) + 1), [v if v is not None else float("nan") for v in e0], "k--", label="init (step 0)")
-    a1.set(xlabel="optimizer step", ylabel=f"ExAccErr({s['max_new_tokens']}) %", title="Exposure bias through training")
+    a1.set(xlabel="optimizer step", ylabel=f"ExAccErr({s['max_new_tokens']}) %",
+           title="Exposure bias through training\n(line: mean over seeds; band: min to max over seeds)")
     a2.set(xlabel="generation length l", ylabel="ExAccErr(l) %", title="ExAccErr(l) at the end of training")
     for a in (a1, a2):
         a.axhline(0, color="grey", lw=0.6, ls=":")
@@ -1679,7 +1740,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="build the report from the existing cell files")
     p.add_argument("--adopt-init", action="store_true", help="accept a rebuilt init whose hash differs from init.json")
     p.add_argument("--rerun-stale", action="store_true", help="re-run cells whose file has other settings")
-    p.add_argument("--n-boot", type=int, help="bootstrap replicates (preset: 10000)")
     return p
 
 
@@ -1687,7 +1747,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
     s = dict(STUDY_SCALES[args.scale])
-    for k in ("workers", "threads", "max_minutes", "n_boot"):
+    for k in ("workers", "threads", "max_minutes"):
         if getattr(args, k) is not None:
             s[k] = getattr(args, k)
     study = args.study or args.scale

@@ -1,4 +1,4 @@
-"""benchmarks/study.py (the per-cell cpu2 study): statistics, verdicts, resume, init hash, sitting plan, report."""
+"""benchmarks/study.py (the per-cell cpu2 study): comparisons, integrity, resume, init hash, sitting plan, report."""
 
 from __future__ import annotations
 
@@ -32,88 +32,21 @@ def cpu2(study):
     return dict(study.STUDY_SCALES["cpu2"])
 
 
-# ----------------------------------------------------------------------------- bootstrap
+# ----------------------------------------------------------------------------- comparisons
 
 
-def test_bootstrap_identical_models_give_a_zero_interval(study):
-    diffs = [{"a": [0.0] * 50, "b": [0.0] * 20} for _ in range(3)]
-    r = study.paired_bootstrap(diffs, n_boot=500)
-    assert r["estimate"] == 0.0 and r["lo"] == 0.0 and r["hi"] == 0.0
-    assert r["per_seed"] == [0.0, 0.0, 0.0] and r["n_pairs"] == 3 and r["n_prompts"] == 70
+def test_cpu2_report_tests_18_comparisons(study, cpu2):
+    """PromptKD against its 8 baselines, and each of the 5 prompt-LR / guard variants against GKD
+    and against PromptKD: Holm's family is these 18."""
+    pairs = study.comparison_pairs(study.study_labels(cpu2))
+    assert len(pairs) == len(set(pairs)) == 18
+    assert pairs[:8] == [("PromptKD", b) for b in study.PRIMARY + study.SECONDARY]
+    assert ("PromptKD-lr1e-3", "GKD") in pairs and ("PromptKD-lr1e-3", "PromptKD") in pairs
 
 
-def test_bootstrap_constant_shift_gives_the_shift(study):
-    diffs = [{"a": [1.5] * 40, "b": [1.5] * 10}, {"a": [1.5] * 40, "b": [1.5] * 10}]
-    r = study.paired_bootstrap(diffs, n_boot=500)
-    assert r["estimate"] == pytest.approx(1.5)
-    assert r["lo"] == pytest.approx(1.5) and r["hi"] == pytest.approx(1.5)
-
-
-def test_bootstrap_noisy_shift_is_covered_and_resolved(study):
-    import numpy as np
-
-    rng = np.random.default_rng(1)
-    diffs = [{"a": list(2.0 + rng.normal(0, 5, 400)), "b": list(2.0 + rng.normal(0, 5, 200))} for _ in range(3)]
-    r = study.paired_bootstrap(diffs, n_boot=2000, seed=3)
-    assert r["lo"] < 2.0 < r["hi"]
-    assert r["lo"] > 0  # resolved
-    assert r["hi"] - r["lo"] < 1.5
-    # the two-level interval (seeds resampled too) exists and contains the estimate
-    assert r["two_level"][0] <= r["estimate"] <= r["two_level"][1]
-    # no effect: the interval covers 0
-    null = [{"a": list(rng.normal(0, 5, 400))} for _ in range(3)]
-    r0 = study.paired_bootstrap(null, n_boot=2000, seed=3)
-    assert r0["lo"] < 0 < r0["hi"]
-
-
-def test_bootstrap_statistic_is_the_mean_over_sets_of_set_means(study):
-    # set a: 10 prompts of +1, set b: 2 prompts of +4 -> average over sets = 2.5 (not the prompt mean 1.5)
-    r = study.paired_bootstrap([{"a": [1.0] * 10, "b": [4.0] * 2}], n_boot=200)
-    assert r["estimate"] == pytest.approx(2.5)
-
-
-def test_bootstrap_rejects_mismatched_sets(study):
-    with pytest.raises(ValueError):
-        study.paired_bootstrap([{"a": [1.0]}, {"b": [1.0]}], n_boot=10)
-    with pytest.raises(ValueError):
-        study.paired_bootstrap([], n_boot=10)
-
-
-# ----------------------------------------------------------------------------- verdicts
-
-
-def _res(est, lo, hi, per_seed=(0.1, 0.2, 0.3), two_level=None):
-    return {"estimate": est, "lo": lo, "hi": hi, "n_pairs": len(per_seed), "per_seed": list(per_seed),
-            "level": 0.95, "two_level": two_level or (lo, hi)}
-
-
-def test_verdict_wording(study):
-    up = study.verdict("PromptKD", "GKD", _res(0.42, 0.11, 0.73))
-    assert up.startswith("resolved: PromptKD is higher than GKD by 0.42 ROUGE-L "
-                         "(95% CI +0.11 to +0.73, seeds and prompts; 3 seed pairs).")
-    assert "3 of 3 positive" in up
-    down = study.verdict("PromptKD", "KD", _res(-0.97, -1.2, -0.7, (-1.13, -0.83, -0.95)))
-    assert down.startswith("resolved: PromptKD is lower than KD by 0.97 ROUGE-L (95% CI -1.20 to -0.70")
-    flat = study.verdict("PromptKD", "MiniLLM", _res(0.05, -0.2, 0.3))
-    assert flat.startswith("not resolved: PromptKD - MiniLLM = +0.05 ROUGE-L; the 95% CI -0.20 to +0.30")
-    assert "includes 0" in flat
-    assert study.verdict("PromptKD", "X", None) == "not available: no training seed has both PromptKD and X yet."
-    part = study.verdict("PromptKD", "GKD", _res(0.3, 0.1, 0.5, (0.3,)), planned=3)
-    assert part.startswith("not judged (one seed pair")
-    assert "1 seed pair, partial: 1 of 3 planned" in part and "prompts only" in part
-    assert study.resolved_cell(_res(0.3, 0.1, 0.5, (0.3,))) == "not judged (1 seed pair)"
-
-
-def test_verdict_reads_the_two_level_interval_not_the_prompt_one(study):
-    # the case that changed the rule: the prompt interval excludes 0, the two seed pairs disagree in
-    # sign, and the interval that also resamples the seeds includes 0 -> not resolved
-    r = _res(-0.28, -0.46, -0.11, (0.44, -1.00), two_level=(-1.16, 0.58))
-    assert not study.resolved(r) and study.resolved_cell(r) == "no"
-    text = study.verdict("PromptKD", "MiniLLM", r)
-    assert text.startswith("not resolved: PromptKD - MiniLLM = -0.28 ROUGE-L; the 95% CI -1.16 to +0.58, "
-                           "seeds and prompts, includes 0 (2 seed pairs).")
-    assert "1 of 2 positive" in text
-    assert study.resolved(_res(0.34, 0.14, 0.55, (0.21, 0.11, 0.72), two_level=(0.05, 0.7)))
+def test_fmt_p(study):
+    assert study.fmt_p(0.0966) == "0.097" and study.fmt_p(1.0) == "1.000" and study.fmt_p(0.00025) == "0.00025"
+    assert study.fmt_p(float("nan")) == ""
 
 
 # ----------------------------------------------------------------------------- design of the study
@@ -255,12 +188,12 @@ def test_a_huge_cell_gets_its_own_flagged_sitting(study):
 SMOKE = "cpu2-smoke"
 
 
-def _cell(study, s, label, seed, *, init_hash="h0", shift=0.0, key=None, n=(3, 3, 3, 3)):
+def _cell(study, s, label, seed, *, init_hash="h0", shift=0.0, key=None, n=(3, 3, 3, 3), code="git abc"):
     lab = study.study_labels(s)[label]
     per_prompt = {x: [10.0 + shift + i for i in range(k)] for x, k in zip(study.SETS, n, strict=True)}
     scores = {x: sum(v) / len(v) for x, v in per_prompt.items()}
     rec = {"label": label, "seed": seed, "method": lab.method, "group": lab.group,
-           "settings_key": key or study.settings_key(s, lab, seed), "init_hash": init_hash, "code": "git abc",
+           "settings_key": key or study.settings_key(s, lab, seed), "init_hash": init_hash, "code": code,
            "per_prompt": per_prompt, "scores": scores, "average": sum(scores.values()) / 4,
            "prompts_hash": {x: "p" for x in study.SETS}, "wall_s": 60.0, "dev_loss": 3.0,
            "trained_tokens": 100.0, "trained_tokens_per_step": 33.3,
@@ -368,7 +301,7 @@ def test_after_adopting_a_new_init_old_cells_are_archived_and_rerun(study, tmp_p
     moved = study.archive_other_init(d, cells, status, pending)
     assert [p.name for p in moved] == ["GKD__seed1__initold.json"]
     assert list(study.load_cells(d)) == ["KD__seed1"]
-    study.build_report(d, s, SMOKE, n_boot=100)
+    study.build_report(d, s, SMOKE)
     assert "archived in `cells_other_init/`" in (d / "README.md").read_text()
 
 
@@ -423,12 +356,13 @@ def test_cells_from_another_init_are_excluded_from_the_statistics(study, tmp_pat
     _write(study, d, _cell(study, s, "PromptKD", 2, shift=50.0, init_hash="other"))
     _write(study, d, _cell(study, s, "GKD", 2, init_hash="other"))
     assert study.classify_cells(study.load_cells(d), s, "h0")["PromptKD__seed2"] == "other-init"
-    study.build_report(d, s, SMOKE, n_boot=200)
+    study.build_report(d, s, SMOKE)
     text = (d / "README.md").read_text()
     assert "cells trained from ANOTHER init" in text and "PromptKD__seed2" in text
     summary = json.loads((d / "summary.json").read_text())
     r = summary["paired"]["PromptKD - GKD"]
-    assert r["n_pairs"] == 1 and r["estimate"] == pytest.approx(1.0)  # seed 2 (shift 50) is not used
+    assert r["seeds"] == [1] and r["mean"] == pytest.approx(1.0)  # seed 2 (shift 50) is not used
+    assert r["p"] is None and r["verdict"] == "unresolved"  # one seed pair: no test
 
 
 def test_report_from_partial_cells(study, tmp_path):
@@ -437,18 +371,22 @@ def test_report_from_partial_cells(study, tmp_path):
     study.atomic_write_json(d / "init.json", {"hash": "h0", "dev_loss": 3.5, "wall_s": 30.0,
                                               "exaccerr_step0": [-1.0, -2.0]})
     for sd in (1, 2):
-        _write(study, d, _cell(study, s, "PromptKD", sd, shift=0.5))
+        _write(study, d, _cell(study, s, "PromptKD", sd, shift=0.3 + 0.2 * sd))
         _write(study, d, _cell(study, s, "GKD", sd))
     guard = _cell(study, s, "PromptKD-lr1e-3-guard", 1, shift=-2.0)
     guard["times_unrecorded"] = ["eval", "exposure_bias"]
     _write(study, d, guard)
     _write(study, d, _cell(study, s, "Init", 0, shift=-3.0))
     (d / "sittings.jsonl").write_text(json.dumps({"wall_s": 120.0, "finished": ["x"], "code": "git abc"}) + "\n")
-    out = study.build_report(d, s, SMOKE, n_boot=300)
+    out = study.build_report(d, s, SMOKE)
     text = out.read_text()
     assert "cells finished: 6 of 18 planned; not yet run:" in text and "KD__seed1" in text
-    assert "PromptKD vs GKD: resolved: PromptKD is higher than GKD by 0.50 ROUGE-L" in text
-    assert "PromptKD vs KD: not available" in text
+    # two seed pairs, +0.5 and +0.7: a t-test with 1 df, p 0.105
+    assert "| PromptKD | GKD | 2 | +0.50, +0.70 | +0.60 | -0.67 to +1.87 | 0.105 | 0.105 | unresolved | 2/2 |" in text
+    assert "95% t-interval of the mean paired difference over 2 training seeds (1 df)" in text
+    assert "| PromptKD | KD | 0 |" in text and "not available (an arm has no cell yet)" in text
+    assert "| PromptKD-lr1e-3-guard | GKD | 1 | -2.00 | -2.00 |  |  |  | unresolved (no test: 1 seed pair) | 1/1 |" in text
+    assert "A comparison with fewer than 2 seed pairs has no test and no interval." in text
     assert "| PromptKD-lr1e-3-guard | 1e-3 | max_drift 0.1 | 1/1 |" in text
     # drift: first-10 mean -> last-10 mean (max); kl_to_student likewise; 4 steps frozen; collapse
     assert "| 0.050 -> 0.400 (0.900) | 1.900 -> 0.300 | 4 | yes |" in text
@@ -495,3 +433,64 @@ def test_a_guard_that_never_acted_is_reported_as_an_a_a_control(study, cpu2):
     assert "seed 2: +0.25 (PromptKD-guard on git new, PromptKD on git abc; curves differ from step 2)" in text
     guard[1]["curves"]["prompt/frozen_by_guard"][5][1] = 1.0
     assert study.guard_control_lines(cpu2, labels, {"PromptKD": base, "PromptKD-guard": guard}) == []
+
+
+def test_report_verdicts_are_holm_adjusted_paired_t_tests_and_integrity_is_read_from_the_cells(study, cpu2, tmp_path):
+    """Four comparisons with cells (PromptKD against GKD, KD, SFT, SeqKD), 3 seeds each. Holm over
+    the four: the two strong differences are called (worse, better); SFT's raw p < 0.05 does not
+    survive; no comparison is "equivalent" (no margin). The integrity section reports the code
+    states, the pairs on one clean revision, the seed-1 overlap with the init and the evaluation seed."""
+    from scipy import stats
+
+    from promptkd.compare.stats import describe_interval
+
+    d = tmp_path / "study"
+    study.atomic_write_json(d / "init.json", {"hash": "h0", "dev_loss": 3.5, "exaccerr_step0": [-1.0, -2.0],
+                                              "config": {"max_steps": 80, "batch_size": 8, "seed": 1}})
+    differences = {"GKD": (-1.0, -1.1, -0.9), "KD": (1.0, 1.2, 0.8), "SFT": (0.5, 0.25, 0.4), "SeqKD": (0.5, 0.1, 0.3)}
+    for sd in (1, 2, 3):
+        _write(study, d, _cell(study, cpu2, "PromptKD", sd))
+        for name, diff in differences.items():
+            code = "git bbb with uncommitted changes" if (name, sd) == ("GKD", 2) else "git abc"
+            _write(study, d, _cell(study, cpu2, name, sd, shift=-diff[sd - 1], code=code))
+    text = study.build_report(d, cpu2, "cpu2").read_text()
+    summary = json.loads((d / "summary.json").read_text())["paired"]
+    assert set(summary) == {f"PromptKD - {b}" for b in differences}
+    raw = {b: stats.ttest_1samp(diff, 0.0).pvalue for b, diff in differences.items()}
+    ranked = sorted(raw, key=raw.get)  # GKD, KD, SFT, SeqKD
+    assert ranked == ["GKD", "KD", "SFT", "SeqKD"]
+    holm = {b: min(1.0, max((4 - j) * raw[ranked[j]] for j in range(k + 1))) for k, b in enumerate(ranked)}
+    for b in differences:
+        r = summary[f"PromptKD - {b}"]
+        assert r["p"] == pytest.approx(raw[b]) and r["p_holm"] == pytest.approx(holm[b])
+        assert r["differences"] == pytest.approx(list(differences[b]))
+    assert raw["SFT"] < 0.05 < holm["SFT"]
+    verdicts = {b: summary[f"PromptKD - {b}"]["verdict"] for b in differences}
+    assert verdicts == {"GKD": "worse", "KD": "better", "SFT": "unresolved", "SeqKD": "unresolved"}
+    assert "no comparison can be called equivalent" in text and "| equivalent |" not in text
+    assert "over all 4 comparisons of this report" in text
+    assert describe_interval(0.05, 3) in text
+    assert "**2 of 4 comparisons differ after Holm's adjustment** (PromptKD worse than GKD, PromptKD better than KD)" in text
+    assert "| PromptKD | SFT | 3 | +0.50, +0.25, +0.40 | +0.38 |" in text
+    assert f"| {study.fmt_p(raw['SFT'])} | {study.fmt_p(holm['SFT'])} | unresolved | 3/3 |" in text
+    assert "| PromptKD | GKD | 3 | -1.00, -1.10, -0.90 | -1.00 |" in text and "| worse | 2/3 |" in text
+    assert "| PromptKD | MiniLLM | 0 |" in text  # no MiniLLM cell: not tested, not in Holm's family
+    # integrity
+    integrity = text[text.index("## Integrity"):text.index("## Paired comparisons")]
+    assert ("The 15 cells ran on 2 code states (2 commits; table below); 1 state had uncommitted changes or no "
+            "record, so git cannot restore the code of 1 cell.") in integrity
+    assert "| git abc | 14 | no |" in integrity and "| git bbb with uncommitted changes | 1 | yes | GKD__seed2 |" in integrity
+    assert "Of the 12 seed pairs in the 4 comparisons, 11 ran both cells on one clean revision" in integrity
+    assert ("The init's SFT took the first 640 examples (80 steps x batch 8) of training seed 1's order" in integrity
+            and "first 640 (160 steps x batch 4) of the same order" in integrity)
+    assert "So the 5 seed-1 cells train on 640 examples the init was fitted to" in integrity
+    assert "evaluation seed 10 only" in integrity and "same prompts (one prompts hash per set)" in integrity
+    assert "These confound the comparison" in integrity and study.SUCCESSOR in integrity
+
+
+def test_integrity_names_cells_evaluated_on_other_prompts(study, cpu2):
+    ok = {f"GKD__seed{sd}": _cell(study, cpu2, "GKD", sd) for sd in (1, 2)}
+    ok["GKD__seed2"]["prompts_hash"]["vicuna"] = "other"
+    lines = study.integrity_section(cpu2, {}, ok, study.study_labels(cpu2), {}, [], {})
+    assert any("different prompts in Vicuna" in x for x in lines)
+    assert not any("Seed 1 re-trains" in x for x in lines)  # init.json without its config: not claimed
