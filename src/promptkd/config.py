@@ -181,7 +181,8 @@ class TrainConfig:
 class PromptKDSection:
     """PromptKD (docs/method.md, sections 3-4). Defaults follow the paper and the authors' code."""
     REMOVED_KEYS: ClassVar[dict[str, str]] = {
-        "max_drift": "the drift guard never made a raised prompt learning rate pay (study cpu2): lower "
+        "max_drift": "the drift guard was removed (in study cpu2 it never acted at the reference prompt learning "
+                     "rate, and no raised rate with it scored above the reference): lower "
                      "promptkd.prompt_learning_rate; promptkd.collapse_window still warns",
         "lagged_target": "the student's target is always the updated prompt (the paper's order)",
         "freeze_prompt": "a frozen prompt is GKD with reverse KL: method gkd at its defaults (lmbda 1, generalized_jsd "

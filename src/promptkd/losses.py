@@ -380,6 +380,7 @@ class _ChunkedTerms(torch.autograd.Function):
                 z = x
             others = [_chunk_side(s, o, index) for s, o in zip(sides[1:], ops[1:], strict=True)]
             grad_z, chunk_values = _run_blocks(spec, any(need), z, others, weights.to(z.device))
+            del z, others  # freed before the next chunk's logits exist (so is grad_z below)
             values += chunk_values
             if not any(need):
                 continue
@@ -398,6 +399,7 @@ class _ChunkedTerms(torch.autograd.Function):
                     grads[1][:rows_v].add_(grad_z.t() @ x)
             if need[2]:
                 grads[2][: grad_z.shape[1]] += grad_z.sum(0).to(grads[2].dtype)
+            del grad_z
         ctx.grads = grads
         loss = (weights.to(values.device) * values).sum().to(torch.promote_types(states.dtype, torch.float32))
         ctx.mark_non_differentiable(values)
