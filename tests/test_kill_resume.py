@@ -5,7 +5,8 @@ The run goes through `python -m promptkd.cli train` in subprocesses. PROMPTKD_TE
 (promptkd/training/checkpoint.py) makes the process SIGKILL itself at a chosen point of a
 chosen checkpoint write; every later process resumes with `--resume RUN_DIR`. Compared with
 the uninterrupted run: the exported student and prompt adapter, every metrics record (timings
-aside) and the last checkpoint (both optimizers, both schedulers, RNG states, trainer state).
+aside, the compute totals included) and the last checkpoint (both optimizers, both schedulers, RNG
+states, trainer state).
 A shorter variant does the same with a LoRA student (model.student_lora): three kills, 4 steps.
 """
 
@@ -154,6 +155,9 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted_run(tmp_path):
 
     assert metrics(run) == metrics(ref)
     assert [r["step"] for r in metrics(run)] == list(range(1, MAX_STEPS + 1))
+    # the compute totals come back from the trainer state, so the last record holds the whole run's
+    flops = [r["compute/flops"] for r in metrics(run)]
+    assert flops == sorted(set(flops)) and metrics(run)[-1]["compute/teacher_backward_tokens"] > 0
     for rel in ("final/student/model.safetensors", "final/prompt_adapter/adapter_model.safetensors"):
         assert_same(load_any(ref / rel), load_any(run / rel), rel)
     files = assert_same_checkpoints(ref, run, MAX_STEPS)

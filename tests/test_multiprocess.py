@@ -225,6 +225,8 @@ def test_two_processes_take_the_same_first_step_as_one(runs):
     for key in ("prompt/loss", "prompt/kl_to_student", "prompt/drift", "prompt/grad_norm", "student/loss",
                 "student/grad_norm", "generated_tokens", "dev/rougeL"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-9), key
+    # compute counts non-pad tokens (greedy samples here), summed over processes: the same totals
+    assert {k: v for k, v in m2.items() if k.startswith("compute/")} == {k: v for k, v in m1.items() if k.startswith("compute/")}
     assert m2["prompt/grad_norm"] > 0 and m2["student/grad_norm"] > 0
 
 
@@ -277,6 +279,10 @@ def test_checkpoints_resume_across_world_sizes(runs, resumed):
     m, ref = _metrics(run)[-1], _metrics(reference)[-1]
     for key in ("prompt/loss", "prompt/grad_norm", "student/loss", "student/grad_norm", "prompt/lambda", "dev/loss"):
         assert m[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-9), key
+    # the totals since step 0 come back from the checkpoint, whatever the number of processes (student
+    # forwards and FLOPs aside: with 2 micro-batches PromptKD runs a separate student target forward)
+    for key in ("generated_tokens", "student_backward_tokens", "teacher_forward_tokens", "teacher_backward_tokens"):
+        assert m[f"compute/{key}"] == ref[f"compute/{key}"] > 0, key
 
 
 

@@ -5,6 +5,8 @@ forward passes with autocast, on-policy sampling, the global token count and los
 backward, parameter sets (an AdamW optimizer and a schedule each) and their updates with the
 non-finite guard and fp16 loss scaling, reductions over processes, and named phases that a
 profiler can time (`on_phase`). The trainer builds one per run; methods never see the trainer.
+Sampling and forwards count their token-passes (`promptkd.training.compute`), which the trainer
+takes after every step (`take_compute`).
 
 Forwards return `promptkd.losses.Outputs`. The context finds the student's and the teacher's LM
 heads once (`promptkd.models.head.lm_head_of`, with its check forward under the run's autocast)
@@ -34,6 +36,7 @@ from promptkd.losses import Outputs
 from promptkd.methods.base import outputs_of
 from promptkd.models.head import LMHead, lm_head_of
 from promptkd.sampling import TeacherMixture
+from promptkd.training.compute import Compute
 from promptkd.training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -135,6 +138,7 @@ class TrainingContext:
         self.examples_fn: Callable[[str], list] | None = None  # set by the trainer
         self.param_sets: dict[str, ParameterSet] = {}
         self.updates_applied = 0  # apply_update calls, any set: the trained state's version
+        self.compute = Compute()  # this process's token-passes since the last take_compute
         self._clock = None
         if on_phase is not None:
             device = accelerator.device
@@ -199,6 +203,22 @@ class TrainingContext:
     def autocast(self):
         return self.accelerator.autocast()
 
+    # ---------------------------------------------------------------- compute
+    def take_compute(self) -> Compute:
+        """The token-passes counted since the last call, summed over processes (every process must
+        call it); counting starts again from zero."""
+        step, self.compute = self.compute, Compute()
+        return step.reduced(self.reduce_sum)
+
+    @contextlib.contextmanager
+    def uncounted(self):
+        """Sampling and forwards inside are not training compute (dev evaluation): not counted."""
+        counted, self.compute = self.compute, Compute()
+        try:
+            yield
+        finally:
+            self.compute = counted
+
     def gathered_student(self):
         """Context in which the *unwrapped* student may run forward / generate.
 
@@ -234,7 +254,8 @@ class TrainingContext:
         model = self.teacher if from_teacher else self.student_module
         gather = contextlib.nullcontext() if from_teacher else self.gathered_student()
         extra = {}
-        if teacher_mix > 0 and not from_teacher:
+        mixed = teacher_mix > 0 and not from_teacher
+        if mixed:
             if not getattr(self.sampler, "supports_logits_processor", False):
                 raise UserError(
                     f"teacher-mixed sampling needs a sampler that takes logits processors; train.sampler "
@@ -247,7 +268,7 @@ class TrainingContext:
             )]
             config = dataclasses.replace(config, temperature=1.0)
         with self.phase("generation"), gather, self.autocast():
-            return self.sampler(
+            batch = self.sampler(
                 model,
                 prompt_ids,
                 prompt_mask,
@@ -256,6 +277,16 @@ class TrainingContext:
                 config=config,
                 **extra,
             )
+        # with a KV cache: the prompt once (prefill), then one forward per generated token; the
+        # teacher in a TeacherMixture keeps a KV cache of its own and runs the same positions
+        generated = float(batch.attention_mask[:, batch.prompt_length :].sum())
+        passes = float(prompt_mask.sum()) + generated
+        self.compute.generated_tokens += generated
+        if from_teacher or mixed:
+            self.compute.teacher_forward_tokens += passes
+        if not from_teacher:
+            self.compute.student_forward_tokens += passes
+        return batch
 
     def collate(self, examples: Sequence) -> SequenceBatch:
         """Prompt + reference response batch of these examples, on the training device."""
@@ -267,7 +298,10 @@ class TrainingContext:
         (DDP-wrapped) training student, or as a `target`: eval mode (no dropout), no grad.
         `logits`: full (B, R, V) logits instead of hidden states + head."""
         head = None if logits else self.student_head
+        tokens = float(batch.attention_mask.sum())
+        self.compute.student_forward_tokens += tokens
         if not target:
+            self.compute.student_backward_tokens += tokens  # a forward with grad is one a backward goes through
             with self.phase("student_fwd"), self.autocast():
                 return outputs_of(self.student, batch, head, self.vocab_size)
         model = self.student_module
@@ -285,6 +319,12 @@ class TrainingContext:
         `model`: a module around the teacher that a method trains (PromptKD's prompted teacher,
         with the teacher's head); `base` runs it without its own parameters. `logits` as above."""
         grad_mode = contextlib.nullcontext() if grad else torch.no_grad()
+        # a prompted teacher runs its virtual tokens too (not with `base`)
+        virtual = 0 if base or model is None else getattr(model, "num_virtual_tokens", 0)
+        tokens = float(batch.attention_mask.sum()) + virtual * batch.input_ids.shape[0]
+        self.compute.teacher_forward_tokens += tokens
+        if grad:
+            self.compute.teacher_backward_tokens += tokens  # activations only: the teacher is frozen
         with self.phase("teacher_fwd_base"), grad_mode, self.autocast():
             return outputs_of(model if model is not None else self.teacher, batch,
                               None if logits else self.teacher_head, self.vocab_size, **({"base": True} if base else {}))

@@ -6,7 +6,8 @@ ROUGE-L of its sampled responses against the references (`dev/rougeL`).
 
 Each process takes its share of the dev set; every process runs the same number of batches, so
 collectives inside forward / generate (FSDP) stay matched, and the results are reduced over
-processes, so every process gets the same value.
+processes, so every process gets the same value. Its forwards and samples are not counted as
+training compute (`TrainingContext.uncounted`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class DevEvaluation:
             return {}
         if metric == "loss":
             return {"dev/loss": self.loss(show_progress=show_progress)}
-        return {"dev/rougeL": self.rouge(show_progress=show_progress)}
+        with self.ctx.uncounted():
+            return {"dev/rougeL": self.rouge(show_progress=show_progress)}
 
     def loss(self, *, show_progress: bool) -> float:
         """The student's token-mean dev CE (eval mode), reduced over processes; memoised per
@@ -62,7 +64,8 @@ class DevEvaluation:
         memo, version = self._memo, self.ctx.updates_applied
         if memo is not None and version in memo:
             return memo[version]
-        loss = self.pass_loss(show_progress=show_progress)
+        with self.ctx.uncounted():
+            loss = self.pass_loss(show_progress=show_progress)
         if memo is not None:
             memo.clear()
             memo[version] = loss

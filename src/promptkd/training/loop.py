@@ -10,6 +10,7 @@ and `console` (progress summary, signals, messages).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from promptkd.models.loading import eos_token_ids
 from promptkd.samplers import build_sampler
 from promptkd.training import assembly, data_sources, run_dir
 from promptkd.training.checkpoint import MethodState, disk_size, link_duplicates, save_checkpoint
+from promptkd.training.compute import Compute, matmul_params
 from promptkd.training.console import StopSignals, progress_postfix, say
 from promptkd.training.context import ParameterSet, TrainingContext, UpdateGuard
 from promptkd.training.dev_eval import DevEvaluation
@@ -87,6 +89,7 @@ class Trainer:
         self.guard = UpdateGuard(nonfinite=config.train.nonfinite, max_nonfinite_skips=config.train.max_nonfinite_skips)
         self.best_metric: float | None = None
         self.best_step: int | None = None
+        self.compute = Compute()  # token-passes since step 0, all processes (metrics compute/...)
         self.teacher = None
         self._teacher_flags = None  # a passed-in teacher's (requires_grad, training) flags
         self._is_setup = False
@@ -147,6 +150,8 @@ class Trainer:
             student=given["student"], teacher=given["teacher"], tokenizer=given["tokenizer"])
         self.student, self.tokenizer, self.teacher = models.student, models.tokenizer, models.teacher
         self.vocab_size, self._teacher_flags = models.vocab_size, models.teacher_flags
+        # N of the FLOPs estimate, before prepare() may shard the student (FSDP, ZeRO-3)
+        self.matmul_params = {"student": matmul_params(self.student), "teacher": matmul_params(self.teacher)}
         self.train_examples = data_sources.train_examples(cfg, self.method, self.tokenizer, records.pop("train"),
                                                           is_main_process=main)
         self.dev_examples = data_sources.dev_examples(cfg, self.tokenizer, records.pop("dev", None))
@@ -181,7 +186,7 @@ class Trainer:
             run_dir.start_new_run(self.output_dir, cfg)
         if main:
             self._say(f"precision: {self.precision.describe()}")
-            run_dir.write_precision(self.output_dir, self.precision, self.accelerator.device)
+            run_dir.write_precision(self.output_dir, self.precision, self.accelerator.device, self.matmul_params)
         if cfg.train.trackers:
             run_dir.init_trackers(self.accelerator, cfg)
         self.accelerator.wait_for_everyone()
@@ -199,6 +204,7 @@ class Trainer:
             "overflows": self.guard.overflows,
             "best_metric": self.best_metric,
             "best_step": self.best_step,
+            "compute": dataclasses.asdict(self.compute),
             "world_size": self.accelerator.num_processes,
             "rng_fingerprint": run_dir.rng_fingerprint(),
         }
@@ -210,6 +216,7 @@ class Trainer:
         self.guard.nonfinite_skips = state["nonfinite_skips"]
         self.guard.overflows = dict(state.get("overflows", {}))
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
+        self.compute = Compute(**state.get("compute", {}))  # absent in older checkpoints: counted from here
         logger.info("resumed from %s at step %d", ckpt, self.step)
 
     # ------------------------------------------------------------------ steps
@@ -230,6 +237,7 @@ class Trainer:
         self.ctx.step = self.step
         self.ctx.epoch = self.data_order.epoch
         result = self.method.step(self.ctx, micro_batches)
+        self.compute += self.ctx.take_compute()
         self.step += 1
         self.ctx.step = self.step
         return result
@@ -314,6 +322,7 @@ class Trainer:
             record = {"step": self.step, "epoch": round(self.data_order.epoch, 4), **result.metrics}
             record.update(step_time=dt, trained_tokens=trained, trained_tokens_per_s=trained / dt,
                           generated_tokens=generated)
+            record.update(self.compute.record(self.matmul_params["student"], self.matmul_params["teacher"]))
             if self.guard.nonfinite_skips:
                 record["nonfinite_skips"] = self.guard.nonfinite_skips
             do_eval = bool(self.dev_examples) and (

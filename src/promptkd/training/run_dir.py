@@ -2,7 +2,7 @@
 how `resume` continues it, and the exported students.
 
     config.yaml       the resolved config (a new run writes it; a resumed one keeps it)
-    precision.json    the precision the run chose, and its device
+    precision.json    the precision the run chose, its device, and N of the FLOPs estimate
     metrics.jsonl     one JSON record per logged step
     checkpoints/      resumable checkpoints (`promptkd.training.checkpoint`)
     best/, final/     exported students: the best dev evaluation and the last step
@@ -109,10 +109,11 @@ def start_new_run(output_dir: Path, cfg) -> None:
     (output_dir / "metrics.jsonl").write_text("", encoding="utf-8")
 
 
-def write_precision(output_dir: Path, precision, device) -> None:
-    """precision.json: the run's resolved precision (`promptkd.precision`) and its device."""
-    (output_dir / "precision.json").write_text(
-        json.dumps({**precision.as_record(), "device": str(device)}, indent=1) + "\n", encoding="utf-8")
+def write_precision(output_dir: Path, precision, device, matmul_params: dict[str, int]) -> None:
+    """precision.json: the run's resolved precision (`promptkd.precision`), its device, and N of the
+    student and the teacher in the FLOPs estimate (`promptkd.training.compute.matmul_params`)."""
+    record = {**precision.as_record(), "device": str(device), "matmul_params": matmul_params}
+    (output_dir / "precision.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
 
 def init_trackers(accelerator, cfg) -> None:
