@@ -139,17 +139,18 @@ def test_shipped_example_loads():
 
 def test_another_revision_or_a_dirty_tree_is_refused_unless_allowed(study, monkeypatch):
     cfg = load_compare_config(study)
-    assert runner.check_revision(cfg, allow=False) is False  # writes study.json at the first cell
+    assert runner.check_revision(cfg, allow=False) == ("abc1234", False)  # writes study.json at the first cell
     recorded = json.loads((Path(cfg.results) / "study.json").read_text())
     assert recorded == {**{k: CLEAN[k] for k in ("revision", "promptkd")}, "config_hash": cfg.config_hash()}
     monkeypatch.setattr(runner, "code_revision", lambda: {**CLEAN, "revision": "def5678"})
     with pytest.raises(UserError, match="revision abc1234 .* this code is revision def5678") as e:
         runner.check_revision(cfg, allow=False)
     assert "--allow-revision" in e.value.cli
-    assert runner.check_revision(cfg, allow=True) is True
+    assert runner.check_revision(cfg, allow=True) == ("def5678", True)
     monkeypatch.setattr(runner, "code_revision", lambda: {**CLEAN, "dirty": True})
     with pytest.raises(UserError, match="uncommitted changes under src/"):
         runner.check_revision(cfg, allow=False)
+    assert runner.check_revision(cfg, allow=True) == ("abc1234 with uncommitted changes under src/", True)
 
 
 def test_allowed_cells_from_another_revision_are_marked_in_the_report(study, monkeypatch):
@@ -157,11 +158,12 @@ def test_allowed_cells_from_another_revision_are_marked_in_the_report(study, mon
     runner.check_revision(cfg, allow=False)
     monkeypatch.setattr(runner, "code_revision", lambda: {**CLEAN, "revision": "def5678"})
     seen = []
-    monkeypatch.setattr(runner, "run_cell", lambda cfg, arm, seed, **kw: seen.append(kw["revision_mismatch"]))
+    monkeypatch.setattr(runner, "run_cell", lambda cfg, arm, seed, **kw: seen.append(
+        (kw["revision"], kw["revision_mismatch"])))
     with pytest.raises(UserError):
         runner.run_study(cfg, cells=["GKD__seed1"])
     runner.run_study(cfg, cells=["GKD__seed1"], allow_revision=True)
-    assert seen == [True]
+    assert seen == [("def5678", True)]
     fake_cell(cfg, "GKD", 1, 5.0, revision="def5678", revision_mismatch=True)
     report = build_report(cfg).read_text()
     assert "| GKD | – | 5.00† |" not in report and "| GKD | 5.00† | – |" in report
@@ -265,3 +267,15 @@ def test_the_report_needs_neither_models_nor_torch(study):
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code, str(study)], check=True, capture_output=True)
     assert (Path(cfg.results) / "report.md").read_text() == report
+
+
+@pytest.mark.slow
+def test_workers_run_cells_in_processes_of_their_own(study):
+    """Two cells at once, each a `promptkd compare --cells ONE` process. The processes see the real
+    revision, not this test's, so they run with --allow-revision and their cells are marked."""
+    assert main(["compare", "--config", str(study), "--workers", "2", "--cells", "PromptKD__seed1,GKD__seed1",
+                 "--allow-revision", "--no-progress"]) == 0
+    cells = sorted((study.parent / "results" / "cells").iterdir())
+    assert [p.name for p in cells] == ["GKD__seed1.json", "PromptKD__seed1.json"]
+    assert all(json.loads(p.read_text())["revision_mismatch"] for p in cells)
+    assert "GKD__seed1: starting" in (study.parent / "runs" / "GKD__seed1" / "compare.log").read_text()

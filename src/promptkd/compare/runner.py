@@ -70,9 +70,9 @@ def code_revision() -> dict:
     return out
 
 
-def check_revision(cfg: CompareConfig, allow: bool) -> bool:
-    """Whether a cell run now departs from the study's revision (RESULTS/study.json, written here
-    at the first cell). Raises UserError for a departure unless `allow`."""
+def check_revision(cfg: CompareConfig, allow: bool) -> tuple[str, bool]:
+    """(this code's revision, whether it departs from the study's: RESULTS/study.json, written
+    here at the first cell). Raises UserError for a departure unless `allow`."""
     here = code_revision()
     study_file = Path(cfg.results) / "study.json"
     study = json.loads(study_file.read_text(encoding="utf-8")) if study_file.is_file() else None
@@ -91,7 +91,7 @@ def check_revision(cfg: CompareConfig, allow: bool) -> bool:
         write_json(study_file, {**recorded, "config_hash": cfg.config_hash()})
     if problem:
         say(f"warning: {problem}; the cell is marked in the report")
-    return problem is not None
+    return here["revision"] + (" with uncommitted changes under src/" if here["dirty"] else ""), problem is not None
 
 
 # ----------------------------------------------------------------------------- one cell
@@ -121,9 +121,10 @@ def eval_config(cfg: CompareConfig, model: Path, out: Path, template: str):
                       sampling=dataclasses.replace(EvalConfig().sampling, max_new_tokens=e.max_new_tokens))
 
 
-def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision_mismatch: bool = False,
+def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision_mismatch: bool = False,
              show_progress: bool = True) -> dict:
-    """Train, evaluate and write one cell's file; returns its content."""
+    """Train, evaluate and write one cell's file; returns its content. revision: the code's, as
+    check_revision saw it when the sitting's code was loaded."""
     import torch
     import transformers
 
@@ -166,7 +167,7 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision_mismatch: bool
     cell = {
         "arm": arm.name, "seed": seed, "method": arm.method, "overrides": arm.overrides,
         "cell_hash": cfg.cell_hash(arm, seed), "train_config": train_config,
-        "revision": _revision_text(code_revision()), "revision_mismatch": revision_mismatch,
+        "revision": revision, "revision_mismatch": revision_mismatch,
         "versions": {"promptkd": promptkd.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "host": platform.node(), "started": started, "finished": _now(),
@@ -202,10 +203,6 @@ def _traces(records: list[dict]) -> dict:
 def _read_metrics(path: Path) -> list[dict]:
     lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
     return [json.loads(line) for line in lines if line.strip()]
-
-
-def _revision_text(rev: dict) -> str:
-    return rev["revision"] + (" with uncommitted changes under src/" if rev["dirty"] else "")
 
 
 def _now() -> str:
@@ -251,7 +248,7 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
     if not pending:
         say(f"nothing to run: all {len(chosen)} chosen cells have their files in {Path(cfg.results) / 'cells'}")
         return []
-    mismatch = check_revision(cfg, allow_revision)
+    revision, mismatch = check_revision(cfg, allow_revision)
     say(f"{len(pending)} cell(s) to run of {len(order)}; {len(done)} done; runs in {runs_dir(cfg)}")
     t0 = time.monotonic()
 
@@ -276,7 +273,7 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
         arm, seed = parse_cell_id(cell)
         t = time.monotonic()
         try:
-            run_cell(cfg, arms[arm], seed, revision_mismatch=mismatch, show_progress=show_progress)
+            run_cell(cfg, arms[arm], seed, revision=revision, revision_mismatch=mismatch, show_progress=show_progress)
         except TrainingInterrupted as e:
             raise _interrupted(cell, cfg, e.signum) from None
         finished.append(cell)
