@@ -16,7 +16,7 @@ from promptkd.config import COMMANDS, METHOD_SECTIONS, METHODS
 from promptkd.methods import get_method_class
 from promptkd.options import leaves, type_name
 
-SUBCOMMANDS = ["train", "generate", "make-student", "eval", "exposure-bias", "demo", "plot", "config-reference"]
+SUBCOMMANDS = ["train", "generate", "make-student", "eval", "exposure-bias", "demo", "plot", "config-reference", "compare"]
 
 
 def test_every_subcommand_is_tested_here():

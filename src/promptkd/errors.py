@@ -34,11 +34,13 @@ def require_extra(module: str, extra: str, feature: str):
 
 
 class ConfigError(UserError):
-    """One or more invalid config entries; `problems` lists every one found."""
+    """One or more invalid config entries; `problems` lists every one found, `source` names the
+    file they are in (when one is known)."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], source: str | None = None):
         self.problems = list(problems)
-        msg = "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        where = f" in {source}" if source else ""
+        msg = f"invalid configuration{where}:\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(msg)
 
 

@@ -7,7 +7,8 @@ Every config dataclass (the command configs in `promptkd.config`, and the sample
 
 `build` turns a mapping (a YAML file merged with command-line flags) into such a dataclass and
 `field_problems` checks one built in Python. Both use the same type and range rules and report
-every problem, each naming the dotted key, the value and what is allowed. `leaves` lists every
+every problem, each naming the dotted key, the value and what is allowed. `read_yaml` and
+`merge_dicts` read a config file and lay overrides over it. `leaves` lists every
 key of a config (recursively), which is what the command line, the config reference and the
 tests walk. Only the standard library and `promptkd.errors` are imported here, so the lowest
 layers (the sampler) can use it.
@@ -28,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from promptkd.errors import ConfigError
+from promptkd.errors import ConfigError, UserError
 
 
 def opt(default, help: str, *, choices=None, min=None, max=None, min_exclusive=False, fix: str | None = None):
@@ -41,6 +42,42 @@ def opt(default, help: str, *, choices=None, min=None, max=None, min_exclusive=F
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- YAML files
+
+
+def merge_dicts(base: dict, over: dict) -> dict:
+    """`over` merged into `base`, recursively for nested mappings (neither is changed)."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_dicts(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML file; UserError naming the file (and line) when it is missing, not
+    YAML, not UTF-8 or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"invalid YAML in {path}{where}: {problem}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 # --------------------------------------------------------------------------- types and ranges
@@ -92,6 +129,8 @@ def check_type(value: Any, tp: Any, *, lenient: bool = True) -> tuple[bool, Any]
         return False, value
     if tp is str:
         return isinstance(value, str), value
+    if tp is dict:
+        return isinstance(value, dict), value
     if tp is list or origin is list:
         item_type = (typing.get_args(tp) or (Any,))[0]
         if lenient and isinstance(value, str):

@@ -38,6 +38,12 @@ EVAL_SETS: dict[str, EvalSetSpec] = {
 }
 
 
+def eval_set_name(dataset: str) -> str:
+    """The name an evaluation set's outputs are filed under: a registered name as given, a JSONL
+    file by its stem (predictions_<name>_seed<k>.jsonl, the score tables' columns)."""
+    return dataset if dataset in EVAL_SETS else Path(dataset).stem
+
+
 def eval_set_for_source(source: str | Path, data_files: str | None = None) -> str | None:
     """The name of the evaluation set that a training / dev data source resolves to, or None.
 

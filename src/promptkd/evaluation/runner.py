@@ -32,8 +32,9 @@ import torch
 
 from promptkd.config import EvalConfig, PromptOptions
 from promptkd.data.dataset import build_examples
+from promptkd.data.eval_sets import eval_set_name
 from promptkd.errors import UserError
-from promptkd.evaluation.datasets import EVAL_SETS, load_eval_set
+from promptkd.evaluation.datasets import load_eval_set
 from promptkd.generate import generate_for_examples
 from promptkd.metric import corpus_rouge_l
 from promptkd.models.loading import ModelSpec, eos_token_ids, load_model_and_tokenizer
@@ -112,7 +113,7 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None, *, show_progress
     cfg.validate()
     if model is not None and tokenizer is None:
         raise ValueError("run_evaluation: pass the tokenizer together with a loaded model")
-    set_names = [n if n in EVAL_SETS else Path(n).stem for n in cfg.datasets]
+    set_names = [eval_set_name(n) for n in cfg.datasets]
     # every set is read before the model loads: a set that cannot be found fails in seconds
     records_of = {name: load_eval_set(name, cfg.data_dir) for name in cfg.datasets}
     out = Path(cfg.out)

@@ -1,0 +1,253 @@
+"""The config of `promptkd compare`: a YAML file of the study's arms, seeds and evaluation.
+
+    name: my-study
+    results: studies/my-study          # cells/, study.json, report.md, plots (small, committed)
+    base: {model: {...}, data: {...}, train: {...}}   # a train config shared by every arm
+    arms:
+      - {name: PromptKD, method: promptkd}
+      - {name: GKD, method: gkd, overrides: {gkd: {lmbda: 1.0}}}
+    seeds: [1, 2, 3, 4, 5]
+    baseline: GKD
+
+A cell's train config is `base` with the arm's method and overrides laid over it, then the
+cell's train.seed and train.output_dir. `load_compare_config` reports every problem at once, as
+`promptkd train` does, with the file's name; it validates each arm's train config, so a typo
+fails before any training. Loading imports neither torch nor the models when `check_arms` is
+False (`--report-only`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from promptkd.errors import ConfigError, UserError
+from promptkd.options import ConfigBase, build, merge_dicts, opt, read_yaml
+
+STUDY_KEYS = ("method", "train.seed", "train.output_dir")  # the study sets these in every cell
+RUNTIME_KEYS = ("results", "runs")  # where things go: not part of the config hash
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*(_[A-Za-z0-9.+-]+)*")  # no "__" (the cell id separator)
+
+
+@dataclass
+class Arm(ConfigBase):
+    """One arm of the study: a method and its settings, trained once per seed."""
+
+    name: str = opt("", "The arm's name in the report and in its cells' file names.")
+    method: str = opt("", "Distillation method, as `promptkd train`'s `method`.")
+    overrides: dict = opt({}, "Train config keys of this arm, laid over `base` (e.g. {gkd: {lmbda: 1.0}}).")
+
+
+@dataclass
+class EvaluationSection(ConfigBase):
+    """How every cell's final student is evaluated: `promptkd eval`, whose defaults are the protocol."""
+
+    datasets: list = opt(["dolly", "selfinst", "vicuna"],
+                         "Evaluation sets: names `promptkd eval` knows, or `name: path` pairs of JSONL files.")
+    seeds: list[int] = opt([10, 20, 30, 40, 50], "Sampling seeds; a cell scores the mean over them (protocol: 10..50).")
+    max_new_tokens: int = opt(256, "Response cap of the evaluation samples (protocol: 256).", min=1)
+    limit: int = opt(0, "Only the first N prompts of each set (a recorded deviation); 0 = all.", min=0)
+    batch_size: int = opt(16, "Prompts per generate call.", min=1)
+
+    def sets(self) -> dict[str, str]:
+        """{set name: the dataset `promptkd eval` reads (a name or a path)}."""
+        out = {}
+        for item in self.datasets:
+            out.update(item if isinstance(item, dict) else {item: item})
+        return {str(k): str(v) for k, v in out.items()}
+
+
+@dataclass
+class CompareConfig(ConfigBase):
+    """`promptkd compare`: arms x training seeds, evaluated and compared by paired tests."""
+
+    name: str = opt("", "Study name: the report's title and the default runs directory's name.")
+    results: str = opt("", "Directory of cells/, study.json, report.md and plots: small files, meant to be committed.")
+    runs: str | None = opt(None, "Directory of the cells' run directories (weights, never committed); "
+                                 "null = ~/.cache/promptkd/compare/NAME ($PROMPTKD_CACHE).")
+    base: dict = opt({}, "A train config (as configs/*.yaml) shared by every arm, without method, train.seed "
+                         "and train.output_dir, which the study sets.")
+    arms: list = opt([], "The arms: {name, method, overrides}.")
+    seeds: list[int] = opt([1, 2, 3, 4, 5], "Training seeds: every arm trains once per seed (train.seed).")
+    baseline: str | None = opt(None, "Every other arm is compared with this one; or give `comparisons`.")
+    comparisons: list | None = opt(None, "Pairs [arm, baseline] to compare, instead of `baseline`.")
+    alpha: float = opt(0.05, "Level of every test and of the (1 - alpha) intervals.", min=0.0, max=1.0, min_exclusive=True)
+    margin: float | None = opt(None, "Equivalence margin in ROUGE-L points (TOST); null = the report never calls "
+                                     "arms equivalent.", min=0.0, min_exclusive=True)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+
+    source: ClassVar[Path | None] = None  # the YAML file it was read from (set by load_compare_config)
+
+    def arm_list(self) -> list[Arm]:
+        problems: list[str] = []
+        arms = [build(Arm, a, problems, prefix=f"arms[{i}].") for i, a in enumerate(self.arms)]
+        if problems:
+            raise ConfigError(problems, self.source)
+        return arms
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(arm, baseline) comparisons in the report's order."""
+        if self.comparisons is not None:
+            return [(str(a), str(b)) for a, b in self.comparisons]
+        return [(a.name, self.baseline) for a in self.arm_list() if a.name != self.baseline]
+
+    def cell_config(self, arm: Arm, seed: int, output_dir: str | Path) -> dict:
+        """The train config of cell (arm, seed), as a mapping for promptkd.config."""
+        cfg = merge_dicts(merge_dicts(self.base, {"method": arm.method}), arm.overrides)
+        return merge_dicts(cfg, {"train": {"seed": seed, "output_dir": str(output_dir)}})
+
+    def cell_hash(self, arm: Arm, seed: int) -> str:
+        """A hash of the cell's train config as written (without output_dir): a cell file whose hash
+        differs was trained from another config than this one."""
+        return _hash(self.cell_config(arm, seed, ""))
+
+    def config_hash(self) -> str:
+        """A hash of the whole study config, without where its files go (RUNTIME_KEYS)."""
+        return _hash({k: v for k, v in asdict(self).items() if k not in RUNTIME_KEYS})
+
+    def cross_checks(self) -> list[str]:
+        problems = [f"'{key}' is not set: {fix}" for key, fix in
+                    (("name", "name the study"), ("results", "give the results directory")) if not getattr(self, key)]
+        if self.alpha >= 1:
+            problems.append(f"'alpha' = {self.alpha}: must be < 1 (e.g. 0.05)")
+        if self.name and not NAME.fullmatch(self.name):
+            problems.append(f"'name' = {self.name!r}: use letters, digits and . + - _ (no '__')")
+        arm_problems: list[str] = []
+        arms = [build(Arm, a, arm_problems, prefix=f"arms[{i}].") for i, a in enumerate(self.arms)]
+        problems += arm_problems
+        names = [a.name for a in arms]
+        if len(arms) < 2:
+            problems.append(f"'arms' has {len(arms)} arm(s): a comparison needs at least two")
+        for i, a in enumerate(arms):
+            if not NAME.fullmatch(a.name):
+                problems.append(f"'arms[{i}].name' = {a.name!r}: use letters, digits and . + - _ (no '__')")
+            if names.count(a.name) > 1 and names.index(a.name) == i:
+                problems.append(f"arm name {a.name!r} is used by {names.count(a.name)} arms: give each arm its own name")
+            if not a.method:
+                problems.append(f"'arms[{i}].method' is not set: name the method of arm {a.name!r}")
+            if a.method == "seqkd":
+                problems.append(f"arm {a.name!r}: method seqkd trains on teacher responses made for each training "
+                                "seed, which promptkd compare does not generate yet: leave the arm out")
+            problems += [f"'arms[{i}].overrides.{k}' is set by the study: remove it ({_study_key_fix(k)})"
+                         for k in STUDY_KEYS if _has_key(a.overrides, k)]
+        problems += [f"'base.{k}' is set by the study: remove it ({_study_key_fix(k)})"
+                     for k in STUDY_KEYS if _has_key(self.base, k)]
+        if not self.seeds:
+            problems.append("'seeds' is empty: give the training seeds, e.g. [1, 2, 3, 4, 5]")
+        elif len(set(self.seeds)) != len(self.seeds):
+            problems.append(f"'seeds' = {self.seeds} repeats a seed: give each seed once")
+        problems += self._comparison_problems(names)
+        problems += self._evaluation_problems()
+        return problems
+
+    def _comparison_problems(self, names: list[str]) -> list[str]:
+        known = f"arms: {', '.join(names)}"
+        if (self.baseline is None) == (self.comparisons is None):
+            return ["give either 'baseline' (every other arm is compared with it) or 'comparisons' "
+                    "(a list of [arm, baseline] pairs), not both or neither"]
+        if self.baseline is not None:
+            return [] if self.baseline in names else [f"'baseline' = {self.baseline!r} is not an arm; {known}"]
+        problems = []
+        for i, pair in enumerate(self.comparisons):
+            if not (isinstance(pair, list) and len(pair) == 2):
+                problems.append(f"'comparisons[{i}]' = {pair!r}: write a pair [arm, baseline]")
+                continue
+            problems += [f"'comparisons[{i}]' names {p!r}, which is not an arm; {known}" for p in pair if p not in names]
+            if pair[0] == pair[1]:
+                problems.append(f"'comparisons[{i}]' = {pair}: compares an arm with itself")
+            if self.comparisons.index(pair) != i:
+                problems.append(f"'comparisons[{i}]' = {pair}: listed twice")
+        return problems
+
+    def _evaluation_problems(self) -> list[str]:
+        items = self.evaluation.datasets
+        bad = [x for x in items if not (isinstance(x, str) or (isinstance(x, dict) and len(x) == 1))]
+        if bad:
+            return [f"'evaluation.datasets' item {bad[0]!r}: give a set name or one `name: path.jsonl` pair"]
+        sets = [next(iter(x)) if isinstance(x, dict) else x for x in items]
+        if not sets or len(set(sets)) != len(sets):
+            return [f"'evaluation.datasets' = {items}: give at least one set, each name once"]
+        return []
+
+    def check_arms(self) -> list[str]:
+        """Every arm's train config through promptkd's own validation (imports torch), and the
+        student-init check; [] when all is well."""
+        from promptkd.config import Config, EvalConfig
+
+        problems = []
+        for arm in self.arm_list():
+            try:
+                Config.from_dict(self.cell_config(arm, self.seeds[0], "unused"))
+            except ConfigError as e:
+                problems += [f"arm {arm.name!r}: {p}" for p in e.problems]
+        e = self.evaluation
+        eval_cfg = EvalConfig(model="unused", out="unused", datasets=list(e.sets().values()), seeds=e.seeds)
+        problems += [f"evaluation: {p}" for p in eval_cfg.problems()]
+        return problems or self._init_problems()
+
+    def _init_problems(self) -> list[str]:
+        """A student init that promptkd trained with one of `seeds` on the same data shares that
+        seed's data order: a cell with that seed would re-read the init's examples in order."""
+        student = Path(str(self.base.get("model", {}).get("student", ""))).expanduser()
+        record = student.parent.parent / "config.yaml"  # RUN/final/student -> RUN/config.yaml
+        if student.parent.name not in ("final", "best") or not record.is_file():
+            return []
+        init = read_yaml(record)
+        seed = init.get("train", {}).get("seed")
+        same_data = init.get("data", {}).get("train") == self.base.get("data", {}).get("train")
+        if seed in self.seeds and same_data:
+            return [f"'base.model.student' {student} was trained by promptkd with train.seed {seed} on the same "
+                    f"data.train ({record}), and {seed} is in 'seeds' {self.seeds}: a cell with seed {seed} would "
+                    "re-read the init's training examples in the same order. Drop that seed or retrain the init "
+                    "with a seed outside the study's"]
+        return []
+
+
+def load_compare_config(path: str | Path, *, check_arms: bool = True) -> CompareConfig:
+    """The validated study config in `path`. check_arms: also validate every arm's train config
+    (imports torch; `--report-only` skips it). Raises ConfigError (naming the file) listing
+    every problem, UserError for an unreadable file."""
+    path = Path(path)
+    problems: list[str] = []
+    cfg = build(CompareConfig, read_yaml(path), problems)
+    cfg.source = path
+    if not problems:
+        problems = cfg.cross_checks()
+    if not problems and check_arms:
+        problems = cfg.check_arms()
+    if problems:
+        raise ConfigError(problems, str(path))
+    return cfg
+
+
+def cell_id(arm: str, seed: int) -> str:
+    return f"{arm}__seed{seed}"
+
+
+def parse_cell_id(text: str) -> tuple[str, int]:
+    arm, sep, seed = text.rpartition("__seed")
+    if not sep or not seed.isdigit():
+        raise UserError(f"cell {text!r}: write ARM__seedK, e.g. GKD__seed1")
+    return arm, int(seed)
+
+
+def _has_key(mapping: dict, dotted: str) -> bool:
+    node = mapping
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _study_key_fix(key: str) -> str:
+    return {"method": "each arm names its method", "train.seed": "the training seeds are 'seeds'",
+            "train.output_dir": "cells train under 'runs'"}[key]
+
+
+def _hash(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

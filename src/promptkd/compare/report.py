@@ -1,0 +1,314 @@
+"""The report of a study: RESULTS/report.md and PNGs beside it, from RESULTS/cells/*.json alone.
+
+No model, run directory or torch is needed (`promptkd compare --report-only` on a machine with
+only the committed results), and the same cells give a byte-identical report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from promptkd.compare.config import CompareConfig, cell_id
+from promptkd.compare.stats import compare, describe_interval, mean_interval
+from promptkd.errors import UserError, require_extra
+
+COMPUTE = [("generated tokens", "generated"), ("trained tokens", "trained_tokens"),
+           ("student fwd tokens", "compute/student_forward_tokens"),
+           ("student bwd tokens", "compute/student_backward_tokens"),
+           ("teacher fwd tokens", "compute/teacher_forward_tokens"),
+           ("teacher bwd tokens", "compute/teacher_backward_tokens"), ("FLOPs", "compute/flops")]
+
+
+def write_json(path: Path, data) -> None:
+    write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and os.replace: a reader sees the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_cells(results: Path) -> dict[str, dict]:
+    """{cell id: cell record} of RESULTS/cells/*.json."""
+    cells = {}
+    for path in sorted((results / "cells").glob("*.json")):
+        try:
+            cells[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise UserError(f"{path}: not a cell file ({e}); delete it to re-run the cell") from None
+    return cells
+
+
+def build_report(cfg: CompareConfig) -> Path:
+    """Write RESULTS/report.md and its plots from the cell files; returns report.md's path."""
+    results = Path(cfg.results)
+    all_cells = read_cells(results)
+    arms = cfg.arm_list()
+    planned = [cell_id(a.name, s) for s in cfg.seeds for a in arms]
+    cells = {k: all_cells[k] for k in planned if k in all_cells}
+    by_arm = {a.name: [c for c in cells.values() if c["arm"] == a.name] for a in arms}
+    scores = {arm: {c["seed"]: c["score"] for c in cs} for arm, cs in by_arm.items()}
+    comparisons = compare(scores, cfg.pairs(), alpha=cfg.alpha, margin=cfg.margin)
+    hashes = {cell_id(a.name, s): cfg.cell_hash(a, s) for a in arms for s in cfg.seeds}
+    stale = [k for k, c in cells.items() if c.get("cell_hash") != hashes[k]]
+
+    def mark(c: dict) -> str:
+        key = cell_id(c["arm"], c["seed"])
+        return ("†" if c.get("revision_mismatch") else "") + ("‡" if key in stale else "")
+
+    study_file = results / "study.json"
+    study = json.loads(study_file.read_text(encoding="utf-8")) if study_file.is_file() else {}
+    lines = [f"# Study: {cfg.name}", ""]
+    lines += _setup(cfg, study, cells, len(planned))
+    lines += _arms(cfg, by_arm, mark)
+    lines += _compute(by_arm)
+    lines += _comparisons(cfg, comparisons)
+    lines += _traces(by_arm)
+    lines += _plot_links(_plots(results, cfg, by_arm, comparisons))
+    missing = [k for k in planned if k not in cells]
+    lines += ["## Missing cells", "", ", ".join(missing) if missing else "None: every planned cell has its file.", ""]
+    lines += _integrity(cfg, study, cells, stale, sorted(set(all_cells) - set(planned)))
+    path = results / "report.md"
+    write_text(path, "\n".join(lines).rstrip("\n") + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _setup(cfg: CompareConfig, study: dict, cells: dict, planned: int) -> list[str]:
+    model, data = cfg.base.get("model", {}), cfg.base.get("data", {})
+    shared = {k: v for k, v in _flat(cfg.base).items() if not k.startswith(("model.", "data."))}
+    e = cfg.evaluation
+    deviations = list(dict.fromkeys(d for c in cells.values() for d in c.get("eval_deviations", [])))
+    versions = sorted({", ".join(f"{k} {v}" for k, v in c["versions"].items()) for c in cells.values()})
+    return [
+        "## Setup", "",
+        f"- Revision: {study.get('revision', 'not recorded yet')} (promptkd {study.get('promptkd', '?')}); "
+        f"config hash {cfg.config_hash()}.",
+        f"- Teacher: `{model.get('teacher')}`; student init: `{model.get('student')}`; training data: "
+        f"`{data.get('train')}`.",
+        "- Shared training settings: " + (", ".join(f"`{k}` {v}" for k, v in shared.items()) or "the defaults") + ".",
+        f"- Training seeds: {', '.join(map(str, cfg.seeds))}; {len(cells)} of {planned} cells done.",
+        f"- Evaluation: {', '.join(e.sets())}; evaluation seeds {', '.join(map(str, e.seeds))}; up to "
+        f"{e.max_new_tokens} new tokens; {e.limit or 'all'} prompts per set.",
+        "- Deviations from the evaluation protocol: " + ("; ".join(deviations) if deviations else "none") + ".",
+        "- Versions: " + ("; ".join(versions) if versions else "no cells yet") + ".",
+        "",
+    ]
+
+
+def _arms(cfg: CompareConfig, by_arm: dict[str, list[dict]], mark) -> list[str]:
+    sets = list(cfg.evaluation.sets())
+    pct = f"{100 * (1 - cfg.alpha):g}%"
+    lines = ["## Arms", "",
+             f"| arm | method, overrides | n | score [{pct} CI] | " + " | ".join(sets) + " | train min | eval min |",
+             "|---" * (6 + len(sets)) + "|"]
+    for arm in cfg.arm_list():
+        cs = by_arm[arm.name]
+        settings = ", ".join([arm.method] + [f"{k} {v}" for k, v in _flat(arm.overrides).items()])
+        if cs:
+            mean, low, high = mean_interval([c["score"] for c in cs], cfg.alpha)
+            score = f"{mean:.2f} [{_num(low)}, {_num(high)}]"
+        else:
+            score = "no cells"
+        per_set = [_num(_mean([c["sets"][s]["mean"] for c in cs])) for s in sets]
+        minutes = [_num(_mean([c["seconds"][k] / 60 for c in cs]), 1) for k in ("train", "eval")]
+        lines.append(f"| {arm.name} | {settings} | {len(cs)} | {score} | " + " | ".join(per_set + minutes) + " |")
+    lines += ["", "Score: ROUGE-L averaged over the sets, each set's mean over its prompts and evaluation seeds. "
+              f"The interval is the {pct} Student t-interval of the mean over training seeds (n - 1 df), not "
+              "adjusted for multiplicity. Set columns and minutes are means over the arm's cells.", "",
+              "Score per training seed († another code revision, ‡ another training config: see Integrity):", "",
+              "| arm | " + " | ".join(f"seed {s}" for s in cfg.seeds) + " |", "|---" * (1 + len(cfg.seeds)) + "|"]
+    for arm, cs in by_arm.items():
+        got = {c["seed"]: f"{c['score']:.2f}{mark(c)}" for c in cs}
+        lines.append(f"| {arm} | " + " | ".join(got.get(s, "–") for s in cfg.seeds) + " |")
+    return lines + [""]
+
+
+def _compute(by_arm: dict[str, list[dict]]) -> list[str]:
+    lines = ["## Compute (mean per cell)", "", "| arm | " + " | ".join(name for name, _ in COMPUTE) + " |",
+             "|---" * (1 + len(COMPUTE)) + "|"]
+    for arm, cs in by_arm.items():
+        lines.append(f"| {arm} | " + " | ".join(_big(_mean([v for c in cs if (v := _compute_value(c, key)) is not None]))
+                                                for _, key in COMPUTE) + " |")
+    return lines + ["", "Token counts and FLOPs come from the runs' metrics.jsonl (trained tokens: summed over the "
+                    "logged steps; the rest: the run's totals); n/a where the runs did not log them.", ""]
+
+
+def _comparisons(cfg: CompareConfig, comparisons) -> list[str]:
+    pct = f"{100 * (1 - cfg.alpha):g}%"
+    tost = cfg.margin is not None
+    lines = ["## Comparisons", "",
+             f"| arm − baseline | n | per-seed differences | mean | {pct} CI | p | Holm p |"
+             + (" TOST p (Holm) |" if tost else "") + " verdict |",
+             "|---" * (8 + tost) + "|"]
+    for c in comparisons:
+        diffs = ", ".join(f"s{s} {d:+.2f}" for s, d in zip(c.seeds, c.differences, strict=True)) or "–"
+        verdict = "unresolved (n < 2)" if len(c.seeds) < 2 else c.verdict
+        lines.append(f"| {c.arm} − {c.baseline} | {len(c.seeds)} | {diffs} | {_num(c.mean, sign=True)} | "
+                     f"[{_num(c.ci[0], sign=True)}, {_num(c.ci[1], sign=True)}] | {_p(c.p)} | {_p(c.p_holm)} |"
+                     + (f" {_p(c.p_equivalence_holm)} |" if tost else "") + f" {verdict} |")
+    ns = sorted({len(c.seeds) for c in comparisons if len(c.seeds) >= 2})
+    lines += [""] + [f"CI: {describe_interval(cfg.alpha, n)}" + (f" (rows with n = {n})." if len(ns) > 1 else ".")
+                     for n in ns]
+    lines += ["", f"p: two-sided paired t-test over training seeds (scipy.stats.ttest_rel) of the cell scores; the "
+              f"training seed is the replicated unit, and pairing by seed cancels what the arms share. Holm p: "
+              f"adjusted (Holm) over the report's {len(comparisons)} comparison(s). An arm is called better or "
+              f"worse when its Holm p < {cfg.alpha:g}.", ""]
+    if tost:
+        lines.append(f"\"equivalent\": only from TOST (two one-sided t-tests) against the declared margin ±{cfg.margin:g} "
+                     f"ROUGE-L points, Holm-adjusted over the report's equivalence tests, when that p < {cfg.alpha:g}.")
+    else:
+        lines.append("No equivalence margin is declared (margin: null), so no pair is called equivalent: "
+                     "\"unresolved\" says the seeds do not tell the arms apart, not that the arms are equal.")
+    return lines + [""]
+
+
+def _traces(by_arm: dict[str, list[dict]]) -> list[str]:
+    drift = [(c["arm"], c["seed"], c["traces"]) for cs in by_arm.values() for c in cs
+             if "prompt/drift" in c.get("traces", {})]
+    phi = [(c["arm"], c["seed"], c["traces"]) for cs in by_arm.values() for c in cs
+           if "distillm/student_prob" in c.get("traces", {})]
+    if not drift and not phi:
+        return []
+    lines = ["## Method traces", ""]
+    if drift:
+        lines += ["PromptKD: the prompted teacher's drift KL(p_TP ‖ p_T) and its distance to the student "
+                  "KL(p_TP ‖ p_S), token means per step.", "",
+                  "| arm | seed | drift, last step | drift, max | KL to student, last step |", "|---|---|---|---|---|"]
+        for arm, seed, t in sorted(drift, key=lambda x: (x[0], x[1])):
+            values = [v for _, v in t["prompt/drift"]]
+            kl = t.get("prompt/kl_to_student")
+            kl_last = f"{kl[-1][1]:.4g}" if kl else "n/a"
+            lines.append(f"| {arm} | {seed} | {values[-1]:.4g} | {max(values):.4g} | {kl_last} |")
+        lines.append("")
+    if phi:
+        lines += ["DistiLLM: the probability phi of a step on student-generated data, and how many logged steps "
+                  "took each data source.", "", "| arm | seed | phi, last step | phi, max | steps per source |",
+                  "|---|---|---|---|---|"]
+        for arm, seed, t in sorted(phi, key=lambda x: (x[0], x[1])):
+            values = [v for _, v in t["distillm/student_prob"]]
+            steps = ", ".join(f"{k} {n}" for k, n in t.get("distillm/source_steps", {}).items())
+            lines.append(f"| {arm} | {seed} | {values[-1]:.4g} | {max(values):.4g} | {steps or 'n/a'} |")
+        lines.append("")
+    return lines
+
+
+def _integrity(cfg: CompareConfig, study: dict, cells: dict, stale: list[str], other: list[str]) -> list[str]:
+    moved = [f"{k} ({c.get('revision')})" for k, c in cells.items() if c.get("revision_mismatch")]
+    lines = ["## Integrity", "",
+             f"- Study revision: {study.get('revision', 'not recorded yet')} (results/study.json, written at the "
+             "first cell). Cells run from another revision or with uncommitted changes under src/ (--allow-revision), "
+             "marked †: " + (", ".join(moved) if moved else "none") + ".",
+             "- Cells whose training config differs from what the study config gives now, marked ‡: "
+             + (", ".join(stale) if stale else "none") + "."]
+    if study.get("config_hash") and study["config_hash"] != cfg.config_hash():
+        lines.append(f"- The study config changed since the first cell (hash {study['config_hash']} then, "
+                     f"{cfg.config_hash()} now).")
+    if other:
+        lines.append("- Cell files of arms or seeds not in the config (not reported): " + ", ".join(other) + ".")
+    return lines + [""]
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _plots(results: Path, cfg: CompareConfig, by_arm: dict[str, list[dict]], comparisons) -> dict[str, str] | str:
+    """{title: file name} of the PNGs written, or the reason there are none."""
+    if not any(by_arm.values()):
+        return "no cells yet"
+    try:
+        matplotlib = require_extra("matplotlib", "plot", "the plots of promptkd compare")
+    except UserError as e:
+        return str(e)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    shown = [c for c in comparisons if c.seeds]
+    if shown:
+        fig, ax = plt.subplots(figsize=(7, 0.6 * len(shown) + 1.5))
+        for y, c in enumerate(reversed(shown)):
+            ax.plot(c.differences, [y] * len(c.differences), "o", color="tab:blue", alpha=0.7)
+            if not math.isnan(c.ci[0]):
+                ax.plot(c.ci, [y, y], "-", color="black", linewidth=2)
+            ax.plot([c.mean], [y], "|", color="black", markersize=14)
+        ax.axvline(0, color="grey", linestyle="--", linewidth=1)
+        ax.set_yticks(range(len(shown)), [f"{c.arm} − {c.baseline}" for c in reversed(shown)])
+        ax.set_xlabel(f"score difference per training seed (ROUGE-L); bar: {100 * (1 - cfg.alpha):g}% t-interval")
+        out["Paired differences"] = _save(fig, results / "paired_differences.png")
+    fig, ax = plt.subplots(figsize=(1.2 * len(by_arm) + 2, 4))
+    for x, cs in enumerate(by_arm.values()):
+        ax.plot([x] * len(cs), [c["score"] for c in cs], "o", alpha=0.7)
+        for c in cs:
+            ax.annotate(str(c["seed"]), (x, c["score"]), textcoords="offset points", xytext=(6, -3), fontsize="x-small")
+    ax.set_xticks(range(len(by_arm)), list(by_arm))
+    ax.set_ylabel("score (ROUGE-L, mean over sets)")
+    out["Scores by training seed"] = _save(fig, results / "scores.png")
+    curves = [(c["arm"], c["seed"], c["traces"]["prompt/drift"]) for cs in by_arm.values() for c in cs
+              if "prompt/drift" in c.get("traces", {})]
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for arm, seed, points in curves:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=f"{arm} seed {seed}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("drift KL(p_TP || p_T)")
+        ax.legend(fontsize="x-small")
+        out["PromptKD drift"] = _save(fig, results / "drift.png")
+    return out
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return path.name
+
+
+def _plot_links(plots: dict[str, str] | str) -> list[str]:
+    if isinstance(plots, str):
+        return ["## Plots", "", f"None: {plots}.", ""]
+    return ["## Plots", ""] + [f"![{title}]({name})" for title, name in plots.items()] + [""]
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _compute_value(cell: dict, key: str):
+    if key == "generated":
+        return cell["compute"].get("compute/generated_tokens", cell.get("generated_tokens"))
+    return cell.get(key) if key in cell else cell["compute"].get(key)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _num(x: float | None, digits: int = 2, sign: bool = False) -> str:
+    if x is None or math.isnan(x):
+        return "n/a"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _big(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:,.0f}" if x < 1e9 else f"{x:.3g}"
+
+
+def _p(p: float | None) -> str:
+    return "n/a" if p is None or math.isnan(p) else f"{p:.3g}"

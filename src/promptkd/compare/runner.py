@@ -1,0 +1,345 @@
+"""Running a study's cells. A cell is (arm, training seed):
+
+1. train through the same path as `promptkd train` (Trainer.from_config), in RUNS/<cell>; a run
+   directory with a checkpoint resumes, one with final/ is done;
+2. evaluate final/student through the same path as `promptkd eval` (run_evaluation), every
+   evaluation seed; complete prediction files are reused, so an interrupted evaluation continues;
+3. write RESULTS/cells/<arm>__seed<k>.json atomically (scores, per-prompt ROUGE-L, compute,
+   method traces, versions, revision), then delete the run's checkpoints (final/ stays).
+
+A cell whose file exists is done. Integrity: the study's code revision is recorded in
+RESULTS/study.json at its first cell; a cell from another revision, or from a tree with
+uncommitted changes under src/, is refused unless allow_revision (then its file says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from promptkd.compare.config import Arm, CompareConfig, cell_id, parse_cell_id
+from promptkd.compare.report import read_cells, write_json
+from promptkd.errors import TrainingInterrupted, UserError
+
+TRACES = ("prompt/drift", "prompt/kl_to_student", "distillm/student_prob")  # per-step curves kept in a cell
+
+
+def say(message: str) -> None:
+    print(f"[compare] {message}", flush=True)
+
+
+def runs_dir(cfg: CompareConfig) -> Path:
+    from promptkd.models.loading import default_cache_dir
+
+    return Path(cfg.runs).expanduser() if cfg.runs else default_cache_dir() / "compare" / cfg.name
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def code_revision() -> dict:
+    """{"revision": the git commit of promptkd's checkout or "unknown" (e.g. a pip install),
+    "dirty": uncommitted changes under its src/, "promptkd": the version}."""
+    import promptkd
+
+    package = Path(promptkd.__file__).resolve().parent
+    out = {"revision": "unknown", "dirty": False, "promptkd": promptkd.__version__}
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", "__init__.py") is None:  # not a git checkout of promptkd
+        return out
+    out["revision"] = git("rev-parse", "HEAD") or "unknown"
+    out["dirty"] = bool(git("status", "--porcelain", "--", str(package.parent)))
+    return out
+
+
+def check_revision(cfg: CompareConfig, allow: bool) -> tuple[str, bool]:
+    """(this code's revision, whether it departs from the study's: RESULTS/study.json, written
+    here at the first cell). Raises UserError for a departure unless `allow`."""
+    here = code_revision()
+    study_file = Path(cfg.results) / "study.json"
+    study = json.loads(study_file.read_text(encoding="utf-8")) if study_file.is_file() else None
+    recorded = study or {"revision": here["revision"], "promptkd": here["promptkd"]}
+    problem = None
+    if (recorded["revision"], recorded["promptkd"]) != (here["revision"], here["promptkd"]):
+        problem = (f"the study runs on revision {recorded['revision']} (promptkd {recorded['promptkd']}, "
+                   f"{study_file}) but this code is revision {here['revision']} (promptkd {here['promptkd']})")
+    elif here["dirty"]:
+        problem = (f"this code is revision {here['revision']} with uncommitted changes under src/, and the study "
+                   f"runs on revision {recorded['revision']} as committed")
+    if problem and not allow:
+        fix = ": check out the study's revision with a clean src/, or pass {} to run the cell anyway (the report marks it)"
+        raise UserError(problem + fix.format("allow_revision=True"), cli=problem + fix.format("--allow-revision"))
+    if study is None:
+        write_json(study_file, {**recorded, "config_hash": cfg.config_hash()})
+    if problem:
+        say(f"warning: {problem}; the cell is marked in the report")
+    return here["revision"] + (" with uncommitted changes under src/" if here["dirty"] else ""), problem is not None
+
+
+# ----------------------------------------------------------------------------- one cell
+
+
+@contextlib.contextmanager
+def _timed(run_dir: Path, stage: str):
+    """Adds the block's wall seconds to RUN/times.json[stage] (over every sitting), even when it raises."""
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        path = run_dir / "times.json"
+        times = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        times[stage] = times.get(stage, 0.0) + time.monotonic() - t0
+        write_json(path, times)
+
+
+def eval_config(cfg: CompareConfig, model: Path, out: Path, template: str):
+    """The cell's `promptkd eval` config: the protocol, with the study's sets, seeds, response cap,
+    limit and batch size, and the template the students were trained with."""
+    from promptkd.config import EvalConfig
+
+    e = cfg.evaluation
+    return EvalConfig(model=str(model), out=str(out), datasets=list(e.sets().values()), seeds=list(e.seeds),
+                      limit=e.limit or None, batch_size=e.batch_size, template=template,
+                      sampling=dataclasses.replace(EvalConfig().sampling, max_new_tokens=e.max_new_tokens))
+
+
+def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision_mismatch: bool = False,
+             show_progress: bool = True) -> dict:
+    """Train, evaluate and write one cell's file; returns its content. revision: the code's, as
+    check_revision saw it when the sitting's code was loaded."""
+    import torch
+    import transformers
+
+    import promptkd
+    from promptkd.data.eval_sets import eval_set_name
+    from promptkd.evaluation.runner import deviations, run_evaluation
+    from promptkd.metric import rouge_l
+    from promptkd.options import read_yaml
+    from promptkd.training.checkpoint import latest_checkpoint
+    from promptkd.training.loop import Trainer
+
+    started = _now()
+    run_dir = runs_dir(cfg) / cell_id(arm.name, seed)
+    if not (run_dir / "final").is_dir():
+        resume = latest_checkpoint(run_dir / "checkpoints") is not None
+        with _timed(run_dir, "train"):
+            Trainer.from_config(cfg.cell_config(arm, seed, run_dir), resume=resume, overwrite=not resume,
+                                show_progress=show_progress).train()
+    train_config = read_yaml(run_dir / "config.yaml")
+    model = run_dir / "final" / "student"
+    if not model.is_dir():  # a LoRA run without merge exports only its adapter
+        model = run_dir / "final" / "student_adapter"
+    job = eval_config(cfg, model, run_dir / "eval", train_config["data"]["template"])
+    with _timed(run_dir, "eval"):
+        run_evaluation(job, show_progress=show_progress)
+
+    sets = {}
+    for name, dataset in cfg.evaluation.sets().items():
+        per_seed, per_prompt = {}, []
+        for eval_seed in job.seeds:
+            path = run_dir / "eval" / f"predictions_{eval_set_name(dataset)}_seed{eval_seed}.jsonl"
+            rows = [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
+            scores = [rouge_l(r["prediction"], r["references"]) for r in rows]
+            per_seed[str(eval_seed)] = round(statistics.fmean(scores), 6)
+            per_prompt.append(scores)
+        sets[name] = {"mean": round(statistics.fmean(per_seed.values()), 6), "per_seed": per_seed,
+                      "per_prompt": [round(statistics.fmean(s), 4) for s in zip(*per_prompt, strict=True)]}
+    records = _read_metrics(run_dir / "metrics.jsonl")
+    times = json.loads((run_dir / "times.json").read_text(encoding="utf-8"))
+    cell = {
+        "arm": arm.name, "seed": seed, "method": arm.method, "overrides": arm.overrides,
+        "cell_hash": cfg.cell_hash(arm, seed), "train_config": train_config,
+        "revision": revision, "revision_mismatch": revision_mismatch,
+        "versions": {"promptkd": promptkd.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "host": platform.node(), "started": started, "finished": _now(),
+        "seconds": {"train": round(times.get("train", 0.0), 1), "eval": round(times.get("eval", 0.0), 1)},
+        "eval_deviations": deviations(job),
+        "score": round(statistics.fmean(s["mean"] for s in sets.values()), 6),
+        "sets": sets,
+        "dev_loss": next((r["dev/loss"] for r in reversed(records) if "dev/loss" in r), None),
+        "trained_tokens": sum(r.get("trained_tokens", 0) for r in records),
+        "generated_tokens": sum(r.get("generated_tokens", 0) for r in records),
+        "compute": {k: v for k, v in (records[-1] if records else {}).items() if k.startswith("compute/")},
+        "traces": _traces(records),
+    }
+    write_json(Path(cfg.results) / "cells" / f"{cell_id(arm.name, seed)}.json", cell)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer states; final/ stays
+    return cell
+
+
+def _traces(records: list[dict]) -> dict:
+    """Method traces (part of what a method did, per logged step): PromptKD's prompt distances,
+    DistiLLM's student-data probability phi and how many steps took each data source."""
+    from promptkd.methods.distillm import SOURCES
+
+    out = {key: [[r["step"], float(f"{r[key]:.5g}")] for r in records if isinstance(r.get(key), (int, float))]
+           for key in TRACES}
+    out = {k: v for k, v in out.items() if v}
+    sources = [int(r["distillm/source"]) for r in records if "distillm/source" in r]
+    if sources:
+        out["distillm/source_steps"] = {name: sources.count(i) for i, name in enumerate(SOURCES)}
+    return out
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- a sitting
+
+
+def estimate_seconds(arm: str, cells: dict[str, dict]) -> float | None:
+    """A cell's expected wall seconds: the mean of the finished cells of its arm, else of all, else None."""
+    def wall(cs):
+        return [c["seconds"]["train"] + c["seconds"]["eval"] for c in cs]
+
+    same = wall(c for c in cells.values() if c["arm"] == arm) or wall(cells.values())
+    return statistics.fmean(same) if same else None
+
+
+def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes: float | None = None,
+              workers: int = 1, allow_revision: bool = False, show_progress: bool = True) -> list[str]:
+    """Run the pending cells (those without a file) in seed-major order, so a partial study stays
+    balanced; returns the ids of the cells finished in this sitting.
+
+    cells: ids (ARM__seedK) to run, a subset; max_minutes: do not start a cell whose estimate
+    would end past this many minutes from now (a cell without an estimate starts only first);
+    workers: cells at once, each in a `promptkd compare --cells ONE` process with
+    cores // workers torch threads (1 = in this process).
+    Raises UserError for an unknown cell or a refused revision; TrainingInterrupted when a signal
+    stopped a cell (its checkpoints stay, and the next sitting resumes it).
+    """
+    arms = {a.name: a for a in cfg.arm_list()}
+    order = [cell_id(a, s) for s in cfg.seeds for a in arms]
+    chosen = order
+    if cells is not None:
+        unknown = [c for c in cells if c not in order]
+        for c in unknown:
+            parse_cell_id(c)  # a malformed id says how to write one
+        if unknown:
+            raise UserError(f"unknown cell(s) {', '.join(unknown)}; this study's cells: {', '.join(order)}")
+        chosen = [c for c in order if c in cells]
+    done = read_cells(Path(cfg.results))
+    pending = [c for c in chosen if c not in done]
+    if not pending:
+        say(f"nothing to run: all {len(chosen)} chosen cells have their files in {Path(cfg.results) / 'cells'}")
+        return []
+    revision, mismatch = check_revision(cfg, allow_revision)
+    say(f"{len(pending)} cell(s) to run of {len(order)}; {len(done)} done; runs in {runs_dir(cfg)}")
+    t0 = time.monotonic()
+
+    def may_start(cell: str, started: int) -> bool:
+        estimate = estimate_seconds(parse_cell_id(cell)[0], read_cells(Path(cfg.results)))
+        elapsed = (time.monotonic() - t0) / 60
+        if max_minutes is not None and ((estimate is None and started > 0) or
+                                        (estimate is not None and elapsed + estimate / 60 > max_minutes)):
+            say(f"{cell}: not started, it would not end within --max-minutes {max_minutes:g} (elapsed "
+                f"{elapsed:.1f} min, estimate {_minutes(estimate)}); {len(pending) - started} cell(s) left for "
+                "the next sitting")
+            return False
+        say(f"{cell}: starting ({started + 1}/{len(pending)}, elapsed {elapsed:.1f} min, estimate {_minutes(estimate)})")
+        return True
+
+    if workers > 1:
+        return _run_workers(cfg, pending, workers, allow_revision, may_start)
+    finished = []
+    for cell in pending:
+        if not may_start(cell, len(finished)):
+            break
+        arm, seed = parse_cell_id(cell)
+        t = time.monotonic()
+        try:
+            run_cell(cfg, arms[arm], seed, revision=revision, revision_mismatch=mismatch, show_progress=show_progress)
+        except TrainingInterrupted as e:
+            raise _interrupted(cell, cfg, e.signum) from None
+        finished.append(cell)
+        say(f"{cell}: done in {(time.monotonic() - t) / 60:.1f} min")
+    return finished
+
+
+def _run_workers(cfg: CompareConfig, pending: list[str], workers: int, allow_revision: bool, may_start) -> list[str]:
+    """Up to `workers` cells at once, each a `promptkd compare --cells ONE` process (its own
+    session: on Ctrl-C or SIGTERM here, each gets one SIGTERM, checkpoints and stops)."""
+    if cfg.source is None:
+        raise UserError("workers > 1 runs cells from the study's YAML file: load the config with load_compare_config")
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+    queue, running, finished, failed = list(pending), {}, [], []
+    stop = False  # no more starts: the budget, or a failed cell
+    received = [signal.SIGINT]
+
+    def on_sigterm(signum, frame):  # SIGTERM here stops the workers as Ctrl-C does
+        received[0] = signum
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        while running or (queue and not stop):
+            while queue and not stop and len(running) < workers:
+                if failed or not may_start(queue[0], len(finished) + len(running)):
+                    stop = True
+                    break
+                cell = queue.pop(0)
+                log = runs_dir(cfg) / cell / "compare.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                cmd = [sys.executable, "-m", "promptkd.cli", "compare", "--config", str(cfg.source), "--cells", cell,
+                       "--no-report", "--no-progress"] + (["--allow-revision"] if allow_revision else [])
+                with open(log, "a", encoding="utf-8") as f:
+                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                running[cell] = (proc, time.monotonic(), log)
+            time.sleep(1.0)
+            for cell, (proc, t, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[cell]
+                if proc.returncode == 0:
+                    finished.append(cell)
+                    say(f"{cell}: done in {(time.monotonic() - t) / 60:.1f} min")
+                else:
+                    failed.append(cell)
+                    last = (log.read_text(encoding="utf-8", errors="replace").strip().splitlines() or [""])[-1]
+                    say(f"{cell}: failed (exit {proc.returncode}): {last} (log: {log})")
+    except KeyboardInterrupt:
+        for proc, _, _ in running.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc, _, _ in running.values():
+            proc.wait()
+        raise _interrupted(", ".join(running), cfg, received[0]) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if failed:
+        raise UserError(f"cell(s) {', '.join(failed)} failed; their logs are {runs_dir(cfg)}/<cell>/compare.log")
+    return finished
+
+
+def _interrupted(cells: str, cfg: CompareConfig, signum: int) -> TrainingInterrupted:
+    return TrainingInterrupted(f"{cells}: stopped by {signal.Signals(signum).name}; a training cell keeps its "
+                               f"checkpoint in {runs_dir(cfg)}: run the same promptkd compare command to resume it",
+                               signum)
+
+
+def _minutes(seconds: float | None) -> str:
+    return "unknown" if seconds is None else f"{seconds / 60:.1f} min"

@@ -1,0 +1,281 @@
+"""`promptkd compare`: the config's errors, integrity, sittings (skip, resume, budget), the report,
+and a 2-arm x 2-seed study on tiny models end to end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from promptkd.cli import main
+from promptkd.compare import runner
+from promptkd.compare.config import load_compare_config
+from promptkd.compare.report import build_report, write_json
+from promptkd.errors import ConfigError, UserError
+from promptkd.training import console
+
+CLEAN = {"revision": "abc1234", "dirty": False, "promptkd": "0.1.0"}
+EVAL_RECORDS = [
+    {"instruction": "Say hello.", "input": "", "output": "hello there"},
+    {"instruction": "Name a colour.", "input": "", "output": "blue"},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "The sum is 5."},
+    # any one-character word matches one of these references: random tiny models score above 0
+    {"instruction": "Write one character.", "input": "", "outputs": list("abcdefghijklmnopqrstuvwxyz0123456789")},
+]
+
+
+def write_study(tmp_path, teacher, student, train, **changes) -> Path:
+    evals = tmp_path / "data" / "tiny_eval.jsonl"
+    evals.parent.mkdir(parents=True, exist_ok=True)
+    evals.write_text("".join(json.dumps(r) + "\n" for r in EVAL_RECORDS), encoding="utf-8")
+    study = {
+        "name": "tiny", "results": str(tmp_path / "results"), "runs": str(tmp_path / "runs"),
+        "base": {"model": {"teacher": str(teacher), "student": str(student)},
+                 "data": {"train": str(train), "max_prompt_length": 256, "max_length": 300},
+                 "train": {"max_steps": 2, "batch_size": 2, "learning_rate": 0.01, "warmup_steps": 0,
+                           "save_every_minutes": 0},
+                 "sampling": {"max_new_tokens": 3}},
+        "arms": [{"name": "PromptKD", "method": "promptkd"},
+                 {"name": "GKD", "method": "gkd", "overrides": {"gkd": {"lmbda": 1.0, "beta": 1.0}}}],
+        "seeds": [1, 2], "baseline": "GKD",
+        "evaluation": {"datasets": [{"tiny": str(evals)}], "seeds": [10, 20], "max_new_tokens": 6, "batch_size": 4},
+        **changes,
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def study(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
+    monkeypatch.setattr(runner, "code_revision", lambda: dict(CLEAN))
+    return write_study(tmp_path, *tiny_pair_dirs, tiny_jsonl)
+
+
+def fake_cell(cfg, arm: str, seed: int, score: float, seconds: float = 60.0, **extra) -> None:
+    """A cell file as run_cell writes it, with made-up numbers."""
+    arms = {a.name: a for a in cfg.arm_list()}
+    cell = {"arm": arm, "seed": seed, "method": arms[arm].method, "overrides": arms[arm].overrides,
+            "cell_hash": cfg.cell_hash(arms[arm], seed), "revision": CLEAN["revision"], "revision_mismatch": False,
+            "versions": {"promptkd": "0.1.0", "torch": "2", "transformers": "4"}, "seconds": {"train": seconds, "eval": 0.0},
+            "eval_deviations": [], "score": score,
+            "sets": {"tiny": {"mean": score, "per_seed": {"10": score}, "per_prompt": [score] * 3}},
+            "trained_tokens": 100, "generated_tokens": 10, "compute": {}, "traces": {}, **extra}
+    write_json(Path(cfg.results) / "cells" / f"{arm}__seed{seed}.json", cell)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def edit(study: Path, **changes) -> dict:
+    data = {**yaml.safe_load(study.read_text()), **changes}
+    study.write_text(yaml.safe_dump(data, sort_keys=False))
+    return data
+
+
+def test_config_errors_name_the_file_and_every_bad_key(study):
+    data = yaml.safe_load(study.read_text())
+    data["arms"][1]["overrides"] = {"gkd": {"lmbdaa": 1.0}}
+    edit(study, seed=data.pop("seeds"), arms=data["arms"], baseline="GKDD")
+    with pytest.raises(ConfigError) as e:
+        load_compare_config(study)
+    assert str(study) in str(e.value)
+    assert e.value.problems == ["unknown key 'seed'; did you mean 'seeds'?"]  # keys and types first
+    data = yaml.safe_load(study.read_text())
+    data["seeds"] = data.pop("seed")
+    study.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as e:
+        load_compare_config(study)
+    assert e.value.problems == ["'baseline' = 'GKDD' is not an arm; arms: PromptKD, GKD"]
+    edit(study, baseline="GKD")
+    with pytest.raises(ConfigError) as e:  # an arm's train config goes through promptkd's validation
+        load_compare_config(study)
+    assert e.value.problems == ["arm 'GKD': unknown key 'gkd.lmbdaa'; did you mean 'gkd.lmbda'?"]
+
+
+def test_duplicate_arm_seqkd_and_keys_the_study_sets_are_refused(study):
+    data = yaml.safe_load(study.read_text())
+    data["arms"] += [{"name": "GKD", "method": "gkd"}, {"name": "SeqKD", "method": "seqkd"},
+                     {"name": "x__y", "method": "kd", "overrides": {"train": {"seed": 3}}}]
+    data["base"]["train"]["output_dir"] = "runs/x"
+    study.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as e:
+        load_compare_config(study, check_arms=False)
+    text = "\n".join(e.value.problems)
+    assert "arm name 'GKD' is used by 2 arms" in text
+    assert "arm 'SeqKD': method seqkd trains on teacher responses" in text
+    assert "'arms[4].name' = 'x__y'" in text
+    assert "'arms[4].overrides.train.seed' is set by the study" in text
+    assert "'base.train.output_dir' is set by the study" in text
+
+
+def test_an_init_trained_with_a_study_seed_on_the_same_data_is_refused(study, tmp_path):
+    init = tmp_path / "init" / "final" / "student"
+    init.mkdir(parents=True)
+    data = yaml.safe_load(study.read_text())
+    (tmp_path / "init" / "config.yaml").write_text(yaml.safe_dump(
+        {"train": {"seed": 2}, "data": {"train": data["base"]["data"]["train"]}}))
+    data["base"]["model"]["student"] = str(init)
+    study.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="trained by promptkd with train.seed 2 on the same data.train"):
+        load_compare_config(study)
+    data["seeds"] = [3, 4]
+    study.write_text(yaml.safe_dump(data))
+    load_compare_config(study)
+
+
+def test_shipped_example_loads():
+    cfg = load_compare_config(Path(__file__).parents[1] / "configs" / "compare" / "example.yaml")
+    assert cfg.pairs() == [("PromptKD", "GKD")]
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def test_another_revision_or_a_dirty_tree_is_refused_unless_allowed(study, monkeypatch):
+    cfg = load_compare_config(study)
+    assert runner.check_revision(cfg, allow=False) == ("abc1234", False)  # writes study.json at the first cell
+    recorded = json.loads((Path(cfg.results) / "study.json").read_text())
+    assert recorded == {**{k: CLEAN[k] for k in ("revision", "promptkd")}, "config_hash": cfg.config_hash()}
+    monkeypatch.setattr(runner, "code_revision", lambda: {**CLEAN, "revision": "def5678"})
+    with pytest.raises(UserError, match="revision abc1234 .* this code is revision def5678") as e:
+        runner.check_revision(cfg, allow=False)
+    assert "--allow-revision" in e.value.cli
+    assert runner.check_revision(cfg, allow=True) == ("def5678", True)
+    monkeypatch.setattr(runner, "code_revision", lambda: {**CLEAN, "dirty": True})
+    with pytest.raises(UserError, match="uncommitted changes under src/"):
+        runner.check_revision(cfg, allow=False)
+    assert runner.check_revision(cfg, allow=True) == ("abc1234 with uncommitted changes under src/", True)
+
+
+def test_allowed_cells_from_another_revision_are_marked_in_the_report(study, monkeypatch):
+    cfg = load_compare_config(study)
+    runner.check_revision(cfg, allow=False)
+    monkeypatch.setattr(runner, "code_revision", lambda: {**CLEAN, "revision": "def5678"})
+    seen = []
+    monkeypatch.setattr(runner, "run_cell", lambda cfg, arm, seed, **kw: seen.append(
+        (kw["revision"], kw["revision_mismatch"])))
+    with pytest.raises(UserError):
+        runner.run_study(cfg, cells=["GKD__seed1"])
+    runner.run_study(cfg, cells=["GKD__seed1"], allow_revision=True)
+    assert seen == [("def5678", True)]
+    fake_cell(cfg, "GKD", 1, 5.0, revision="def5678", revision_mismatch=True)
+    report = build_report(cfg).read_text()
+    assert "| GKD | – | 5.00† |" not in report and "| GKD | 5.00† | – |" in report
+    assert "marked †: GKD__seed1 (def5678)" in report
+
+
+# ----------------------------------------------------------------------------- sittings
+
+
+def test_sittings_skip_done_cells_run_seed_major_and_respect_the_budget(study, monkeypatch):
+    cfg = load_compare_config(study)
+    calls = []
+    monkeypatch.setattr(runner, "run_cell", lambda cfg, arm, seed, **kw: calls.append(f"{arm.name}__seed{seed}"))
+    fake_cell(cfg, "GKD", 1, 5.0, seconds=600)  # done: never re-run
+    assert runner.run_study(cfg, max_minutes=5) == []  # estimate 10 min (the GKD cell) > 5: nothing starts
+    assert calls == []
+    assert runner.run_study(cfg, max_minutes=60) == ["PromptKD__seed1", "PromptKD__seed2", "GKD__seed2"]
+    assert calls == ["PromptKD__seed1", "PromptKD__seed2", "GKD__seed2"]  # seed-major order
+
+    calls.clear()
+    (Path(cfg.results) / "cells" / "GKD__seed1.json").unlink()
+    assert runner.run_study(cfg, max_minutes=1) == ["PromptKD__seed1"]  # no estimate: the first cell only
+    with pytest.raises(UserError, match="unknown cell"):
+        runner.run_study(cfg, cells=["KD__seed1"])
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_report_lists_missing_cells_and_leaves_n_below_2_unresolved(study):
+    cfg = load_compare_config(study)
+    fake_cell(cfg, "PromptKD", 1, 6.0)
+    fake_cell(cfg, "PromptKD", 2, 6.5)
+    fake_cell(cfg, "GKD", 1, 5.0)
+    report = build_report(cfg).read_text()
+    assert "| PromptKD − GKD | 1 | s1 +1.00 | +1.00 | [n/a, n/a] | n/a | n/a | unresolved (n < 2) |" in report
+    assert "## Missing cells\n\nGKD__seed2\n" in report
+    assert "| GKD | gkd, gkd.lmbda 1.0, gkd.beta 1.0 | 1 | 5.00 [n/a, n/a] |" in report
+    assert "No equivalence margin is declared" in report
+    assert build_report(cfg).read_text() == report
+
+
+def test_report_verdicts_with_a_margin(study):
+    edit(study, seeds=[1, 2, 3, 4], margin=1.0)
+    cfg = load_compare_config(study, check_arms=False)
+    for seed, (a, b) in enumerate([(6.0, 6.1), (6.2, 6.2), (6.1, 6.0), (6.0, 6.05)], start=1):
+        fake_cell(cfg, "PromptKD", seed, a)
+        fake_cell(cfg, "GKD", seed, b)
+    report = build_report(cfg).read_text()
+    assert "TOST p (Holm)" in report and "| equivalent |" in report
+    assert "declared margin ±1 ROUGE-L points" in report
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_two_arms_two_seeds_end_to_end_resume_and_report_only(study, monkeypatch, capsys):
+    args = ["compare", "--config", str(study), "--no-progress"]
+    # a signal during the first cell's training: it checkpoints, and the next sitting resumes it
+    monkeypatch.setattr(console.StopSignals, "__enter__", lambda self: setattr(self, "signum", signal.SIGTERM) or self)
+    assert main(args) == 143
+    assert "PromptKD__seed1: stopped by SIGTERM" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(runner, "code_revision", lambda: dict(CLEAN))
+    assert main(args) == 0
+    results = study.parent / "results"
+    assert sorted(p.name for p in (results / "cells").iterdir()) == [
+        "GKD__seed1.json", "GKD__seed2.json", "PromptKD__seed1.json", "PromptKD__seed2.json"]
+    run = study.parent / "runs" / "PromptKD__seed1"
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert not (run / "checkpoints").exists() and (run / "final" / "student").is_dir()
+
+    cell = json.loads((results / "cells" / "PromptKD__seed1.json").read_text())
+    assert (cell["arm"], cell["seed"], cell["method"], cell["revision"]) == ("PromptKD", 1, "promptkd", "abc1234")
+    assert cell["train_config"]["train"]["seed"] == 1 and cell["train_config"]["train"]["max_steps"] == 2
+    assert set(cell["sets"]["tiny"]["per_seed"]) == {"10", "20"} and len(cell["sets"]["tiny"]["per_prompt"]) == 4
+    assert cell["score"] == pytest.approx(cell["sets"]["tiny"]["mean"])
+    assert cell["seconds"]["train"] > 0 and cell["seconds"]["eval"] > 0 and cell["trained_tokens"] > 0
+    assert [s for s, _ in cell["traces"]["prompt/drift"]] == [1, 2]
+    assert "sampling.max_new_tokens 6 (protocol: 256)" in cell["eval_deviations"]
+
+    report = (results / "report.md").read_text()
+    assert "| PromptKD − GKD | 2 |" in report and "![Paired differences](paired_differences.png)" in report
+    (results / "report.md").unlink()
+    assert main(["compare", "--config", str(study), "--report-only"]) == 0
+    assert (results / "report.md").read_text() == report
+    capsys.readouterr()
+    assert main(args) == 0 and "nothing to run" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_report_needs_neither_models_nor_torch(study):
+    cfg = load_compare_config(study)
+    fake_cell(cfg, "PromptKD", 1, 6.0)
+    fake_cell(cfg, "GKD", 1, 5.0)
+    report = build_report(cfg).read_text()
+    (Path(cfg.results) / "report.md").unlink()
+    # (the CLI's parser imports promptkd.config, and with it torch; the library path does not)
+    code = ("import sys; from promptkd.compare.config import load_compare_config; from promptkd.compare.report "
+            "import build_report; build_report(load_compare_config(sys.argv[1], check_arms=False)); "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, str(study)], check=True, capture_output=True)
+    assert (Path(cfg.results) / "report.md").read_text() == report
+
+
+@pytest.mark.slow
+def test_workers_run_cells_in_processes_of_their_own(study):
+    """Two cells at once, each a `promptkd compare --cells ONE` process. The processes see the real
+    revision, not this test's, so they run with --allow-revision and their cells are marked."""
+    assert main(["compare", "--config", str(study), "--workers", "2", "--cells", "PromptKD__seed1,GKD__seed1",
+                 "--allow-revision", "--no-progress"]) == 0
+    cells = sorted((study.parent / "results" / "cells").iterdir())
+    assert [p.name for p in cells] == ["GKD__seed1.json", "PromptKD__seed1.json"]
+    assert all(json.loads(p.read_text())["revision_mismatch"] for p in cells)
+    assert "GKD__seed1: starting" in (study.parent / "runs" / "GKD__seed1" / "compare.log").read_text()
