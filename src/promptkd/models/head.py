@@ -48,10 +48,6 @@ class LMHead:
         if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or not 1 <= self.vocab_size <= rows:
             raise UserError(f"LMHead: vocab_size must be an int in 1..{rows} (the head's rows), got {self.vocab_size!r}")
 
-    @property
-    def hidden_size(self) -> int:
-        return int(self.weight.shape[1])
-
     def detached(self) -> LMHead:
         """This head with its weight and bias detached: a target side that must get no gradient
         (e.g. the student as PromptKD's prompt-loss target, like ``logits.detach()``)."""
