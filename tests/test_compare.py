@@ -19,7 +19,7 @@ from promptkd.compare.report import build_report, write_json
 from promptkd.errors import ConfigError, UserError
 from promptkd.training import console
 
-CLEAN = {"revision": "abc1234", "dirty": False, "promptkd": "0.1.0"}
+CLEAN = {"revision": "abc1234", "source": "tree1", "dirty": False, "promptkd": "0.1.0"}
 EVAL_RECORDS = [
     {"instruction": "Say hello.", "input": "", "output": "hello there"},
     {"instruction": "Name a colour.", "input": "", "output": "blue"},
@@ -141,8 +141,11 @@ def test_another_revision_or_a_dirty_tree_is_refused_unless_allowed(study, monke
     cfg = load_compare_config(study)
     assert runner.check_revision(cfg, allow=False) == ("abc1234", False)  # writes study.json at the first cell
     recorded = json.loads((Path(cfg.results) / "study.json").read_text())
-    assert recorded == {**{k: CLEAN[k] for k in ("revision", "promptkd")}, "config_hash": cfg.config_hash()}
-    monkeypatch.setattr(runner, "code_revision", lambda: {**CLEAN, "revision": "def5678"})
+    assert recorded == {**{k: CLEAN[k] for k in ("revision", "source", "promptkd")}, "config_hash": cfg.config_hash()}
+    # a later commit that leaves src/ as it was (docs, results) is the same code
+    monkeypatch.setattr(runner, "code_revision", lambda: {**CLEAN, "revision": "bcd2345"})
+    assert runner.check_revision(cfg, allow=False) == ("bcd2345", False)
+    monkeypatch.setattr(runner, "code_revision", lambda: {**CLEAN, "revision": "def5678", "source": "tree2"})
     with pytest.raises(UserError, match="revision abc1234 .* this code is revision def5678") as e:
         runner.check_revision(cfg, allow=False)
     assert "--allow-revision" in e.value.cli
@@ -156,7 +159,7 @@ def test_another_revision_or_a_dirty_tree_is_refused_unless_allowed(study, monke
 def test_allowed_cells_from_another_revision_are_marked_in_the_report(study, monkeypatch):
     cfg = load_compare_config(study)
     runner.check_revision(cfg, allow=False)
-    monkeypatch.setattr(runner, "code_revision", lambda: {**CLEAN, "revision": "def5678"})
+    monkeypatch.setattr(runner, "code_revision", lambda: {**CLEAN, "revision": "def5678", "source": "tree2"})
     seen = []
     monkeypatch.setattr(runner, "run_cell", lambda cfg, arm, seed, **kw: seen.append(
         (kw["revision"], kw["revision_mismatch"])))

@@ -50,7 +50,8 @@ def runs_dir(cfg: CompareConfig) -> Path:
 
 def code_revision() -> dict:
     """{"revision": the git commit of promptkd's checkout or "unknown" (e.g. a pip install),
-    "dirty": uncommitted changes under its src/, "promptkd": the version}."""
+    "source": the git tree of its src/ at that commit (the code's identity: a commit that changes
+    only docs or results keeps it), "dirty": uncommitted changes under src/, "promptkd": the version}."""
     import promptkd
 
     package = Path(promptkd.__file__).resolve().parent
@@ -66,6 +67,7 @@ def code_revision() -> dict:
     if git("ls-files", "--error-unmatch", "__init__.py") is None:  # not a git checkout of promptkd
         return out
     out["revision"] = git("rev-parse", "HEAD") or "unknown"
+    out["source"] = git("rev-parse", "HEAD:../") or "unknown"  # relative to src/promptkd: the src/ tree
     out["dirty"] = bool(git("status", "--porcelain", "--", str(package.parent)))
     return out
 
@@ -76,9 +78,10 @@ def check_revision(cfg: CompareConfig, allow: bool) -> tuple[str, bool]:
     here = code_revision()
     study_file = Path(cfg.results) / "study.json"
     study = json.loads(study_file.read_text(encoding="utf-8")) if study_file.is_file() else None
-    recorded = study or {"revision": here["revision"], "promptkd": here["promptkd"]}
+    recorded = study or {"revision": here["revision"], "source": here["source"], "promptkd": here["promptkd"]}
+    key = "source" if "source" in recorded else "revision"  # study files from before "source" compare commits
     problem = None
-    if (recorded["revision"], recorded["promptkd"]) != (here["revision"], here["promptkd"]):
+    if (recorded[key], recorded["promptkd"]) != (here[key], here["promptkd"]):
         problem = (f"the study runs on revision {recorded['revision']} (promptkd {recorded['promptkd']}, "
                    f"{study_file}) but this code is revision {here['revision']} (promptkd {here['promptkd']})")
     elif here["dirty"]:
