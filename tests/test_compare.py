@@ -98,9 +98,10 @@ def test_config_errors_name_the_file_and_every_bad_key(study):
     assert e.value.problems == ["arm 'GKD': unknown key 'gkd.lmbdaa'; did you mean 'gkd.lmbda'?"]
 
 
-def test_duplicate_arm_seqkd_and_keys_the_study_sets_are_refused(study):
+def test_duplicate_arm_bad_seqkd_and_keys_the_study_sets_are_refused(study):
     data = yaml.safe_load(study.read_text())
-    data["arms"] += [{"name": "GKD", "method": "gkd"}, {"name": "SeqKD", "method": "seqkd"},
+    data["arms"] += [{"name": "GKD", "method": "gkd"},
+                     {"name": "SeqKD", "method": "seqkd", "overrides": {"data": {"max_train_examples": 8}}},
                      {"name": "x__y", "method": "kd", "overrides": {"train": {"seed": 3}}}]
     data["base"]["train"]["output_dir"] = "runs/x"
     study.write_text(yaml.safe_dump(data))
@@ -108,7 +109,7 @@ def test_duplicate_arm_seqkd_and_keys_the_study_sets_are_refused(study):
         load_compare_config(study, check_arms=False)
     text = "\n".join(e.value.problems)
     assert "arm name 'GKD' is used by 2 arms" in text
-    assert "arm 'SeqKD': method seqkd trains on teacher responses" in text
+    assert "arm 'SeqKD': data.max_train_examples with method seqkd would cut its teacher responses" in text
     assert "'arms[4].name' = 'x__y'" in text
     assert "'arms[4].overrides.train.seed' is set by the study" in text
     assert "'base.train.output_dir' is set by the study" in text
@@ -279,3 +280,58 @@ def test_workers_run_cells_in_processes_of_their_own(study):
     assert [p.name for p in cells] == ["GKD__seed1.json", "PromptKD__seed1.json"]
     assert all(json.loads(p.read_text())["revision_mismatch"] for p in cells)
     assert "GKD__seed1: starting" in (study.parent / "runs" / "GKD__seed1" / "compare.log").read_text()
+
+
+def test_a_seqkd_cell_trains_on_teacher_responses_to_the_prompts_the_other_arms_read(
+        tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
+    """SeqKD's cell generates its training data first: the teacher's responses to exactly the
+    prompts GKD's cell reads with the same seed, step by step (data.train has prompts the trainer
+    drops, so the order must be taken over the kept ones), and records the generation's compute."""
+    from promptkd.compare.seqkd import generate_teacher_responses
+    from promptkd.config import Config
+    from promptkd.training.loop import Trainer
+
+    monkeypatch.setattr(runner, "code_revision", lambda: dict(CLEAN))
+    train = tmp_path / "data" / "train_with_long.jsonl"
+    long = json.dumps({"instruction": "x" * 300, "input": "", "output": "y"}) + "\n"
+    lines = tiny_jsonl.read_text().splitlines(keepends=True)
+    train.write_text("".join(long + line for line in lines[:6]) + "".join(lines[6:]))
+    study = write_study(tmp_path, *tiny_pair_dirs, train, seeds=[3],
+                        arms=[{"name": "GKD", "method": "gkd"}, {"name": "SeqKD", "method": "seqkd"}])
+    edit(study, evaluation={**yaml.safe_load(study.read_text())["evaluation"], "seeds": [10]})
+    prompts = {}  # method -> the prompts of every optimizer step
+    next_micro_batches = Trainer.next_micro_batches
+
+    def record(self):
+        micro_batches = next_micro_batches(self)
+        prompts.setdefault(self.cfg.method, []).append([e.prompt_ids for mb in micro_batches for e in mb])
+        return micro_batches
+
+    monkeypatch.setattr(Trainer, "next_micro_batches", record)
+    assert main(["compare", "--config", str(study), "--no-progress"]) == 0
+    assert len(prompts["gkd"]) == 2 and prompts["seqkd"] == prompts["gkd"]
+
+    results, run = tmp_path / "results", tmp_path / "runs" / "SeqKD__seed3"
+    cell = json.loads((results / "cells" / "SeqKD__seed3.json").read_text())
+    assert cell["train_config"]["data"]["teacher_responses"] == str(run / "teacher_responses.jsonl")
+    responses = [json.loads(x) for x in (run / "teacher_responses.jsonl").read_text().splitlines()]
+    assert len(responses) == 4 and all("ended" in r for r in responses)
+    c = cell["compute"]
+    assert cell["seconds"]["generation"] > 0 and c["compute/teacher_generation_generated_tokens"] > 0
+    n_teacher = json.loads((tmp_path / "runs" / "GKD__seed3" / "precision.json").read_text())["matmul_params"]["teacher"]
+    assert c["compute/teacher_generation_flops"] == 2 * n_teacher * c["compute/teacher_generation_forward_tokens"]
+    report = (results / "report.md").read_text()
+    compute_rows = report.split("## Compute")[1].split("\n\n")[1].splitlines()
+    row = next(line.split(" | ") for line in compute_rows if line.startswith("| SeqKD |"))
+    assert row[1] == f"{c['compute/generated_tokens'] + c['compute/teacher_generation_generated_tokens']:,.0f}"
+    assert row[-1] == f"{c['compute/flops'] + c['compute/teacher_generation_flops']:,.0f} |"
+    assert "teacher generation of its training responses is added in" in report
+
+    # resumable: a generation cut after its first batch continues into the same file
+    full = (run / "teacher_responses.jsonl").read_text()
+    (run / "teacher_responses.jsonl").write_text("".join(full.splitlines(keepends=True)[:2]))
+    counts = {}
+    cfg = load_compare_config(study)
+    generate_teacher_responses(Config.from_dict(cfg.cell_config(cfg.arm_list()[1], 3, run)), run, counts, False)
+    assert (run / "teacher_responses.jsonl").read_text() == full
+    assert 0 < counts["forward_tokens"] < c["compute/teacher_generation_forward_tokens"]

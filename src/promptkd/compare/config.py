@@ -10,7 +10,8 @@
     baseline: GKD
 
 A cell's train config is `base` with the arm's method and overrides laid over it, then the
-cell's train.seed and train.output_dir. `load_compare_config` reports every problem at once, as
+cell's train.seed and train.output_dir (and a SeqKD cell's data.teacher_responses, which it
+generates: compare.seqkd). `load_compare_config` reports every problem at once, as
 `promptkd train` does, with the file's name; it validates each arm's train config, so a typo
 fails before any training. Loading imports neither torch nor the models when `check_arms` is
 False (`--report-only`).
@@ -28,7 +29,8 @@ from typing import ClassVar
 from promptkd.errors import ConfigError, UserError
 from promptkd.options import ConfigBase, build, merge_dicts, opt, read_yaml
 
-STUDY_KEYS = ("method", "train.seed", "train.output_dir")  # the study sets these in every cell
+STUDY_KEYS = ("method", "train.seed", "train.output_dir", "data.teacher_responses")  # the study sets these
+TEACHER_RESPONSES = "teacher_responses.jsonl"  # a SeqKD cell's training data, in its run directory (compare.seqkd)
 RUNTIME_KEYS = ("results", "runs")  # where things go: not part of the config hash
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*(_[A-Za-z0-9.+-]+)*")  # no "__" (the cell id separator)
 
@@ -98,7 +100,10 @@ class CompareConfig(ConfigBase):
     def cell_config(self, arm: Arm, seed: int, output_dir: str | Path) -> dict:
         """The train config of cell (arm, seed), as a mapping for promptkd.config."""
         cfg = merge_dicts(merge_dicts(self.base, {"method": arm.method}), arm.overrides)
-        return merge_dicts(cfg, {"train": {"seed": seed, "output_dir": str(output_dir)}})
+        cfg = merge_dicts(cfg, {"train": {"seed": seed, "output_dir": str(output_dir)}})
+        if arm.method == "seqkd":
+            cfg = merge_dicts(cfg, {"data": {"teacher_responses": str(Path(output_dir) / TEACHER_RESPONSES)}})
+        return cfg
 
     def cell_hash(self, arm: Arm, seed: int) -> str:
         """A hash of the cell's train config as written (without output_dir): a cell file whose hash
@@ -130,8 +135,7 @@ class CompareConfig(ConfigBase):
             if not a.method:
                 problems.append(f"'arms[{i}].method' is not set: name the method of arm {a.name!r}")
             if a.method == "seqkd":
-                problems.append(f"arm {a.name!r}: method seqkd trains on teacher responses made for each training "
-                                "seed, which promptkd compare does not generate yet: leave the arm out")
+                problems += self._seqkd_problems(a)
             problems += [f"'arms[{i}].overrides.{k}' is set by the study: remove it ({_study_key_fix(k)})"
                          for k in STUDY_KEYS if _has_key(a.overrides, k)]
         problems += [f"'base.{k}' is set by the study: remove it ({_study_key_fix(k)})"
@@ -142,6 +146,17 @@ class CompareConfig(ConfigBase):
             problems.append(f"'seeds' = {self.seeds} repeats a seed: give each seed once")
         problems += self._comparison_problems(names)
         problems += self._evaluation_problems()
+        return problems
+
+    def _seqkd_problems(self, arm: Arm) -> list[str]:
+        """A SeqKD cell generates its teacher responses for exactly the prompts it reads (compare.seqkd)."""
+        cfg = merge_dicts(self.base, arm.overrides)
+        problems = []
+        if not cfg.get("model", {}).get("teacher"):
+            problems.append(f"arm {arm.name!r}: method seqkd answers its prompts with the teacher: set model.teacher")
+        if cfg.get("data", {}).get("max_train_examples"):
+            problems.append(f"arm {arm.name!r}: data.max_train_examples with method seqkd would cut its teacher "
+                            "responses, which already are the prompts the cell reads: remove it")
         return problems
 
     def _comparison_problems(self, names: list[str]) -> list[str]:
@@ -246,7 +261,8 @@ def _has_key(mapping: dict, dotted: str) -> bool:
 
 def _study_key_fix(key: str) -> str:
     return {"method": "each arm names its method", "train.seed": "the training seeds are 'seeds'",
-            "train.output_dir": "cells train under 'runs'"}[key]
+            "train.output_dir": "cells train under 'runs'",
+            "data.teacher_responses": "a seqkd cell generates its own"}[key]
 
 
 def _hash(data) -> str:

@@ -20,6 +20,9 @@ COMPUTE = [("generated tokens", "generated"), ("trained tokens", "trained_tokens
            ("student bwd tokens", "compute/student_backward_tokens"),
            ("teacher fwd tokens", "compute/teacher_forward_tokens"),
            ("teacher bwd tokens", "compute/teacher_backward_tokens"), ("FLOPs", "compute/flops")]
+GENERATION = "compute/teacher_generation_"  # a SeqKD cell's generation of its training data (compare.seqkd)
+ADDED = {"generated": "generated_tokens", "compute/teacher_forward_tokens": "forward_tokens",
+         "compute/flops": "flops"}  # COMPUTE columns to which that generation's counts are added
 
 
 def write_json(path: Path, data) -> None:
@@ -119,11 +122,12 @@ def _arms(cfg: CompareConfig, by_arm: dict[str, list[dict]], mark) -> list[str]:
         else:
             score = "no cells"
         per_set = [_num(_mean([c["sets"][s]["mean"] for c in cs])) for s in sets]
-        minutes = [_num(_mean([c["seconds"][k] / 60 for c in cs]), 1) for k in ("train", "eval")]
+        minutes = [_num(_mean([_stage_minutes(c, k) for c in cs]), 1) for k in ("train", "eval")]
         lines.append(f"| {arm.name} | {settings} | {len(cs)} | {score} | " + " | ".join(per_set + minutes) + " |")
     lines += ["", "Score: ROUGE-L averaged over the sets, each set's mean over its prompts and evaluation seeds. "
               f"The interval is the {pct} Student t-interval of the mean over training seeds (n - 1 df), not "
-              "adjusted for multiplicity. Set columns and minutes are means over the arm's cells.", "",
+              "adjusted for multiplicity. Set columns and minutes are means over the arm's cells; a SeqKD "
+              "arm's train minutes include its teacher generation.", "",
               "Score per training seed († another code revision, ‡ another training config: see Integrity):", "",
               "| arm | " + " | ".join(f"seed {s}" for s in cfg.seeds) + " |", "|---" * (1 + len(cfg.seeds)) + "|"]
     for arm, cs in by_arm.items():
@@ -139,7 +143,9 @@ def _compute(by_arm: dict[str, list[dict]]) -> list[str]:
         lines.append(f"| {arm} | " + " | ".join(_big(_mean([v for c in cs if (v := _compute_value(c, key)) is not None]))
                                                 for _, key in COMPUTE) + " |")
     return lines + ["", "Token counts and FLOPs come from the runs' metrics.jsonl (trained tokens: summed over the "
-                    "logged steps; the rest: the run's totals); n/a where the runs did not log them.", ""]
+                    "logged steps; the rest: the run's totals); n/a where the runs did not log them. A SeqKD arm's "
+                    "teacher generation of its training responses is added in: its generated tokens, its teacher "
+                    "forward token-passes (prompt + generated) and their FLOPs (2 N_teacher per token-pass).", ""]
 
 
 def _comparisons(cfg: CompareConfig, comparisons) -> list[str]:
@@ -292,8 +298,22 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _compute_value(cell: dict, key: str):
     if key == "generated":
-        return cell["compute"].get("compute/generated_tokens", cell.get("generated_tokens"))
-    return cell.get(key) if key in cell else cell["compute"].get(key)
+        value = cell["compute"].get("compute/generated_tokens", cell.get("generated_tokens"))
+    else:
+        value = cell.get(key) if key in cell else cell["compute"].get(key)
+    added = cell["compute"].get(GENERATION + ADDED.get(key, ""))
+    return value + added if value is not None and added is not None else value
+
+
+def _stage_minutes(cell: dict, stage: str) -> float:
+    """A SeqKD cell's generation of its training data counts as training."""
+    seconds = cell["seconds"]
+    return (seconds[stage] + (seconds.get("generation", 0.0) if stage == "train" else 0.0)) / 60
+
+
+def cell_flops(cell: dict) -> float | None:
+    """A cell's FLOPs: its training's, plus its teacher generation's (SeqKD); None when not logged."""
+    return _compute_value(cell, "compute/flops")
 
 
 def _mean(values: list[float]) -> float | None:

@@ -25,11 +25,12 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from promptkd.compare.config import Arm, CompareConfig, cell_id, parse_cell_id
-from promptkd.compare.report import read_cells, write_json
+from promptkd.compare.report import GENERATION, read_cells, write_json
 from promptkd.errors import TrainingInterrupted, UserError
 
 TRACES = ("prompt/drift", "prompt/kl_to_student", "distillm/student_prob")  # per-step curves kept in a cell
@@ -104,10 +105,30 @@ def _timed(run_dir: Path, stage: str):
     try:
         yield
     finally:
-        path = run_dir / "times.json"
-        times = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        times[stage] = times.get(stage, 0.0) + time.monotonic() - t0
-        write_json(path, times)
+        _add_to_json(run_dir / "times.json", {stage: time.monotonic() - t0})
+
+
+def _add_to_json(path: Path, values: dict) -> None:
+    """Adds `values` to the numbers of the JSON object in `path` (created when missing)."""
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    write_json(path, {**data, **{k: data.get(k, 0.0) + v for k, v in values.items()}})
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    """SIGTERM inside raises TrainingInterrupted at once (as Ctrl-C raises KeyboardInterrupt), so
+    the block's finally clauses save what it did; for steps that resume on their own (generation)."""
+    def stop(signum, frame):
+        raise TrainingInterrupted("stopped by SIGTERM", signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def eval_config(cfg: CompareConfig, model: Path, out: Path, template: str):
@@ -129,6 +150,8 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
     import transformers
 
     import promptkd
+    from promptkd.compare.seqkd import generate_teacher_responses
+    from promptkd.config import Config
     from promptkd.data.eval_sets import eval_set_name
     from promptkd.evaluation.runner import deviations, run_evaluation
     from promptkd.metric import rouge_l
@@ -138,11 +161,18 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
 
     started = _now()
     run_dir = runs_dir(cfg) / cell_id(arm.name, seed)
+    cell_config = cfg.cell_config(arm, seed, run_dir)
     if not (run_dir / "final").is_dir():
+        if arm.method == "seqkd":  # first its training data: the teacher's responses (compare.seqkd)
+            counts: dict = {}
+            try:
+                with _sigterm_stops(), _timed(run_dir, "generation"):
+                    generate_teacher_responses(Config.from_dict(cell_config), run_dir, counts, show_progress)
+            finally:
+                _add_to_json(run_dir / "generation.json", counts)
         resume = latest_checkpoint(run_dir / "checkpoints") is not None
         with _timed(run_dir, "train"):
-            Trainer.from_config(cfg.cell_config(arm, seed, run_dir), resume=resume, overwrite=not resume,
-                                show_progress=show_progress).train()
+            Trainer.from_config(cell_config, resume=resume, overwrite=not resume, show_progress=show_progress).train()
     train_config = read_yaml(run_dir / "config.yaml")
     model = run_dir / "final" / "student"
     if not model.is_dir():  # a LoRA run without merge exports only its adapter
@@ -164,6 +194,12 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
                       "per_prompt": [round(statistics.fmean(s), 4) for s in zip(*per_prompt, strict=True)]}
     records = _read_metrics(run_dir / "metrics.jsonl")
     times = json.loads((run_dir / "times.json").read_text(encoding="utf-8"))
+    compute = {k: v for k, v in (records[-1] if records else {}).items() if k.startswith("compute/")}
+    seconds = {k: round(times.get(k, 0.0), 1) for k in ("train", "eval")}
+    generation = run_dir / "generation.json"
+    if generation.is_file():  # a SeqKD cell's teacher generation, counted apart from its training
+        compute.update({f"{GENERATION}{k}": v for k, v in json.loads(generation.read_text(encoding="utf-8")).items()})
+        seconds["generation"] = round(times.get("generation", 0.0), 1)
     cell = {
         "arm": arm.name, "seed": seed, "method": arm.method, "overrides": arm.overrides,
         "cell_hash": cfg.cell_hash(arm, seed), "train_config": train_config,
@@ -171,14 +207,14 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
         "versions": {"promptkd": promptkd.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "host": platform.node(), "started": started, "finished": _now(),
-        "seconds": {"train": round(times.get("train", 0.0), 1), "eval": round(times.get("eval", 0.0), 1)},
+        "seconds": seconds,
         "eval_deviations": deviations(job),
         "score": round(statistics.fmean(s["mean"] for s in sets.values()), 6),
         "sets": sets,
         "dev_loss": next((r["dev/loss"] for r in reversed(records) if "dev/loss" in r), None),
         "trained_tokens": sum(r.get("trained_tokens", 0) for r in records),
         "generated_tokens": sum(r.get("generated_tokens", 0) for r in records),
-        "compute": {k: v for k, v in (records[-1] if records else {}).items() if k.startswith("compute/")},
+        "compute": compute,
         "traces": _traces(records),
     }
     write_json(Path(cfg.results) / "cells" / f"{cell_id(arm.name, seed)}.json", cell)
@@ -215,7 +251,7 @@ def _now() -> str:
 def estimate_seconds(arm: str, cells: dict[str, dict]) -> float | None:
     """A cell's expected wall seconds: the mean of the finished cells of its arm, else of all, else None."""
     def wall(cs):
-        return [c["seconds"]["train"] + c["seconds"]["eval"] for c in cs]
+        return [sum(c["seconds"].values()) for c in cs]
 
     same = wall(c for c in cells.values() if c["arm"] == arm) or wall(cells.values())
     return statistics.fmean(same) if same else None
