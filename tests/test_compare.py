@@ -323,7 +323,7 @@ def test_a_seqkd_cell_trains_on_teacher_responses_to_the_prompts_the_other_arms_
     report = (results / "report.md").read_text()
     compute_rows = report.split("## Compute")[1].split("\n\n")[1].splitlines()
     row = next(line.split(" | ") for line in compute_rows if line.startswith("| SeqKD |"))
-    assert row[1] == f"{c['compute/generated_tokens'] + c['compute/teacher_generation_generated_tokens']:,.0f}"
+    assert row[2] == f"{c['compute/generated_tokens'] + c['compute/teacher_generation_generated_tokens']:,.0f}"
     assert row[-1] == f"{c['compute/flops'] + c['compute/teacher_generation_flops']:,.0f} |"
     assert "teacher generation of its training responses is added in" in report
 
@@ -335,3 +335,70 @@ def test_a_seqkd_cell_trains_on_teacher_responses_to_the_prompts_the_other_arms_
     generate_teacher_responses(Config.from_dict(cfg.cell_config(cfg.arm_list()[1], 3, run)), run, counts, False)
     assert (run / "teacher_responses.jsonl").read_text() == full
     assert 0 < counts["forward_tokens"] < c["compute/teacher_generation_forward_tokens"]
+
+
+# ----------------------------------------------------------------------------- FLOPs budget
+
+FLOPS_ARM = {"name": "GKD-F", "method": "gkd", "budget": {"flops_of": "PromptKD", "per_step_from": "GKD"}}
+
+
+def test_a_flops_budget_must_name_arms_with_steps_budgets(study):
+    data = yaml.safe_load(study.read_text())
+    data["arms"] += [{"name": "A", "method": "gkd", "budget": {"flops_of": "PromptKD"}},
+                     {"name": "B", "method": "gkd", "budget": {"flops_of": "GKD", "per_step_from": "PromptKD"},
+                      "overrides": {"train": {"max_steps": 3}}},
+                     {"name": "C", "method": "gkd", "budget": {"flops_of": "X", "per_step_from": "GKD"}}]
+    study.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as e:
+        load_compare_config(study, check_arms=False)
+    assert e.value.problems == [
+        "'arms[2].budget': give both flops_of (the arm whose FLOPs to match) and per_step_from (an arm of method "
+        "'gkd' whose cells give the FLOPs per step)",
+        "'arms[3].overrides.train.max_steps' is set, but arm 'B' has a FLOPs budget, which plans its steps: remove it",
+        "'arms[3].budget.per_step_from' = 'PromptKD' is a promptkd arm: the FLOPs per step of arm 'B' come from an "
+        "arm of its own method, gkd",
+        "'arms[4].budget.flops_of' = 'X' is not another arm; arms: PromptKD, GKD, A, B, C"]
+    data["arms"] = data["arms"][:2] + [FLOPS_ARM, {**FLOPS_ARM, "name": "D", "budget": {"flops_of": "GKD-F",
+                                                                                         "per_step_from": "GKD"}}]
+    study.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="'arms.3..budget.flops_of' = 'GKD-F' has a FLOPs budget itself"):
+        load_compare_config(study, check_arms=False)
+
+
+def test_flops_budget_cells_run_after_the_cells_they_are_planned_from_or_are_skipped(study, monkeypatch, capsys):
+    data = edit(study, arms=yaml.safe_load(study.read_text())["arms"] + [FLOPS_ARM])
+    cfg = load_compare_config(study, check_arms=False)
+    assert cfg.order() == ["PromptKD__seed1", "GKD__seed1", "GKD-F__seed1", "PromptKD__seed2", "GKD__seed2",
+                           "GKD-F__seed2"]
+    calls = []
+    monkeypatch.setattr(runner, "run_cell", lambda cfg, arm, seed, **kw: calls.append(f"{arm.name}__seed{seed}"))
+    assert runner.run_study(cfg, cells=["GKD-F__seed1", "GKD__seed1"]) == ["GKD__seed1"]
+    assert "GKD-F__seed1: skipped, its FLOPs budget is planned from cell(s) PromptKD__seed1" in capsys.readouterr().out
+
+    def cell(arm, flops, steps):
+        fake_cell(cfg, arm, 1, 5.0, compute={"compute/flops": flops}, train_config={"train": {"max_steps": steps}})
+
+    cell("PromptKD", 9.0e12, 160)
+    cell("GKD", 5.0e12, 160)  # f = 3.125e10 per step
+    arm = cfg.arm_list()[2]
+    assert runner.plan_steps(cfg, arm, 1, runner.read_cells(Path(cfg.results))) == {
+        "flops_of": "PromptKD", "reference_flops": 9.0e12, "per_step_from": "GKD", "flops_per_step": 3.125e10,
+        "max_steps": 288}
+    cell("GKD-F", 9.1e12, 288)
+    assert "| GKD-F | 288 |" in build_report(cfg).read_text()
+    assert "| 1.011 |" in build_report(cfg).read_text()  # GKD-F's FLOPs / PromptKD's
+    assert data["arms"][2] == FLOPS_ARM
+
+
+def test_a_flops_budget_cell_trains_the_planned_steps_end_to_end(study, monkeypatch):
+    data = yaml.safe_load(study.read_text())
+    edit(study, arms=data["arms"] + [FLOPS_ARM], seeds=[1], evaluation={**data["evaluation"], "seeds": [10]})
+    assert main(["compare", "--config", str(study), "--no-progress"]) == 0
+    cells = {p.stem: json.loads(p.read_text()) for p in (study.parent / "results" / "cells").iterdir()}
+    budget = cells["GKD-F__seed1"]["budget"]
+    assert budget["reference_flops"] == cells["PromptKD__seed1"]["compute"]["compute/flops"]
+    assert budget["flops_per_step"] == cells["GKD__seed1"]["compute"]["compute/flops"] / 2
+    assert budget["max_steps"] == round(budget["reference_flops"] / budget["flops_per_step"]) > 2
+    assert cells["GKD-F__seed1"]["train_config"]["train"]["max_steps"] == budget["max_steps"]
+    assert budget["flops"] == cells["GKD-F__seed1"]["compute"]["compute/flops"]
+    assert "FLOPs / PromptKD" in (study.parent / "results" / "report.md").read_text()

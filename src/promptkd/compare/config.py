@@ -36,12 +36,23 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*(_[A-Za-z0-9.+-]+)*")  # no "__" (
 
 
 @dataclass
+class Budget(ConfigBase):
+    """An arm's budget in FLOPs rather than in steps (train.max_steps): each of its cells trains
+    round(F_ref / f) steps, F_ref and f read from finished cells of the same seed."""
+
+    flops_of: str | None = opt(None, "F_ref: the FLOPs of this arm's cell (its training plus any teacher generation).")
+    per_step_from: str | None = opt(None, "f: the FLOPs per step of this arm's cell (same method, a steps budget): "
+                                          "its FLOPs / its steps.")
+
+
+@dataclass
 class Arm(ConfigBase):
     """One arm of the study: a method and its settings, trained once per seed."""
 
     name: str = opt("", "The arm's name in the report and in its cells' file names.")
     method: str = opt("", "Distillation method, as `promptkd train`'s `method`.")
     overrides: dict = opt({}, "Train config keys of this arm, laid over `base` (e.g. {gkd: {lmbda: 1.0}}).")
+    budget: Budget = field(default_factory=Budget)
 
 
 @dataclass
@@ -97,17 +108,30 @@ class CompareConfig(ConfigBase):
             return [(str(a), str(b)) for a, b in self.comparisons]
         return [(a.name, self.baseline) for a in self.arm_list() if a.name != self.baseline]
 
-    def cell_config(self, arm: Arm, seed: int, output_dir: str | Path) -> dict:
-        """The train config of cell (arm, seed), as a mapping for promptkd.config."""
+    def cell_config(self, arm: Arm, seed: int, output_dir: str | Path, max_steps: int | None = None) -> dict:
+        """The train config of cell (arm, seed), as a mapping for promptkd.config; max_steps: the
+        steps a FLOPs budget planned (runner.plan_steps)."""
         cfg = merge_dicts(merge_dicts(self.base, {"method": arm.method}), arm.overrides)
         cfg = merge_dicts(cfg, {"train": {"seed": seed, "output_dir": str(output_dir)}})
+        if max_steps is not None:
+            cfg = merge_dicts(cfg, {"train": {"max_steps": max_steps}})
         if arm.method == "seqkd":
             cfg = merge_dicts(cfg, {"data": {"teacher_responses": str(Path(output_dir) / TEACHER_RESPONSES)}})
         return cfg
 
+    def order(self) -> list[str]:
+        """Every cell id, seed-major; within a seed, FLOPs-budget arms after the arms they read."""
+        arms = sorted(self.arm_list(), key=lambda a: a.budget.flops_of is not None)
+        return [cell_id(a.name, s) for s in self.seeds for a in arms]
+
+    def needs(self, arm: Arm, seed: int) -> list[str]:
+        """The cells a FLOPs-budget cell plans its steps from (same seed); [] for a steps budget."""
+        b = arm.budget
+        return [cell_id(name, seed) for name in dict.fromkeys((b.flops_of, b.per_step_from))] if b.flops_of else []
+
     def cell_hash(self, arm: Arm, seed: int) -> str:
-        """A hash of the cell's train config as written (without output_dir): a cell file whose hash
-        differs was trained from another config than this one."""
+        """A hash of the cell's train config as written (without output_dir and planned steps): a
+        cell file whose hash differs was trained from another config than this one."""
         return _hash(self.cell_config(arm, seed, ""))
 
     def config_hash(self) -> str:
@@ -140,12 +164,40 @@ class CompareConfig(ConfigBase):
                          for k in STUDY_KEYS if _has_key(a.overrides, k)]
         problems += [f"'base.{k}' is set by the study: remove it ({_study_key_fix(k)})"
                      for k in STUDY_KEYS if _has_key(self.base, k)]
+        problems += self._budget_problems(arms)
         if not self.seeds:
             problems.append("'seeds' is empty: give the training seeds, e.g. [1, 2, 3, 4, 5]")
         elif len(set(self.seeds)) != len(self.seeds):
             problems.append(f"'seeds' = {self.seeds} repeats a seed: give each seed once")
         problems += self._comparison_problems(names)
         problems += self._evaluation_problems()
+        return problems
+
+    def _budget_problems(self, arms: list[Arm]) -> list[str]:
+        by_name = {a.name: a for a in arms}
+        problems = []
+        for i, a in enumerate(arms):
+            b, key = a.budget, f"arms[{i}].budget"
+            if (b.flops_of is None) != (b.per_step_from is None):
+                problems.append(f"'{key}': give both flops_of (the arm whose FLOPs to match) and per_step_from (an "
+                                f"arm of method {a.method!r} whose cells give the FLOPs per step)")
+                continue
+            if b.flops_of is None:
+                continue
+            if _has_key(a.overrides, "train.max_steps"):
+                problems.append(f"'arms[{i}].overrides.train.max_steps' is set, but arm {a.name!r} has a FLOPs "
+                                "budget, which plans its steps: remove it")
+            for knob in ("flops_of", "per_step_from"):
+                other = by_name.get(getattr(b, knob))
+                if other is None or other.name == a.name:
+                    problems.append(f"'{key}.{knob}' = {getattr(b, knob)!r} is not another arm; arms: "
+                                    f"{', '.join(by_name)}")
+                elif other.budget.flops_of is not None:
+                    problems.append(f"'{key}.{knob}' = {other.name!r} has a FLOPs budget itself: name an arm "
+                                    "that trains train.max_steps")
+                elif knob == "per_step_from" and other.method != a.method:
+                    problems.append(f"'{key}.per_step_from' = {other.name!r} is a {other.method} arm: the FLOPs "
+                                    f"per step of arm {a.name!r} come from an arm of its own method, {a.method}")
         return problems
 
     def _seqkd_problems(self, arm: Arm) -> list[str]:

@@ -70,7 +70,7 @@ def build_report(cfg: CompareConfig) -> Path:
     lines = [f"# Study: {cfg.name}", ""]
     lines += _setup(cfg, study, cells, len(planned))
     lines += _arms(cfg, by_arm, mark)
-    lines += _compute(by_arm)
+    lines += _compute(cfg, by_arm)
     lines += _comparisons(cfg, comparisons)
     lines += _traces(by_arm)
     lines += _plot_links(_plots(results, cfg, by_arm, comparisons))
@@ -115,7 +115,8 @@ def _arms(cfg: CompareConfig, by_arm: dict[str, list[dict]], mark) -> list[str]:
              "|---" * (6 + len(sets)) + "|"]
     for arm in cfg.arm_list():
         cs = by_arm[arm.name]
-        settings = ", ".join([arm.method] + [f"{k} {v}" for k, v in _flat(arm.overrides).items()])
+        settings = ", ".join([arm.method] + [f"{k} {v}" for k, v in _flat(arm.overrides).items()]
+                             + ([f"FLOPs of {arm.budget.flops_of}"] if arm.budget.flops_of else []))
         if cs:
             mean, low, high = mean_interval([c["score"] for c in cs], cfg.alpha)
             score = f"{mean:.2f} [{_num(low)}, {_num(high)}]"
@@ -136,16 +137,30 @@ def _arms(cfg: CompareConfig, by_arm: dict[str, list[dict]], mark) -> list[str]:
     return lines + [""]
 
 
-def _compute(by_arm: dict[str, list[dict]]) -> list[str]:
-    lines = ["## Compute (mean per cell)", "", "| arm | " + " | ".join(name for name, _ in COMPUTE) + " |",
-             "|---" * (1 + len(COMPUTE)) + "|"]
+def _compute(cfg: CompareConfig, by_arm: dict[str, list[dict]]) -> list[str]:
+    references = list(dict.fromkeys(a.budget.flops_of for a in cfg.arm_list() if a.budget.flops_of))
+    lines = ["## Compute (mean per cell)", "",
+             "| arm | steps | " + " | ".join([name for name, _ in COMPUTE] + [f"FLOPs / {r}" for r in references]) + " |",
+             "|---" * (2 + len(COMPUTE) + len(references)) + "|"]
     for arm, cs in by_arm.items():
-        lines.append(f"| {arm} | " + " | ".join(_big(_mean([v for c in cs if (v := _compute_value(c, key)) is not None]))
-                                                for _, key in COMPUTE) + " |")
-    return lines + ["", "Token counts and FLOPs come from the runs' metrics.jsonl (trained tokens: summed over the "
-                    "logged steps; the rest: the run's totals); n/a where the runs did not log them. A SeqKD arm's "
-                    "teacher generation of its training responses is added in: its generated tokens, its teacher "
-                    "forward token-passes (prompt + generated) and their FLOPs (2 N_teacher per token-pass).", ""]
+        values = [_big(_mean([v for c in cs if (v := _compute_value(c, key)) is not None])) for _, key in COMPUTE]
+        for ref in references:
+            ref_flops = {c["seed"]: cell_flops(c) for c in by_arm[ref]}
+            ratios = [cell_flops(c) / ref_flops[c["seed"]] for c in cs
+                      if cell_flops(c) is not None and ref_flops.get(c["seed"])]
+            values.append(_num(_mean(ratios), 3))
+        steps = _mean([c["train_config"]["train"]["max_steps"] for c in cs if "train_config" in c])
+        lines.append(f"| {arm} | {_num(steps, 0)} | " + " | ".join(values) + " |")
+    note = ("Token counts and FLOPs come from the runs' metrics.jsonl (trained tokens: summed over the logged steps; "
+            "the rest: the run's totals); n/a where the runs did not log them. A SeqKD arm's teacher generation of its "
+            "training responses is added in: its generated tokens, its teacher forward token-passes (prompt + "
+            "generated) and their FLOPs (2 N_teacher per token-pass).")
+    if references:
+        note += (" FLOPs / REF: the mean over seeds of a cell's FLOPs over those of REF's cell of the same seed; an arm "
+                 "with a FLOPs budget (" + ", ".join(f"{a.name}: FLOPs of {a.budget.flops_of}, per step from "
+                 f"{a.budget.per_step_from}" for a in cfg.arm_list() if a.budget.flops_of) + ") trains round(F_REF / "
+                 "f) steps, so its ratio is 1 up to that rounding and to how far its FLOPs per step differ from f.")
+    return lines + ["", note, ""]
 
 
 def _comparisons(cfg: CompareConfig, comparisons) -> list[str]:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from promptkd.compare.config import Arm, CompareConfig, cell_id, parse_cell_id
-from promptkd.compare.report import GENERATION, read_cells, write_json
+from promptkd.compare.report import GENERATION, cell_flops, read_cells, write_json
 from promptkd.errors import TrainingInterrupted, UserError
 
 TRACES = ("prompt/drift", "prompt/kl_to_student", "distillm/student_prob")  # per-step curves kept in a cell
@@ -161,7 +161,12 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
 
     started = _now()
     run_dir = runs_dir(cfg) / cell_id(arm.name, seed)
-    cell_config = cfg.cell_config(arm, seed, run_dir)
+    budget = None
+    if arm.budget.flops_of:  # planned once, at the cell's first start: a resumed cell keeps its steps
+        if not (run_dir / "budget.json").is_file():
+            write_json(run_dir / "budget.json", plan_steps(cfg, arm, seed, read_cells(Path(cfg.results))))
+        budget = json.loads((run_dir / "budget.json").read_text(encoding="utf-8"))
+    cell_config = cfg.cell_config(arm, seed, run_dir, max_steps=budget and budget["max_steps"])
     if not (run_dir / "final").is_dir():
         if arm.method == "seqkd":  # first its training data: the teacher's responses (compare.seqkd)
             counts: dict = {}
@@ -217,9 +222,26 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
         "compute": compute,
         "traces": _traces(records),
     }
+    if budget:
+        cell["budget"] = {**budget, "flops": cell_flops(cell)}
     write_json(Path(cfg.results) / "cells" / f"{cell_id(arm.name, seed)}.json", cell)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer states; final/ stays
     return cell
+
+
+def plan_steps(cfg: CompareConfig, arm: Arm, seed: int, cells: dict[str, dict]) -> dict:
+    """The steps of a FLOPs-budget cell: round(F_ref / f), F_ref the FLOPs of the cell
+    (budget.flops_of, seed) and f those of (budget.per_step_from, seed) per step. Raises UserError
+    when a cell is missing or has no FLOPs."""
+    b = arm.budget
+    missing = [c for c in cfg.needs(arm, seed) if c not in cells or cell_flops(cells[c]) is None]
+    if missing:
+        raise UserError(f"{cell_id(arm.name, seed)}: its FLOPs budget is planned from cell(s) {', '.join(missing)}, "
+                        "which have no file or no compute/flops: run them first")
+    reference, per_step = cells[cell_id(b.flops_of, seed)], cells[cell_id(b.per_step_from, seed)]
+    flops_per_step = cell_flops(per_step) / per_step["train_config"]["train"]["max_steps"]
+    return {"flops_of": b.flops_of, "reference_flops": cell_flops(reference), "per_step_from": b.per_step_from,
+            "flops_per_step": flops_per_step, "max_steps": max(1, round(cell_flops(reference) / flops_per_step))}
 
 
 def _traces(records: list[dict]) -> dict:
@@ -259,8 +281,9 @@ def estimate_seconds(arm: str, cells: dict[str, dict]) -> float | None:
 
 def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes: float | None = None,
               workers: int = 1, allow_revision: bool = False, show_progress: bool = True) -> list[str]:
-    """Run the pending cells (those without a file) in seed-major order, so a partial study stays
-    balanced; returns the ids of the cells finished in this sitting.
+    """Run the pending cells (those without a file) in seed-major order (`CompareConfig.order`), so
+    a partial study stays balanced; returns the ids of the cells finished in this sitting. A
+    FLOPs-budget cell waits for the cells it is planned from, and is skipped when they do not run.
 
     cells: ids (ARM__seedK) to run, a subset; max_minutes: do not start a cell whose estimate
     would end past this many minutes from now (a cell without an estimate starts only first);
@@ -270,7 +293,7 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
     stopped a cell (its checkpoints stay, and the next sitting resumes it).
     """
     arms = {a.name: a for a in cfg.arm_list()}
-    order = [cell_id(a, s) for s in cfg.seeds for a in arms]
+    order = cfg.order()
     chosen = order
     if cells is not None:
         unknown = [c for c in cells if c not in order]
@@ -300,12 +323,28 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
         say(f"{cell}: starting ({started + 1}/{len(pending)}, elapsed {elapsed:.1f} min, estimate {_minutes(estimate)})")
         return True
 
+    def next_ready(queue: list[str], running) -> str | None:
+        """The first queued cell whose FLOPs budget can be planned; a cell whose cells to plan
+        from are neither done nor queued nor running is dropped (said), one that waits for them stays."""
+        done = read_cells(Path(cfg.results))
+        for cell in list(queue):
+            arm, seed = parse_cell_id(cell)
+            missing = [c for c in cfg.needs(arms[arm], seed) if c not in done]
+            if not missing:
+                return cell
+            if not any(c in queue or c in running for c in missing):
+                queue.remove(cell)
+                say(f"{cell}: skipped, its FLOPs budget is planned from cell(s) {', '.join(missing)}, which are not "
+                    "done and not run in this sitting")
+        return None
+
     if workers > 1:
-        return _run_workers(cfg, pending, workers, allow_revision, may_start)
-    finished = []
-    for cell in pending:
+        return _run_workers(cfg, pending, workers, allow_revision, may_start, next_ready)
+    queue, finished = list(pending), []
+    while (cell := next_ready(queue, ())) is not None:
         if not may_start(cell, len(finished)):
             break
+        queue.remove(cell)
         arm, seed = parse_cell_id(cell)
         t = time.monotonic()
         try:
@@ -317,7 +356,8 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
     return finished
 
 
-def _run_workers(cfg: CompareConfig, pending: list[str], workers: int, allow_revision: bool, may_start) -> list[str]:
+def _run_workers(cfg: CompareConfig, pending: list[str], workers: int, allow_revision: bool, may_start,
+                 next_ready) -> list[str]:
     """Up to `workers` cells at once, each a `promptkd compare --cells ONE` process (its own
     session: on Ctrl-C or SIGTERM here, each gets one SIGTERM, checkpoints and stops)."""
     if cfg.source is None:
@@ -335,10 +375,13 @@ def _run_workers(cfg: CompareConfig, pending: list[str], workers: int, allow_rev
     try:
         while running or (queue and not stop):
             while queue and not stop and len(running) < workers:
-                if failed or not may_start(queue[0], len(finished) + len(running)):
+                cell = next_ready(queue, running)
+                if cell is None:  # every queued cell waits for a running one
+                    break
+                if failed or not may_start(cell, len(finished) + len(running)):
                     stop = True
                     break
-                cell = queue.pop(0)
+                queue.remove(cell)
                 log = runs_dir(cfg) / cell / "compare.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
                 cmd = [sys.executable, "-m", "promptkd.cli", "compare", "--config", str(cfg.source), "--cells", cell,
