@@ -3,6 +3,7 @@ and a 2-arm x 2-seed study on tiny models end to end."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -402,3 +403,47 @@ def test_a_flops_budget_cell_trains_the_planned_steps_end_to_end(study, monkeypa
     assert cells["GKD-F__seed1"]["train_config"]["train"]["max_steps"] == budget["max_steps"]
     assert budget["flops"] == cells["GKD-F__seed1"]["compute"]["compute/flops"]
     assert "FLOPs / PromptKD" in (study.parent / "results" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- prepare stages
+
+
+def test_prepare_stages_need_a_seed_outside_the_study_and_known_names(study):
+    data = yaml.safe_load(study.read_text())
+    data["prepare"] = {"init": {"method": "sft", "train": {"seed": 2}}, "teacher": {"method": "sft"},
+                       "x": {"model": {"student": "prepare:init"}, "train": {"seed": 9, "output_dir": "o"}}}
+    data["base"]["model"]["teacher"] = "prepare:teachr"
+    study.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as e:
+        load_compare_config(study, check_arms=False)
+    assert [p.split(":")[0] for p in e.value.problems] == [
+        "'prepare.init.train.seed' = 2", "'prepare.teacher.train.seed' = None", "'prepare.x.train.output_dir' is set by "
+        "the study", "'prepare.x.model.student' = 'prepare", "'base.model.teacher' = 'prepare"]
+    assert "names no prepare stage; stages: init, teacher, x" in e.value.problems[-1]
+
+
+def test_prepare_stage_runs_once_is_recorded_and_its_output_is_checked(study, tiny_jsonl, monkeypatch):
+    data = yaml.safe_load(study.read_text())
+    student = data["base"]["model"]["student"]
+    data["prepare"] = {"init": {"method": "sft", "model": {"student": student}, "data": {"train": str(tiny_jsonl)},
+                                "train": {"max_steps": 2, "batch_size": 2, "seed": 7, "save_every_minutes": 0}}}
+    data["base"]["model"]["student"] = "prepare:init"
+    edit(study, prepare=data["prepare"], base=data["base"], seeds=[1],
+         evaluation={**data["evaluation"], "seeds": [10]})
+    assert main(["compare", "--config", str(study), "--no-progress"]) == 0
+    results, output = study.parent / "results", study.parent / "runs" / "prepare" / "init" / "final" / "student"
+    record = json.loads((results / "prepare" / "init.json").read_text())
+    weights = (output / "model.safetensors").read_bytes()
+    assert record["sha256"] == hashlib.sha256(weights).hexdigest() and record["revision"] == "abc1234"
+    assert record["train_config"]["train"]["seed"] == 7 and record["compute"]["compute/flops"] > 0
+    cell = json.loads((results / "cells" / "GKD__seed1.json").read_text())
+    assert cell["train_config"]["model"]["student"] == str(output)
+    assert f"output sha256 {record['sha256']}" in (results / "report.md").read_text()
+
+    (results / "cells" / "GKD__seed1.json").unlink()
+    (output / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # another init
+    with pytest.raises(UserError, match="prepare stage 'init': .* is not the output recorded in"):
+        runner.run_study(load_compare_config(study))
+    (results / "prepare" / "init.json").unlink()
+    with pytest.raises(UserError, match="has no record .* but cells exist"):
+        runner.run_study(load_compare_config(study))

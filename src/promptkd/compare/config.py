@@ -30,6 +30,7 @@ from promptkd.errors import ConfigError, UserError
 from promptkd.options import ConfigBase, build, merge_dicts, opt, read_yaml
 
 STUDY_KEYS = ("method", "train.seed", "train.output_dir", "data.teacher_responses")  # the study sets these
+PREPARED = "prepare:"  # model path `prepare:NAME`: the final/student of prepare stage NAME
 TEACHER_RESPONSES = "teacher_responses.jsonl"  # a SeqKD cell's training data, in its run directory (compare.seqkd)
 RUNTIME_KEYS = ("results", "runs")  # where things go: not part of the config hash
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*(_[A-Za-z0-9.+-]+)*")  # no "__" (the cell id separator)
@@ -82,6 +83,9 @@ class CompareConfig(ConfigBase):
     results: str = opt("", "Directory of cells/, study.json, report.md and plots: small files, meant to be committed.")
     runs: str | None = opt(None, "Directory of the cells' run directories (weights, never committed); "
                                  "null = ~/.cache/promptkd/compare/NAME ($PROMPTKD_CACHE).")
+    prepare: dict = opt({}, "Named train configs run once, in order, before any cell (a teacher fine-tune, a "
+                            "student init); model.teacher or model.student `prepare:NAME` in base or an arm's "
+                            "overrides is stage NAME's final/student.")
     base: dict = opt({}, "A train config (as configs/*.yaml) shared by every arm, without method, train.seed "
                          "and train.output_dir, which the study sets.")
     arms: list = opt([], "The arms: {name, method, overrides}.")
@@ -129,6 +133,19 @@ class CompareConfig(ConfigBase):
         b = arm.budget
         return [cell_id(name, seed) for name in dict.fromkeys((b.flops_of, b.per_step_from))] if b.flops_of else []
 
+    def stage_config(self, name: str, output_dir: str | Path) -> dict:
+        """The train config of prepare stage `name`, as a mapping for promptkd.config."""
+        return merge_dicts(self.prepare[name], {"train": {"output_dir": str(output_dir)}})
+
+    def resolve(self, train_config: dict, runs: Path) -> dict:
+        """`train_config` with model.teacher / model.student `prepare:NAME` replaced by the path of
+        stage NAME's final/student under the runs directory `runs`."""
+        model = dict(train_config.get("model", {}))
+        for key in ("teacher", "student"):
+            if str(model.get(key, "")).startswith(PREPARED):
+                model[key] = str(runs / "prepare" / model[key][len(PREPARED):] / "final" / "student")
+        return {**train_config, "model": model}
+
     def cell_hash(self, arm: Arm, seed: int) -> str:
         """A hash of the cell's train config as written (without output_dir and planned steps): a
         cell file whose hash differs was trained from another config than this one."""
@@ -165,12 +182,38 @@ class CompareConfig(ConfigBase):
         problems += [f"'base.{k}' is set by the study: remove it ({_study_key_fix(k)})"
                      for k in STUDY_KEYS if _has_key(self.base, k)]
         problems += self._budget_problems(arms)
+        problems += self._prepare_problems(arms)
         if not self.seeds:
             problems.append("'seeds' is empty: give the training seeds, e.g. [1, 2, 3, 4, 5]")
         elif len(set(self.seeds)) != len(self.seeds):
             problems.append(f"'seeds' = {self.seeds} repeats a seed: give each seed once")
         problems += self._comparison_problems(names)
         problems += self._evaluation_problems()
+        return problems
+
+    def _prepare_problems(self, arms: list[Arm]) -> list[str]:
+        problems = []
+        for name, stage in self.prepare.items():
+            key = f"prepare.{name}"
+            if not NAME.fullmatch(str(name)) or not isinstance(stage, dict):
+                problems.append(f"'{key}': give a train config under a name of letters, digits and . + - _")
+                continue
+            if _has_key(stage, "train.output_dir"):
+                problems.append(f"'{key}.train.output_dir' is set by the study: remove it (stages train under "
+                                "RUNS/prepare/NAME)")
+            seed = _section(stage, "train").get("seed")
+            if seed is None or seed in self.seeds:
+                problems.append(f"'{key}.train.seed' = {seed}: give the stage a seed that is not in 'seeds' "
+                                f"{self.seeds}; a cell with the stage's seed would read the stage's training data "
+                                "in the same order")
+            problems += [f"'{key}.model.{k}' = {v!r}: a stage cannot read another stage's output"
+                         for k, v in _section(stage, "model").items() if str(v).startswith(PREPARED)]
+        for where, model in [("base", _section(self.base, "model"))] + [
+                (f"arms[{i}].overrides", _section(a.overrides, "model")) for i, a in enumerate(arms)]:
+            for k, v in model.items():
+                if str(v).startswith(PREPARED) and str(v)[len(PREPARED):] not in self.prepare:
+                    problems.append(f"'{where}.model.{k}' = {v!r} names no prepare stage; stages: "
+                                    f"{', '.join(self.prepare) or 'none'}")
         return problems
 
     def _budget_problems(self, arms: list[Arm]) -> list[str]:
@@ -246,6 +289,11 @@ class CompareConfig(ConfigBase):
         from promptkd.config import Config, EvalConfig
 
         problems = []
+        for name in self.prepare:
+            try:
+                Config.from_dict(self.stage_config(name, "unused"))
+            except ConfigError as e:
+                problems += [f"prepare stage {name!r}: {p}" for p in e.problems]
         for arm in self.arm_list():
             try:
                 Config.from_dict(self.cell_config(arm, self.seeds[0], "unused"))
@@ -309,6 +357,11 @@ def _has_key(mapping: dict, dotted: str) -> bool:
             return False
         node = node[part]
     return True
+
+
+def _section(mapping: dict, key: str) -> dict:
+    value = mapping.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _study_key_fix(key: str) -> str:

@@ -103,8 +103,18 @@ def _setup(cfg: CompareConfig, study: dict, cells: dict, planned: int) -> list[s
         f"{e.max_new_tokens} new tokens; {e.limit or 'all'} prompts per set.",
         "- Deviations from the evaluation protocol: " + ("; ".join(deviations) if deviations else "none") + ".",
         "- Versions: " + ("; ".join(versions) if versions else "no cells yet") + ".",
-        "",
-    ]
+    ] + [_stage(cfg, name) for name in cfg.prepare] + [""]
+
+
+def _stage(cfg: CompareConfig, name: str) -> str:
+    """One prepare stage (`prepare:NAME`), from RESULTS/prepare/NAME.json."""
+    settings = ", ".join(f"`{k}` {v}" for k, v in _flat(cfg.prepare[name]).items())
+    path = Path(cfg.results) / "prepare" / f"{name}.json"
+    if not path.is_file():
+        return f"- Prepare stage `{name}` ({settings}): not run yet."
+    r = json.loads(path.read_text(encoding="utf-8"))
+    return (f"- Prepare stage `{name}` ({settings}): revision {r['revision']}, {r['seconds'] / 60:.1f} min, "
+            f"{_big(r['compute'].get('compute/flops'))} FLOPs; output sha256 {r['sha256']}.")
 
 
 def _arms(cfg: CompareConfig, by_arm: dict[str, list[dict]], mark) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -95,6 +96,61 @@ def check_revision(cfg: CompareConfig, allow: bool) -> tuple[str, bool]:
     return here["revision"] + (" with uncommitted changes under src/" if here["dirty"] else ""), problem is not None
 
 
+# ----------------------------------------------------------------------------- prepare stages
+
+
+def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True) -> None:
+    """Train the prepare stages that have no record in RESULTS/prepare/NAME.json yet, in order
+    (RUNS/prepare/NAME, resumable, through Trainer.from_config), and record each one. Raises
+    UserError when a recorded stage's output is not the one recorded (its sha256), or when a
+    stage has no record but cells exist: every cell must start from the same outputs."""
+    from promptkd.options import read_yaml
+    from promptkd.training.checkpoint import latest_checkpoint
+    from promptkd.training.loop import Trainer
+
+    for name in cfg.prepare:
+        run_dir, record = runs_dir(cfg) / "prepare" / name, Path(cfg.results) / "prepare" / f"{name}.json"
+        redo = (f"to redo the stage, delete {record}, {run_dir} and every cell file in {Path(cfg.results) / 'cells'} "
+                "(their cells trained from the old output)")
+        if record.is_file():
+            recorded = json.loads(record.read_text(encoding="utf-8"))["sha256"]
+            if output_hash(run_dir) != recorded:
+                raise UserError(f"prepare stage {name!r}: {run_dir / 'final' / 'student'} is not the output recorded in "
+                                f"{record} (sha256 {recorded[:16]}...), from which the cells train; restore it, or {redo}")
+            continue
+        if read_cells(Path(cfg.results)):
+            raise UserError(f"prepare stage {name!r} has no record ({record}) but cells exist, trained from an "
+                            f"output that cannot be checked; restore the record, or {redo}")
+        if not (run_dir / "final").is_dir():
+            say(f"prepare stage {name}: training in {run_dir}")
+            resume = latest_checkpoint(run_dir / "checkpoints") is not None
+            with _timed(run_dir, "train"):
+                Trainer.from_config(cfg.stage_config(name, run_dir), resume=resume, overwrite=not resume,
+                                    show_progress=show_progress).train()
+        records = _read_metrics(run_dir / "metrics.jsonl")
+        times = json.loads((run_dir / "times.json").read_text(encoding="utf-8"))
+        write_json(record, {"name": name, "revision": revision, "finished": _now(),
+                            "seconds": round(times.get("train", 0.0), 1),
+                            "compute": {k: v for k, v in records[-1].items() if k.startswith("compute/")},
+                            "sha256": output_hash(run_dir), "train_config": read_yaml(run_dir / "config.yaml")})
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        say(f"prepare stage {name}: recorded in {record}")
+
+
+def output_hash(run_dir: Path) -> str | None:
+    """sha256 of RUN/final/student's weights (its *.safetensors files in name order: model.safetensors's
+    own hash when there is one file); None when there are none."""
+    files = sorted((run_dir / "final" / "student").glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------- one cell
 
 
@@ -166,7 +222,8 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
         if not (run_dir / "budget.json").is_file():
             write_json(run_dir / "budget.json", plan_steps(cfg, arm, seed, read_cells(Path(cfg.results))))
         budget = json.loads((run_dir / "budget.json").read_text(encoding="utf-8"))
-    cell_config = cfg.cell_config(arm, seed, run_dir, max_steps=budget and budget["max_steps"])
+    cell_config = cfg.resolve(cfg.cell_config(arm, seed, run_dir, max_steps=budget and budget["max_steps"]),
+                              runs_dir(cfg))
     if not (run_dir / "final").is_dir():
         if arm.method == "seqkd":  # first its training data: the teacher's responses (compare.seqkd)
             counts: dict = {}
@@ -310,6 +367,10 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
     revision, mismatch = check_revision(cfg, allow_revision)
     say(f"{len(pending)} cell(s) to run of {len(order)}; {len(done)} done; runs in {runs_dir(cfg)}")
     t0 = time.monotonic()
+    try:
+        prepare(cfg, revision=revision, show_progress=show_progress)
+    except TrainingInterrupted as e:
+        raise _interrupted("a prepare stage", cfg, e.signum) from None
 
     def may_start(cell: str, started: int) -> bool:
         estimate = estimate_seconds(parse_cell_id(cell)[0], read_cells(Path(cfg.results)))
