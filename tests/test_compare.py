@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -447,3 +448,37 @@ def test_prepare_stage_runs_once_is_recorded_and_its_output_is_checked(study, ti
     (results / "prepare" / "init.json").unlink()
     with pytest.raises(UserError, match="has no record .* but cells exist"):
         runner.run_study(load_compare_config(study))
+
+
+# ----------------------------------------------------------------------------- the plan and cpu3
+
+
+def test_the_plan_estimates_from_finished_cells_and_packs_sittings(study, capsys):
+    from promptkd.compare.plan import ROUGH, Item, sittings
+
+    data = edit(study, arms=yaml.safe_load(study.read_text())["arms"] + [FLOPS_ARM])
+    cfg = load_compare_config(study)
+    fake_cell(cfg, "GKD", 1, 5.0, seconds=600)
+    assert main(["compare", "--config", str(study), "--plan", "--max-minutes", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "5 to run (5 cells, 0 prepare stages), 1 cells done; 1 worker(s), sittings of at most 30 min" in out
+    assert re.search(r"GKD__seed2 +10.0 min \(measured\)", out)  # the mean of GKD's finished cells
+    rough = ROUGH["step"]["promptkd"] * 2 * 2 / 4 + ROUGH["eval"] * 4 * 2 * 6 / 48  # 2 steps of batch 2, 4 x 2 evals
+    assert re.search(rf"PromptKD__seed1 +{rough / 60:.1f} min \(rough\)", out)
+    assert data["arms"][2] == FLOPS_ARM
+
+    items = [Item("A", 20, True), Item("B", 30, True), Item("C", 10, True, needs=["A", "B"]), Item("D", 25, True)]
+    plan = sittings(items, 45, workers=2)  # C waits for B (ends at 30); D would end at 55 > 45: a new sitting
+    assert [[(i.name, start) for i, start in s] for s in plan] == [[("A", 0), ("B", 0), ("C", 30)], [("D", 0)]]
+    stage = Item("prepare x", 5, False, stage=True)
+    assert [(i.name, start) for i, start in sittings([stage] + items[:2], None, workers=2)[0]] == [
+        ("prepare x", 0), ("A", 5), ("B", 5)]
+
+
+def test_the_cpu3_study_loads():
+    cfg = load_compare_config(Path(__file__).parents[1] / "benchmarks" / "cpu3.yaml")
+    arms = {a.name: a for a in cfg.arm_list()}
+    assert list(arms) == ["PromptKD", "GKD", "DistiLLM", "KD", "SeqKD", "GKD-PromptKD-FLOPs"]
+    assert arms["GKD-PromptKD-FLOPs"].budget.flops_of == "PromptKD" and cfg.seeds == [1, 2, 3, 4, 5]
+    assert cfg.base["model"] == {"teacher": "prepare:teacher", "student": "prepare:init"}
+    assert len(cfg.evaluation.seeds) == 5 and not {s["train"]["seed"] for s in cfg.prepare.values()} & set(cfg.seeds)
