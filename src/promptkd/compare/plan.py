@@ -1,13 +1,14 @@
-"""`promptkd compare --plan`: what the next sittings of a study would run, in order, and for about
-how long, without running anything.
+"""How long a study's cells take, and `promptkd compare --plan`: what the next sittings would run,
+in order, and for about how long, without running anything.
 
-A cell's estimate is the mean wall time of its arm's finished cells. Before an arm has one, it is
-rough (ROUGH below): seconds per training step of its method, per SeqKD teacher prompt and per
-evaluation prompt and seed, scaled by the cell's settings. A FLOPs-budget arm is estimated to
-train as long as its reference arm (equal FLOPs, about equal time) until it has a finished cell.
-Sittings are packed as `run_study` starts cells: in order, each on the first free worker once the
-cells it is planned from have ended, none that would end past --max-minutes; the prepare stages
-first, one at a time.
+A cell's estimate (`estimate_seconds`, which a sitting's --max-minutes uses too) is the mean wall
+time of its arm's finished cells. Before its arm has one, it is rough: the seconds per training
+step of its method, per SeqKD teacher prompt and per evaluation prompt and seed of ROUGH below,
+scaled by the cell's settings, and by how long the study's finished cells took against their own
+rough estimates (their mean ratio: the machine's speed). A FLOPs-budget arm is estimated to train
+as long as its reference arm (equal FLOPs, about equal time). Sittings are packed as `run_study`
+starts cells: in order, each on the first free worker once the cells it is planned from have
+ended, none that would end past --max-minutes; the prepare stages first, one at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from promptkd.compare.config import CompareConfig
+from promptkd.compare.config import CompareConfig, parse_cell_id
 from promptkd.compare.report import read_cells
 
 # Rough seconds, measured in the cpu2 study on a 2-core CPU, two cells at a time with one torch
@@ -43,6 +44,33 @@ class Item:
     stage: bool = False
 
 
+def rough_seconds(cfg: CompareConfig, cell: str) -> float:
+    """The rough (unscaled) estimate of a cell: training, SeqKD's generation, evaluation."""
+    from promptkd.config import Config
+
+    arms = {a.name: a for a in cfg.arm_list()}
+    arm, seed = parse_cell_id(cell)
+    arm = arms[arm]
+    train = Config.from_dict(cfg.cell_config(arms[arm.budget.flops_of or arm.name], seed, "unused"))
+    e = cfg.evaluation
+    seconds = _train_seconds(train) + ROUGH["eval"] * _eval_prompts(cfg) * len(e.seeds) * _tokens(e.max_new_tokens)
+    if arm.method == "seqkd":
+        seconds += ROUGH["generate"] * _examples(train) * _tokens(train.sampling.max_new_tokens)
+    return seconds
+
+
+def estimate_seconds(cfg: CompareConfig, cell: str, done: dict[str, dict]) -> tuple[float, bool]:
+    """(a cell's expected wall seconds, whether measured): the mean of its arm's finished cells
+    (`done`: the cell files), else rough_seconds x the mean ratio of the finished cells' wall
+    seconds to their rough estimates (1 without any)."""
+    arm = parse_cell_id(cell)[0]
+    same = [_wall(c) for c in done.values() if c["arm"] == arm]
+    if same:
+        return sum(same) / len(same), True
+    ratios = [_wall(c) / rough_seconds(cfg, key) for key, c in done.items() if key in cfg.order()]
+    return rough_seconds(cfg, cell) * (sum(ratios) / len(ratios) if ratios else 1.0), False
+
+
 def plan_items(cfg: CompareConfig) -> tuple[list[Item], int]:
     """(what a sitting would run next, in order, with estimates; the number of cells done)."""
     from promptkd.config import Config
@@ -53,24 +81,11 @@ def plan_items(cfg: CompareConfig) -> tuple[list[Item], int]:
                   False, stage=True)
              for name in cfg.prepare if not (results / "prepare" / f"{name}.json").is_file()]
     arms = {a.name: a for a in cfg.arm_list()}
-    e = cfg.evaluation
-    eval_seconds = ROUGH["eval"] * _eval_prompts(cfg) * len(e.seeds) * _tokens(e.max_new_tokens)
     for cell in cfg.order():
-        if cell in done:
-            continue
-        arm, seed = cell.rsplit("__seed", 1)
-        arm, seed = arms[arm], int(seed)
-        finished = [sum(c["seconds"].values()) for c in done.values() if c["arm"] == arm.name]
-        if finished:
-            seconds = sum(finished) / len(finished)
-        else:
-            train = Config.from_dict(cfg.cell_config(arm, seed, "unused"))
-            if arm.budget.flops_of:  # as long as its reference trains
-                train = Config.from_dict(cfg.cell_config(arms[arm.budget.flops_of], seed, "unused"))
-            seconds = _train_seconds(train) + eval_seconds
-            if arm.method == "seqkd":
-                seconds += ROUGH["generate"] * _examples(train) * _tokens(train.sampling.max_new_tokens)
-        items.append(Item(cell, seconds / 60, bool(finished), cfg.needs(arm, seed)))
+        if cell not in done:
+            seconds, measured = estimate_seconds(cfg, cell, done)
+            arm, seed = parse_cell_id(cell)
+            items.append(Item(cell, seconds / 60, measured, cfg.needs(arms[arm], seed)))
     return items, len([c for c in cfg.order() if c in done])
 
 
@@ -115,9 +130,14 @@ def plan_text(cfg: CompareConfig, max_minutes: float | None, workers: int = 1) -
                          f"{'(measured)' if item.measured else '(rough)'}{note}")
     work = sum(i.minutes for i in items)
     lines += ["", f"total: {work / 60:.1f} h of cell and stage time; {total / 60:.1f} h of sittings.",
-              "rough: seconds per step, SeqKD prompt and evaluation prompt measured in the cpu2 study "
-              "(promptkd.compare.plan.ROUGH); measured: the mean of the arm's finished cells."]
+              "measured: the mean of the arm's finished cells; rough: seconds per step, SeqKD prompt and evaluation "
+              "prompt measured in the cpu2 study (promptkd.compare.plan.ROUGH), scaled by the finished cells' "
+              "measured / rough ratio."]
     return "\n".join(lines)
+
+
+def _wall(cell: dict) -> float:
+    return sum(cell["seconds"].values())
 
 
 def _examples(train) -> int:

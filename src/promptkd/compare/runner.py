@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from promptkd.compare.config import Arm, CompareConfig, cell_id, parse_cell_id
+from promptkd.compare.plan import estimate_seconds
 from promptkd.compare.report import GENERATION, cell_flops, read_cells, write_json
 from promptkd.errors import TrainingInterrupted, UserError
 
@@ -327,15 +328,6 @@ def _now() -> str:
 # ----------------------------------------------------------------------------- a sitting
 
 
-def estimate_seconds(arm: str, cells: dict[str, dict]) -> float | None:
-    """A cell's expected wall seconds: the mean of the finished cells of its arm, else of all, else None."""
-    def wall(cs):
-        return [sum(c["seconds"].values()) for c in cs]
-
-    same = wall(c for c in cells.values() if c["arm"] == arm) or wall(cells.values())
-    return statistics.fmean(same) if same else None
-
-
 def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes: float | None = None,
               workers: int = 1, allow_revision: bool = False, show_progress: bool = True) -> list[str]:
     """Run the pending cells (those without a file) in seed-major order (`CompareConfig.order`), so
@@ -343,7 +335,7 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
     FLOPs-budget cell waits for the cells it is planned from, and is skipped when they do not run.
 
     cells: ids (ARM__seedK) to run, a subset; max_minutes: do not start a cell whose estimate
-    would end past this many minutes from now (a cell without an estimate starts only first);
+    (compare.plan.estimate_seconds) would end past this many minutes from now;
     workers: cells at once, each in a `promptkd compare --cells ONE` process with
     cores // workers torch threads (1 = in this process).
     Raises UserError for an unknown cell or a refused revision; TrainingInterrupted when a signal
@@ -373,10 +365,9 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
         raise _interrupted("a prepare stage", cfg, e.signum) from None
 
     def may_start(cell: str, started: int) -> bool:
-        estimate = estimate_seconds(parse_cell_id(cell)[0], read_cells(Path(cfg.results)))
+        estimate, _ = estimate_seconds(cfg, cell, read_cells(Path(cfg.results)))
         elapsed = (time.monotonic() - t0) / 60
-        if max_minutes is not None and ((estimate is None and started > 0) or
-                                        (estimate is not None and elapsed + estimate / 60 > max_minutes)):
+        if max_minutes is not None and elapsed + estimate / 60 > max_minutes:
             say(f"{cell}: not started, it would not end within --max-minutes {max_minutes:g} (elapsed "
                 f"{elapsed:.1f} min, estimate {_minutes(estimate)}); {len(pending) - started} cell(s) left for "
                 "the next sitting")
@@ -481,5 +472,5 @@ def _interrupted(cells: str, cfg: CompareConfig, signum: int) -> TrainingInterru
                                signum)
 
 
-def _minutes(seconds: float | None) -> str:
-    return "unknown" if seconds is None else f"{seconds / 60:.1f} min"
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
