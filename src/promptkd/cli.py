@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True, help="The study's YAML file (docs/compare.md, configs/compare/example.yaml).")
     c.add_argument("--max-minutes", type=float, metavar="M",
                    help="Do not start a cell that would not end within M minutes (its estimate: the mean time of the "
-                        "arm's finished cells, else of any arm's; without one, only the sitting's first cell starts).")
+                        "arm's finished cells, else a rough one; see --plan).")
     c.add_argument("--workers", type=int, default=1, metavar="N",
                    help="Run up to N cells at once, each in its own process with cores // N torch threads (default 1).")
     c.add_argument("--plan", action="store_true",

@@ -1,15 +1,19 @@
-"""Running a study's cells. A cell is (arm, training seed):
+"""Running a study: its prepare stages, then its cells. A cell is (arm, training seed):
 
-1. train through the same path as `promptkd train` (Trainer.from_config), in RUNS/<cell>; a run
+1. a SeqKD cell first writes its teacher responses (compare.seqkd), and a FLOPs-budget cell
+   plans its steps from finished cells (plan_steps, kept in RUNS/<cell>/budget.json);
+2. train through the same path as `promptkd train` (Trainer.from_config), in RUNS/<cell>; a run
    directory with a checkpoint resumes, one with final/ is done;
-2. evaluate final/student through the same path as `promptkd eval` (run_evaluation), every
+3. evaluate final/student through the same path as `promptkd eval` (run_evaluation), every
    evaluation seed; complete prediction files are reused, so an interrupted evaluation continues;
-3. write RESULTS/cells/<arm>__seed<k>.json atomically (scores, per-prompt ROUGE-L, compute,
+4. write RESULTS/cells/<arm>__seed<k>.json atomically (scores, per-prompt ROUGE-L, compute,
    method traces, versions, revision), then delete the run's checkpoints (final/ stays).
 
 A cell whose file exists is done. Integrity: the study's code revision is recorded in
 RESULTS/study.json at its first cell; a cell from another revision, or from a tree with
-uncommitted changes under src/, is refused unless allow_revision (then its file says so).
+uncommitted changes under src/, is refused unless allow_revision (then its file says so). A
+prepare stage is trained once and recorded in RESULTS/prepare/<name>.json with the sha256 of its
+output, which every sitting checks.
 """
 
 from __future__ import annotations
