@@ -88,7 +88,7 @@ class CompareConfig(ConfigBase):
                             "overrides is stage NAME's final/student.")
     base: dict = opt({}, "A train config (as configs/*.yaml) shared by every arm, without method, train.seed "
                          "and train.output_dir, which the study sets.")
-    arms: list = opt([], "The arms: {name, method, overrides}.")
+    arms: list = opt([], "The arms: {name, method, overrides, budget}.")
     seeds: list[int] = opt([1, 2, 3, 4, 5], "Training seeds: every arm trains once per seed (train.seed).")
     baseline: str | None = opt(None, "Every other arm is compared with this one; or give `comparisons`.")
     comparisons: list | None = opt(None, "Pairs [arm, baseline] to compare, instead of `baseline`.")
@@ -247,9 +247,9 @@ class CompareConfig(ConfigBase):
         """A SeqKD cell generates its teacher responses for exactly the prompts it reads (compare.seqkd)."""
         cfg = merge_dicts(self.base, arm.overrides)
         problems = []
-        if not cfg.get("model", {}).get("teacher"):
+        if not _section(cfg, "model").get("teacher"):
             problems.append(f"arm {arm.name!r}: method seqkd answers its prompts with the teacher: set model.teacher")
-        if cfg.get("data", {}).get("max_train_examples"):
+        if _section(cfg, "data").get("max_train_examples"):
             problems.append(f"arm {arm.name!r}: data.max_train_examples with method seqkd would cut its teacher "
                             "responses, which already are the prompts the cell reads: remove it")
         return problems
