@@ -3,7 +3,9 @@ and a 2-arm x 2-seed study on tiny models end to end."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -98,9 +100,10 @@ def test_config_errors_name_the_file_and_every_bad_key(study):
     assert e.value.problems == ["arm 'GKD': unknown key 'gkd.lmbdaa'; did you mean 'gkd.lmbda'?"]
 
 
-def test_duplicate_arm_seqkd_and_keys_the_study_sets_are_refused(study):
+def test_duplicate_arm_bad_seqkd_and_keys_the_study_sets_are_refused(study):
     data = yaml.safe_load(study.read_text())
-    data["arms"] += [{"name": "GKD", "method": "gkd"}, {"name": "SeqKD", "method": "seqkd"},
+    data["arms"] += [{"name": "GKD", "method": "gkd"},
+                     {"name": "SeqKD", "method": "seqkd", "overrides": {"data": {"max_train_examples": 8}}},
                      {"name": "x__y", "method": "kd", "overrides": {"train": {"seed": 3}}}]
     data["base"]["train"]["output_dir"] = "runs/x"
     study.write_text(yaml.safe_dump(data))
@@ -108,7 +111,7 @@ def test_duplicate_arm_seqkd_and_keys_the_study_sets_are_refused(study):
         load_compare_config(study, check_arms=False)
     text = "\n".join(e.value.problems)
     assert "arm name 'GKD' is used by 2 arms" in text
-    assert "arm 'SeqKD': method seqkd trains on teacher responses" in text
+    assert "arm 'SeqKD': data.max_train_examples with method seqkd would cut its teacher responses" in text
     assert "'arms[4].name' = 'x__y'" in text
     assert "'arms[4].overrides.train.seed' is set by the study" in text
     assert "'base.train.output_dir' is set by the study" in text
@@ -187,8 +190,9 @@ def test_sittings_skip_done_cells_run_seed_major_and_respect_the_budget(study, m
     assert calls == ["PromptKD__seed1", "PromptKD__seed2", "GKD__seed2"]  # seed-major order
 
     calls.clear()
-    (Path(cfg.results) / "cells" / "GKD__seed1.json").unlink()
-    assert runner.run_study(cfg, max_minutes=1) == ["PromptKD__seed1"]  # no estimate: the first cell only
+    (Path(cfg.results) / "cells" / "GKD__seed1.json").unlink()  # no finished cell: rough estimates, 6.7 and 4.2 s
+    assert runner.run_study(cfg, max_minutes=0.1) == []
+    assert len(runner.run_study(cfg, max_minutes=0.2)) == 4
     with pytest.raises(UserError, match="unknown cell"):
         runner.run_study(cfg, cells=["KD__seed1"])
 
@@ -282,3 +286,206 @@ def test_workers_run_cells_in_processes_of_their_own(study):
     assert [p.name for p in cells] == ["GKD__seed1.json", "PromptKD__seed1.json"]
     assert all(json.loads(p.read_text())["revision_mismatch"] for p in cells)
     assert "GKD__seed1: starting" in (study.parent / "runs" / "GKD__seed1" / "compare.log").read_text()
+
+
+def test_a_seqkd_cell_trains_on_teacher_responses_to_the_prompts_the_other_arms_read(
+        tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
+    """SeqKD's cell generates its training data first: the teacher's responses to exactly the
+    prompts GKD's cell reads with the same seed, step by step (data.train has prompts the trainer
+    drops, so the order must be taken over the kept ones), and records the generation's compute."""
+    from promptkd.compare.seqkd import generate_teacher_responses
+    from promptkd.config import Config
+    from promptkd.training.loop import Trainer
+
+    monkeypatch.setattr(runner, "code_revision", lambda: dict(CLEAN))
+    train = tmp_path / "data" / "train_with_long.jsonl"
+    long = json.dumps({"instruction": "x" * 300, "input": "", "output": "y"}) + "\n"
+    lines = tiny_jsonl.read_text().splitlines(keepends=True)
+    train.write_text("".join(long + line for line in lines[:6]) + "".join(lines[6:]))
+    study = write_study(tmp_path, *tiny_pair_dirs, train, seeds=[3],
+                        arms=[{"name": "GKD", "method": "gkd"}, {"name": "SeqKD", "method": "seqkd"}])
+    edit(study, evaluation={**yaml.safe_load(study.read_text())["evaluation"], "seeds": [10]})
+    prompts = {}  # method -> the prompts of every optimizer step
+    next_micro_batches = Trainer.next_micro_batches
+
+    def record(self):
+        micro_batches = next_micro_batches(self)
+        prompts.setdefault(self.cfg.method, []).append([e.prompt_ids for mb in micro_batches for e in mb])
+        return micro_batches
+
+    monkeypatch.setattr(Trainer, "next_micro_batches", record)
+    assert main(["compare", "--config", str(study), "--no-progress"]) == 0
+    assert len(prompts["gkd"]) == 2 and prompts["seqkd"] == prompts["gkd"]
+
+    results, run = tmp_path / "results", tmp_path / "runs" / "SeqKD__seed3"
+    cell = json.loads((results / "cells" / "SeqKD__seed3.json").read_text())
+    assert cell["train_config"]["data"]["teacher_responses"] == str(run / "teacher_responses.jsonl")
+    responses = [json.loads(x) for x in (run / "teacher_responses.jsonl").read_text().splitlines()]
+    assert len(responses) == 4 and all("ended" in r for r in responses)
+    c = cell["compute"]
+    assert cell["seconds"]["generation"] > 0 and c["compute/teacher_generation_generated_tokens"] > 0
+    n_teacher = json.loads((tmp_path / "runs" / "GKD__seed3" / "precision.json").read_text())["matmul_params"]["teacher"]
+    assert c["compute/teacher_generation_flops"] == 2 * n_teacher * c["compute/teacher_generation_forward_tokens"]
+    report = (results / "report.md").read_text()
+    compute_rows = report.split("## Compute")[1].split("\n\n")[1].splitlines()
+    row = next(line.split(" | ") for line in compute_rows if line.startswith("| SeqKD |"))
+    assert row[2] == f"{c['compute/generated_tokens'] + c['compute/teacher_generation_generated_tokens']:,.0f}"
+    assert row[-1] == f"{c['compute/flops'] + c['compute/teacher_generation_flops']:,.0f} |"
+    assert "teacher generation of its training responses is added in" in report
+
+    # resumable: a generation cut after its first batch continues into the same file
+    full = (run / "teacher_responses.jsonl").read_text()
+    (run / "teacher_responses.jsonl").write_text("".join(full.splitlines(keepends=True)[:2]))
+    counts = {}
+    cfg = load_compare_config(study)
+    generate_teacher_responses(Config.from_dict(cfg.cell_config(cfg.arm_list()[1], 3, run)), run, counts, False)
+    assert (run / "teacher_responses.jsonl").read_text() == full
+    assert 0 < counts["forward_tokens"] < c["compute/teacher_generation_forward_tokens"]
+
+
+# ----------------------------------------------------------------------------- FLOPs budget
+
+FLOPS_ARM = {"name": "GKD-F", "method": "gkd", "budget": {"flops_of": "PromptKD", "per_step_from": "GKD"}}
+
+
+def test_a_flops_budget_must_name_arms_with_steps_budgets(study):
+    data = yaml.safe_load(study.read_text())
+    data["arms"] += [{"name": "A", "method": "gkd", "budget": {"flops_of": "PromptKD"}},
+                     {"name": "B", "method": "gkd", "budget": {"flops_of": "GKD", "per_step_from": "PromptKD"},
+                      "overrides": {"train": {"max_steps": 3}}},
+                     {"name": "C", "method": "gkd", "budget": {"flops_of": "X", "per_step_from": "GKD"}}]
+    study.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as e:
+        load_compare_config(study, check_arms=False)
+    assert e.value.problems == [
+        "'arms[2].budget': give both flops_of (the arm whose FLOPs to match) and per_step_from (an arm of method "
+        "'gkd' whose cells give the FLOPs per step)",
+        "'arms[3].overrides.train.max_steps' is set, but arm 'B' has a FLOPs budget, which plans its steps: remove it",
+        "'arms[3].budget.per_step_from' = 'PromptKD' is a promptkd arm: the FLOPs per step of arm 'B' come from an "
+        "arm of its own method, gkd",
+        "'arms[4].budget.flops_of' = 'X' is not another arm; arms: PromptKD, GKD, A, B, C"]
+    data["arms"] = data["arms"][:2] + [FLOPS_ARM, {**FLOPS_ARM, "name": "D", "budget": {"flops_of": "GKD-F",
+                                                                                         "per_step_from": "GKD"}}]
+    study.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="'arms.3..budget.flops_of' = 'GKD-F' has a FLOPs budget itself"):
+        load_compare_config(study, check_arms=False)
+
+
+def test_flops_budget_cells_run_after_the_cells_they_are_planned_from_or_are_skipped(study, monkeypatch, capsys):
+    data = edit(study, arms=yaml.safe_load(study.read_text())["arms"] + [FLOPS_ARM])
+    cfg = load_compare_config(study, check_arms=False)
+    assert cfg.order() == ["PromptKD__seed1", "GKD__seed1", "GKD-F__seed1", "PromptKD__seed2", "GKD__seed2",
+                           "GKD-F__seed2"]
+    calls = []
+    monkeypatch.setattr(runner, "run_cell", lambda cfg, arm, seed, **kw: calls.append(f"{arm.name}__seed{seed}"))
+    assert runner.run_study(cfg, cells=["GKD-F__seed1", "GKD__seed1"]) == ["GKD__seed1"]
+    assert "GKD-F__seed1: skipped, its FLOPs budget is planned from cell(s) PromptKD__seed1" in capsys.readouterr().out
+
+    def cell(arm, flops, steps):
+        fake_cell(cfg, arm, 1, 5.0, compute={"compute/flops": flops}, train_config={"train": {"max_steps": steps}})
+
+    cell("PromptKD", 9.0e12, 160)
+    cell("GKD", 5.0e12, 160)  # f = 3.125e10 per step
+    arm = cfg.arm_list()[2]
+    assert runner.plan_steps(cfg, arm, 1, runner.read_cells(Path(cfg.results))) == {
+        "flops_of": "PromptKD", "reference_flops": 9.0e12, "per_step_from": "GKD", "flops_per_step": 3.125e10,
+        "max_steps": 288}
+    cell("GKD-F", 9.1e12, 288)
+    assert "| GKD-F | 288 |" in build_report(cfg).read_text()
+    assert "| 1.011 |" in build_report(cfg).read_text()  # GKD-F's FLOPs / PromptKD's
+    assert data["arms"][2] == FLOPS_ARM
+
+
+def test_a_flops_budget_cell_trains_the_planned_steps_end_to_end(study, monkeypatch):
+    data = yaml.safe_load(study.read_text())
+    edit(study, arms=data["arms"] + [FLOPS_ARM], seeds=[1], evaluation={**data["evaluation"], "seeds": [10]})
+    assert main(["compare", "--config", str(study), "--no-progress"]) == 0
+    cells = {p.stem: json.loads(p.read_text()) for p in (study.parent / "results" / "cells").iterdir()}
+    budget = cells["GKD-F__seed1"]["budget"]
+    assert budget["reference_flops"] == cells["PromptKD__seed1"]["compute"]["compute/flops"]
+    assert budget["flops_per_step"] == cells["GKD__seed1"]["compute"]["compute/flops"] / 2
+    assert budget["max_steps"] == round(budget["reference_flops"] / budget["flops_per_step"]) > 2
+    assert cells["GKD-F__seed1"]["train_config"]["train"]["max_steps"] == budget["max_steps"]
+    assert budget["flops"] == cells["GKD-F__seed1"]["compute"]["compute/flops"]
+    assert "FLOPs / PromptKD" in (study.parent / "results" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- prepare stages
+
+
+def test_prepare_stages_need_a_seed_outside_the_study_and_known_names(study):
+    data = yaml.safe_load(study.read_text())
+    data["prepare"] = {"init": {"method": "sft", "train": {"seed": 2}}, "teacher": {"method": "sft"},
+                       "x": {"model": {"student": "prepare:init"}, "train": {"seed": 9, "output_dir": "o"}}}
+    data["base"]["model"]["teacher"] = "prepare:teachr"
+    study.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as e:
+        load_compare_config(study, check_arms=False)
+    assert [p.split(":")[0] for p in e.value.problems] == [
+        "'prepare.init.train.seed' = 2", "'prepare.teacher.train.seed' = None", "'prepare.x.train.output_dir' is set by "
+        "the study", "'prepare.x.model.student' = 'prepare", "'base.model.teacher' = 'prepare"]
+    assert "names no prepare stage; stages: init, teacher, x" in e.value.problems[-1]
+
+
+def test_prepare_stage_runs_once_is_recorded_and_its_output_is_checked(study, tiny_jsonl, monkeypatch):
+    data = yaml.safe_load(study.read_text())
+    student = data["base"]["model"]["student"]
+    data["prepare"] = {"init": {"method": "sft", "model": {"student": student}, "data": {"train": str(tiny_jsonl)},
+                                "train": {"max_steps": 2, "batch_size": 2, "seed": 7, "save_every_minutes": 0}}}
+    data["base"]["model"]["student"] = "prepare:init"
+    edit(study, prepare=data["prepare"], base=data["base"], seeds=[1],
+         evaluation={**data["evaluation"], "seeds": [10]})
+    assert main(["compare", "--config", str(study), "--no-progress"]) == 0
+    results, output = study.parent / "results", study.parent / "runs" / "prepare" / "init" / "final" / "student"
+    record = json.loads((results / "prepare" / "init.json").read_text())
+    weights = (output / "model.safetensors").read_bytes()
+    assert record["sha256"] == hashlib.sha256(weights).hexdigest() and record["revision"] == "abc1234"
+    assert record["train_config"]["train"]["seed"] == 7 and record["compute"]["compute/flops"] > 0
+    cell = json.loads((results / "cells" / "GKD__seed1.json").read_text())
+    assert cell["train_config"]["model"]["student"] == str(output)
+    assert f"output sha256 {record['sha256']}" in (results / "report.md").read_text()
+
+    (results / "cells" / "GKD__seed1.json").unlink()
+    (output / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # another init
+    with pytest.raises(UserError, match="prepare stage 'init': .* is not the output recorded in"):
+        runner.run_study(load_compare_config(study))
+    (results / "prepare" / "init.json").unlink()
+    with pytest.raises(UserError, match="has no record .* but cells exist"):
+        runner.run_study(load_compare_config(study))
+
+
+# ----------------------------------------------------------------------------- the plan and cpu3
+
+
+def test_the_plan_estimates_from_finished_cells_and_packs_sittings(study, capsys):
+    from promptkd.compare.plan import ROUGH, Item, sittings
+
+    data = edit(study, arms=yaml.safe_load(study.read_text())["arms"] + [FLOPS_ARM])
+    cfg = load_compare_config(study)
+    fake_cell(cfg, "GKD", 1, 5.0, seconds=600)
+    assert main(["compare", "--config", str(study), "--plan", "--max-minutes", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "5 to run (5 cells, 0 prepare stages), 1 cells done; 1 worker(s), sittings of at most 30 min" in out
+    assert re.search(r"GKD__seed2 +10.0 min \(measured\)", out)  # the mean of GKD's finished cells
+    def rough(method):  # 2 steps of batch 2; 4 prompts x 2 seeds of 6 new tokens
+        return ROUGH["step"][method] * 2 * 2 / 4 + ROUGH["eval"] * 4 * 2 * 6 / 48
+
+    # scaled by the finished cells' time over their rough estimates: 600 s against GKD's rough
+    assert re.search(rf"PromptKD__seed1 +{rough('promptkd') * 600 / rough('gkd') / 60:.1f} min \(rough\)", out)
+    assert data["arms"][2] == FLOPS_ARM
+
+    items = [Item("A", 20, True), Item("B", 30, True), Item("C", 10, True, needs=["A", "B"]), Item("D", 25, True)]
+    plan = sittings(items, 45, workers=2)  # C waits for B (ends at 30); D would end at 55 > 45: a new sitting
+    assert [[(i.name, start) for i, start in s] for s in plan] == [[("A", 0), ("B", 0), ("C", 30)], [("D", 0)]]
+    stage = Item("prepare x", 5, False, stage=True)
+    assert [(i.name, start) for i, start in sittings([stage] + items[:2], None, workers=2)[0]] == [
+        ("prepare x", 0), ("A", 5), ("B", 5)]
+
+
+def test_the_cpu3_study_loads():
+    cfg = load_compare_config(Path(__file__).parents[1] / "benchmarks" / "cpu3.yaml")
+    arms = {a.name: a for a in cfg.arm_list()}
+    assert list(arms) == ["PromptKD", "GKD", "DistiLLM", "KD", "SeqKD", "GKD-PromptKD-FLOPs"]
+    assert arms["GKD-PromptKD-FLOPs"].budget.flops_of == "PromptKD" and cfg.seeds == [1, 2, 3, 4, 5]
+    assert cfg.base["model"] == {"teacher": "prepare:teacher", "student": "prepare:init"}
+    assert len(cfg.evaluation.seeds) == 5 and not {s["train"]["seed"] for s in cfg.prepare.values()} & set(cfg.seeds)

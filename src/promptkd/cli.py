@@ -8,7 +8,7 @@
     promptkd demo
     promptkd plot RUN_DIR [--out FILE.png]
     promptkd config-reference [--command eval]
-    promptkd compare --config compare.yaml [--max-minutes M] [--workers N] [--report-only] [--cells ARM__seedK,...]
+    promptkd compare --config compare.yaml [--max-minutes M] [--workers N] [--report-only] [--plan] [--cells ARM__seedK,...]
 
 Every key of a command's config (promptkd.config.COMMANDS) is a flag: `--key VALUE` for a
 top-level key, written in kebab-case (`--batch-size 4`), and `--section.key VALUE` for a nested
@@ -140,9 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True, help="The study's YAML file (docs/compare.md, configs/compare/example.yaml).")
     c.add_argument("--max-minutes", type=float, metavar="M",
                    help="Do not start a cell that would not end within M minutes (its estimate: the mean time of the "
-                        "arm's finished cells, else of any arm's; without one, only the sitting's first cell starts).")
+                        "arm's finished cells, else a rough one; see --plan).")
     c.add_argument("--workers", type=int, default=1, metavar="N",
                    help="Run up to N cells at once, each in its own process with cores // N torch threads (default 1).")
+    c.add_argument("--plan", action="store_true",
+                   help="Print the cells and prepare stages still to run, their estimated minutes and how they split "
+                        "into sittings of --max-minutes with --workers; runs nothing.")
     c.add_argument("--report-only", action="store_true",
                    help="Only rebuild report.md and the plots from results/cells/*.json (no model, no training).")
     c.add_argument("--allow-revision", action="store_true",
@@ -233,7 +236,14 @@ def _cmd_compare(args) -> int:
         raise UserError("--report-only runs no cell: drop --cells, --max-minutes, --workers and --allow-revision")
     if args.workers < 1 or (args.max_minutes is not None and args.max_minutes <= 0):
         raise UserError("--workers must be >= 1 and --max-minutes > 0")
+    if args.plan and (args.report_only or args.cells or args.allow_revision):
+        raise UserError("--plan runs nothing: drop --report-only, --cells and --allow-revision")
     cfg = load_compare_config(args.config, check_arms=not args.report_only)
+    if args.plan:
+        from promptkd.compare.plan import plan_text
+
+        print(plan_text(cfg, args.max_minutes, args.workers))
+        return 0
     if not args.report_only:
         from promptkd.compare.runner import run_study
         from promptkd.models.loading import no_transformers_progress_bars

@@ -45,7 +45,7 @@ def response_ended(batch, eos_token_ids) -> list[bool]:
 
 def generate_for_examples(
     model, tokenizer, examples, *, sampling, batch_size: int, eos_token_ids, seed: int | None = None,
-    first_index: int = 0, desc: str = "generate", show_progress: bool = True,
+    first_index: int = 0, desc: str = "generate", show_progress: bool = True, counts: dict | None = None,
 ):
     """Yield (example, response_text, ended) in order, generating `batch_size` prompts at a time.
 
@@ -53,6 +53,9 @@ def generate_for_examples(
 
     With `seed`, each batch is seeded with seed + (index of its first example + first_index),
     so a run resumed at a batch boundary samples exactly what the uninterrupted run would.
+    With `counts`, each batch adds its model forward token-passes to counts["forward_tokens"]
+    and its generated tokens to counts["generated_tokens"], as promptkd.training.compute counts
+    sampling (the prompt once, then one forward per generated token with a KV cache).
     """
     from tqdm.auto import tqdm
 
@@ -74,6 +77,10 @@ def generate_for_examples(
             pad_token_id=tokenizer.pad_token_id,
             config=sampling,
         )
+        if counts is not None:
+            generated = float(batch.attention_mask[:, batch.prompt_length :].sum())
+            counts["forward_tokens"] = counts.get("forward_tokens", 0.0) + float(prompt_mask.sum()) + generated
+            counts["generated_tokens"] = counts.get("generated_tokens", 0.0) + generated
         texts = decode_responses(tokenizer, batch)
         ended = response_ended(batch, eos_token_ids)
         bar.update(len(chunk))
@@ -81,13 +88,19 @@ def generate_for_examples(
     bar.close()
 
 
-def run_generation(cfg: GenerateConfig, show_progress: bool = True) -> Path:
+def run_generation(cfg: GenerateConfig, show_progress: bool = True, counts: dict | None = None) -> Path:
     """Sample one response per record of `cfg.data` into the JSONL `cfg.out` (continued if it
-    exists); returns its path. Raises ConfigError for an invalid config."""
+    exists); returns its path. Raises ConfigError for an invalid config.
+
+    counts: a dict to which this call adds its model's forward token-passes, generated tokens
+    (see generate_for_examples) and their FLOPs (2 N per forward token-pass, N = matmul_params
+    of the model, promptkd.training.compute), also when it stops early (an exception, Ctrl-C).
+    """
     from promptkd.data.dataset import build_examples
     from promptkd.data.records import load_records
     from promptkd.models.loading import ModelSpec, eos_token_ids, load_model_and_tokenizer
     from promptkd.precision import autocast, model_precision
+    from promptkd.training.compute import Compute, matmul_params
 
     cfg.validate()
     out = Path(cfg.out)
@@ -111,22 +124,29 @@ def run_generation(cfg: GenerateConfig, show_progress: bool = True) -> Path:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     precision = model_precision(cfg.mixed_precision, model, "generate")
-    with open(out, "a", encoding="utf-8") as f, autocast(model.device, precision):
-        recs = records[done:]
-        for i, (_, text, ended) in enumerate(
-            generate_for_examples(
-                model, tokenizer, examples[done:], sampling=cfg.sampling, batch_size=cfg.batch_size,
-                eos_token_ids=eos_token_ids(tokenizer, model), seed=cfg.seed, first_index=done,
-                show_progress=show_progress,
-            )
-        ):
-            rec = recs[i]
-            row = {"instruction": rec.instruction, "input": rec.input, "output": text, "references": rec.outputs,
-                   **rec.metadata, "ended": ended}
-            if rec.messages:  # a conversation: keep its prompt turns, so SeqKD trains on the same chat prompt
-                row["messages"] = rec.messages
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
+    counted = {"forward_tokens": 0.0, "generated_tokens": 0.0}
+    try:
+        with open(out, "a", encoding="utf-8") as f, autocast(model.device, precision):
+            recs = records[done:]
+            for i, (_, text, ended) in enumerate(
+                generate_for_examples(
+                    model, tokenizer, examples[done:], sampling=cfg.sampling, batch_size=cfg.batch_size,
+                    eos_token_ids=eos_token_ids(tokenizer, model), seed=cfg.seed, first_index=done,
+                    show_progress=show_progress, counts=counted,
+                )
+            ):
+                rec = recs[i]
+                row = {"instruction": rec.instruction, "input": rec.input, "output": text,
+                       "references": rec.outputs, **rec.metadata, "ended": ended}
+                if rec.messages:  # a conversation: keep its prompt turns, so SeqKD trains on the same chat prompt
+                    row["messages"] = rec.messages
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+    finally:
+        if counts is not None:
+            counted["flops"] = Compute(teacher_forward_tokens=counted["forward_tokens"]).flops(0, matmul_params(model))
+            for key, value in counted.items():
+                counts[key] = counts.get(key, 0.0) + value
     return out
 
 

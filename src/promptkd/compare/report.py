@@ -20,6 +20,9 @@ COMPUTE = [("generated tokens", "generated"), ("trained tokens", "trained_tokens
            ("student bwd tokens", "compute/student_backward_tokens"),
            ("teacher fwd tokens", "compute/teacher_forward_tokens"),
            ("teacher bwd tokens", "compute/teacher_backward_tokens"), ("FLOPs", "compute/flops")]
+GENERATION = "compute/teacher_generation_"  # a SeqKD cell's generation of its training data (compare.seqkd)
+ADDED = {"generated": "generated_tokens", "compute/teacher_forward_tokens": "forward_tokens",
+         "compute/flops": "flops"}  # COMPUTE columns to which that generation's counts are added
 
 
 def write_json(path: Path, data) -> None:
@@ -67,7 +70,7 @@ def build_report(cfg: CompareConfig) -> Path:
     lines = [f"# Study: {cfg.name}", ""]
     lines += _setup(cfg, study, cells, len(planned))
     lines += _arms(cfg, by_arm, mark)
-    lines += _compute(by_arm)
+    lines += _compute(cfg, by_arm)
     lines += _comparisons(cfg, comparisons)
     lines += _traces(by_arm)
     lines += _plot_links(_plots(results, cfg, by_arm, comparisons))
@@ -100,8 +103,18 @@ def _setup(cfg: CompareConfig, study: dict, cells: dict, planned: int) -> list[s
         f"{e.max_new_tokens} new tokens; {e.limit or 'all'} prompts per set.",
         "- Deviations from the evaluation protocol: " + ("; ".join(deviations) if deviations else "none") + ".",
         "- Versions: " + ("; ".join(versions) if versions else "no cells yet") + ".",
-        "",
-    ]
+    ] + [_stage(cfg, name) for name in cfg.prepare] + [""]
+
+
+def _stage(cfg: CompareConfig, name: str) -> str:
+    """One prepare stage (`prepare:NAME`), from RESULTS/prepare/NAME.json."""
+    settings = ", ".join(f"`{k}` {v}" for k, v in _flat(cfg.prepare[name]).items())
+    path = Path(cfg.results) / "prepare" / f"{name}.json"
+    if not path.is_file():
+        return f"- Prepare stage `{name}` ({settings}): not run yet."
+    r = json.loads(path.read_text(encoding="utf-8"))
+    return (f"- Prepare stage `{name}` ({settings}): revision {r['revision']}, {r['seconds'] / 60:.1f} min, "
+            f"{_big(r['compute'].get('compute/flops'))} FLOPs; output sha256 {r['sha256']}.")
 
 
 def _arms(cfg: CompareConfig, by_arm: dict[str, list[dict]], mark) -> list[str]:
@@ -112,18 +125,20 @@ def _arms(cfg: CompareConfig, by_arm: dict[str, list[dict]], mark) -> list[str]:
              "|---" * (6 + len(sets)) + "|"]
     for arm in cfg.arm_list():
         cs = by_arm[arm.name]
-        settings = ", ".join([arm.method] + [f"{k} {v}" for k, v in _flat(arm.overrides).items()])
+        settings = ", ".join([arm.method] + [f"{k} {v}" for k, v in _flat(arm.overrides).items()]
+                             + ([f"FLOPs of {arm.budget.flops_of}"] if arm.budget.flops_of else []))
         if cs:
             mean, low, high = mean_interval([c["score"] for c in cs], cfg.alpha)
             score = f"{mean:.2f} [{_num(low)}, {_num(high)}]"
         else:
             score = "no cells"
         per_set = [_num(_mean([c["sets"][s]["mean"] for c in cs])) for s in sets]
-        minutes = [_num(_mean([c["seconds"][k] / 60 for c in cs]), 1) for k in ("train", "eval")]
+        minutes = [_num(_mean([_stage_minutes(c, k) for c in cs]), 1) for k in ("train", "eval")]
         lines.append(f"| {arm.name} | {settings} | {len(cs)} | {score} | " + " | ".join(per_set + minutes) + " |")
     lines += ["", "Score: ROUGE-L averaged over the sets, each set's mean over its prompts and evaluation seeds. "
               f"The interval is the {pct} Student t-interval of the mean over training seeds (n - 1 df), not "
-              "adjusted for multiplicity. Set columns and minutes are means over the arm's cells.", "",
+              "adjusted for multiplicity. Set columns and minutes are means over the arm's cells; a SeqKD "
+              "arm's train minutes include its teacher generation.", "",
               "Score per training seed († another code revision, ‡ another training config: see Integrity):", "",
               "| arm | " + " | ".join(f"seed {s}" for s in cfg.seeds) + " |", "|---" * (1 + len(cfg.seeds)) + "|"]
     for arm, cs in by_arm.items():
@@ -132,14 +147,30 @@ def _arms(cfg: CompareConfig, by_arm: dict[str, list[dict]], mark) -> list[str]:
     return lines + [""]
 
 
-def _compute(by_arm: dict[str, list[dict]]) -> list[str]:
-    lines = ["## Compute (mean per cell)", "", "| arm | " + " | ".join(name for name, _ in COMPUTE) + " |",
-             "|---" * (1 + len(COMPUTE)) + "|"]
+def _compute(cfg: CompareConfig, by_arm: dict[str, list[dict]]) -> list[str]:
+    references = list(dict.fromkeys(a.budget.flops_of for a in cfg.arm_list() if a.budget.flops_of))
+    lines = ["## Compute (mean per cell)", "",
+             "| arm | steps | " + " | ".join([name for name, _ in COMPUTE] + [f"FLOPs / {r}" for r in references]) + " |",
+             "|---" * (2 + len(COMPUTE) + len(references)) + "|"]
     for arm, cs in by_arm.items():
-        lines.append(f"| {arm} | " + " | ".join(_big(_mean([v for c in cs if (v := _compute_value(c, key)) is not None]))
-                                                for _, key in COMPUTE) + " |")
-    return lines + ["", "Token counts and FLOPs come from the runs' metrics.jsonl (trained tokens: summed over the "
-                    "logged steps; the rest: the run's totals); n/a where the runs did not log them.", ""]
+        values = [_big(_mean([v for c in cs if (v := _compute_value(c, key)) is not None])) for _, key in COMPUTE]
+        for ref in references:
+            ref_flops = {c["seed"]: cell_flops(c) for c in by_arm[ref]}
+            ratios = [cell_flops(c) / ref_flops[c["seed"]] for c in cs
+                      if cell_flops(c) is not None and ref_flops.get(c["seed"])]
+            values.append(_num(_mean(ratios), 3))
+        steps = _mean([c["train_config"]["train"]["max_steps"] for c in cs if "train_config" in c])
+        lines.append(f"| {arm} | {_num(steps, 0)} | " + " | ".join(values) + " |")
+    note = ("Token counts and FLOPs come from the runs' metrics.jsonl (trained tokens: summed over the logged steps; "
+            "the rest: the run's totals); n/a where the runs did not log them. A SeqKD arm's teacher generation of its "
+            "training responses is added in: its generated tokens, its teacher forward token-passes (prompt + "
+            "generated) and their FLOPs (2 N_teacher per token-pass).")
+    if references:
+        note += (" FLOPs / REF: the mean over seeds of a cell's FLOPs over those of REF's cell of the same seed; an arm "
+                 "with a FLOPs budget (" + ", ".join(f"{a.name}: FLOPs of {a.budget.flops_of}, per step from "
+                 f"{a.budget.per_step_from}" for a in cfg.arm_list() if a.budget.flops_of) + ") trains round(F_REF / "
+                 "f) steps, so its ratio is 1 up to that rounding and to how far its FLOPs per step differ from f.")
+    return lines + ["", note, ""]
 
 
 def _comparisons(cfg: CompareConfig, comparisons) -> list[str]:
@@ -292,8 +323,22 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _compute_value(cell: dict, key: str):
     if key == "generated":
-        return cell["compute"].get("compute/generated_tokens", cell.get("generated_tokens"))
-    return cell.get(key) if key in cell else cell["compute"].get(key)
+        value = cell["compute"].get("compute/generated_tokens", cell.get("generated_tokens"))
+    else:
+        value = cell.get(key) if key in cell else cell["compute"].get(key)
+    added = cell["compute"].get(GENERATION + ADDED.get(key, ""))
+    return value + added if value is not None and added is not None else value
+
+
+def _stage_minutes(cell: dict, stage: str) -> float:
+    """A SeqKD cell's generation of its training data counts as training."""
+    seconds = cell["seconds"]
+    return (seconds[stage] + (seconds.get("generation", 0.0) if stage == "train" else 0.0)) / 60
+
+
+def cell_flops(cell: dict) -> float | None:
+    """A cell's FLOPs: its training's, plus its teacher generation's (SeqKD); None when not logged."""
+    return _compute_value(cell, "compute/flops")
 
 
 def _mean(values: list[float]) -> float | None:

@@ -1,15 +1,19 @@
-"""Running a study's cells. A cell is (arm, training seed):
+"""Running a study: its prepare stages, then its cells. A cell is (arm, training seed):
 
-1. train through the same path as `promptkd train` (Trainer.from_config), in RUNS/<cell>; a run
+1. a SeqKD cell first writes its teacher responses (compare.seqkd), and a FLOPs-budget cell
+   plans its steps from finished cells (plan_steps, kept in RUNS/<cell>/budget.json);
+2. train through the same path as `promptkd train` (Trainer.from_config), in RUNS/<cell>; a run
    directory with a checkpoint resumes, one with final/ is done;
-2. evaluate final/student through the same path as `promptkd eval` (run_evaluation), every
+3. evaluate final/student through the same path as `promptkd eval` (run_evaluation), every
    evaluation seed; complete prediction files are reused, so an interrupted evaluation continues;
-3. write RESULTS/cells/<arm>__seed<k>.json atomically (scores, per-prompt ROUGE-L, compute,
+4. write RESULTS/cells/<arm>__seed<k>.json atomically (scores, per-prompt ROUGE-L, compute,
    method traces, versions, revision), then delete the run's checkpoints (final/ stays).
 
 A cell whose file exists is done. Integrity: the study's code revision is recorded in
 RESULTS/study.json at its first cell; a cell from another revision, or from a tree with
-uncommitted changes under src/, is refused unless allow_revision (then its file says so).
+uncommitted changes under src/, is refused unless allow_revision (then its file says so). A
+prepare stage is trained once and recorded in RESULTS/prepare/<name>.json with the sha256 of its
+output, which every sitting checks.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -25,11 +30,13 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from promptkd.compare.config import Arm, CompareConfig, cell_id, parse_cell_id
-from promptkd.compare.report import read_cells, write_json
+from promptkd.compare.plan import estimate_seconds
+from promptkd.compare.report import GENERATION, cell_flops, read_cells, write_json
 from promptkd.errors import TrainingInterrupted, UserError
 
 TRACES = ("prompt/drift", "prompt/kl_to_student", "distillm/student_prob")  # per-step curves kept in a cell
@@ -97,6 +104,61 @@ def check_revision(cfg: CompareConfig, allow: bool) -> tuple[str, bool]:
     return here["revision"] + (" with uncommitted changes under src/" if here["dirty"] else ""), problem is not None
 
 
+# ----------------------------------------------------------------------------- prepare stages
+
+
+def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True) -> None:
+    """Train the prepare stages that have no record in RESULTS/prepare/NAME.json yet, in order
+    (RUNS/prepare/NAME, resumable, through Trainer.from_config), and record each one. Raises
+    UserError when a recorded stage's output is not the one recorded (its sha256), or when a
+    stage has no record but cells exist: every cell must start from the same outputs."""
+    from promptkd.options import read_yaml
+    from promptkd.training.checkpoint import latest_checkpoint
+    from promptkd.training.loop import Trainer
+
+    for name in cfg.prepare:
+        run_dir, record = runs_dir(cfg) / "prepare" / name, Path(cfg.results) / "prepare" / f"{name}.json"
+        redo = (f"to redo the stage, delete {record}, {run_dir} and every cell file in {Path(cfg.results) / 'cells'} "
+                "(their cells trained from the old output)")
+        if record.is_file():
+            recorded = json.loads(record.read_text(encoding="utf-8"))["sha256"]
+            if output_hash(run_dir) != recorded:
+                raise UserError(f"prepare stage {name!r}: {run_dir / 'final' / 'student'} is not the output recorded in "
+                                f"{record} (sha256 {recorded[:16]}...), from which the cells train; restore it, or {redo}")
+            continue
+        if read_cells(Path(cfg.results)):
+            raise UserError(f"prepare stage {name!r} has no record ({record}) but cells exist, trained from an "
+                            f"output that cannot be checked; restore the record, or {redo}")
+        if not (run_dir / "final").is_dir():
+            say(f"prepare stage {name}: training in {run_dir}")
+            resume = latest_checkpoint(run_dir / "checkpoints") is not None
+            with _timed(run_dir, "train"):
+                Trainer.from_config(cfg.stage_config(name, run_dir), resume=resume, overwrite=not resume,
+                                    show_progress=show_progress).train()
+        records = _read_metrics(run_dir / "metrics.jsonl")
+        times = json.loads((run_dir / "times.json").read_text(encoding="utf-8"))
+        write_json(record, {"name": name, "revision": revision, "finished": _now(),
+                            "seconds": round(times.get("train", 0.0), 1),
+                            "compute": {k: v for k, v in records[-1].items() if k.startswith("compute/")},
+                            "sha256": output_hash(run_dir), "train_config": read_yaml(run_dir / "config.yaml")})
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        say(f"prepare stage {name}: recorded in {record}")
+
+
+def output_hash(run_dir: Path) -> str | None:
+    """sha256 of RUN/final/student's weights (its *.safetensors files in name order: model.safetensors's
+    own hash when there is one file); None when there are none."""
+    files = sorted((run_dir / "final" / "student").glob("*.safetensors"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------- one cell
 
 
@@ -107,10 +169,30 @@ def _timed(run_dir: Path, stage: str):
     try:
         yield
     finally:
-        path = run_dir / "times.json"
-        times = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        times[stage] = times.get(stage, 0.0) + time.monotonic() - t0
-        write_json(path, times)
+        _add_to_json(run_dir / "times.json", {stage: time.monotonic() - t0})
+
+
+def _add_to_json(path: Path, values: dict) -> None:
+    """Adds `values` to the numbers of the JSON object in `path` (created when missing)."""
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    write_json(path, {**data, **{k: data.get(k, 0.0) + v for k, v in values.items()}})
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    """SIGTERM inside raises TrainingInterrupted at once (as Ctrl-C raises KeyboardInterrupt), so
+    the block's finally clauses save what it did; for steps that resume on their own (generation)."""
+    def stop(signum, frame):
+        raise TrainingInterrupted("stopped by SIGTERM", signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def eval_config(cfg: CompareConfig, model: Path, out: Path, template: str):
@@ -132,6 +214,8 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
     import transformers
 
     import promptkd
+    from promptkd.compare.seqkd import generate_teacher_responses
+    from promptkd.config import Config
     from promptkd.data.eval_sets import eval_set_name
     from promptkd.evaluation.runner import deviations, run_evaluation
     from promptkd.metric import rouge_l
@@ -141,11 +225,24 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
 
     started = _now()
     run_dir = runs_dir(cfg) / cell_id(arm.name, seed)
+    budget = None
+    if arm.budget.flops_of:  # planned once, at the cell's first start: a resumed cell keeps its steps
+        if not (run_dir / "budget.json").is_file():
+            write_json(run_dir / "budget.json", plan_steps(cfg, arm, seed, read_cells(Path(cfg.results))))
+        budget = json.loads((run_dir / "budget.json").read_text(encoding="utf-8"))
+    cell_config = cfg.resolve(cfg.cell_config(arm, seed, run_dir, max_steps=budget and budget["max_steps"]),
+                              runs_dir(cfg))
     if not (run_dir / "final").is_dir():
+        if arm.method == "seqkd":  # first its training data: the teacher's responses (compare.seqkd)
+            counts: dict = {}
+            try:
+                with _sigterm_stops(), _timed(run_dir, "generation"):
+                    generate_teacher_responses(Config.from_dict(cell_config), run_dir, counts, show_progress)
+            finally:
+                _add_to_json(run_dir / "generation.json", counts)
         resume = latest_checkpoint(run_dir / "checkpoints") is not None
         with _timed(run_dir, "train"):
-            Trainer.from_config(cfg.cell_config(arm, seed, run_dir), resume=resume, overwrite=not resume,
-                                show_progress=show_progress).train()
+            Trainer.from_config(cell_config, resume=resume, overwrite=not resume, show_progress=show_progress).train()
     train_config = read_yaml(run_dir / "config.yaml")
     model = run_dir / "final" / "student"
     if not model.is_dir():  # a LoRA run without merge exports only its adapter
@@ -167,6 +264,12 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
                       "per_prompt": [round(statistics.fmean(s), 4) for s in zip(*per_prompt, strict=True)]}
     records = _read_metrics(run_dir / "metrics.jsonl")
     times = json.loads((run_dir / "times.json").read_text(encoding="utf-8"))
+    compute = {k: v for k, v in (records[-1] if records else {}).items() if k.startswith("compute/")}
+    seconds = {k: round(times.get(k, 0.0), 1) for k in ("train", "eval")}
+    generation = run_dir / "generation.json"
+    if generation.is_file():  # a SeqKD cell's teacher generation, counted apart from its training
+        compute.update({f"{GENERATION}{k}": v for k, v in json.loads(generation.read_text(encoding="utf-8")).items()})
+        seconds["generation"] = round(times.get("generation", 0.0), 1)
     cell = {
         "arm": arm.name, "seed": seed, "method": arm.method, "overrides": arm.overrides,
         "cell_hash": cfg.cell_hash(arm, seed), "train_config": train_config,
@@ -174,19 +277,36 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
         "versions": {"promptkd": promptkd.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "host": platform.node(), "started": started, "finished": _now(),
-        "seconds": {"train": round(times.get("train", 0.0), 1), "eval": round(times.get("eval", 0.0), 1)},
+        "seconds": seconds,
         "eval_deviations": deviations(job),
         "score": round(statistics.fmean(s["mean"] for s in sets.values()), 6),
         "sets": sets,
         "dev_loss": next((r["dev/loss"] for r in reversed(records) if "dev/loss" in r), None),
         "trained_tokens": sum(r.get("trained_tokens", 0) for r in records),
         "generated_tokens": sum(r.get("generated_tokens", 0) for r in records),
-        "compute": {k: v for k, v in (records[-1] if records else {}).items() if k.startswith("compute/")},
+        "compute": compute,
         "traces": _traces(records),
     }
+    if budget:
+        cell["budget"] = {**budget, "flops": cell_flops(cell)}
     write_json(Path(cfg.results) / "cells" / f"{cell_id(arm.name, seed)}.json", cell)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer states; final/ stays
     return cell
+
+
+def plan_steps(cfg: CompareConfig, arm: Arm, seed: int, cells: dict[str, dict]) -> dict:
+    """The steps of a FLOPs-budget cell: round(F_ref / f), F_ref the FLOPs of the cell
+    (budget.flops_of, seed) and f those of (budget.per_step_from, seed) per step. Raises UserError
+    when a cell is missing or has no FLOPs."""
+    b = arm.budget
+    missing = [c for c in cfg.needs(arm, seed) if c not in cells or cell_flops(cells[c]) is None]
+    if missing:
+        raise UserError(f"{cell_id(arm.name, seed)}: its FLOPs budget is planned from cell(s) {', '.join(missing)}, "
+                        "which have no file or no compute/flops: run them first")
+    reference, per_step = cells[cell_id(b.flops_of, seed)], cells[cell_id(b.per_step_from, seed)]
+    flops_per_step = cell_flops(per_step) / per_step["train_config"]["train"]["max_steps"]
+    return {"flops_of": b.flops_of, "reference_flops": cell_flops(reference), "per_step_from": b.per_step_from,
+            "flops_per_step": flops_per_step, "max_steps": max(1, round(cell_flops(reference) / flops_per_step))}
 
 
 def _traces(records: list[dict]) -> dict:
@@ -215,29 +335,21 @@ def _now() -> str:
 # ----------------------------------------------------------------------------- a sitting
 
 
-def estimate_seconds(arm: str, cells: dict[str, dict]) -> float | None:
-    """A cell's expected wall seconds: the mean of the finished cells of its arm, else of all, else None."""
-    def wall(cs):
-        return [c["seconds"]["train"] + c["seconds"]["eval"] for c in cs]
-
-    same = wall(c for c in cells.values() if c["arm"] == arm) or wall(cells.values())
-    return statistics.fmean(same) if same else None
-
-
 def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes: float | None = None,
               workers: int = 1, allow_revision: bool = False, show_progress: bool = True) -> list[str]:
-    """Run the pending cells (those without a file) in seed-major order, so a partial study stays
-    balanced; returns the ids of the cells finished in this sitting.
+    """Run the pending cells (those without a file) in seed-major order (`CompareConfig.order`), so
+    a partial study stays balanced; returns the ids of the cells finished in this sitting. A
+    FLOPs-budget cell waits for the cells it is planned from, and is skipped when they do not run.
 
     cells: ids (ARM__seedK) to run, a subset; max_minutes: do not start a cell whose estimate
-    would end past this many minutes from now (a cell without an estimate starts only first);
+    (compare.plan.estimate_seconds) would end past this many minutes from now;
     workers: cells at once, each in a `promptkd compare --cells ONE` process with
     cores // workers torch threads (1 = in this process).
     Raises UserError for an unknown cell or a refused revision; TrainingInterrupted when a signal
     stopped a cell (its checkpoints stay, and the next sitting resumes it).
     """
     arms = {a.name: a for a in cfg.arm_list()}
-    order = [cell_id(a, s) for s in cfg.seeds for a in arms]
+    order = cfg.order()
     chosen = order
     if cells is not None:
         unknown = [c for c in cells if c not in order]
@@ -254,12 +366,15 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
     revision, mismatch = check_revision(cfg, allow_revision)
     say(f"{len(pending)} cell(s) to run of {len(order)}; {len(done)} done; runs in {runs_dir(cfg)}")
     t0 = time.monotonic()
+    try:
+        prepare(cfg, revision=revision, show_progress=show_progress)
+    except TrainingInterrupted as e:
+        raise _interrupted("a prepare stage", cfg, e.signum) from None
 
     def may_start(cell: str, started: int) -> bool:
-        estimate = estimate_seconds(parse_cell_id(cell)[0], read_cells(Path(cfg.results)))
+        estimate, _ = estimate_seconds(cfg, cell, read_cells(Path(cfg.results)))
         elapsed = (time.monotonic() - t0) / 60
-        if max_minutes is not None and ((estimate is None and started > 0) or
-                                        (estimate is not None and elapsed + estimate / 60 > max_minutes)):
+        if max_minutes is not None and elapsed + estimate / 60 > max_minutes:
             say(f"{cell}: not started, it would not end within --max-minutes {max_minutes:g} (elapsed "
                 f"{elapsed:.1f} min, estimate {_minutes(estimate)}); {len(pending) - started} cell(s) left for "
                 "the next sitting")
@@ -267,12 +382,28 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
         say(f"{cell}: starting ({started + 1}/{len(pending)}, elapsed {elapsed:.1f} min, estimate {_minutes(estimate)})")
         return True
 
+    def next_ready(queue: list[str], running) -> str | None:
+        """The first queued cell whose FLOPs budget can be planned; a cell whose cells to plan
+        from are neither done nor queued nor running is dropped (said), one that waits for them stays."""
+        done = read_cells(Path(cfg.results))
+        for cell in list(queue):
+            arm, seed = parse_cell_id(cell)
+            missing = [c for c in cfg.needs(arms[arm], seed) if c not in done]
+            if not missing:
+                return cell
+            if not any(c in queue or c in running for c in missing):
+                queue.remove(cell)
+                say(f"{cell}: skipped, its FLOPs budget is planned from cell(s) {', '.join(missing)}, which are not "
+                    "done and not run in this sitting")
+        return None
+
     if workers > 1:
-        return _run_workers(cfg, pending, workers, allow_revision, may_start)
-    finished = []
-    for cell in pending:
+        return _run_workers(cfg, pending, workers, allow_revision, may_start, next_ready)
+    queue, finished = list(pending), []
+    while (cell := next_ready(queue, ())) is not None:
         if not may_start(cell, len(finished)):
             break
+        queue.remove(cell)
         arm, seed = parse_cell_id(cell)
         t = time.monotonic()
         try:
@@ -284,7 +415,8 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
     return finished
 
 
-def _run_workers(cfg: CompareConfig, pending: list[str], workers: int, allow_revision: bool, may_start) -> list[str]:
+def _run_workers(cfg: CompareConfig, pending: list[str], workers: int, allow_revision: bool, may_start,
+                 next_ready) -> list[str]:
     """Up to `workers` cells at once, each a `promptkd compare --cells ONE` process (its own
     session: on Ctrl-C or SIGTERM here, each gets one SIGTERM, checkpoints and stops)."""
     if cfg.source is None:
@@ -302,10 +434,13 @@ def _run_workers(cfg: CompareConfig, pending: list[str], workers: int, allow_rev
     try:
         while running or (queue and not stop):
             while queue and not stop and len(running) < workers:
-                if failed or not may_start(queue[0], len(finished) + len(running)):
+                cell = next_ready(queue, running)
+                if cell is None:  # every queued cell waits for a running one
+                    break
+                if failed or not may_start(cell, len(finished) + len(running)):
                     stop = True
                     break
-                cell = queue.pop(0)
+                queue.remove(cell)
                 log = runs_dir(cfg) / cell / "compare.log"
                 log.parent.mkdir(parents=True, exist_ok=True)
                 cmd = [sys.executable, "-m", "promptkd.cli", "compare", "--config", str(cfg.source), "--cells", cell,
@@ -344,5 +479,5 @@ def _interrupted(cells: str, cfg: CompareConfig, signum: int) -> TrainingInterru
                                signum)
 
 
-def _minutes(seconds: float | None) -> str:
-    return "unknown" if seconds is None else f"{seconds / 60:.1f} min"
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
