@@ -489,3 +489,33 @@ def test_the_cpu3_study_loads():
     assert arms["GKD-PromptKD-FLOPs"].budget.flops_of == "PromptKD" and cfg.seeds == [1, 2, 3, 4, 5]
     assert cfg.base["model"] == {"teacher": "prepare:teacher", "student": "prepare:init"}
     assert len(cfg.evaluation.seeds) == 5 and not {s["train"]["seed"] for s in cfg.prepare.values()} & set(cfg.seeds)
+
+
+# ----------------------------------------------------------------------------- exposure bias
+
+
+def test_cells_measure_exposure_bias_and_the_report_gives_its_t_interval(study):
+    data = yaml.safe_load(study.read_text())
+    edit(study, seeds=[1],
+         evaluation={**data["evaluation"], "seeds": [10], "exposure_bias_prompts": 2, "exposure_bias_samples": 1})
+    assert main(["compare", "--config", str(study), "--no-progress", "--cells", "GKD__seed1"]) == 0
+    cell = json.loads((study.parent / "results" / "cells" / "GKD__seed1.json").read_text())
+    eb = cell["exposure_bias"]
+    assert (eb["prompts"], eb["samples"]) == (2, 1) and len(eb["exaccerr"]) == data["evaluation"]["max_new_tokens"]
+    assert cell["seconds"]["exposure_bias"] > 0
+
+
+def test_exposure_bias_table_is_the_mean_over_seeds_with_scipy_t_interval(study):
+    from scipy import stats
+
+    cfg = load_compare_config(edit(study, evaluation={
+        **yaml.safe_load(study.read_text())["evaluation"], "exposure_bias_prompts": 2}) and study)
+    curves = {1: [10.0, 20.0, 30.0, 40.0], 2: [12.0, 22.0, 34.0, 46.0], 3: [8.0, 18.0, 26.0, "inf"]}
+    for seed, curve in curves.items():
+        fake_cell(cfg, "GKD", seed, 5.0, exposure_bias={"prompts": 2, "samples": 3, "exaccerr": curve})
+    report = build_report(cfg).read_text()
+    last = [40.0, 46.0]  # seed 3's curve has a non-finite point: left out
+    half = stats.t.ppf(0.975, 1) * stats.tstd(last) / 2 ** 0.5
+    assert "| arm | n | l = 1 | l = 2 | l = 4 |" in report
+    assert "| GKD | 2 | 11.0 [" in report and f"43.0 [{43 - half:.1f}, {43 + half:.1f}] |" in report
+    assert (Path(cfg.results) / "exposure_bias.png").is_file()

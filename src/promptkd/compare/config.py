@@ -66,6 +66,9 @@ class EvaluationSection(ConfigBase):
     max_new_tokens: int = opt(256, "Response cap of the evaluation samples (protocol: 256).", min=1)
     limit: int = opt(0, "Only the first N prompts of each set (a recorded deviation); 0 = all.", min=0)
     batch_size: int = opt(16, "Prompts per generate call.", min=1)
+    exposure_bias_prompts: int = opt(0, "ExAccErr of each cell's student against the teacher (`promptkd exposure-bias`) "
+                                        "on the first N prompts of the first set, up to max_new_tokens; 0 = off.", min=0)
+    exposure_bias_samples: int = opt(3, "Responses per prompt and model for ExAccErr.", min=1)
 
     def sets(self) -> dict[str, str]:
         """{set name: the dataset `promptkd eval` reads (a name or a path)}."""

@@ -30,6 +30,9 @@ ROUGH = {
              "minillm": 9.81},  # per step of 4 examples
     "generate": 1.50,  # per SeqKD teacher prompt, 48 new tokens
     "eval": 0.22,  # per evaluation prompt and seed, 48 new tokens
+    # per ExAccErr prompt x sample (both models sample it, the teacher scores it), 48 new tokens: the
+    # cells' exposure_bias_s / 4 checkpoints, median of the 7 cells that kept that time (192.6 s for 20 x 3)
+    "exposure_bias": 3.2,
 }
 
 
@@ -54,6 +57,8 @@ def rough_seconds(cfg: CompareConfig, cell: str) -> float:
     train = Config.from_dict(cfg.cell_config(arms[arm.budget.flops_of or arm.name], seed, "unused"))
     e = cfg.evaluation
     seconds = _train_seconds(train) + ROUGH["eval"] * _eval_prompts(cfg) * len(e.seeds) * _tokens(e.max_new_tokens)
+    if e.exposure_bias_prompts and train.model.teacher:
+        seconds += ROUGH["exposure_bias"] * e.exposure_bias_prompts * e.exposure_bias_samples * _tokens(e.max_new_tokens)
     if arm.method == "seqkd":
         seconds += ROUGH["generate"] * _examples(train) * _tokens(train.sampling.max_new_tokens)
     return seconds

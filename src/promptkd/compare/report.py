@@ -73,6 +73,7 @@ def build_report(cfg: CompareConfig) -> Path:
     lines += _compute(cfg, by_arm)
     lines += _comparisons(cfg, comparisons)
     lines += _traces(by_arm)
+    lines += _exposure(cfg, by_arm)
     lines += _plot_links(_plots(results, cfg, by_arm, comparisons))
     missing = [k for k in planned if k not in cells]
     lines += ["## Missing cells", "", ", ".join(missing) if missing else "None: every planned cell has its file.", ""]
@@ -232,6 +233,39 @@ def _traces(by_arm: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def _exaccerr_curves(cells: list[dict]) -> list[list[float]]:
+    """The finite ExAccErr curves of these cells (a curve with a non-finite point is left out)."""
+    curves = [c["exposure_bias"]["exaccerr"] for c in cells if c.get("exposure_bias")]
+    return [v for v in curves if all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)]
+
+
+def _exposure(cfg: CompareConfig, by_arm: dict[str, list[dict]]) -> list[str]:
+    rows = []
+    for arm, cells in by_arm.items():
+        curves = _exaccerr_curves(cells)
+        if not curves:
+            continue
+        length = min(len(v) for v in curves)
+        points = sorted({max(1, length // 4), max(1, length // 2), length})
+        cols = []
+        for n in points:
+            mean, low, high = mean_interval([v[n - 1] for v in curves], cfg.alpha)
+            cols.append(f"{mean:.1f} [{_num(low, 1)}, {_num(high, 1)}]")
+        rows.append((arm, len(curves), points, cols))
+    if not rows:
+        return []
+    e = cfg.evaluation
+    points = rows[0][2]
+    lines = ["## Exposure bias", "",
+             f"ExAccErr(l) in percent of each cell's student against its teacher (`promptkd exposure-bias`): the first "
+             f"{e.exposure_bias_prompts} prompts of the first evaluation set, {e.exposure_bias_samples} samples per "
+             "prompt and model. Mean over training seeds with its "
+             f"{100 * (1 - cfg.alpha):g}% t-interval (n - 1 df, not adjusted for multiplicity); lower is better.", "",
+             "| arm | n | " + " | ".join(f"l = {n}" for n in points) + " |", "|---|---|" + "---|" * len(points)]
+    lines += [f"| {arm} | {n} | " + " | ".join(cols) + " |" for arm, n, _, cols in rows]
+    return lines + [""]
+
+
 def _integrity(cfg: CompareConfig, study: dict, cells: dict, stale: list[str], other: list[str]) -> list[str]:
     moved = [f"{k} ({c.get('revision')})" for k, c in cells.items() if c.get("revision_mismatch")]
     lines = ["## Integrity", "",
@@ -293,6 +327,23 @@ def _plots(results: Path, cfg: CompareConfig, by_arm: dict[str, list[dict]], com
         ax.set_ylabel("drift KL(p_TP || p_T)")
         ax.legend(fontsize="x-small")
         out["PromptKD drift"] = _save(fig, results / "drift.png")
+    exposure = {arm: _exaccerr_curves(cs) for arm, cs in by_arm.items()}
+    if any(exposure.values()):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for arm, curves in exposure.items():
+            if not curves:
+                continue
+            length = min(len(v) for v in curves)
+            bands = [mean_interval([v[i] for v in curves], cfg.alpha) for i in range(length)]
+            steps = list(range(1, length + 1))
+            line, = ax.plot(steps, [b[0] for b in bands], label=f"{arm} (n = {len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(steps, [b[1] for b in bands], [b[2] for b in bands], color=line.get_color(), alpha=0.2)
+        ax.axhline(0, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("response length l")
+        ax.set_ylabel(f"ExAccErr(l) %; band: {100 * (1 - cfg.alpha):g}% t-interval over seeds")
+        ax.legend(fontsize="x-small")
+        out["Exposure bias"] = _save(fig, results / "exposure_bias.png")
     return out
 
 

@@ -206,6 +206,29 @@ def eval_config(cfg: CompareConfig, model: Path, out: Path, template: str):
                       sampling=dataclasses.replace(EvalConfig().sampling, max_new_tokens=e.max_new_tokens))
 
 
+def _exposure_bias(cfg: CompareConfig, model: Path, train_config: dict, run_dir: Path) -> dict:
+    """ExAccErr(l) of the cell's student against its teacher through `promptkd exposure-bias`, on
+    the first evaluation set's first prompts, sampled with the first evaluation seed (reused when
+    its file is complete)."""
+    from promptkd.config import ExposureBiasConfig
+    from promptkd.evaluation.exposure_bias import run_exposure_bias
+
+    e = cfg.evaluation
+    out = run_dir / "exposure_bias"
+    if not (out / "exposure_bias.json").is_file():
+        job = ExposureBiasConfig(
+            student=str(model), teacher=str(train_config["model"]["teacher"]), out=str(out),
+            data=next(iter(e.sets().values())), num_prompts=e.exposure_bias_prompts,
+            samples_per_prompt=e.exposure_bias_samples, seed=e.seeds[0], batch_size=e.batch_size,
+            template=train_config["data"]["template"], dtype=train_config["model"].get("dtype", "float32"),
+            sampling=dataclasses.replace(ExposureBiasConfig().sampling, max_new_tokens=e.max_new_tokens))
+        with _timed(run_dir, "exposure_bias"):
+            run_exposure_bias(job)
+    curve = json.loads((out / "exposure_bias.json").read_text(encoding="utf-8"))["curves"]["student"]
+    return {"prompts": e.exposure_bias_prompts, "samples": e.exposure_bias_samples,
+            "exaccerr": [round(v, 3) if isinstance(v, (int, float)) else v for v in curve["exaccerr"]]}
+
+
 def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision_mismatch: bool = False,
              show_progress: bool = True) -> dict:
     """Train, evaluate and write one cell's file; returns its content. revision: the code's, as
@@ -250,6 +273,9 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
     job = eval_config(cfg, model, run_dir / "eval", train_config["data"]["template"])
     with _timed(run_dir, "eval"):
         run_evaluation(job, show_progress=show_progress)
+    exposure = None
+    if cfg.evaluation.exposure_bias_prompts and train_config["model"].get("teacher"):
+        exposure = _exposure_bias(cfg, model, train_config, run_dir)
 
     sets = {}
     for name, dataset in cfg.evaluation.sets().items():
@@ -265,7 +291,7 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
     records = _read_metrics(run_dir / "metrics.jsonl")
     times = json.loads((run_dir / "times.json").read_text(encoding="utf-8"))
     compute = {k: v for k, v in (records[-1] if records else {}).items() if k.startswith("compute/")}
-    seconds = {k: round(times.get(k, 0.0), 1) for k in ("train", "eval")}
+    seconds = {k: round(times.get(k, 0.0), 1) for k in ("train", "eval", "exposure_bias") if k in times}
     generation = run_dir / "generation.json"
     if generation.is_file():  # a SeqKD cell's teacher generation, counted apart from its training
         compute.update({f"{GENERATION}{k}": v for k, v in json.loads(generation.read_text(encoding="utf-8")).items()})
@@ -287,6 +313,8 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
         "compute": compute,
         "traces": _traces(records),
     }
+    if exposure:
+        cell["exposure_bias"] = exposure
     if budget:
         cell["budget"] = {**budget, "flops": cell_flops(cell)}
     write_json(Path(cfg.results) / "cells" / f"{cell_id(arm.name, seed)}.json", cell)
