@@ -38,7 +38,7 @@ def test_accelerate_config_has_the_keys_accelerate_expects(path):
         fsdp = data["fsdp_config"]
         assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
         assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-        assert fsdp["fsdp_version"] == 1  # the trainer refuses FSDP2 for promptkd
+        assert fsdp["fsdp_version"] == 1  # the trainer refuses accelerate's FSDP2 (train.fsdp shards both models)
         assert fsdp["fsdp_cpu_ram_efficient_loading"] is False  # the teacher is never wrapped
     if data["distributed_type"] == "DEEPSPEED":
         ds = data["deepspeed_config"]

@@ -15,26 +15,17 @@ shipped configs/accelerate/cpu_2proc.yaml for the 2-process resume, both as subp
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from launch import LR, final_weights, max_diff, metrics, run_all, write_config
 
 from promptkd.data.order import DataOrder
-from promptkd.testing import TINY_RECORDS, save_tiny_pair, write_tiny_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
-CPU_2PROC = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
-LR = 1e-3  # one AdamW step moves a weight by about LR
 STEP1_ATOL = 2e-5  # measured: student 3e-6, prompt 5e-10; without the prompt all-reduce 2e-3
-RUN_TIMEOUT = 600
 
 
 # --------------------------------------------------------------------------- data order
@@ -74,88 +65,12 @@ class Runs:
     times: dict
 
 
-# --------------------------------------------------------------------------- launching
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",  # 2 ranks on 2 shared cores
-        CUDA_VISIBLE_DEVICES="",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    return env
-
-
-def _command(launcher: str, args: list[str]) -> list[str]:
-    train = ["-m", "promptkd.cli", "train", "--no-progress", *args]
-    if launcher == "single":
-        return [sys.executable, *train]
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *train]
-    if launcher == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
-                "--main_process_port", str(_free_port()), *train]
-    raise ValueError(launcher)
-
-
-def _run_all(jobs: dict[str, tuple[str, list[str]]], logs: Path) -> dict[str, float]:
-    """Run the jobs concurrently (they are independent); fail with the log of any that fails."""
-    procs, started = {}, time.perf_counter()
-    for name, (launcher, args) in jobs.items():
-        log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed below
-        procs[name] = (subprocess.Popen(_command(launcher, args), stdout=log, stderr=subprocess.STDOUT,
-                                        env=_env(), cwd=ROOT), log)
-    times = {}
-    for name, (proc, log) in procs.items():
-        try:
-            rc = proc.wait(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for p, _ in procs.values():
-                p.kill()
-            raise
-        finally:
-            log.close()
-        times[name] = time.perf_counter() - started
-        if rc != 0:
-            tail = (logs / f"{name}.log").read_text(errors="replace")[-4000:]
-            pytest.fail(f"run {name} ({jobs[name][0]}) exited {rc}:\n{tail}")
-    return times
-
-
-def _write_config(root: Path, **model) -> tuple[Path, Path]:
-    """(config, student dir) of a 1-step PromptKD run on the tiny pair; `model` adds model.* entries."""
-    teacher, student = save_tiny_pair(root / "models")
-    train = write_tiny_jsonl(root / "train.jsonl", 16)
-    dev = root / "dev.jsonl"
-    dev.write_text("".join(json.dumps(r) + "\n" for r in TINY_RECORDS[:5]), encoding="utf-8")  # 5: uneven shards
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "method": "promptkd",
-        "model": {"teacher": str(teacher), "student": str(student), **model},
-        "data": {"train": str(train), "dev": str(dev), "max_prompt_length": 256, "max_length": 300},
-        "train": {"max_steps": 1, "batch_size": 2, "warmup_steps": 0, "seed": 5, "learning_rate": LR,
-                  "cpu": True, "eval_metric": "rougeL"},
-        "sampling": {"max_new_tokens": 6, "do_sample": False},
-    }), encoding="utf-8")
-    return config, student
-
-
 def _first_step_runs(config: Path, out: dict, logs: Path) -> dict:
     """Step 1 with 2 processes x 2 ("two") and 1 process x 4 ("one"), each copied to
     "<name>_then_one" for a resume; returns the wall times."""
     logs.mkdir()
     base = ["--config", str(config)]
-    times = _run_all({
+    times = run_all({
         "two": ("torchrun", [*base, "--train.output_dir", str(out["two"])]),
         "one": ("single", [*base, "--train.output_dir", str(out["one"]), "--train.batch_size", "4"]),
     }, logs)
@@ -168,14 +83,14 @@ def _first_step_runs(config: Path, out: dict, logs: Path) -> dict:
 def runs(tmp_path_factory):
     """Step 1 with 2 processes x 2 and 1 process x 4; then step 2 resumed across world sizes."""
     root = tmp_path_factory.mktemp("mp")
-    config, student = _write_config(root)
+    config, student = write_config(root)
     out = {k: root / k for k in ("two", "one", "two_then_one", "one_then_one", "one_then_two")}
     logs = root / "logs"
     times = _first_step_runs(config, out, logs)
     shutil.copytree(out["one"], out["one_then_two"])
     # step 2 evaluates the dev loss (step 1: sampled ROUGE-L), so both sharded evaluations run
     step2 = ["--train.max_steps", "2", "--train.eval_metric", "loss"]
-    times.update(_run_all({
+    times.update(run_all({
         "two_then_one": ("single", ["--resume", str(out["two_then_one"]), *step2, "--train.batch_size", "4"]),
         "one_then_one": ("single", ["--resume", str(out["one_then_one"]), *step2]),
         # 2 processes x 2 micro-batches of 1: also covers DDP no_sync + accumulation
@@ -185,23 +100,6 @@ def runs(tmp_path_factory):
     return Runs(dirs=out, student_init=student, logs=logs, times=times)
 
 
-def _weights(run_dir: Path) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    final = run_dir / "final"
-    return (load_file(final / "student" / "model.safetensors"),
-            load_file(final / "prompt_adapter" / "adapter_model.safetensors"))
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 # --------------------------------------------------------------------------- the tests
 
 
@@ -209,19 +107,19 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_two_processes_take_the_same_first_step_as_one(runs):
     from safetensors.torch import load_file
 
-    student2, prompt2 = _weights(runs.dirs["two"])
-    student1, prompt1 = _weights(runs.dirs["one"])
+    student2, prompt2 = final_weights(runs.dirs["two"])
+    student1, prompt1 = final_weights(runs.dirs["one"])
     init = load_file(runs.student_init / "model.safetensors")
-    moved = _max_diff(student1, {k: init[k] for k in student1})
+    moved = max_diff(student1, {k: init[k] for k in student1})
     assert moved > 0.5 * LR, "the student did not take a step"
-    d_student, d_prompt = _max_diff(student2, student1), _max_diff(prompt2, prompt1)
+    d_student, d_prompt = max_diff(student2, student1), max_diff(prompt2, prompt1)
     print(f"\nstep 1, 2 procs x 2 vs 1 proc x 4: max |diff| student {d_student:.3g}, prompt {d_prompt:.3g}"
           f" (step size ~{moved:.3g}); run times {json.dumps({k: round(v, 1) for k, v in runs.times.items()})}")
     assert d_student <= STEP1_ATOL
     assert d_prompt <= STEP1_ATOL
     # the logged (globally reduced) values agree too: token-weighted losses and the gradient
     # norms after the all-reduce, which a missing or wrong reduction would change
-    (m2,), (m1,) = _metrics(runs.dirs["two"]), _metrics(runs.dirs["one"])
+    (m2,), (m1,) = metrics(runs.dirs["two"]), metrics(runs.dirs["one"])
     for key in ("prompt/loss", "prompt/kl_to_student", "prompt/drift", "prompt/grad_norm", "student/loss",
                 "student/grad_norm", "generated_tokens", "dev/rougeL"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-9), key
@@ -247,7 +145,7 @@ def test_two_process_run_writes_one_complete_checkpoint_from_the_main_process(ru
     state = json.loads((step / "trainer_state.json").read_text())
     assert (state["step"], state["data_position"], state["world_size"]) == (1, 4, 2)
     # only the main process logs and exports
-    assert len(_metrics(run)) == 1
+    assert len(metrics(run)) == 1
     assert sorted(p.name for p in run.iterdir()) == ["best", "checkpoints", "config.yaml", "final", "metrics.jsonl",
                                                      "precision.json"]
     for d in ("final", "best"):
@@ -269,14 +167,14 @@ def test_checkpoints_resume_across_world_sizes(runs, resumed):
         state = json.loads((d / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
         # the launcher really ran that many processes (`accelerate launch --cpu` would run one)
         assert (state["step"], state["data_position"], state["world_size"]) == (2, 8, world[name])
-    assert [m["step"] for m in _metrics(run)] == [1, 2]
-    student, prompt = _weights(run)
-    ref_student, ref_prompt = _weights(reference)
-    d_student, d_prompt = _max_diff(student, ref_student), _max_diff(prompt, ref_prompt)
+    assert [m["step"] for m in metrics(run)] == [1, 2]
+    student, prompt = final_weights(run)
+    ref_student, ref_prompt = final_weights(reference)
+    d_student, d_prompt = max_diff(student, ref_student), max_diff(prompt, ref_prompt)
     print(f"\nstep 2, {resumed} vs one_then_one: max |diff| student {d_student:.3g}, prompt {d_prompt:.3g}")
     assert d_student <= 2 * STEP1_ATOL
     assert d_prompt <= 2 * STEP1_ATOL
-    m, ref = _metrics(run)[-1], _metrics(reference)[-1]
+    m, ref = metrics(run)[-1], metrics(reference)[-1]
     for key in ("prompt/loss", "prompt/grad_norm", "student/loss", "student/grad_norm", "prompt/lambda", "dev/loss"):
         assert m[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-9), key
     # the totals since step 0 come back from the checkpoint, whatever the number of processes (student
@@ -294,12 +192,12 @@ def lora_runs(tmp_path_factory):
     """The same with a LoRA student (merged export on): step 1 with 2 processes x 2 and 1 x 4,
     then step 2 of each resumed in 1 process x 4."""
     root = tmp_path_factory.mktemp("mp_lora")
-    config, student = _write_config(root, student_lora={"r": 4, "lora_alpha": 8, "merge": True})
+    config, student = write_config(root, student_lora={"r": 4, "lora_alpha": 8, "merge": True})
     out = {k: root / k for k in ("two", "one", "two_then_one", "one_then_one")}
     logs = root / "logs"
     times = _first_step_runs(config, out, logs)
     step2 = ["--train.max_steps", "2", "--train.eval_metric", "loss", "--train.batch_size", "4"]
-    times.update(_run_all({
+    times.update(run_all({
         "two_then_one": ("single", ["--resume", str(out["two_then_one"]), *step2]),
         "one_then_one": ("single", ["--resume", str(out["one_then_one"]), *step2]),
     }, logs))
@@ -323,12 +221,12 @@ def test_lora_student_two_processes_take_the_same_first_step_as_one(lora_runs):
     assert adapter1 and all(".lora_" in k for k in adapter1)
     moved = max(float(v.abs().max()) for k, v in adapter1.items() if "lora_B" in k)  # B starts at 0
     assert moved > 0.5 * LR, "the adapter did not take a step"
-    diffs = {name: _max_diff(a, b) for name, a, b in (("adapter", adapter2, adapter1),
+    diffs = {name: max_diff(a, b) for name, a, b in (("adapter", adapter2, adapter1),
                                                      ("merged", merged2, merged1), ("prompt", prompt2, prompt1))}
     print(f"\nLoRA step 1, 2 procs x 2 vs 1 proc x 4: max |diff| {diffs}; "
           f"run times {json.dumps({k: round(v, 1) for k, v in lora_runs.times.items()})}")
     assert all(d <= STEP1_ATOL for d in diffs.values()), diffs
-    (m2,), (m1,) = _metrics(lora_runs.dirs["two"]), _metrics(lora_runs.dirs["one"])
+    (m2,), (m1,) = metrics(lora_runs.dirs["two"]), metrics(lora_runs.dirs["one"])
     for key in ("prompt/loss", "prompt/grad_norm", "student/loss", "student/grad_norm", "generated_tokens", "dev/rougeL"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-9), key
     # the 2-process checkpoint holds the wrapped student, written once, by the main process
@@ -343,12 +241,12 @@ def test_lora_student_two_process_checkpoint_resumes_in_one_process(lora_runs):
     run, reference = lora_runs.dirs["two_then_one"], lora_runs.dirs["one_then_one"]
     state = json.loads((run / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
     assert (state["step"], state["data_position"], state["world_size"]) == (2, 8, 1)
-    assert [m["step"] for m in _metrics(run)] == [1, 2]
-    diffs = {name: _max_diff(a, b) for name, a, b in zip(("adapter", "merged", "prompt"),
+    assert [m["step"] for m in metrics(run)] == [1, 2]
+    diffs = {name: max_diff(a, b) for name, a, b in zip(("adapter", "merged", "prompt"),
                                                         _lora_weights(run), _lora_weights(reference), strict=True)}
     print(f"\nLoRA step 2, two_then_one vs one_then_one: max |diff| {diffs}")
     assert all(d <= 2 * STEP1_ATOL for d in diffs.values()), diffs
-    m, ref = _metrics(run)[-1], _metrics(reference)[-1]
+    m, ref = metrics(run)[-1], metrics(reference)[-1]
     for key in ("prompt/loss", "student/loss", "student/grad_norm", "dev/loss"):
         assert m[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-9), key
 
@@ -377,7 +275,7 @@ def method_runs(request, tmp_path_factory):
     """Two steps of the method with 2 processes x 2 and with 1 process x 4."""
     method = request.param
     root = tmp_path_factory.mktemp(f"mp_{method}")
-    config, student = _write_config(root)
+    config, student = write_config(root)
     cfg = yaml.safe_load(config.read_text())
     cfg.update(method=method, **METHOD_SECTIONS[method])
     cfg["train"].update(max_steps=2, eval_metric="loss")
@@ -386,7 +284,7 @@ def method_runs(request, tmp_path_factory):
     logs = root / "logs"
     logs.mkdir()
     base = ["--config", str(config)]
-    times = _run_all({
+    times = run_all({
         "two": ("torchrun", [*base, "--train.output_dir", str(out["two"])]),
         "one": ("single", [*base, "--train.output_dir", str(out["one"]), "--train.batch_size", "4"]),
     }, logs)
@@ -400,13 +298,13 @@ def test_minillm_and_distillm_two_processes_take_the_same_steps_as_one(method_ru
     method, runs = method_runs
     two, one = (load_file(runs.dirs[k] / "final" / "student" / "model.safetensors") for k in ("two", "one"))
     init = load_file(runs.student_init / "model.safetensors")
-    moved = _max_diff(one, {k: init[k] for k in one})
+    moved = max_diff(one, {k: init[k] for k in one})
     assert moved > 0.5 * LR, "the student did not move"
-    diff = _max_diff(two, one)
+    diff = max_diff(two, one)
     print(f"\n{method}, 2 steps, 2 procs x 2 vs 1 proc x 4: max |diff| student {diff:.3g} (moved {moved:.3g}); "
           f"run times {json.dumps({k: round(v, 1) for k, v in runs.times.items()})}")
     assert diff <= STUDENT_ATOL[method]
-    m2, m1 = _metrics(runs.dirs["two"]), _metrics(runs.dirs["one"])
+    m2, m1 = metrics(runs.dirs["two"]), metrics(runs.dirs["one"])
     assert [m["step"] for m in m2] == [m["step"] for m in m1] == [1, 2]
     keys = {"minillm": ("minillm/pg", "minillm/single_step", "minillm/importance_weight", "minillm/log_ratio",
                         "minillm/fresh_rollouts", "student/loss", "student/grad_norm", "generated_tokens"),

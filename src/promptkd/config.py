@@ -174,6 +174,10 @@ class TrainConfig:
     log_every: int = opt(1, "Write a metrics record every N optimizer steps.", min=1)
     trackers: list[str] = opt([], "accelerate trackers, e.g. [tensorboard].")
     cpu: bool = opt(False, "Force CPU even when a GPU is present.")
+    fsdp: bool = opt(
+        False, "Shard the student and the teacher over the processes with PyTorch FSDP2 (one unit per decoder "
+        "layer); launch with torchrun or a multi-process accelerate config (docs/distributed.md).",
+    )
     sampler: str = opt(
         "hf", "On-policy sampler backend from the promptkd.samplers registry; hf = transformers generate.",
     )
@@ -401,6 +405,19 @@ class Config(ConfigBase):
                     "as configs/paper/*.yaml do (data_files raw.jsonl, split train[1000:] to train, train[:1000] as dev)"
                 )
         problems += _method_knob_problems(self)
+        if self.train.fsdp:
+            if self.train.mixed_precision == "fp16":
+                problems.append("'train.mixed_precision' = 'fp16' is not supported with 'train.fsdp' = True (fp16 loss "
+                                "scaling of sharded gradients is not implemented): use bf16 or no")
+            if self.model.student_lora.r > 0:
+                problems.append(f"'model.student_lora.r' = {self.model.student_lora.r} is not supported with 'train.fsdp' = "
+                                "True (a LoRA student is trained replicated): set model.student_lora.r 0 or train.fsdp false")
+            if self.method == "minillm" and self.minillm.teacher_mix_alpha > 0:
+                problems.append(
+                    f"'minillm.teacher_mix_alpha' = {self.minillm.teacher_mix_alpha} is not supported with 'train.fsdp' = "
+                    "True: a process whose samples have all ended stops calling the logits processor that runs the "
+                    "sharded teacher, while the others still gather its layers; set minillm.teacher_mix_alpha 0"
+                )
         return problems
 
     def to_dict(self) -> dict:

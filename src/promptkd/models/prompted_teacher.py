@@ -31,6 +31,7 @@ import torch
 
 from promptkd.data.batch import position_ids_from_mask
 from promptkd.errors import UserError
+from promptkd.models.sharding import gather_root
 
 DEFAULT_INIT_TEXT = "Suppose you are a student."
 PROMPT_KEY = "prompt_embeddings"  # the key PEFT uses for prompt-tuning weights
@@ -146,6 +147,7 @@ class PromptedTeacher(torch.nn.Module):
         weight = self._prompt_weight
         with torch.no_grad():
             weight.data = weight.data.to(torch.float32)
+            gather_root(teacher)
             embed = teacher.get_input_embeddings()
             device = embed.weight.device
             if init is PromptInit.TEXT:
@@ -264,6 +266,8 @@ class PromptedTeacher(torch.nn.Module):
         batch_size, length = input_ids.shape
         keep = _positions_to_keep(logits_to_keep, length)
         self._set_teacher_mode(self.dropout and torch.is_grad_enabled())
+        # a sharded (FSDP2) teacher gathers its embeddings in its own forward only: gather them first
+        gather_root(teacher)
         token_embeds = teacher.get_input_embeddings()(input_ids)  # (B, T, H)
         prompt = self.peft_model.get_prompt(batch_size=batch_size)  # (B, n, H) float32
         prompt = prompt.to(device=token_embeds.device, dtype=token_embeds.dtype)

@@ -11,6 +11,7 @@ tokenizer and teacher it trains with, taken from the objects passed in or loaded
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ from promptkd.models.loading import (
     load_model_and_tokenizer,
 )
 from promptkd.models.lora import check_lora_backend, is_lora_model, with_lora
+from promptkd.models.sharding import shard_model
 from promptkd.precision import resolve_precision
+
+logger = logging.getLogger(__name__)
 
 
 def accelerator_for(train_cfg):
@@ -188,20 +192,55 @@ def frozen_teacher(teacher, teacher_flags: tuple | None):
             m.training = mode
 
 
+def shard_models(accelerator, *models) -> bool:
+    """train.fsdp: shard each model (None skipped) with FSDP2 over one mesh of all processes
+    (`promptkd.models.sharding.shard_model`), on the accelerator's device. Returns whether they
+    were sharded: with one process there is nothing to shard, which one warning says."""
+    if accelerator.num_processes == 1:
+        logger.warning("train.fsdp with one process: nothing to shard, the models train whole")
+        return False
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    for model in models:
+        if model is not None:
+            shard_model(model.to(accelerator.device), mesh)
+    if accelerator.is_main_process:
+        logger.info("train.fsdp: %s sharded over %d processes (FSDP2, one unit per decoder layer)",
+                    " and ".join(type(m).__name__.removeprefix("FSDP") for m in models if m is not None),
+                    accelerator.num_processes)
+    return True
+
+
 def check_distributed_backend(cfg, accelerator) -> None:
-    """Refuse what accelerate's DeepSpeed integration cannot run with this loop.
+    """Refuse what accelerate's DeepSpeed and FSDP2 integrations cannot run with this loop.
 
     `accelerator.backward` under DeepSpeed runs the engine's backward *and* its optimizer
     step on every call, so a second parameter set (PromptKD's prompt) would step the
     student and gradient accumulation would step per micro-batch (docs/distributed.md).
+    accelerate's FSDP2 shards the student only (and not on CPU); train.fsdp shards both models.
 
     Raises:
-        UserError: under DeepSpeed, for PromptKD with a trained prompt, MiniLLM with
+        UserError: accelerate's FSDP with fsdp_version 2, or train.fsdp under accelerate's FSDP or
+            DeepSpeed; under DeepSpeed, PromptKD with a trained prompt, MiniLLM with
             minillm.lm_coef > 0, or train.gradient_accumulation_steps > 1.
     """
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+    kind = accelerator.distributed_type
+    if cfg.train.fsdp and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UserError(
+            f"train.fsdp shards the models itself and cannot run under accelerate's {kind.value} "
+            "(distributed_type in the accelerate config): launch with torchrun or a multi-process config "
+            "(configs/accelerate/cpu_2proc.yaml, ddp_8gpu.yaml)"
+        )
+    if getattr(accelerator, "is_fsdp2", False):
+        raise UserError(
+            "accelerate's FSDP2 (fsdp_version: 2) is not supported: it shards the student only; set "
+            "train.fsdp true and launch with torchrun or a multi-process config (configs/accelerate/ddp_8gpu.yaml): "
+            "that shards the student and the teacher with FSDP2 (docs/distributed.md)"
+        )
+    if kind != DistributedType.DEEPSPEED:
         return
     if cfg.method == "promptkd":
         raise UserError(

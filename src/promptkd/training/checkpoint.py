@@ -36,6 +36,8 @@ import signal
 import stat
 from pathlib import Path
 
+from promptkd.models.sharding import full_state_dict, reshard
+
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
 KILL_ENV = "PROMPTKD_TEST_KILL_AT"
@@ -135,6 +137,46 @@ class MethodState:
 
     def load_state_dict(self, state):
         self._set(state)
+
+
+class FullTrainingState:
+    """A model with its optimizer and schedule in accelerate's checkpoints as full state dicts
+    (`accelerator.register_for_checkpointing(FullTrainingState(model, optimizer, scheduler))`):
+    the student under train.fsdp, which accelerate does not prepare.
+
+    `state_dict` gathers the whole model and optimizer state on the main process's CPU
+    (torch.distributed.checkpoint.state_dict, a collective: accelerate calls it on every process)
+    and accelerate writes it from there; `load_state_dict` shards the file's full tensors into
+    the model and optimizer again. The file does not depend on the number of processes, so a run
+    resumes with any number. Keys are parameter names, for a sharded model and an unsharded one.
+    """
+
+    def __init__(self, model, optimizer, scheduler):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        model = full_state_dict(self.model)  # resharded first: the optimizer holds the shards
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, main process only
+        return {"model": model, "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        reshard(self.model)
+        options = StateDictOptions(full_state_dict=True)  # every process read the whole file
+        set_model_state_dict(self.model, state["model"], options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
 def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, trainer_state: dict, keep_last: int) -> Path:

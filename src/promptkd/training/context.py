@@ -12,8 +12,12 @@ Forwards return `promptkd.losses.Outputs`. The context finds the student's and t
 heads once (`promptkd.models.head.lm_head_of`, with its check forward under the run's autocast)
 and then serves final hidden states + heads, which the losses turn into logits a chunk at a time.
 When a head cannot be used that way (LoRA on lm_head, a head that is not a plain Linear, an
-unknown output transform) or the student is sharded (FSDP, DeepSpeed ZeRO-3), one info line says
-why and the forwards serve full logits.
+unknown output transform) or the student is sharded by accelerate (FSDP1, DeepSpeed ZeRO-3), one
+info line says why and the forwards serve full logits. Under train.fsdp (FSDP2, both models
+sharded by the trainer) the root unit of each model, which holds the LM head, stays gathered from
+its forward until the backward through it, so each forward serves the head it ran with
+(`promptkd.models.sharding`); the head's gradient goes to the gathered weight and FSDP
+reduce-scatters it into the shards with the other gradients.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from promptkd.errors import UserError
 from promptkd.losses import Outputs
 from promptkd.methods.base import outputs_of
 from promptkd.models.head import LMHead, lm_head_of
+from promptkd.models.sharding import gather_root, is_sharded
 from promptkd.sampling import TeacherMixture
 from promptkd.training.compute import Compute
 from promptkd.training.optim import build_optimizer, build_scheduler
@@ -119,7 +124,8 @@ class TrainingContext:
                  eos_token_ids: list[int], eos_at_cap_default: bool, train_cfg, guard: UpdateGuard,
                  on_phase: Callable[[str, float], None] | None = None):
         self.accelerator = accelerator
-        self.student = student  # prepared (DDP / FSDP-wrapped when distributed)
+        self.student = student  # prepared (DDP / FSDP-wrapped when distributed), or sharded by train.fsdp
+        self.sharded = is_sharded(student)  # train.fsdp: FSDP2 units (the teacher's too)
         self.teacher = teacher
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -162,6 +168,8 @@ class TrainingContext:
             heads, why = {}, None
             for name, model in (("student", self.student), ("teacher", self.teacher)):
                 try:
+                    if model is not None:
+                        gather_root(model)  # FSDP2: the whole head weight, as after every forward
                     with self.autocast():  # the check forward runs as the training forwards do
                         heads[name] = None if model is None else lm_head_of(model, self.vocab_size)
                 except UserError as err:
@@ -224,12 +232,12 @@ class TrainingContext:
 
         Under FSDP1 the root module's own parameters (embeddings, final norm, LM head) stay
         sharded outside the wrapped forward, so they are gathered here (the decoder layers,
-        wrapped separately, gather themselves). A no-op for one process, DDP, FSDP2 and
-        DeepSpeed.
+        wrapped separately, gather themselves). A no-op for one process, DDP, train.fsdp (FSDP2
+        units gather themselves in their forward, the root included) and DeepSpeed.
         """
         from accelerate.utils import DistributedType
 
-        if self.accelerator.distributed_type == DistributedType.FSDP and not getattr(self.accelerator, "is_fsdp2", False):
+        if self.accelerator.distributed_type == DistributedType.FSDP:
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
             return FSDP.summon_full_params(self.student, recurse=False, writeback=False)
@@ -303,13 +311,13 @@ class TrainingContext:
         if not target:
             self.compute.student_backward_tokens += tokens  # a forward with grad is one a backward goes through
             with self.phase("student_fwd"), self.autocast():
-                return outputs_of(self.student, batch, head, self.vocab_size)
+                return self._outputs(self.student, batch, head)
         model = self.student_module
         was_training = model.training
         model.eval()
         try:
             with self.phase("student_fwd"), torch.no_grad(), self.gathered_student(), self.autocast():
-                return outputs_of(model, batch, head, self.vocab_size)
+                return self._outputs(model, batch, head)
         finally:
             model.train(was_training)
 
@@ -326,21 +334,31 @@ class TrainingContext:
         if grad:
             self.compute.teacher_backward_tokens += tokens  # activations only: the teacher is frozen
         with self.phase("teacher_fwd_base"), grad_mode, self.autocast():
-            return outputs_of(model if model is not None else self.teacher, batch,
-                              None if logits else self.teacher_head, self.vocab_size, **({"base": True} if base else {}))
+            return self._outputs(model if model is not None else self.teacher, batch,
+                                 None if logits else self.teacher_head, **({"base": True} if base else {}))
+
+    def _outputs(self, model, batch: SequenceBatch, head: LMHead | None, **kwargs) -> Outputs:
+        """`outputs_of` in the caller's grad mode; under train.fsdp with the head weight this forward
+        gathered (FSDP2 swaps a module's weight between its shard and the whole tensor)."""
+        out = outputs_of(model, batch, head, self.vocab_size, **kwargs)
+        if head is None or not self.sharded:
+            return out
+        head = lm_head_of(model, self.vocab_size, check=False)  # checked once, in _find_heads
+        return Outputs(out.states, head if torch.is_grad_enabled() else head.detached(), out.autocast_dtype)
 
     # ---------------------------------------------------------------- normalisation and backward
     def accumulate(self, is_last: bool):
         """Around a micro-batch's student forward + backward: skip DDP's gradient all-reduce on
-        all but the last micro-batch of a step."""
-        if is_last or self.accelerator.num_processes == 1:
+        all but the last micro-batch of a step. FSDP2 (train.fsdp) reduce-scatters every
+        micro-batch's gradients into the shards: skipping that would hold whole gradients."""
+        if is_last or self.accelerator.num_processes == 1 or self.sharded:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.student)
 
     def backward(self, loss_sum: torch.Tensor, tokens: float) -> None:
         """Backward of a micro-batch's summed loss as its share of the step's token mean:
-        gradients equal sum / tokens (`tokens` from promptkd.methods.base.step_tokens). DDP averages gradients
-        over processes, hence the factor num_processes."""
+        gradients equal sum / tokens (`tokens` from promptkd.methods.base.step_tokens). DDP (and FSDP2's
+        reduce-scatter) averages gradients over processes, hence the factor num_processes."""
         with self.phase("backward_student"):
             self.accelerator.backward(loss_sum * (self.accelerator.num_processes / max(tokens, 1.0)))
 
@@ -388,12 +406,6 @@ class TrainingContext:
         """
         if name in self.param_sets:
             raise ValueError(f"parameter set {name!r} exists already")
-        if prepare and getattr(self.accelerator, "is_fsdp2", False):
-            # accelerate's FSDP2 prepare() takes an optimizer only together with its model
-            raise UserError(
-                f"a second parameter set ({name!r}) cannot run under FSDP2 (fsdp_version: 2): its optimizer "
-                "cannot be prepared without a model; use fsdp_version: 1 (configs/accelerate/fsdp.yaml)"
-            )
         t = self.train_cfg
         optimizer = build_optimizer(params, lr=t.learning_rate if learning_rate is None else learning_rate, weight_decay=weight_decay, betas=(t.adam_beta1, t.adam_beta2))
         scheduler = build_scheduler(optimizer, name=t.lr_scheduler, warmup_steps=t.warmup_steps, total_steps=t.max_steps)

@@ -32,7 +32,13 @@ from promptkd.methods.base import StepResult
 from promptkd.models.loading import eos_token_ids
 from promptkd.samplers import build_sampler
 from promptkd.training import assembly, data_sources, run_dir
-from promptkd.training.checkpoint import MethodState, disk_size, link_duplicates, save_checkpoint
+from promptkd.training.checkpoint import (
+    FullTrainingState,
+    MethodState,
+    disk_size,
+    link_duplicates,
+    save_checkpoint,
+)
 from promptkd.training.compute import Compute, matmul_params
 from promptkd.training.console import StopSignals, progress_postfix, say
 from promptkd.training.context import ParameterSet, TrainingContext, UpdateGuard
@@ -66,6 +72,8 @@ class Trainer:
             frozen (requires_grad False, eval mode); afterwards its requires_grad and train / eval
             flags are what they were. Its weights keep their dtype (a teacher the trainer loads
             itself holds its linear weights in bf16 under bf16 autocast).
+        student, teacher under train.fsdp (several processes): sharded in place with FSDP2 (their
+            parameters become DTensor shards, their classes FSDP<name>).
         tokenizer: gets pad_token = eos_token when it has no pad token.
         train_dataset, eval_dataset: read, never changed.
     """
@@ -158,10 +166,20 @@ class Trainer:
         self.data_order = DataOrder(len(self.train_examples), cfg.train.seed)
 
         t = cfg.train
+        # train.fsdp: both models sharded (FSDP2) before the optimizer exists, which then holds the shards
+        sharded = t.fsdp and assembly.shard_models(self.accelerator, self.teacher, self.student)
         optimizer = build_optimizer(self.student.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
                                     betas=(t.adam_beta1, t.adam_beta2))
         scheduler = build_scheduler(optimizer, name=t.lr_scheduler, warmup_steps=t.warmup_steps, total_steps=t.max_steps)
-        self.student, optimizer, scheduler = self.accelerator.prepare(self.student, optimizer, scheduler)
+        if t.fsdp:
+            # not prepared: accelerate would wrap the student in DDP. Its checkpoints hold full state dicts
+            # (with one process too, so a checkpoint resumes with any number of processes)
+            if not sharded:
+                self.student.to(self.accelerator.device)
+            self.accelerator.register_for_checkpointing(FullTrainingState(self.student, optimizer, scheduler))
+        else:
+            self.student, optimizer, scheduler = self.accelerator.prepare(self.student, optimizer, scheduler)
+        student_params = list(self.student.parameters())  # (the shards: before a forward gathers the root unit)
         self.ctx = TrainingContext(
             accelerator=self.accelerator, student=self.student, teacher=self.teacher, tokenizer=self.tokenizer,
             vocab_size=self.vocab_size, sampler=None, sampling=cfg.sampling,
@@ -173,7 +191,7 @@ class Trainer:
         self.ctx.dev_loss_fn = (lambda: self.dev.loss(show_progress=self.show_progress)) if self.dev_examples else None
         self.ctx.examples_fn = lambda source: data_sources.extra_examples(cfg, self.tokenizer, records, source,
                                                                           is_main_process=main)
-        self.ctx.param_sets["student"] = ParameterSet("student", list(self.student.parameters()), optimizer, scheduler)
+        self.ctx.param_sets["student"] = ParameterSet("student", student_params, optimizer, scheduler)
         self.method.setup(self.ctx)
         self.accelerator.register_for_checkpointing(MethodState(self.method.state_dict, self.method.load_state_dict))
 

@@ -23,6 +23,7 @@ import torch
 
 from promptkd.errors import NonFiniteError, TrainingInterrupted, UserError
 from promptkd.models.lora import is_lora_model, save_lora_student
+from promptkd.models.sharding import full_state_dict, is_sharded
 from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state
 
 logger = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def export_student(accelerator, student, tokenizer, method, out_dir: Path, *, me
     (student/)."""
     accelerator.wait_for_everyone()
     # every process takes part: a collective under FSDP / ZeRO-3 (full weights on the main one)
-    state_dict = accelerator.get_state_dict(student)
+    state_dict = full_state_dict(student) if is_sharded(student) else accelerator.get_state_dict(student)
     if accelerator.is_main_process:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
