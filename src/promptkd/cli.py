@@ -264,7 +264,8 @@ def _cmd_train(cfg, args) -> int:
     final = trainer.train()
     lora = cfg.model.student_lora
     exported = "student_adapter" if lora.r > 0 and not lora.merge else "student"
-    print(f"done: {cfg.train.output_dir}/final/{exported}  (last step: {final.get('step')})")
+    if trainer.accelerator.is_main_process:  # one line per run, not per process
+        print(f"done: {cfg.train.output_dir}/final/{exported}  (last step: {final.get('step')})")
     return 0
 
 
