@@ -492,6 +492,16 @@ def test_the_cpu3_study_loads():
     assert len(cfg.evaluation.seeds) == 5 and not {s["train"]["seed"] for s in cfg.prepare.values()} & set(cfg.seeds)
 
 
+def test_the_smoke_study_is_cpu3_on_a_tiny_budget():
+    """benchmarks/smoke.yaml checks cpu3's setup end to end: the same prepare stages and arms."""
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    smoke, cpu3 = (load_compare_config(benchmarks / f"{name}.yaml") for name in ("smoke", "cpu3"))
+    assert list(smoke.prepare) == list(cpu3.prepare) and smoke.base["model"] == cpu3.base["model"]
+    for a, b in zip(smoke.arm_list(), cpu3.arm_list(), strict=True):
+        assert (a.name, a.method, a.budget) == (b.name, b.method, b.budget)
+        assert a.overrides == b.overrides or a.method == "distillm"  # DistiLLM checks its dev loss every step
+
+
 def test_the_cpu2_report_rebuilds_byte_identically_from_its_committed_cells(tmp_path):
     """benchmarks/cpu2.yaml is the finished study of benchmarks/results/cpu2: --report-only rebuilds
     its committed report.md from the committed cells alone, without torch or a model."""
