@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -489,6 +490,38 @@ def test_the_cpu3_study_loads():
     assert arms["GKD-PromptKD-FLOPs"].budget.flops_of == "PromptKD" and cfg.seeds == [1, 2, 3, 4, 5]
     assert cfg.base["model"] == {"teacher": "prepare:teacher", "student": "prepare:init"}
     assert len(cfg.evaluation.seeds) == 5 and not {s["train"]["seed"] for s in cfg.prepare.values()} & set(cfg.seeds)
+
+
+def test_the_smoke_study_is_cpu3_on_a_tiny_budget():
+    """benchmarks/smoke.yaml checks cpu3's setup end to end: the same prepare stages and arms."""
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    smoke, cpu3 = (load_compare_config(benchmarks / f"{name}.yaml") for name in ("smoke", "cpu3"))
+    assert list(smoke.prepare) == list(cpu3.prepare) and smoke.base["model"] == cpu3.base["model"]
+    for a, b in zip(smoke.arm_list(), cpu3.arm_list(), strict=True):
+        assert (a.name, a.method, a.budget) == (b.name, b.method, b.budget)
+        assert a.overrides == b.overrides or a.method == "distillm"  # DistiLLM checks its dev loss every step
+
+
+def test_the_cpu2_report_rebuilds_byte_identically_from_its_committed_cells(tmp_path):
+    """benchmarks/cpu2.yaml is the finished study of benchmarks/results/cpu2: --report-only rebuilds
+    its committed report.md from the committed cells alone, without torch or a model."""
+    pytest.importorskip("matplotlib")  # without it the report says there are no plots
+    committed = Path(__file__).parents[1] / "benchmarks" / "results" / "cpu2"
+    shutil.copytree(committed / "cells", tmp_path / "cells")
+    shutil.copy(committed / "study.json", tmp_path)
+    code = ("import sys; from promptkd.compare.config import load_compare_config; from promptkd.compare.report "
+            "import build_report; cfg = load_compare_config(sys.argv[1], check_arms=False); cfg.results = sys.argv[2]; "
+            "build_report(cfg); assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, str(committed.parents[1] / "cpu2.yaml"), str(tmp_path)], check=True)
+    assert (tmp_path / "report.md").read_bytes() == (committed / "report.md").read_bytes()
+
+
+def test_the_cpu2_study_cannot_run_again_and_says_why():
+    """Its guard arms set promptkd.max_drift, which the code no longer has: only --report-only loads it."""
+    with pytest.raises(ConfigError) as e:
+        load_compare_config(Path(__file__).parents[1] / "benchmarks" / "cpu2.yaml")
+    assert len(e.value.problems) == 3
+    assert all("'promptkd.max_drift' was removed: the drift guard was removed" in p for p in e.value.problems)
 
 
 # ----------------------------------------------------------------------------- exposure bias

@@ -21,8 +21,8 @@ from promptkd.compare.report import read_cells
 
 # Rough seconds, measured in the cpu2 study on a 2-core CPU, two cells at a time with one torch
 # thread each, bf16, batch 4, prompts <= 128 tokens, 48 new tokens. benchmarks/results/cpu2/cells/
-# *.json `times`, medians over each method's 3 seeds: train_s / 160 steps per method; SeqKD's
-# seqkd_data_s / 640 prompts (generation at batch 4); eval_s (median of the 40 trained cells) /
+# *.json `seconds`, medians over each method's 3 seeds: train / 160 steps per method; SeqKD's
+# generation / 640 prompts (at batch 4); eval (median of the 40 trained cells that have it) /
 # 1,246 prompts (Dolly 500, SelfInst 242, Vicuna 80, every 4th S-NI prompt: 424) at one seed.
 # The 10-layer student of that study: a larger model's stage (a teacher fine-tune) takes longer.
 ROUGH = {
@@ -31,7 +31,7 @@ ROUGH = {
     "generate": 1.50,  # per SeqKD teacher prompt, 48 new tokens
     "eval": 0.22,  # per evaluation prompt and seed, 48 new tokens
     # per ExAccErr prompt x sample (both models sample it, the teacher scores it), 48 new tokens: the
-    # cells' exposure_bias_s / 4 checkpoints, median of the 7 cells that kept that time (192.6 s for 20 x 3)
+    # cells' exposure_bias seconds / 4 checkpoints, median of the 7 cells that kept that time (192.6 s for 20 x 3)
     "exposure_bias": 3.2,
 }
 

@@ -96,6 +96,7 @@ def _setup(cfg: CompareConfig, study: dict, cells: dict, planned: int) -> list[s
         "## Setup", "",
         f"- Revision: {study.get('revision', 'not recorded yet')} (promptkd {study.get('promptkd', '?')}); "
         f"config hash {cfg.config_hash()}.",
+    ] + ([f"- Note (study.json): {study['note']}"] if study.get("note") else []) + [
         f"- Teacher: `{model.get('teacher')}`; student init: `{model.get('student')}`; training data: "
         f"`{data.get('train')}`.",
         "- Shared training settings: " + (", ".join(f"`{k}` {v}" for k, v in shared.items()) or "the defaults") + ".",
@@ -134,11 +135,13 @@ def _arms(cfg: CompareConfig, by_arm: dict[str, list[dict]], mark) -> list[str]:
         else:
             score = "no cells"
         per_set = [_num(_mean([c["sets"][s]["mean"] for c in cs])) for s in sets]
-        minutes = [_num(_mean([_stage_minutes(c, k) for c in cs]), 1) for k in ("train", "eval")]
+        minutes = [_num(_mean([m for c in cs if (m := _stage_minutes(c, k)) is not None]), 1)
+                   for k in ("train", "eval")]
         lines.append(f"| {arm.name} | {settings} | {len(cs)} | {score} | " + " | ".join(per_set + minutes) + " |")
     lines += ["", "Score: ROUGE-L averaged over the sets, each set's mean over its prompts and evaluation seeds. "
               f"The interval is the {pct} Student t-interval of the mean over training seeds (n - 1 df), not "
-              "adjusted for multiplicity. Set columns and minutes are means over the arm's cells; a SeqKD "
+              "adjusted for multiplicity. Set columns and minutes are means over the arm's cells (minutes: those "
+              "that recorded them); a SeqKD "
               "arm's train minutes include its teacher generation.", "",
               "Score per training seed († another code revision, ‡ another training config: see Integrity):", "",
               "| arm | " + " | ".join(f"seed {s}" for s in cfg.seeds) + " |", "|---" * (1 + len(cfg.seeds)) + "|"]
@@ -269,8 +272,8 @@ def _exposure(cfg: CompareConfig, by_arm: dict[str, list[dict]]) -> list[str]:
 def _integrity(cfg: CompareConfig, study: dict, cells: dict, stale: list[str], other: list[str]) -> list[str]:
     moved = [f"{k} ({c.get('revision')})" for k, c in cells.items() if c.get("revision_mismatch")]
     lines = ["## Integrity", "",
-             f"- Study revision: {study.get('revision', 'not recorded yet')} (results/study.json, written at the "
-             "first cell). Cells run from another revision or with uncommitted changes under src/ (--allow-revision), "
+             f"- Study revision: {study.get('revision', 'not recorded yet')} (results/study.json). Cells from "
+             "another revision or with uncommitted changes (a sitting runs them only with --allow-revision), "
              "marked †: " + (", ".join(moved) if moved else "none") + ".",
              "- Cells whose training config differs from what the study config gives now, marked ‡: "
              + (", ".join(stale) if stale else "none") + "."]
@@ -299,7 +302,7 @@ def _plots(results: Path, cfg: CompareConfig, by_arm: dict[str, list[dict]], com
     out = {}
     shown = [c for c in comparisons if c.seeds]
     if shown:
-        fig, ax = plt.subplots(figsize=(7, 0.6 * len(shown) + 1.5))
+        fig, ax = plt.subplots(figsize=(9, 0.6 * len(shown) + 1.5))
         for y, c in enumerate(reversed(shown)):
             ax.plot(c.differences, [y] * len(c.differences), "o", color="tab:blue", alpha=0.7)
             if not math.isnan(c.ci[0]):
@@ -314,17 +317,19 @@ def _plots(results: Path, cfg: CompareConfig, by_arm: dict[str, list[dict]], com
         ax.plot([x] * len(cs), [c["score"] for c in cs], "o", alpha=0.7)
         for c in cs:
             ax.annotate(str(c["seed"]), (x, c["score"]), textcoords="offset points", xytext=(6, -3), fontsize="x-small")
-    ax.set_xticks(range(len(by_arm)), list(by_arm))
+    ax.set_xticks(range(len(by_arm)), list(by_arm), rotation=30, ha="right")
     ax.set_ylabel("score (ROUGE-L, mean over sets)")
     out["Scores by training seed"] = _save(fig, results / "scores.png")
     curves = [(c["arm"], c["seed"], c["traces"]["prompt/drift"]) for cs in by_arm.values() for c in cs
               if "prompt/drift" in c.get("traces", {})]
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for arm, seed, points in curves:
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=f"{arm} seed {seed}")
+        colors: dict[str, str] = {}  # one colour per arm, one line per seed
+        for arm, _, points in curves:
+            ax.plot([p[0] for p in points], [p[1] for p in points], color=colors.setdefault(arm, f"C{len(colors) % 10}"),
+                    linewidth=1, alpha=0.7, label=None if arm in ax.get_legend_handles_labels()[1] else arm)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("drift KL(p_TP || p_T)")
+        ax.set_ylabel("drift KL(p_TP || p_T), one line per seed")
         ax.legend(fontsize="x-small")
         out["PromptKD drift"] = _save(fig, results / "drift.png")
     exposure = {arm: _exaccerr_curves(cs) for arm, cs in by_arm.items()}
@@ -381,9 +386,12 @@ def _compute_value(cell: dict, key: str):
     return value + added if value is not None and added is not None else value
 
 
-def _stage_minutes(cell: dict, stage: str) -> float:
-    """A SeqKD cell's generation of its training data counts as training."""
+def _stage_minutes(cell: dict, stage: str) -> float | None:
+    """A SeqKD cell's generation of its training data counts as training; None when the stage's
+    time was not recorded (two cpu2 cells lost their evaluation's)."""
     seconds = cell["seconds"]
+    if stage not in seconds:
+        return None
     return (seconds[stage] + (seconds.get("generation", 0.0) if stage == "train" else 0.0)) / 60
 
 

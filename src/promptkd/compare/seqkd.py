@@ -6,7 +6,7 @@ batch_size x gradient_accumulation_steps examples (one process). A SeqKD cell tr
 RUN/teacher_responses.jsonl instead: n lines, which its trainer reads in `DataOrder(n,
 train.seed)`, one epoch. So line i holds the response to the (inv[i])-th prompt seen, inv being
 the inverse of that permutation, and step k of SeqKD trains on the prompts of step k of every
-other arm (benchmarks/study.py's seqkd_order did the same). The prompts, in file order, are
+other arm (as the cpu2 study's SeqKD cells did). The prompts, in file order, are
 written to RUN/teacher_prompts.jsonl; `run_generation` (the code of `promptkd generate`)
 answers them with the teacher, sampled with the cell's seed, and continues an interrupted file
 after its last complete batch.
