@@ -84,7 +84,7 @@ class DistiLLM(Method):
         c = self.options
         self.ctx = ctx
         self.seed = ctx.seed
-        self.div = divergence(c.divergence, beta=c.beta, alpha=c.alpha)
+        self.div = divergence(c.divergence, beta=c.beta, alpha=c.alpha, ab_alpha=c.ab_alpha, ab_beta=c.ab_beta)
         self.phi = c.initial_student_prob
         self.prev_loss: float | None = None  # dev loss at the last growth of phi (or at the start)
         self.checked = 0  # epochs (adapt_every 0) or steps already checked
