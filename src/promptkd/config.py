@@ -336,7 +336,11 @@ class DistiLLMSection:
     adapt_every: int = opt(
         0, "Optimizer steps between dev-loss checks; 0 = once per epoch (the scripts' --eval-interval -1).", min=0,
     )
-    capacity: int = opt(1000, "Replay buffer size in sequences, first in first out (arguments.py:191).", min=1)
+    capacity: int = opt(
+        1000, "Replay buffer size in sequences per process, first in first out: the buffer, shared by the processes, "
+        "holds capacity x processes, as the reference keeps capacity on each GPU (arguments.py:191, "
+        "distillm/buffer.py:19).", min=1,
+    )
     replay_ratio: str = opt(
         "decreasing", "Of the student-data steps, fresh samples take phi (1 - t/T) (decreasing), phi / 2 "
         "(constant) or phi t/T (increasing); the rest replay the buffer (arguments.py:192).",
