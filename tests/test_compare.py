@@ -135,7 +135,7 @@ def test_an_init_trained_with_a_study_seed_on_the_same_data_is_refused(study, tm
 
 def test_shipped_example_loads():
     cfg = load_compare_config(Path(__file__).parents[1] / "configs" / "compare" / "example.yaml")
-    assert cfg.pairs() == [("PromptKD", "GKD")]
+    assert cfg.pairs() == [("PromptKD", "GKD"), ("ABKD", "GKD")]
 
 
 # ----------------------------------------------------------------------------- integrity

@@ -201,11 +201,17 @@ def test_seqkd_default_is_the_references_half_ce_half_forward_kl():
         ("kd", "generalized_jsd", "alpha", 0.2, "set kd.divergence to skew_forward_kl or skew_reverse_kl"),
         ("gkd", "skew_reverse_kl", "beta", 0.5, "set gkd.divergence to generalized_jsd"),
         ("gkd", "generalized_jsd", "alpha", 0.1, "set gkd.divergence to skew_forward_kl or skew_reverse_kl"),
+        ("gkd", "generalized_jsd", "ab_alpha", 0.2, "set gkd.divergence to alpha_beta_divergence"),
+        ("kd", "alpha_beta_divergence", "beta", 0.5, "set kd.divergence to generalized_jsd"),
+        ("promptkd", "reverse_kl", "ab_beta", 0.7, "set promptkd.divergence to alpha_beta_divergence"),
+        ("distillm", "skew_reverse_kl", "ab_alpha", 0.1, "set distillm.divergence to alpha_beta_divergence"),
     ],
 )
 def test_a_knob_the_divergence_does_not_read_is_an_error(section, divergence, knob, value, fix):
     """Set by the user (in the mapping), even to its default value: it would be ignored."""
     data = {**MINIMAL, "method": section, section: {"divergence": divergence, knob: value}}
+    if section == "distillm":  # it adapts from the dev loss
+        data["data"] = {**MINIMAL["data"], "dev": "d.jsonl"}
     with pytest.raises(ConfigError) as e:
         config_from_dict(data)
     (problem,) = e.value.problems
@@ -217,6 +223,24 @@ def test_knobs_the_divergence_reads_or_nobody_set_are_fine():
     config_from_dict({**MINIMAL, "method": "kd", "kd": {"divergence": "generalized_jsd", "beta": 0.3}})
     config_from_dict({**MINIMAL, "method": "kd", "kd": {"divergence": "skew_reverse_kl", "alpha": 0.3}})
     config_from_dict({**MINIMAL, "method": "gkd", "gkd": {"divergence": "reverse_kl"}})  # defaults left alone
+
+
+@pytest.mark.parametrize("method", ["kd", "gkd", "promptkd", "distillm"])
+def test_abkd_is_selectable_with_its_parameters(tmp_path, method):
+    """Each method with a divergence takes ABKD's, with the reference's defaults (0.2, 0.7) or the
+    user's; both parameters 0 is an error; the saved config keeps them and loads again."""
+    base = {**MINIMAL, "data": {**MINIMAL["data"], "dev": "d.jsonl"}}  # distillm adapts from the dev loss
+    cfg = config_from_dict({**base, "method": method, method: {"divergence": "alpha_beta_divergence"}})
+    assert (getattr(cfg, method).ab_alpha, getattr(cfg, method).ab_beta) == (0.2, 0.7)
+    cfg = config_from_dict({**base, "method": method,
+                            method: {"divergence": "alpha_beta_divergence", "ab_alpha": 0.1, "ab_beta": 0.8}})
+    cfg.save(tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (saved[method]["ab_alpha"], saved[method]["ab_beta"]) == (0.1, 0.8)
+    assert load_config(tmp_path / "config.yaml") == cfg
+    with pytest.raises(ConfigError, match=f"'{method}.ab_alpha' and '{method}.ab_beta' are both 0"):
+        config_from_dict({**base, "method": method,
+                          method: {"divergence": "alpha_beta_divergence", "ab_alpha": 0.0, "ab_beta": 0.0}})
 
 
 def test_another_methods_section_is_an_error_naming_the_section_and_the_method(tmp_path):
@@ -276,6 +300,7 @@ def test_saved_config_leaves_out_unused_knobs_and_loads_again(tmp_path, method):
     cfg.save(tmp_path / "config.yaml")
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert "beta" not in saved["kd"] and "alpha" not in saved["kd"] and "alpha" not in saved["gkd"]
+    assert not {"ab_alpha", "ab_beta"} & (saved["kd"].keys() | saved["gkd"].keys() | saved["promptkd"].keys())
     assert saved["gkd"]["beta"] == 1.0  # generalized_jsd reads it
     assert load_config(tmp_path / "config.yaml") == cfg
 

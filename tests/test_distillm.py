@@ -265,6 +265,22 @@ def test_push_keeps_fifo_order_and_capacity():
     assert method.buffer == want and len(method.buffer) == 5
 
 
+def test_capacity_is_per_process():
+    """Two processes: the shared buffer keeps 2 x capacity (the reference: capacity on each GPU,
+    distillm/buffer.py:19), and it is full only then."""
+    ctx, method = setup(make_cfg(capacity=2))
+    ctx.num_processes = 2
+    theirs = [[(EXAMPLES[4].prompt_ids, [1, EOS]), (EXAMPLES[5].prompt_ids, [2, EOS])]]
+    ctx.gather_object = lambda local: [local, theirs]
+    method.push(ctx, [collate_sequences(EXAMPLES[:1], PAD)])
+    assert len(method.buffer) == 3 and method.capacity(ctx) == 4
+    method.push(ctx, [collate_sequences(EXAMPLES[1:3], PAD)])
+    want = [(EXAMPLES[1].prompt_ids, EXAMPLES[1].response_ids), (EXAMPLES[2].prompt_ids, EXAMPLES[2].response_ids)]
+    assert method.buffer == want + theirs[0]  # the last 4 of 7, in global batch order
+    ctx.num_processes = 1
+    assert method.capacity(ctx) == 2
+
+
 def test_push_keeps_only_the_trained_tokens_of_a_sample():
     """A sampled row: the prompt without its left padding, the response up to its first EOS."""
     ctx, method = setup(make_cfg())

@@ -36,7 +36,8 @@ pytestmark = [
 
 V = 259  # the byte tokenizer's vocabulary
 CHUNK = 3  # positions per chunk in these tests (the batch has 13 response positions in the loss)
-PARAMS = {"skew_forward_kl": {"alpha": 0.1}, "skew_reverse_kl": {"alpha": 0.1}, "generalized_jsd": {"beta": 0.3}}
+PARAMS = {"skew_forward_kl": {"alpha": 0.1}, "skew_reverse_kl": {"alpha": 0.1}, "generalized_jsd": {"beta": 0.3},
+          "alpha_beta_divergence": {"ab_alpha": 0.2, "ab_beta": 0.7}}
 # float64 end to end: the chunked and unchunked sums differ only in summation order
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -229,6 +230,14 @@ def test_equals_full_logits_values_and_gradients(pair, name):
     # same float64 sum rounded to float32, a few ulp (2^-24) apart at most
     _assert_close(got_prompt_grad, ref_prompt_grad, "prompt grad", rtol=1e-6, atol=1e-9)
     assert got_prompt_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("params", [{"ab_alpha": 1.5, "ab_beta": 0.4}, {"ab_alpha": 0.0, "ab_beta": 0.4}])
+def test_abkd_off_the_defaults_equals_full_logits(monkeypatch, params):
+    """ABKD beyond alpha + beta = 1 and on its beta axis, through hidden states and LM heads (its
+    defaults run in test_equals_full_logits_values_and_gradients with every divergence)."""
+    monkeypatch.setitem(PARAMS, "alpha_beta_divergence", params)
+    test_equals_full_logits_values_and_gradients("llama", "alpha_beta_divergence")
 
 
 @pytest.mark.parametrize("pair", ["llama", "gpt2"])

@@ -8,6 +8,7 @@ mixtures). Hidden states + LM heads (architectures, transforms, refusals) are in
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -21,6 +22,7 @@ from promptkd.losses import (
     CROSS_ENTROPY,
     DIVERGENCES,
     Outputs,
+    alpha_beta_divergence,
     cross_entropy,
     divergence,
     forward_kl,
@@ -32,7 +34,8 @@ from promptkd.losses import (
 )
 
 NAMES = sorted(DIVERGENCES)
-PARAMS = {"skew_forward_kl": {"alpha": 0.3}, "skew_reverse_kl": {"alpha": 0.3}, "generalized_jsd": {"beta": 0.3}}
+PARAMS = {"skew_forward_kl": {"alpha": 0.3}, "skew_reverse_kl": {"alpha": 0.3}, "generalized_jsd": {"beta": 0.3},
+          "alpha_beta_divergence": {"ab_alpha": 0.3, "ab_beta": 0.5}}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,7 +61,18 @@ def _mix_ref(a, b, weight_a):
     return [weight_a * x + (1.0 - weight_a) * y for x, y in zip(a, b, strict=True)]
 
 
-def _row_ref(name, q_logits, p_logits, alpha=0.1, beta=0.5):
+def _ab_ref(p, q, a, b):
+    """ABKD's D^(a, b)(p || q): the reference's general case (ghwang-s/abkd distillation_llm/distillm/
+    losses.py:64-84), and on the axes the limits of that formula (Cichocki et al. 2011, eqs. 4-5)."""
+    if b == 0:  # 1/a^2 sum_v [p^a log(p^a / q^a) - p^a + q^a]
+        return sum((x**a * math.log(x**a / y**a) if x > 0 else 0.0) - x**a + y**a for x, y in zip(p, q, strict=True)) / a**2
+    if a == 0:  # 1/b^2 sum_v [q^b log(q^b / p^b) - q^b + p^b]
+        return sum((y**b * math.log(y**b / x**b) if y > 0 else 0.0) - y**b + x**b for x, y in zip(p, q, strict=True)) / b**2
+    s = a + b
+    return -sum(x**a * y**b - a / s * x**s - b / s * y**s for x, y in zip(p, q, strict=True)) / (a * b)
+
+
+def _row_ref(name, q_logits, p_logits, alpha=0.1, beta=0.5, ab_alpha=0.2, ab_beta=0.7):
     """One position: q = softmax(logits) is trained, p = softmax(target_logits) the target."""
     p, q = _softmax_ref(p_logits), _softmax_ref(q_logits)
     if name == "forward_kl":
@@ -74,6 +88,8 @@ def _row_ref(name, q_logits, p_logits, alpha=0.1, beta=0.5):
         return beta * _kl_ref(p, m) + (1.0 - beta) * _kl_ref(q, m)
     if name == "total_variation":
         return 0.5 * sum(abs(x - y) for x, y in zip(p, q, strict=True))
+    if name == "alpha_beta_divergence":
+        return _ab_ref(p, q, ab_alpha, ab_beta)  # p the teacher (target), q the student (trained)
     raise AssertionError(name)
 
 
@@ -182,6 +198,96 @@ def test_divergence_errors_name_the_problem():
     with pytest.raises(UserError, match="generalized_jsd: beta"):
         divergence("generalized_jsd", beta=-0.1)
     assert divergence("reverse_kl", alpha=5.0) == divergence("reverse_kl")  # a parameter it does not take is unused
+
+
+AB_POINTS = [(0.2, 0.7), (0.1, 0.8), (0.5, 0.5), (0.8, 0.3), (1.5, 0.4), (0.3, 0.0), (0.0, 0.4), (1.0, 0.0), (0.0, 1.0)]
+
+
+@pytest.mark.parametrize(("a", "b"), AB_POINTS)
+def test_abkd_matches_brute_force(a, b):
+    """The reference's defaults (0.2, 0.7; 0.1, 0.8), its argparse default (0.5, 0.5), beyond
+    alpha + beta = 1, the axes and the two KL points."""
+    logits, target = _pair()
+    got = divergence("alpha_beta_divergence", ab_alpha=a, ab_beta=b)(logits, target)  # (2, 5)
+    for idx in [(i, j) for i in range(2) for j in range(5)]:
+        want = _row_ref("alpha_beta_divergence", logits[idx].tolist(), target[idx].tolist(), ab_alpha=a, ab_beta=b)
+        assert float(got[idx]) == pytest.approx(want, rel=1e-12, abs=1e-14)
+
+
+def test_abkd_is_forward_kl_at_1_0_and_reverse_kl_at_0_1():
+    logits, target = _pair()
+    torch.testing.assert_close(alpha_beta_divergence(logits, target, 1.0, 0.0), forward_kl(logits, target), rtol=0, atol=0)
+    torch.testing.assert_close(alpha_beta_divergence(logits, target, 0.0, 1.0), reverse_kl(logits, target), rtol=0, atol=0)
+    # and the roles: D^(a, b)(p || q) = D^(b, a)(q || p)
+    torch.testing.assert_close(alpha_beta_divergence(logits, target, 0.2, 0.7), alpha_beta_divergence(target, logits, 0.7, 0.2),
+                               rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("eps", [1e-4, 1e-6, 1e-8])
+def test_abkd_general_formula_tends_to_the_kls_and_to_its_axes(eps):
+    """The general case (both parameters > 0) approaches forward KL as (1, eps) or (1 - eps, eps),
+    reverse KL as (eps, 1) or (eps, 1 - eps), and the axis values as one parameter -> 0: the error
+    is first order in eps (measured on these rows, KLs of 1.8 to 13: at most 97 eps for forward KL,
+    46 eps for reverse KL, 275 eps on the axes, the same at eps 1e-4, 1e-6 and 1e-8)."""
+    logits, target = _pair()
+    fkl, rkl = forward_kl(logits, target), reverse_kl(logits, target)
+    ab = functools.partial(alpha_beta_divergence, logits, target)
+    tol = {"rtol": 0, "atol": 1000 * eps}
+    torch.testing.assert_close(ab(1.0, eps), fkl, **tol)
+    torch.testing.assert_close(ab(1.0 - eps, eps), fkl, **tol)
+    torch.testing.assert_close(ab(eps, 1.0), rkl, **tol)
+    torch.testing.assert_close(ab(eps, 1.0 - eps), rkl, **tol)
+    torch.testing.assert_close(ab(0.5, eps), ab(0.5, 0.0), **tol)
+    torch.testing.assert_close(ab(eps, 0.5), ab(0.0, 0.5), **tol)
+
+
+@pytest.mark.parametrize(("a", "b"), [(0.2, 0.7), (1.5, 0.4), (0.3, 0.0), (0.0, 0.4)])
+def test_abkd_gradcheck_float64(a, b):
+    logits, target = _pair(shape=(3, 7), scale=1.0)
+    div = divergence("alpha_beta_divergence", ab_alpha=a, ab_beta=b)
+    assert torch.autograd.gradcheck(lambda x, y: div(x, y), (logits.requires_grad_(), target.requires_grad_()))
+
+
+@pytest.mark.parametrize(("a", "b"), [(0.2, 0.7), (0.3, 0.0), (0.0, 0.4)])
+def test_abkd_masked_vocabulary_and_extreme_logits(a, b):
+    """-inf logits on both sides add nothing and no NaN gradient; gaps of 1000 stay finite."""
+    logits, target = _pair(shape=(3, 6))
+    logits.requires_grad_(True)
+    inf = torch.full((3, 2), -math.inf, dtype=torch.float64)
+    div = divergence("alpha_beta_divergence", ab_alpha=a, ab_beta=b)
+    value = div(torch.cat([logits, inf], -1), torch.cat([target, inf], -1)).sum()
+    (grad,) = torch.autograd.grad(value, logits)
+    torch.testing.assert_close(value, div(logits, target).sum(), rtol=1e-12, atol=1e-14)
+    assert bool(torch.isfinite(grad).all())
+    far = div(torch.tensor([[0.0, -1000.0, -1000.0]]), torch.tensor([[-1000.0, 0.0, -1000.0]]))
+    assert bool(torch.isfinite(far).all())
+
+
+def test_abkd_parameters_are_checked():
+    with pytest.raises(UserError, match="alpha_beta_divergence: ab_beta must be a number >= 0, got -0.1"):
+        divergence("alpha_beta_divergence", ab_beta=-0.1)
+    with pytest.raises(UserError, match="ab_alpha and ab_beta are both 0"):
+        divergence("alpha_beta_divergence", ab_alpha=0.0, ab_beta=0.0)
+    assert divergence("alpha_beta_divergence") == divergence("alpha_beta_divergence", ab_alpha=0.2, ab_beta=0.7, beta=0.9)
+    assert divergence("generalized_jsd", ab_alpha=5.0) == divergence("generalized_jsd")
+
+
+@pytest.mark.parametrize(("a", "b"), [(0.2, 0.7), (1.0, 0.0), (0.0, 0.4)])
+def test_abkd_loss_terms_equal_plain_autograd(monkeypatch, a, b):
+    """Chunked (one position per chunk) and in one chunk, both equal to autograd on full logits."""
+    logits, target = _pair(seed=4)
+    mask = torch.rand(2, 5, generator=torch.Generator().manual_seed(6)) < 0.7
+    terms = [(divergence("alpha_beta_divergence", ab_alpha=a, ab_beta=b), Outputs(target), 1.0)]
+    y = logits.clone().requires_grad_(True)
+    ref, _ = _full_terms(y, terms, mask)
+    (ref_grad,) = torch.autograd.grad(ref, y)
+    for elements in (11, 1 << 24):
+        monkeypatch.setattr(losses, "CHUNK_ELEMENTS", elements)
+        x = logits.clone().requires_grad_(True)
+        loss, _ = loss_terms(Outputs(x), terms, mask)
+        (grad,) = torch.autograd.grad(loss, x)
+        assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------

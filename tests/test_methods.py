@@ -44,6 +44,9 @@ def full_logits(model, batch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos, use_cache=False).logits
 
 
+AB = (0.3, 0.5)  # ABKD's (alpha, beta) in the runs below
+
+
 def token_losses(name, logits, target_logits, batch, alpha=0.1) -> torch.Tensor:
     """(N,) per response token, written out: q = softmax(logits) (student), p = softmax(target_logits)."""
     mask = batch.loss_mask[:, 1:]  # (B, T-1)
@@ -59,6 +62,8 @@ def token_losses(name, logits, target_logits, batch, alpha=0.1) -> torch.Tensor:
         "reverse_kl": lambda: kl(q, p),
         "skew_forward_kl": lambda: kl(p, alpha * p + (1 - alpha) * q),
         "skew_reverse_kl": lambda: kl(q, alpha * q + (1 - alpha) * p),
+        "abkd": lambda: -(p**AB[0] * q**AB[1] - AB[0] / sum(AB) * p ** sum(AB) - AB[1] / sum(AB) * q ** sum(AB)).sum(-1)
+        / (AB[0] * AB[1]),
     }[name]()
 
 
@@ -203,6 +208,9 @@ def test_promptkd_collapse_window_is_part_of_the_checkpointed_state(tmp_path, ti
     # lmbda 0.5 with seed 5 draws on-policy for both steps; lmbda 0 is the dataset path
     ("gkd", {"gkd": {"lmbda": 0.5, "divergence": "skew_reverse_kl"}}, "student", 1.0, "skew_reverse_kl"),
     ("gkd", {"gkd": {"lmbda": 0.0}}, "data", 1.0, "reverse_kl"),  # generalized_jsd, beta 1
+    ("gkd", {"gkd": {"lmbda": 0.5, "divergence": "alpha_beta_divergence", "ab_alpha": AB[0], "ab_beta": AB[1]}},
+     "student", 1.0, "abkd"),
+    ("kd", {"kd": {"divergence": "alpha_beta_divergence", "ab_alpha": AB[0], "ab_beta": AB[1]}}, "data", 0.5, "abkd"),
     ("gkd", {"gkd": {"lmbda": 0.0, "seq_kd": True}}, "teacher", 1.0, "reverse_kl"),
 ])
 def test_methods_train_on_their_data_with_their_loss(
@@ -477,3 +485,14 @@ def test_a_teacher_passed_in_keeps_its_weights_dtype_under_bf16(tmp_path, tiny_p
     assert {p.dtype for p in teacher.parameters()} == {torch.float32}
     loaded = trainer_for(tmp_path / "loaded", tiny_pair_dirs, tiny_jsonl, train={"mixed_precision": "bf16"})
     assert torch.bfloat16 in {p.dtype for p in loaded.teacher.parameters()}
+
+
+def test_abkd_is_promptkds_student_loss_when_chosen(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    """The student's loss takes promptkd.divergence with its parameters; the prompt's stays reverse KL."""
+    from promptkd.losses import divergence
+
+    tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "promptkd",
+                     promptkd={"divergence": "alpha_beta_divergence", "ab_alpha": AB[0], "ab_beta": AB[1]})
+    assert tr.method.student_loss == divergence("alpha_beta_divergence", ab_alpha=AB[0], ab_beta=AB[1])
+    assert tr.method.prompt_loss == divergence("reverse_kl")
+    assert train_two_steps(tr)[0]["student/loss"] > 0

@@ -213,6 +213,8 @@ class PromptKDSection:
     prompt_learning_rate: float | None = opt(None, "Prompt LR; null = train.learning_rate (reference code).", min=0.0, min_exclusive=True)
     prompt_weight_decay: float = opt(0.01, "Prompt AdamW weight decay (reference).", min=0.0)
     divergence: str = opt("reverse_kl", "Student loss to sg p_TP on its own samples (paper: reverse KL).", choices=list(DIVERGENCE_NAMES))
+    ab_alpha: float = opt(0.2, "alpha_beta_divergence alpha: 1 with ab_beta 0 = forward KL (ABKD gpt2 scripts: 0.2).", min=0.0)
+    ab_beta: float = opt(0.7, "alpha_beta_divergence beta: 1 with ab_alpha 0 = reverse KL (ABKD gpt2 scripts: 0.7).", min=0.0)
     base_coef: float = opt(1.0, "Regulariser weight: lambda_k = base_coef * (1 - k/K); 0 disables it.", min=0.0)
     teacher_dropout: bool = opt(True, "Teacher dropout during the prompt forward (reference code quirk: on).")
     teacher_gradient_checkpointing: bool = opt(False, "Checkpoint the teacher during the prompt backward (less memory, more time).")
@@ -233,6 +235,8 @@ class GKDSection:
     divergence: str = opt("generalized_jsd", "Per-token divergence.", choices=list(DIVERGENCE_NAMES))
     beta: float = opt(1.0, "generalized_jsd interpolation: 0 = forward KL, 1 = reverse KL.", min=0.0, max=1.0)
     alpha: float = opt(0.1, "Skew of skew_forward_kl / skew_reverse_kl (DistiLLM: 0.1).", min=0.0, max=1.0)
+    ab_alpha: float = opt(0.2, "alpha_beta_divergence alpha: 1 with ab_beta 0 = forward KL (ABKD gpt2 scripts: 0.2).", min=0.0)
+    ab_beta: float = opt(0.7, "alpha_beta_divergence beta: 1 with ab_alpha 0 = reverse KL (ABKD gpt2 scripts: 0.7).", min=0.0)
     seq_kd: bool = opt(False, "Off-policy steps use teacher-sampled responses instead of dataset responses.")
 
 
@@ -244,6 +248,8 @@ class KDSection:
     divergence: str = opt("forward_kl", "Divergence to the teacher.", choices=list(DIVERGENCE_NAMES))
     beta: float = opt(0.5, "generalized_jsd beta.", min=0.0, max=1.0)
     alpha: float = opt(0.1, "Skew KL alpha (DistiLLM: 0.1).", min=0.0, max=1.0)
+    ab_alpha: float = opt(0.2, "alpha_beta_divergence alpha: 1 with ab_beta 0 = forward KL (ABKD gpt2 scripts: 0.2).", min=0.0)
+    ab_beta: float = opt(0.7, "alpha_beta_divergence beta: 1 with ab_alpha 0 = reverse KL (ABKD gpt2 scripts: 0.7).", min=0.0)
 
 
 @dataclass
@@ -315,6 +321,8 @@ class DistiLLMSection:
     )
     alpha: float = opt(0.1, "Skew of skew_forward_kl / skew_reverse_kl (arguments.py:178).", min=0.0, max=1.0)
     beta: float = opt(0.5, "generalized_jsd beta, if that divergence is chosen.", min=0.0, max=1.0)
+    ab_alpha: float = opt(0.2, "alpha_beta_divergence alpha: 1 with ab_beta 0 = forward KL (ABKD gpt2 scripts: 0.2).", min=0.0)
+    ab_beta: float = opt(0.7, "alpha_beta_divergence beta: 1 with ab_alpha 0 = reverse KL (ABKD gpt2 scripts: 0.7).", min=0.0)
     kd_ratio: float = opt(1.0, "(1 - r) CE on the batch + r divergence (scripts: --kd-ratio 1.0).", min=0.0, max=1.0)
     initial_student_prob: float = opt(
         0.0, "Starting probability phi of a step on student-generated responses (arguments.py:188; "
@@ -328,7 +336,11 @@ class DistiLLMSection:
     adapt_every: int = opt(
         0, "Optimizer steps between dev-loss checks; 0 = once per epoch (the scripts' --eval-interval -1).", min=0,
     )
-    capacity: int = opt(1000, "Replay buffer size in sequences, first in first out (arguments.py:191).", min=1)
+    capacity: int = opt(
+        1000, "Replay buffer size in sequences per process, first in first out: the buffer, shared by the processes, "
+        "holds capacity x processes, as the reference keeps capacity on each GPU (arguments.py:191, "
+        "distillm/buffer.py:19).", min=1,
+    )
     replay_ratio: str = opt(
         "decreasing", "Of the student-data steps, fresh samples take phi (1 - t/T) (decreasing), phi / 2 "
         "(constant) or phi t/T (increasing); the rest replay the buffer (arguments.py:192).",
@@ -421,7 +433,7 @@ class Config(ConfigBase):
         return problems
 
     def to_dict(self) -> dict:
-        """The resolved config; a kd / gkd knob that section's divergence does not read is left
+        """The resolved config; a divergence knob (kd, gkd, distillm, promptkd) that section's divergence does not read is left
         out (it has no effect, and setting it is an error), so the saved file loads again."""
         out = dataclasses.asdict(self)
         for name in DIVERGENCE_SECTIONS:
@@ -433,8 +445,8 @@ class Config(ConfigBase):
 METHOD_SECTIONS = {"promptkd": "promptkd", "gkd": "gkd", "kd": "kd", "seqkd": "seqkd", "minillm": "minillm",
                    "distillm": "distillm"}
 TEACHER_FREE_METHODS = {"sft"}
-DIVERGENCE_SECTIONS = ("kd", "gkd", "distillm")  # sections with a `divergence` and its knobs beta / alpha
-DIVERGENCE_KNOBS = ("beta", "alpha")
+DIVERGENCE_SECTIONS = ("kd", "gkd", "distillm", "promptkd")  # sections with a `divergence` and its knobs
+DIVERGENCE_KNOBS = ("beta", "alpha", "ab_alpha", "ab_beta")  # promptkd has the last two only
 
 
 def _divergences_reading(knob: str) -> list[str]:
@@ -443,8 +455,8 @@ def _divergences_reading(knob: str) -> list[str]:
 
 
 def unused_divergence_knobs(section) -> list[str]:
-    """The knobs (beta, alpha) of a kd / gkd section that its divergence does not read."""
-    return [k for k in DIVERGENCE_KNOBS if section.divergence not in _divergences_reading(k)]
+    """The knobs (beta, alpha, ab_alpha, ab_beta) of a section that its divergence does not read."""
+    return [k for k in DIVERGENCE_KNOBS if hasattr(section, k) and section.divergence not in _divergences_reading(k)]
 
 
 def _method_knob_problems(cfg: Config) -> list[str]:
@@ -475,6 +487,9 @@ def _method_knob_problems(cfg: Config) -> list[str]:
                     f"'{section.divergence}' does not use it ({knob} is a parameter of {readers}): remove "
                     f"{name}.{knob}, or set {name}.divergence to {readers.replace(' / ', ' or ')}"
                 )
+        if section.divergence == "alpha_beta_divergence" and section.ab_alpha == section.ab_beta == 0:
+            problems.append(f"'{name}.ab_alpha' and '{name}.ab_beta' are both 0, where alpha_beta_divergence is "
+                            "undefined: set one above 0 (ab_alpha 1, ab_beta 0 = forward KL; 0, 1 = reverse KL)")
     if cfg.method == "gkd" and cfg.gkd.seq_kd and cfg.gkd.lmbda == 1.0:
         problems.append(
             "'gkd.seq_kd' = True has no effect with gkd.lmbda = 1.0 (every step is on-policy, so no step "

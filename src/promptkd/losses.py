@@ -117,6 +117,35 @@ def generalized_jsd(logits: torch.Tensor, target_logits: torch.Tensor, beta: flo
     return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
 
 
+def alpha_beta_divergence(
+    logits: torch.Tensor, target_logits: torch.Tensor, ab_alpha: float = 0.2, ab_beta: float = 0.7
+) -> torch.Tensor:
+    """ABKD's alpha-beta divergence D^(a, b)(p || q), a = ab_alpha, b = ab_beta (Wang et al., ICML 2025):
+
+        1 / (a b) sum_v [a / (a + b) p^(a+b) + b / (a + b) q^(a+b) - p^a q^b]
+
+    p the target (teacher), q trained (ghwang-s/abkd distillation_llm/distillm/losses.py:20-84), the
+    powers taken in log space. (1, 0) is forward_kl and (0, 1) reverse_kl, exactly; elsewhere on the
+    lines a = 0 or b = 0 it is the formula's limit there (see ``_alpha_beta``). Needs a, b >= 0, a + b > 0.
+    """
+    return _alpha_beta(target_logits.log_softmax(-1), logits.log_softmax(-1), ab_alpha, ab_beta)
+
+
+def _alpha_beta(log_p: torch.Tensor, log_q: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """D^(a, b)(p || q) from log-probabilities. On the lines a = 0 and b = 0 the reference's branches
+    (losses.py:32-53) divide by b (or a) where the limit of its general case divides by b^2 (a^2):
+    the two agree at (0, 1) and (1, 0), the points its scripts and the paper use; here the limit."""
+    if a == 1 and b == 0:
+        return _kl(log_p, log_q)
+    if a == 0:
+        return _alpha_beta(log_q, log_p, b, a)  # D^(a, b)(p || q) = D^(b, a)(q || p)
+    if b == 0:  # the b -> 0 limit: 1 / a^2 sum_v [p^a log(p^a / q^a) - p^a + q^a]
+        p_a, q_a = (a * log_p).exp(), (a * log_q).exp()
+        return (p_a * torch.where(p_a > 0, a * (log_p - log_q), 0.0) - p_a + q_a).sum(-1) / a**2
+    s = a + b
+    return (a / s * (s * log_p).exp() + b / s * (s * log_q).exp() - (a * log_p + b * log_q).exp()).sum(-1) / (a * b)
+
+
 def total_variation(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """TV(p, q) = 0.5 sum_v |p - q|, in [0, 1]."""
     return 0.5 * (target_logits.softmax(-1) - logits.softmax(-1)).abs().sum(-1)
@@ -134,13 +163,15 @@ DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
     "skew_reverse_kl": skew_reverse_kl,
     "generalized_jsd": generalized_jsd,
     "total_variation": total_variation,
+    "alpha_beta_divergence": alpha_beta_divergence,
 }
-_PARAMETER = {"skew_forward_kl": "alpha", "skew_reverse_kl": "alpha", "generalized_jsd": "beta"}
+_PARAMETERS = {"skew_forward_kl": ("alpha",), "skew_reverse_kl": ("alpha",), "generalized_jsd": ("beta",),
+               "alpha_beta_divergence": ("ab_alpha", "ab_beta")}
 
 
 @dataclass(frozen=True)
 class Divergence:
-    """A divergence by name with its one parameter bound: ``div(logits, target_logits)``."""
+    """A divergence by name with its parameters bound: ``div(logits, target_logits)``."""
 
     name: str
     params: tuple[tuple[str, float], ...] = ()
@@ -155,21 +186,28 @@ CROSS_ENTROPY = Divergence("cross_entropy")
 """The cross-entropy term of ``loss_terms``: its target is a (B, R) tensor of token ids."""
 
 
-def divergence(name: str, *, alpha: float = 0.1, beta: float = 0.5) -> Divergence:
-    """The divergence ``name`` with the parameter it takes (skew KLs: alpha; generalized_jsd: beta).
+def divergence(name: str, *, alpha: float = 0.1, beta: float = 0.5, ab_alpha: float = 0.2,
+               ab_beta: float = 0.7) -> Divergence:
+    """The divergence ``name`` with the parameters it takes (skew KLs: alpha; generalized_jsd: beta;
+    alpha_beta_divergence: ab_alpha and ab_beta).
 
     Raises:
-        UserError: an unknown name (the valid ones listed) or a parameter outside [0, 1].
+        UserError: an unknown name (the valid ones listed), alpha or beta outside [0, 1], ab_alpha or
+            ab_beta negative or both 0.
     """
     if name not in DIVERGENCES:
         raise UserError(f"unknown divergence {name!r}; valid divergences: {', '.join(sorted(DIVERGENCES))}")
-    key = _PARAMETER.get(name)
-    if key is None:
-        return Divergence(name)
-    value = alpha if key == "alpha" else beta
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise UserError(f"{name}: {key} must be a number in [0, 1], got {value!r}")
-    return Divergence(name, ((key, float(value)),))
+    given = {"alpha": alpha, "beta": beta, "ab_alpha": ab_alpha, "ab_beta": ab_beta}
+    params = tuple((key, given[key]) for key in _PARAMETERS.get(name, ()))
+    for key, value in params:
+        upper = math.inf if key.startswith("ab_") else 1.0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= upper:
+            where = "a number >= 0" if upper == math.inf else "a number in [0, 1]"
+            raise UserError(f"{name}: {key} must be {where}, got {value!r}")
+    if name == "alpha_beta_divergence" and ab_alpha == ab_beta == 0:
+        raise UserError(f"{name}: ab_alpha and ab_beta are both 0; set at least one above 0 (1, 0 is forward KL, "
+                        "0, 1 reverse KL)")
+    return Divergence(name, tuple((key, float(value)) for key, value in params))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ D is skew reverse KL, KL(p_S || a p_S + (1 - a) p_T), or skew forward KL, KL(p_T
 (1 - a) p_S) (a = distillm.alpha). phi, the probability of student data, starts at
 initial_student_prob and grows by prob_step (at most to 1) whenever the dev loss has risen
 by loss_eps or more since phi last grew; it is checked once per epoch (adapt_every 0) or every
-adapt_every steps. The buffer (capacity sequences, first in first out) holds every process's
-samples in the global batch order, so all processes hold the same buffer; it is part of the
+adapt_every steps. The buffer (first in first out) holds every process's samples in the global
+batch order, so all processes hold the same buffer; its size is capacity sequences per process
+(capacity x processes in all), as the reference keeps capacity on each GPU (jongwooko/distillm
+distillm/buffer.py:19, one buffer per process, finetune.py:267); it is part of the
 method's state, with phi and the dev loss at the last growth, so a resumed run continues
 exactly.
 
@@ -84,7 +86,7 @@ class DistiLLM(Method):
         c = self.options
         self.ctx = ctx
         self.seed = ctx.seed
-        self.div = divergence(c.divergence, beta=c.beta, alpha=c.alpha)
+        self.div = divergence(c.divergence, beta=c.beta, alpha=c.alpha, ab_alpha=c.ab_alpha, ab_beta=c.ab_beta)
         self.phi = c.initial_student_prob
         self.prev_loss: float | None = None  # dev loss at the last growth of phi (or at the start)
         self.checked = 0  # epochs (adapt_every 0) or steps already checked
@@ -109,7 +111,11 @@ class DistiLLM(Method):
         """Add every process's samples in global batch order (micro-batch, then process)."""
         gathered = ctx.gather_object([batch_to_pairs(b) for b in batches])  # [process][micro-batch] -> pairs
         self.buffer.extend(global_batch(gathered))
-        del self.buffer[: max(0, len(self.buffer) - self.options.capacity)]
+        del self.buffer[: max(0, len(self.buffer) - self.capacity(ctx))]
+
+    def capacity(self, ctx: StepContext) -> int:
+        """The buffer's size in sequences: distillm.capacity per process."""
+        return self.options.capacity * ctx.num_processes
 
     def replay(self, ctx: StepContext, step: int, micro_batches: list[list]) -> list[SequenceBatch]:
         """This process's share of a global batch drawn from the buffer (same layout as the data)."""
@@ -152,7 +158,7 @@ class DistiLLM(Method):
             self.prev_loss = ctx.dev_loss()  # the reference evaluates before training (finetune.py:266)
         u = float(torch.rand((), generator=self.draw(ctx.step, 0)))
         fresh = fresh_fraction(self.phi, ctx.step / ctx.max_steps, c.replay_ratio)
-        source = choose_source(u, phi=self.phi, fresh=fresh, buffer_full=len(self.buffer) >= c.capacity)
+        source = choose_source(u, phi=self.phi, fresh=fresh, buffer_full=len(self.buffer) >= self.capacity(ctx))
         if source == "fresh":
             batches = [ctx.sample(mb) for mb in micro_batches]
             self.push(ctx, batches)

@@ -25,7 +25,7 @@ class GKD(Method):
 
     def setup(self, ctx: StepContext) -> None:
         c = self.options
-        self.div = divergence(c.divergence, beta=c.beta, alpha=c.alpha)
+        self.div = divergence(c.divergence, beta=c.beta, alpha=c.alpha, ab_alpha=c.ab_alpha, ab_beta=c.ab_beta)
 
     def on_policy(self, step: int, seed: int) -> bool:
         g = torch.Generator().manual_seed(seed * 7919 + step)

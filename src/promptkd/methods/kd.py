@@ -15,7 +15,7 @@ class KD(Method):
 
     def setup(self, ctx: StepContext) -> None:
         c = self.options
-        self.div = divergence(c.divergence, beta=c.beta, alpha=c.alpha)
+        self.div = divergence(c.divergence, beta=c.beta, alpha=c.alpha, ab_alpha=c.ab_alpha, ab_beta=c.ab_beta)
 
     def step(self, ctx: StepContext, micro_batches: list[list]) -> StepResult:
         batches = [ctx.collate(mb) for mb in micro_batches]

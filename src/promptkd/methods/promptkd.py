@@ -100,7 +100,7 @@ class PromptKD(Method):
             weight_decay=c.prompt_weight_decay,
         )
         self.prompt_loss = divergence("reverse_kl")  # KL(p_TP || .), as in the paper and its code
-        self.student_loss = divergence(c.divergence)
+        self.student_loss = divergence(c.divergence, ab_alpha=c.ab_alpha, ab_beta=c.ab_beta)
         self.student_dropout = has_active_dropout(ctx.student_module)
         self.collapse_streak = 0  # consecutive steps with kl_to_student < drift
         self.collapse_warned = False
