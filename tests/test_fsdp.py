@@ -41,9 +41,10 @@ ATOL = 2e-5
 FSDP = ["--train.fsdp", "true"]
 METHODS = {  # 2 steps each; DistiLLM as in test_multiprocess: step 1 fresh samples, step 2 a replay
     "gkd": {"gkd": {"beta": 0.5}},
-    "distillm": {"distillm": {"initial_student_prob": 0.9, "capacity": 4, "replay_ratio": "constant",
+    "distillm": {"distillm": {"initial_student_prob": 0.9, "capacity": 2, "replay_ratio": "constant",
                               "adapt_every": 1, "loss_eps": 10.0}},
 }
+ONE = {"distillm": ["--distillm.capacity", "4"]}  # capacity is per process: the same 4 in all for 1 process
 LOGGED = {
     "promptkd": ("prompt/loss", "prompt/kl_to_student", "prompt/drift", "prompt/grad_norm", "student/loss",
                  "student/grad_norm", "generated_tokens"),
@@ -86,7 +87,7 @@ def runs(tmp_path_factory):
             "--train.gradient_accumulation_steps", "2"),
         job("promptkd_one", "promptkd", "single", *four),
         *(job(f"{m}_two", m, "torchrun", *FSDP) for m in METHODS),
-        *(job(f"{m}_one", m, "single", *four) for m in METHODS),
+        *(job(f"{m}_one", m, "single", *four, *ONE.get(m, [])) for m in METHODS),
     ]), logs)
     # step 2 from the sharded checkpoint of step 1, with 2 sharded processes and with 1 process
     for name, source in (("promptkd_two_then_two", "promptkd_two"), ("promptkd_two_then_one", "promptkd_two"),

@@ -255,7 +255,7 @@ def test_lora_student_two_process_checkpoint_resumes_in_one_process(lora_runs):
 
 # Two steps each, greedy rollouts. MiniLLM: teacher-mixed rollouts at step 1 (the mixture's argmax),
 # reused at step 2 (ppo_epochs 2). DistiLLM with seed 5: step 1 draws u = 0.20 < phi = 0.9 with the
-# buffer not full (fresh samples fill it: capacity 4 = the global batch), step 2 draws u = 0.88 in
+# buffer not full (fresh samples fill it: capacity 2 per process = the global batch of 4), step 2 draws u = 0.88 in
 # [phi / 2, phi) (replay from the buffer); a dev-loss check after every step (adapt_every 1; phi
 # stays 0.9 as the loss never rises by loss_eps 10).
 # Tolerance on the student after 2 AdamW steps, measured: DistiLLM 1.1e-8, MiniLLM 3.7e-5 (whitened
@@ -265,9 +265,10 @@ def test_lora_student_two_process_checkpoint_resumes_in_one_process(lora_runs):
 STUDENT_ATOL = {"minillm": 1e-4, "distillm": 2 * STEP1_ATOL}
 METHOD_SECTIONS = {
     "minillm": {"minillm": {"teacher_mix_alpha": 0.2, "ppo_epochs": 2}},
-    "distillm": {"distillm": {"initial_student_prob": 0.9, "capacity": 4, "replay_ratio": "constant",
+    "distillm": {"distillm": {"initial_student_prob": 0.9, "capacity": 2, "replay_ratio": "constant",
                               "adapt_every": 1, "loss_eps": 10.0}},
 }
+ONE_PROCESS = {"distillm": ["--distillm.capacity", "4"]}  # capacity is per process: 4 in all either way
 
 
 @pytest.fixture(scope="module", params=sorted(METHOD_SECTIONS))
@@ -286,7 +287,8 @@ def method_runs(request, tmp_path_factory):
     base = ["--config", str(config)]
     times = run_all({
         "two": ("torchrun", [*base, "--train.output_dir", str(out["two"])]),
-        "one": ("single", [*base, "--train.output_dir", str(out["one"]), "--train.batch_size", "4"]),
+        "one": ("single", [*base, "--train.output_dir", str(out["one"]), "--train.batch_size", "4",
+                           *ONE_PROCESS.get(method, [])]),
     }, logs)
     return method, Runs(dirs=out, student_init=student, logs=logs, times=times)
 
