@@ -41,13 +41,22 @@ tokenizer is a word-level tokenizer built in memory, and only promptkd's own dep
    activations), a per-phase profile (the trainer's on_phase hook; on CUDA the phase clock
    synchronises the device at phase boundaries so kernels are charged to their phase), and an
    MFU estimate (see `flops_per_step` for the formula).
+3. FSDP2 (train.fsdp), with 2 or more GPUs. The tiny pair of tests/test_fsdp.py (tiny Llamas,
+   byte tokenizer, float32, greedy decoding) trains 2 PromptKD steps through `promptkd train`
+   subprocesses: once in 1 unsharded process x batch 4 on one GPU, and once with `--train.fsdp
+   true` in 2 processes x batch 2 under torchrun (NCCL); each run takes step 1, writes its
+   checkpoint (the sharded one: each rank's shards, torch.distributed.checkpoint) and takes step 2
+   resumed from it. The exported student and prompt must
+   equal the unsharded run's within 4e-5 (lr / 25, test_fsdp.py's tolerance for a second step) and
+   the logged losses within 1e-4 relative (float32 matmuls: torch's default, TF32 off). With fewer than 2 GPUs the check is skipped and the
+   report says so; --device cpu runs it on the CPU with gloo (the dry run of this flow).
 --max-seconds (default 270) bounds the wall time: measured steps stop early once the next one
 would end past it (at least one measured step per method is taken unless the budget is spent
 before the method starts; then the method is skipped, and the report says so).
 
 The last stdout line is one JSON document with every figure; --out also writes the markdown
-report. Exit status: 0 when everything ran and the numerics passed, 1 when a numerics check
-failed, 2 when --device cuda was asked and CUDA is not available (or on bad arguments).
+report. Exit status: 0 when everything ran and the numerics (and the FSDP2 check, when it ran)
+passed, 1 when one of them failed, 2 when --device cuda was asked and CUDA is not available (or on bad arguments).
 """
 
 from __future__ import annotations
@@ -111,6 +120,9 @@ DEFAULTS = {"full": (8, 128, 128, 32000, 2, 5), "tiny": (2, 16, 16, 512, 1, 2)}
 
 # numerics: (max loss relative difference, min gradient cosine) per precision on the device
 THRESHOLDS = {"float32": (1e-4, 0.99999), "bf16": (2e-2, 0.99)}
+# FSDP2 check: max |diff| of the weights after 2 steps (lr 1e-3), max relative diff of logged losses
+FSDP_WEIGHT_ATOL, FSDP_LOSS_RTOL = 4e-5, 1e-4
+FSDP_LOGGED = ("prompt/loss", "prompt/kl_to_student", "student/loss", "student/grad_norm")
 NORM_GAIN = 12.0  # final-norm gain of the tiny numerics models (peaked next-token distributions)
 MESSAGE_NO_CUDA = (
     "gpu_check: --device cuda was asked but CUDA is not available here (torch {torch}, CUDA build: {cuda}, "
@@ -508,6 +520,81 @@ def run_numerics(device, work: Path, methods: list[str]) -> dict:
     return out
 
 
+# ============================================================================ 3. FSDP2 (train.fsdp)
+
+
+def _train_cli(args: list[str], *, processes: int, device, log_path: Path) -> None:
+    """`promptkd train ARGS` in a subprocess: 1 process, or `processes` under torchrun (NCCL on CUDA,
+    gloo on the CPU). Raises RuntimeError with the log's tail when it fails."""
+    import subprocess
+
+    train = ["-m", "promptkd.cli", "-v", "train", "--no-progress", *args]  # -v: the info lines (sharded or not)
+    if device.type == "cpu":
+        train += ["--train.cpu", "true"]
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    with open(log_path, "w") as log_file:
+        proc = subprocess.run([sys.executable, *launch, *train], stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                              timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"promptkd train with {processes} process(es) exited {proc.returncode}:\n"
+                           + log_path.read_text(errors="replace")[-3000:])
+
+
+def run_fsdp(device, work: Path) -> dict:
+    """The 2-process train.fsdp equality check (see the module docstring, 3.); {"skipped": why} with
+    fewer than 2 GPUs."""
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from promptkd.testing import save_tiny_pair, write_tiny_jsonl
+
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        return {"skipped": f"needs 2 or more CUDA GPUs, this machine has {torch.cuda.device_count()}"}
+    start = time.perf_counter()
+    root = work / "fsdp"
+    teacher, student = save_tiny_pair(root / "models")
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "method": "promptkd",
+        "model": {"teacher": str(teacher), "student": str(student)},
+        "data": {"train": str(write_tiny_jsonl(root / "train.jsonl", 16)), "max_prompt_length": 256, "max_length": 300},
+        "train": {"max_steps": 1, "batch_size": 2, "warmup_steps": 0, "seed": 5, "learning_rate": 1e-3,
+                  "mixed_precision": "no", "eval_metric": "loss"},
+        "sampling": {"max_new_tokens": 6, "do_sample": False},
+    }), encoding="utf-8")
+    base = ["--config", str(config)]
+    one, two = root / "one", root / "two"
+    # both sides stop after step 1 and resume for step 2 (as in test_fsdp.py: PromptKD's step depends on
+    # train.max_steps, so a run of 2 steps straight takes another step 1)
+    for run, processes, args in ((one, 1, ["--train.batch_size", "4"]), (two, 2, ["--train.fsdp", "true"])):
+        _train_cli([*base, "--train.output_dir", str(run), *args], processes=processes, device=device,
+                   log_path=root / f"{run.name}_step1.log")
+        _train_cli(["--resume", str(run), "--train.max_steps", "2"], processes=processes, device=device,
+                   log_path=root / f"{run.name}_step2.log")
+    sharded_log = (root / "two_step1.log").read_text(errors="replace")
+    rows = []
+    for name, rel in (("student", "final/student/model.safetensors"),
+                      ("prompt", "final/prompt_adapter/adapter_model.safetensors")):
+        a, b = load_file(one / rel), load_file(two / rel)
+        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        rows.append({"quantity": f"{name} weights max |diff|", "value": diff, "threshold": f"<= {FSDP_WEIGHT_ATOL:g}",
+                     "ok": a.keys() == b.keys() and diff <= FSDP_WEIGHT_ATOL})
+    records = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
+    for key in FSDP_LOGGED:
+        rel = max(abs(a[key] - b[key]) / max(abs(a[key]), 1e-12) for a, b in zip(*records, strict=True))
+        rows.append({"quantity": f"{key} max rel. diff", "value": rel, "threshold": f"< {FSDP_LOSS_RTOL:g}",
+                     "ok": rel < FSDP_LOSS_RTOL})
+    rows.append({"quantity": "sharded over 2 processes (log line)", "value": float("sharded over 2 processes" in sharded_log),
+                 "threshold": "1", "ok": "sharded over 2 processes" in sharded_log})
+    out = {"backend": "nccl" if device.type == "cuda" else "gloo", "rows": rows,
+           "passed": all(r["ok"] for r in rows), "seconds": time.perf_counter() - start}
+    log(f"fsdp2 check ({out['backend']}, 2 processes): {'PASS' if out['passed'] else 'FAIL'} "
+        + ", ".join(f"{r['quantity']} {r['value']:.3g}" for r in rows) + f"; {out['seconds']:.0f} s")
+    return out
+
+
 # ============================================================================ 2. throughput
 
 
@@ -651,7 +738,7 @@ def _fmt_params(n: int) -> str:
     return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
-def markdown(meta: dict, numerics: dict | None, results: dict) -> str:
+def markdown(meta: dict, numerics: dict | None, results: dict, fsdp: dict | None = None) -> str:
     dev = meta["device"]
     on_gpu = meta["device_type"] == "cuda"
     lines = [
@@ -690,6 +777,20 @@ def markdown(meta: dict, numerics: dict | None, results: dict) -> str:
                 val = f"{r['value']:.6f} (1 - cos = {1 - r['value']:.1e})" if "cosine" in r["quantity"] else f"{r['value']:.3g}"
                 lines.append(f"| {run} | {r['quantity']} | {dv} | {rv} | {val} | {r['threshold']} | {res} |")
         lines += ["", f"Numerics: **{'PASS' if numerics['passed'] else 'FAIL'}**."]
+    lines += ["", "## FSDP2 (train.fsdp), 2 processes against 1 unsharded process", ""]
+    if fsdp is None:
+        lines.append("Skipped (--skip-fsdp).")
+    elif "skipped" in fsdp:
+        lines.append(f"Skipped: {fsdp['skipped']}. The FSDP2 path has not run on this machine's GPU.")
+    else:
+        lines += [
+            f"Tiny PromptKD pair, float32, greedy; 2 steps of 1 process x batch 4 against train.fsdp with 2 processes "
+            f"x batch 2 ({fsdp['backend']}): step 1, a sharded checkpoint, step 2 resumed from it. {fsdp['seconds']:.0f} s.",
+            "", "| quantity | value | threshold | result |", "|---|---|---|---|",
+        ]
+        lines += [f"| {r['quantity']} | {r['value']:.3g} | {r['threshold']} | {'pass' if r['ok'] else '**FAIL**'} |"
+                  for r in fsdp["rows"]]
+        lines += ["", f"FSDP2: **{'PASS' if fsdp['passed'] else 'FAIL'}**."]
     lines += ["", "## Throughput", ""]
     spec = meta["spec"]
     lines.append(
@@ -774,6 +875,7 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device, TFLOP/s (for MFU)")
     p.add_argument("--max-seconds", type=float, default=270.0, help="wall-time budget; measured steps stop early past it")
     p.add_argument("--skip-numerics", action="store_true")
+    p.add_argument("--skip-fsdp", action="store_true", help="skip the 2-process train.fsdp check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the markdown report here")
     p.add_argument("--keep-work", action="store_true", help="keep the scratch directory")
@@ -823,6 +925,9 @@ def main(argv=None) -> int:
         numerics = None
         if not args.skip_numerics:
             numerics = run_numerics(device, work, methods)
+        fsdp = None if args.skip_fsdp else run_fsdp(device, work)
+        if fsdp and "skipped" in fsdp:
+            log(f"fsdp2 check skipped: {fsdp['skipped']}")
         tokenizer = word_tokenizer(args.vocab)
         results = {}
         for method in methods:
@@ -832,17 +937,21 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     meta["wall_s"] = time.perf_counter() - t0
     meta["loss_compile"] = loss_compile_state()
-    report = markdown(meta, numerics, results)
+    report = markdown(meta, numerics, results, fsdp)
     print(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report, encoding="utf-8")
-    passed = numerics is None or numerics["passed"]
-    log(f"done in {meta['wall_s']:.0f} s; numerics {'skipped' if numerics is None else 'PASS' if passed else 'FAIL'}")
+    numerics_ok = numerics is None or numerics["passed"]
+    fsdp_ok = fsdp is None or "skipped" in fsdp or fsdp["passed"]
+    passed = numerics_ok and fsdp_ok
+    fsdp_verdict = "skipped" if fsdp is None or "skipped" in fsdp else "PASS" if fsdp_ok else "FAIL"
+    log(f"done in {meta['wall_s']:.0f} s; numerics {'skipped' if numerics is None else 'PASS' if numerics_ok else 'FAIL'}"
+        f"; fsdp2 {fsdp_verdict}")
     complete = all("skipped" not in r and r["seconds_per_step"] for r in results.values())
     if not complete:
         log("not every method was measured (see the report): raise --max-seconds")
-    print(json.dumps({"meta": meta, "numerics": numerics, "results": results, "passed": passed,
+    print(json.dumps({"meta": meta, "numerics": numerics, "fsdp": fsdp, "results": results, "passed": passed,
                       "complete": complete}, default=str))
     return 0 if passed else 1
 

@@ -5,8 +5,9 @@ Runs (float32, greedy decoding so the samples match across world sizes, as in te
 - PromptKD, step 1: 2 processes x batch 2 with train.fsdp, and 2 processes x 2 accumulated
   micro-batches of 1 with train.fsdp (the separate student-target forward, FSDP2's gradients
   reduce-scattered per micro-batch), against 1 unsharded process x batch 4. Then step 2 resumed from
-  the sharded step-1 checkpoint with 2 sharded processes and with 1 process, against the 1-process
-  run resumed with 1 process.
+  the sharded step-1 checkpoint (torch.distributed.checkpoint, each rank's shards) with 2 sharded
+  processes and with 1 process, and from a 1-process train.fsdp checkpoint with 2 sharded processes,
+  against the 1-process run resumed with 1 process.
 - GKD (generalized JSD, beta 0.5, on-policy) and DistiLLM (a fresh and a replayed step, dev loss
   each step): 2 steps, 2 sharded processes x 2 against 1 process x 4.
 
@@ -86,18 +87,21 @@ def runs(tmp_path_factory):
         job("promptkd_two_accum", "promptkd", "torchrun", *FSDP, "--train.batch_size", "1",
             "--train.gradient_accumulation_steps", "2"),
         job("promptkd_one", "promptkd", "single", *four),
+        job("promptkd_one_fsdp", "promptkd", "single", *FSDP, *four),
         *(job(f"{m}_two", m, "torchrun", *FSDP) for m in METHODS),
         *(job(f"{m}_one", m, "single", *four, *ONE.get(m, [])) for m in METHODS),
     ]), logs)
     # step 2 from the sharded checkpoint of step 1, with 2 sharded processes and with 1 process
     for name, source in (("promptkd_two_then_two", "promptkd_two"), ("promptkd_two_then_one", "promptkd_two"),
-                         ("promptkd_one_then_one", "promptkd_one")):
+                         ("promptkd_one_fsdp_then_two", "promptkd_one_fsdp"), ("promptkd_one_then_one", "promptkd_one")):
         out[name] = root / name
         shutil.copytree(out[source], out[name])
     step2 = ["--train.max_steps", "2", "--train.eval_metric", "loss"]
     times.update(run_all({
         "promptkd_two_then_two": ("torchrun", ["--resume", str(out["promptkd_two_then_two"]), *step2]),
         "promptkd_two_then_one": ("single", ["--resume", str(out["promptkd_two_then_one"]), *step2, *four]),
+        "promptkd_one_fsdp_then_two": ("torchrun", ["--resume", str(out["promptkd_one_fsdp_then_two"]), *step2,
+                                                    "--train.batch_size", "2"]),
         "promptkd_one_then_one": ("single", ["--resume", str(out["promptkd_one_then_one"]), *step2]),
     }, logs))
     print(f"\nrun times (s, from each batch's start): {json.dumps({k: round(v, 1) for k, v in times.items()})}")
@@ -188,11 +192,12 @@ def test_accelerates_fsdp2_and_fsdp_under_accelerates_fsdp_or_deepspeed_are_refu
     check_distributed_backend(fsdp, SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, is_fsdp2=False))
 
 
-def test_fsdp_with_one_process_warns_and_its_full_state_checkpoint_resumes_exactly(tmp_path, tiny_pair_dirs,
-                                                                                  tiny_jsonl, caplog):
+def test_fsdp_with_one_process_warns_and_its_dcp_checkpoint_resumes_exactly(tmp_path, tiny_pair_dirs, tiny_jsonl,
+                                                                           caplog):
     """One process has nothing to shard (one warning), but the checkpoint has train.fsdp's layout:
-    the student's model, optimizer and schedule as full state dicts in one file. GKD resumed at step
-    1 takes the same step 2 as an uninterrupted run."""
+    the student's model and optimizer in student_dcp/ (torch.distributed.checkpoint, one file of
+    whole tensors), the schedule in accelerate's custom_checkpoint_0.pkl. GKD resumed at step 1
+    takes the same step 2 as an uninterrupted run."""
     import torch
 
     from promptkd.training.loop import Trainer
@@ -200,9 +205,14 @@ def test_fsdp_with_one_process_warns_and_its_full_state_checkpoint_resumes_exact
     with caplog.at_level("WARNING"):
         Trainer(_train_cfg(tmp_path / "a", tiny_pair_dirs, tiny_jsonl, max_steps=1), show_progress=False).train()
     assert "train.fsdp with one process: nothing to shard" in caplog.text
+    assert "single process" not in caplog.text  # DCP's no-process-group warning is filtered
     step = tmp_path / "a" / "run" / "checkpoints" / "step-00000001"
-    state = torch.load(step / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=False)
-    assert set(state) == {"model", "optimizer", "scheduler"} and "model.embed_tokens.weight" in state["model"]
+    assert sorted(p.name for p in (step / "student_dcp").iterdir()) == [".metadata", "__0_0.distcp"]
+    metadata = _dcp_metadata(step)
+    assert "model.model.embed_tokens.weight" in metadata and "optimizer.state.model.embed_tokens.weight.exp_avg" in metadata
+    assert len(metadata["model.model.layers.0.mlp.up_proj.weight"].chunks) == 1
+    scheduler = torch.load(step / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=False)
+    assert scheduler["last_epoch"] == 1
     resumed = Trainer(_train_cfg(tmp_path / "a", tiny_pair_dirs, tiny_jsonl), resume=True, show_progress=False)
     resumed.train()
     whole = Trainer(_train_cfg(tmp_path / "b", tiny_pair_dirs, tiny_jsonl), show_progress=False)
@@ -246,22 +256,35 @@ def test_sharded_steps_equal_one_process(runs, method):
     _compare(out[f"{method}_two"], out[f"{method}_one"], method, 2 * ATOL)
 
 
-@pytest.mark.slow
-def test_sharded_checkpoint_holds_full_state_and_resumes_with_any_process_count(runs):
-    """The step-1 checkpoint of the sharded run holds whole tensors (the student's model, optimizer
-    and schedule in one file, written by the main process); step 2 resumed from it with 2 sharded
-    processes or with 1 process equals step 2 of the 1-process run resumed with 1 process."""
-    import torch
+def _dcp_metadata(checkpoint: Path) -> dict:
+    """{flattened key: its DCP storage metadata (size, chunks)} of a checkpoint's student_dcp/."""
+    from torch.distributed.checkpoint import FileSystemReader
 
+    return FileSystemReader(checkpoint / "student_dcp").read_metadata().state_dict_metadata
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_holds_each_processs_shards_and_reshards_on_resume(runs):
+    """The step-1 checkpoint of the sharded run is a torch.distributed.checkpoint directory: one file
+    per rank, each with half of the rows of every weight and AdamW moment (nothing gathered). Step 2
+    resumed from it with 2 sharded processes or with 1 process (DCP reshards on load), and step 2 of
+    a 1-process train.fsdp run resumed with 2 sharded processes, equal step 2 of the 1-process run
+    resumed with 1 process."""
     out, _, _ = runs
     step = out["promptkd_two"] / "checkpoints" / "step-00000001"
-    full = torch.load(step / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=False)
-    assert set(full) == {"model", "optimizer", "scheduler"}
+    files = {p.name: p.stat().st_size for p in (step / "student_dcp").iterdir()}
+    assert set(files) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    assert 0.4 < files["__0_0.distcp"] / files["__1_0.distcp"] < 2.5, files  # each rank wrote its shards
+    metadata = _dcp_metadata(step)
     one, _ = final_weights(out["promptkd_one"])
-    assert {k: tuple(v.shape) for k, v in full["model"].items() if k in one} == {
-        k: tuple(v.shape) for k, v in one.items()}
-    assert all(type(v) is torch.Tensor for v in full["model"].values())  # no DTensor shards
-    for name in ("promptkd_two_then_two", "promptkd_two_then_one"):
+    shapes = {f"model.{name}": tuple(w.shape) for name, w in one.items()}  # the export stores the tied head once
+    shapes["model.lm_head.weight"] = shapes["model.model.embed_tokens.weight"]
+    assert shapes == {k: tuple(v.size) for k, v in metadata.items() if k.startswith("model.")}
+    tensors = {k: v for k, v in metadata.items() if getattr(v, "chunks", None) and len(v.size) > 0}
+    assert sum(k.endswith((".exp_avg", ".exp_avg_sq")) for k in tensors) == 2 * len(one)  # one per parameter
+    for key, meta in tensors.items():  # weights and AdamW moments: the rows split between the ranks
+        assert len(meta.chunks) == 2 and sum(c.sizes[0] for c in meta.chunks) == meta.size[0], key
+    for name in ("promptkd_two_then_two", "promptkd_two_then_one", "promptkd_one_fsdp_then_two"):
         assert [m["step"] for m in metrics(out[name])] == [1, 2]
         _compare(out[name], out["promptkd_one_then_one"], "promptkd", 2 * ATOL)
 

@@ -18,13 +18,17 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        module = importlib.import_module("gpu_check")
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    module = gpu_check_module()
     assert Path(module.__file__).resolve() == SCRIPT
     return module
+
+
+def gpu_check_module():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        return importlib.import_module("gpu_check")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
 
 
 def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -47,9 +51,15 @@ def test_cpu_tiny_dry_run(tmp_path):
         assert f"| {run} | student gradient cosine |" in report
     assert "| promptkd/bf16 | prompt gradient cosine |" in report
     assert "**FAIL**" not in report
+    assert "## FSDP2 (train.fsdp), 2 processes against 1 unsharded process" in report and "FSDP2: **PASS**" in report
 
     doc = json.loads(proc.stdout.strip().splitlines()[-1])  # the last stdout line
     assert doc["passed"] is True and doc["complete"] is True
+    fsdp = doc["fsdp"]  # the 2-process train.fsdp check, on the CPU with gloo
+    assert fsdp["backend"] == "gloo" and fsdp["passed"] is True
+    weights = {r["quantity"]: r["value"] for r in fsdp["rows"] if "weights" in r["quantity"]}
+    assert set(weights) == {"student weights max |diff|", "prompt weights max |diff|"}
+    assert all(v <= gpu_check_module().FSDP_WEIGHT_ATOL for v in weights.values())
     assert doc["meta"]["device_type"] == "cpu" and doc["meta"]["tiny"] is True
     for method in ("promptkd", "gkd"):
         r = doc["results"][method]
@@ -120,3 +130,19 @@ def test_compare_flags_a_bad_gradient(gpu_check):
     bad = {"metrics": {"student/loss": 1.0}, "student_grad": g.flip(0) + 0.5, "student_update": g.sign()}
     (cos,) = [r for r in gpu_check.compare(ref, bad, "bf16") if r["quantity"] == "student gradient cosine"]
     assert cos["ok"] is False
+
+
+def test_fsdp_check_is_skipped_with_fewer_than_two_gpus(gpu_check, tmp_path, monkeypatch):
+    """With 0 or 1 CUDA GPU the train.fsdp check does not run (nothing is launched) and the report
+    says why; a skipped check does not fail the run."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    fsdp = gpu_check.run_fsdp(torch.device("cuda"), tmp_path)
+    assert fsdp == {"skipped": "needs 2 or more CUDA GPUs, this machine has 1"}
+    assert not any(tmp_path.iterdir())
+    meta = {"date": "d", "device_type": "cuda", "versions": {}, "command": "c", "wall_s": 1.0, "max_seconds": 1.0,
+            "loss_compile": "n/a", "tiny": False, "peak_tflops": None, "peak_source": "none",
+            "device": {"name": "GPU", "memory_gib": 80, "capability": "9.0"},
+            "spec": {"batch_size": 1, "prompt_tokens": 1, "new_tokens": 1, "vocab": 16, "warmup": 0, "steps": 1,
+                     "precision": "bf16"}}
+    report = gpu_check.markdown(meta, None, {}, fsdp)
+    assert "Skipped: needs 2 or more CUDA GPUs, this machine has 1. The FSDP2 path has not run" in report

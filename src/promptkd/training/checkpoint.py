@@ -36,7 +36,7 @@ import signal
 import stat
 from pathlib import Path
 
-from promptkd.models.sharding import full_state_dict, reshard
+from promptkd.models.sharding import reshard
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
@@ -139,44 +139,73 @@ class MethodState:
         self._set(state)
 
 
-class FullTrainingState:
-    """A model with its optimizer and schedule in accelerate's checkpoints as full state dicts
-    (`accelerator.register_for_checkpointing(FullTrainingState(model, optimizer, scheduler))`):
-    the student under train.fsdp, which accelerate does not prepare.
+STUDENT_DCP = "student_dcp"
 
-    `state_dict` gathers the whole model and optimizer state on the main process's CPU
-    (torch.distributed.checkpoint.state_dict, a collective: accelerate calls it on every process)
-    and accelerate writes it from there; `load_state_dict` shards the file's full tensors into
-    the model and optimizer again. The file does not depend on the number of processes, so a run
-    resumes with any number. Keys are parameter names, for a sharded model and an unsharded one.
+
+class ShardedTrainingState:
+    """The student's model and optimizer under train.fsdp, in every checkpoint as a
+    torch.distributed.checkpoint (DCP) directory, `student_dcp/`: each process writes its own shards
+    (`__<rank>_0.distcp`) and the main process the `.metadata` that says which rows of which tensor
+    each file holds. The student is not prepared by accelerate; `register` hooks the save and the
+    load into `accelerator.save_state` / `load_state`, which call them on every process. (The
+    schedule, replicated, is an ordinary accelerate custom object.)
+
+    State dicts come from `torch.distributed.checkpoint.state_dict` with its sharded default: keys
+    are parameter names, values the DTensor shards (plain tensors when the model is not sharded, with
+    one process), AdamW's moments likewise. Nothing is gathered. Loading reads from the files the
+    rows of this process's shards, so a checkpoint resumes with another number of processes too
+    (DCP reshards on load: verified 2 -> 1 and 1 -> 2 in tests/test_fsdp.py).
     """
 
-    def __init__(self, model, optimizer, scheduler):
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
 
-    def state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
+    def register(self, accelerator) -> None:
+        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: self.save(Path(output_dir)))
+        accelerator.register_load_state_pre_hook(lambda models, input_dir: self.load(Path(input_dir)))
 
-        model = full_state_dict(self.model)  # resharded first: the optimizer holds the shards
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, main process only
-        return {"model": model, "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
-                "scheduler": self.scheduler.state_dict()}
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    def load_state_dict(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+        reshard(self.model)  # the optimizer holds the shards, and so must the state dicts
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optimizer": optimizer}
 
-        reshard(self.model)
-        options = StateDictOptions(full_state_dict=True)  # every process read the whole file
-        set_model_state_dict(self.model, state["model"], options=options)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
-        self.scheduler.load_state_dict(state["scheduler"])
+    def save(self, checkpoint: Path) -> None:
+        """Write `checkpoint`/student_dcp (a collective: every process calls it)."""
+        import torch.distributed.checkpoint as dcp
+
+        with _single_process_quiet():
+            dcp.save(self._state(), checkpoint_id=checkpoint / STUDENT_DCP)
+
+    def load(self, checkpoint: Path) -> None:
+        """Load `checkpoint`/student_dcp into the model and optimizer (every process calls it).
+
+        Raises:
+            ValueError: the checkpoint has no student_dcp/ (not written by a train.fsdp run).
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        path = checkpoint / STUDENT_DCP
+        if not (path / ".metadata").is_file():
+            raise ValueError(f"no {STUDENT_DCP}/ in {checkpoint}: it was not written by a train.fsdp run")
+        state = self._state()  # (initialises the optimizer's state with a zero step: DCP loads in place)
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns once per call that it assumes one process when no process group exists (a
+    1-process train.fsdp run): that is what it should do here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield
 
 
 def save_checkpoint(accelerator, checkpoints_dir: Path, step: int, trainer_state: dict, keep_last: int) -> Path:

@@ -33,8 +33,8 @@ from promptkd.models.loading import eos_token_ids
 from promptkd.samplers import build_sampler
 from promptkd.training import assembly, data_sources, run_dir
 from promptkd.training.checkpoint import (
-    FullTrainingState,
     MethodState,
+    ShardedTrainingState,
     disk_size,
     link_duplicates,
     save_checkpoint,
@@ -172,11 +172,12 @@ class Trainer:
                                     betas=(t.adam_beta1, t.adam_beta2))
         scheduler = build_scheduler(optimizer, name=t.lr_scheduler, warmup_steps=t.warmup_steps, total_steps=t.max_steps)
         if t.fsdp:
-            # not prepared: accelerate would wrap the student in DDP. Its checkpoints hold full state dicts
-            # (with one process too, so a checkpoint resumes with any number of processes)
+            # not prepared: accelerate would wrap the student in DDP. Its checkpoints hold each process's
+            # shards (torch.distributed.checkpoint; with one process too, so one layout per run)
             if not sharded:
                 self.student.to(self.accelerator.device)
-            self.accelerator.register_for_checkpointing(FullTrainingState(self.student, optimizer, scheduler))
+            ShardedTrainingState(self.student, optimizer).register(self.accelerator)
+            self.accelerator.register_for_checkpointing(scheduler)
         else:
             self.student, optimizer, scheduler = self.accelerator.prepare(self.student, optimizer, scheduler)
         student_params = list(self.student.parameters())  # (the shards: before a forward gathers the root unit)
