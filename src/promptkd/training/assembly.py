@@ -30,6 +30,7 @@ from promptkd.models.loading import (
 from promptkd.models.lora import check_lora_backend, is_lora_model, with_lora
 from promptkd.models.sharding import shard_model
 from promptkd.precision import resolve_precision
+from promptkd.training.checkpoint import ShardedTrainingState
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +211,20 @@ def shard_models(accelerator, *models) -> bool:
                     " and ".join(type(m).__name__.removeprefix("FSDP") for m in models if m is not None),
                     accelerator.num_processes)
     return True
+
+
+def prepare_student(accelerator, student, optimizer, scheduler, *, fsdp: bool, sharded: bool):
+    """(student, optimizer, scheduler) ready to train: prepared by accelerate (DDP, FSDP1, ZeRO),
+    or under train.fsdp left unprepared (accelerate would wrap it in DDP), with checkpoints that
+    hold each process's shards (torch.distributed.checkpoint; with one process too, so a run has
+    one layout)."""
+    if not fsdp:
+        return accelerator.prepare(student, optimizer, scheduler)
+    if not sharded:
+        student.to(accelerator.device)
+    ShardedTrainingState(student, optimizer).register(accelerator)
+    accelerator.register_for_checkpointing(scheduler)
+    return student, optimizer, scheduler
 
 
 def check_distributed_backend(cfg, accelerator) -> None:

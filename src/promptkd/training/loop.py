@@ -32,13 +32,7 @@ from promptkd.methods.base import StepResult
 from promptkd.models.loading import eos_token_ids
 from promptkd.samplers import build_sampler
 from promptkd.training import assembly, data_sources, run_dir
-from promptkd.training.checkpoint import (
-    MethodState,
-    ShardedTrainingState,
-    disk_size,
-    link_duplicates,
-    save_checkpoint,
-)
+from promptkd.training.checkpoint import MethodState, disk_size, link_duplicates, save_checkpoint
 from promptkd.training.compute import Compute, matmul_params
 from promptkd.training.console import StopSignals, progress_postfix, say
 from promptkd.training.context import ParameterSet, TrainingContext, UpdateGuard
@@ -171,15 +165,8 @@ class Trainer:
         optimizer = build_optimizer(self.student.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
                                     betas=(t.adam_beta1, t.adam_beta2))
         scheduler = build_scheduler(optimizer, name=t.lr_scheduler, warmup_steps=t.warmup_steps, total_steps=t.max_steps)
-        if t.fsdp:
-            # not prepared: accelerate would wrap the student in DDP. Its checkpoints hold each process's
-            # shards (torch.distributed.checkpoint; with one process too, so one layout per run)
-            if not sharded:
-                self.student.to(self.accelerator.device)
-            ShardedTrainingState(self.student, optimizer).register(self.accelerator)
-            self.accelerator.register_for_checkpointing(scheduler)
-        else:
-            self.student, optimizer, scheduler = self.accelerator.prepare(self.student, optimizer, scheduler)
+        self.student, optimizer, scheduler = assembly.prepare_student(self.accelerator, self.student, optimizer,
+                                                                      scheduler, fsdp=t.fsdp, sharded=sharded)
         student_params = list(self.student.parameters())  # (the shards: before a forward gathers the root unit)
         self.ctx = TrainingContext(
             accelerator=self.accelerator, student=self.student, teacher=self.teacher, tokenizer=self.tokenizer,
