@@ -69,7 +69,7 @@ def test_sigterm_mid_run_then_resume_equals_uninterrupted_sharded_run(tmp_path):
     assert load_trainer_state(ckpt)["world_size"] == 2
     stopped = (f"promptkd: SIGTERM received: stopped after step {step} of {MAX_STEPS}, checkpoint written to "
                f"{ckpt}; continue with: promptkd train --resume {run}")
-    assert output.count(stopped) == 2, output[-3000:]  # one per rank (their lines may interleave)
+    assert output.count(stopped) == 1, output[-3000:]  # said once, by rank 0
     assert proc.returncode != 0  # torchrun's SignalException; its traceback is the only one
     assert "src/promptkd/" not in output and "promptkd/cli.py" not in output, output[-3000:]
     assert [r["step"] for r in metrics(run)] == list(range(1, step + 1))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import re
 import sys
 import types
@@ -367,11 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"promptkd: error: {e.cli}", file=sys.stderr)
         return 2
-    except NonFiniteError as e:
-        print(f"promptkd: training stopped: {e.cli}", file=sys.stderr)
+    except NonFiniteError as e:  # every process stops on it together: the first one says so
+        if os.environ.get("RANK", "0") == "0":
+            print(f"promptkd: training stopped: {e.cli}", file=sys.stderr)
         return 3
     except TrainingInterrupted as e:
-        print(f"promptkd: {e.cli}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"promptkd: {e.cli}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("promptkd: interrupted", file=sys.stderr)
