@@ -209,3 +209,20 @@ class FakeContext:
         opt.step()
         opt.zero_grad(set_to_none=True)
         return {f"{name}/grad_norm": grad_norm, f"{name}/lr": opt.param_groups[0]["lr"]}
+
+
+def crash_in_step(trainer, monkeypatch, step: int = 2) -> None:
+    """Run `trainer.train()` until its method raises in optimizer step `step` (0-based: after
+    `step` steps are done), as a crash would; pytest.raises checks it happened."""
+    import pytest
+
+    real = trainer.method.step
+
+    def crashing(ctx, micro_batches):
+        if ctx.step == step:
+            raise RuntimeError("simulated crash")
+        return real(ctx, micro_batches)
+
+    monkeypatch.setattr(trainer.method, "step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.train()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
+from fakes import crash_in_step
 from test_methods import make_cfg, record_batches, trainer_for
 
 from promptkd.testing import tiny_llama, write_tiny_jsonl
@@ -148,16 +148,7 @@ def test_a_resumed_run_ends_with_the_totals_of_an_uninterrupted_one(tmp_path, ti
 
     cfg = make_cfg(tmp_path / "run", *tiny_pair_dirs, tiny_jsonl, **sections)
     crashed = Trainer(cfg, show_progress=False).setup()
-    step = crashed.method.step
-
-    def crash_at_step_3(ctx, micro_batches):
-        if ctx.step == 2:
-            raise RuntimeError("simulated crash")
-        return step(ctx, micro_batches)
-
-    monkeypatch.setattr(crashed.method, "step", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        crashed.train()
+    crash_in_step(crashed, monkeypatch)  # in step 3
 
     resumed = Trainer(cfg, resume=True, show_progress=False)
     resumed.train()

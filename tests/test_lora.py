@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from fakes import crash_in_step
 from safetensors.torch import load_file
 from test_methods import make_cfg, snapshot, trainer_for
 
@@ -173,16 +174,7 @@ def test_in_process_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, tin
     cfg = make_cfg(tmp_path / "run", *tiny_pair_dirs, tiny_jsonl, **sections)
     crashed = Trainer(cfg, show_progress=False).setup()
     assert crashed.method.student_dropout  # the LoRA dropout is seen: student targets in eval mode
-    step = crashed.method.step
-
-    def crash_at_step_3(ctx, micro_batches):
-        if ctx.step == 2:
-            raise RuntimeError("simulated crash")
-        return step(ctx, micro_batches)
-
-    monkeypatch.setattr(crashed.method, "step", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        crashed.train()
+    crash_in_step(crashed, monkeypatch)  # in step 3
     assert [r["step"] for r in _metrics(crashed.output_dir)] == [1, 2]
 
     resumed = Trainer(cfg, resume=True, show_progress=False)
