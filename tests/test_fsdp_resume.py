@@ -23,7 +23,7 @@ import time
 import pytest
 import yaml
 from launch import ROOT, env, write_config
-from test_kill_resume import assert_same, load_any, metrics
+from test_kill_resume import assert_same, load_any, metrics, signal_after_steps
 
 from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state
 
@@ -51,13 +51,7 @@ def test_sigterm_mid_run_then_resume_equals_uninterrupted_sharded_run(tmp_path):
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
     proc = subprocess.Popen(torchrun("--config", str(config), "--train.output_dir", str(run)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT)
-    log = run / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (log.is_file() and log.read_text().count("\n") >= 2):
-        assert proc.poll() is None, f"run ended before it was signalled:\n{proc.stdout.read()[-3000:]}"
-        assert time.monotonic() < deadline, "run logged no steps in time"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
+    signal_after_steps(proc, run, 2, signal.SIGTERM, timeout=300, output=proc.stdout)
     output, _ = proc.communicate(timeout=300)
     ref_output, _ = uninterrupted.communicate(timeout=300)
     assert uninterrupted.returncode == 0, ref_output[-3000:]

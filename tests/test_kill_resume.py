@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,19 @@ def cli(args: list[str], kill_at: str | None = None) -> subprocess.CompletedProc
 def metrics(run: Path) -> list[dict]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def signal_after_steps(proc: subprocess.Popen, run: Path, steps: int, sig: int, *, timeout: float,
+                       output) -> None:
+    """Send `sig` to `proc` once `run`'s metrics.jsonl holds `steps` records; fail (with the tail of
+    `output`, the process's stream) if it ends or takes longer than `timeout` seconds first."""
+    log = run / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (log.is_file() and log.read_text().count("\n") >= steps):
+        assert proc.poll() is None, f"run ended before it was signalled:\n{output.read()[-3000:]}"
+        assert time.monotonic() < deadline, "run logged no steps in time"
+        time.sleep(0.02)
+    proc.send_signal(sig)
 
 
 def assert_same(a, b, where: str) -> None:

@@ -12,12 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from test_kill_resume import assert_same, load_any, metrics
+from test_kill_resume import assert_same, load_any, metrics, signal_after_steps
 
 from promptkd.testing import save_tiny_pair, write_tiny_jsonl
 from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state
@@ -64,13 +63,7 @@ def test_signal_mid_run_checkpoints_and_resume_matches_uninterrupted_run(setup, 
     run = root / f"run_{sig.name}"
     proc = subprocess.Popen(train_cmd("--config", str(cfg_path), "--train.output_dir", str(run)),
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = run / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (log.is_file() and log.read_text().count("\n") >= 3):
-        assert proc.poll() is None, f"run ended before it was signalled:\n{proc.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, "run logged no steps in time"
-        time.sleep(0.01)
-    proc.send_signal(sig)
+    signal_after_steps(proc, run, 3, sig, timeout=120, output=proc.stderr)
     _, stderr = proc.communicate(timeout=120)
 
     assert proc.returncode == code, stderr[-3000:]
