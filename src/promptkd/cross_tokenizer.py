@@ -318,7 +318,9 @@ def group_log_probs(logits: torch.Tensor, ids: torch.Tensor, row: torch.Tensor, 
 
 def uld(probs: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """ULD (Boizard et al. 2024): sum_k |sort(q)_k - sort(p)_k|, each row sorted in decreasing order,
-    the shorter row padded with zeros. (G, V_a), (G, V_b) -> (G,)."""
+    the shorter row padded with zeros (Nicolas-BZRD/llm-recipes @ab6e798
+    models/distillation_model.py:128-137, :163; GOLD's unmatched part, trl 1.16.0
+    trl/experimental/gold/gold_trainer.py:680-704). (G, V_a), (G, V_b) -> (G,)."""
     a, b = probs.sort(-1, descending=True).values, target_probs.sort(-1, descending=True).values
     width = max(a.shape[-1], b.shape[-1])
     return (F.pad(a, (0, width - a.shape[-1])) - F.pad(b, (0, width - b.shape[-1]))).abs().sum(-1)
@@ -330,7 +332,9 @@ def hybrid(div: Divergence, log_q: torch.Tensor, log_p: torch.Tensor, columns: t
 
     log_q, log_p: (G, V_q), (G, V_p) group log-probabilities, q trained; columns: the shared columns of
     each, pairwise. The divergence gets the log-probabilities as logits, so it compares q and p
-    renormalised over the shared tokens; ULD compares the probabilities left outside them.
+    renormalised over the shared tokens (GOLD feeds the unnormalised rows to its JSD, trl 1.16.0
+    trl/experimental/gold/gold_trainer.py:2282-2284; docs/method.md section 11 says why we differ);
+    ULD compares the probabilities left outside them.
     """
     q_columns, p_columns = columns
     exact = div(log_q[:, q_columns], log_p[:, p_columns])
