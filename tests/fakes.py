@@ -49,6 +49,7 @@ class FakeContext:
         self.student_module = student
         self.teacher = teacher
         self.tokenizer = tokenizer if tokenizer is not None else byte_tokenizer()
+        self.teacher_tokenizer = self.tokenizer
         if vocab_size is None:
             sizes = [m.get_output_embeddings().weight.shape[0] for m in (student, teacher) if m is not None]
             vocab_size = min(sizes)

@@ -136,7 +136,7 @@ def promptkd_setup(samples, monkeypatch, **promptkd):
             seen.append((trained.states.detach().clone(), terms[0][1].states.detach().clone()))
         return loss_terms(trained, terms, mask)
 
-    monkeypatch.setattr(promptkd_module, "loss_terms", recording)
+    monkeypatch.setattr(promptkd_module, "distill_terms", recording)
     return ctx, method, method.prompt_params[0].detach().clone(), seen
 
 
@@ -227,7 +227,7 @@ def test_promptkd_exception_inside_step_leaves_the_context_consistent(monkeypatc
 
     def failing_after_the_prompt(name, loss_value):
         out = prompt_update(name, loss_value)
-        monkeypatch.setattr(promptkd_module, "loss_terms", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+        monkeypatch.setattr(promptkd_module, "distill_terms", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
         return out
 
     monkeypatch.setattr(ctx, "apply_update", failing_after_the_prompt)

@@ -90,6 +90,11 @@ class ModelConfig:
     student: str = opt("", "Student: Hub id, local save_pretrained directory or a .gguf file.")
     dtype: str = _dtype_opt("Weight dtype of both models. Mixed precision for compute is train.mixed_precision.")
     trust_remote_code: bool = opt(False, "Passed to from_pretrained for custom architectures.")
+    cross_tokenizer: str = opt(
+        "auto", "Distil across tokenizers (docs/method.md section 11): auto = only when the teacher's and the student's "
+        "tokenizers differ (one log line says which path runs), on = always (also for one tokenizer), off = never "
+        "(a pair whose tokenizers differ is refused).", choices=["auto", "on", "off"],
+    )
     student_lora: StudentLoRAConfig = field(default_factory=StudentLoRAConfig)
 
 

@@ -95,6 +95,32 @@ def chat_tokenizer(family: str = "chatml", eos_token: str | None = None):
     return tok
 
 
+def bpe_tokenizer(vocab_size: int = 320, texts=None, *, eos_token: str = "<|endoftext|>"):
+    """A byte-level BPE tokenizer trained in memory on `texts` (default: the Alpaca prompts and
+    responses of TINY_RECORDS), a different vocabulary from `byte_tokenizer`'s: its special token
+    <|endoftext|> (eos and pad, id 0) first, then the 256 bytes, then merges up to `vocab_size`
+    (e.g. "Ġthe", "Response"). For cross-tokenizer tests: teacher and student read the same text
+    through different tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from promptkd.data.records import InstructionRecord
+    from promptkd.data.templates import format_prompt
+
+    if texts is None:
+        texts = []
+        for r in TINY_RECORDS:
+            response = r.get("output") or r["outputs"][0]
+            texts.append(format_prompt(InstructionRecord(r["instruction"], r["input"], [response])) + response)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos_token],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos_token, pad_token=eos_token)
+
+
 def _byte_backend():
     """Byte-level BPE without merges: every byte is one token (ids 0-255)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

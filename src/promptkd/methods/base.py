@@ -8,7 +8,9 @@ token count and loss scale, backward, an update of a parameter set, reductions o
 
 A forward returns `promptkd.losses.Outputs`: final hidden states and the model's LM head, or full
 logits when the head cannot be chunked; `promptkd.losses.loss_terms` takes either, chunk by chunk,
-so a method's step is written once.
+so a method's step is written once. When teacher and student tokenize differently, the teacher's
+forwards return `promptkd.cross_tokenizer.Aligned` outputs on its own tokenization and
+`distill_terms` compares them over aligned groups of tokens; with one tokenizer it is `loss_terms`.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Any, Protocol
 
 import torch
 
+from promptkd.cross_tokenizer import Aligned, cross_terms
 from promptkd.data.batch import SequenceBatch
-from promptkd.losses import CROSS_ENTROPY, Divergence, Outputs, loss_terms
+from promptkd.losses import CROSS_ENTROPY, Divergence, Outputs, Term, loss_terms
 from promptkd.models.head import LMHead, hidden_states_for_response
 from promptkd.models.prompted_teacher import PromptedTeacher
 from promptkd.sampling import response_logits
@@ -72,7 +75,8 @@ class StepContext(Protocol):
 
     Attributes: `step` (optimizer steps done before this one), `epoch` (passes over the training
     data, this step's batch included), `max_steps`, `vocab_size` (logit columns comparable
-    between student and teacher), `tokenizer`, `teacher` (the frozen teacher or None), `device`,
+    between student and teacher), `tokenizer` (the student's), `teacher_tokenizer` (the teacher's; the
+    same object when they match), `teacher` (the frozen teacher or None), `device`,
     `student_module` (the unwrapped student, for inspection), `is_main_process`,
     `num_processes`, `process_index`, `seed` (train.seed).
     """
@@ -82,6 +86,7 @@ class StepContext(Protocol):
     max_steps: int
     vocab_size: int
     tokenizer: Any
+    teacher_tokenizer: Any
     teacher: torch.nn.Module | None
     device: torch.device
     student_module: torch.nn.Module
@@ -95,7 +100,7 @@ class StepContext(Protocol):
     def collate(self, examples: Sequence) -> SequenceBatch: ...
     def student_forward(self, batch: SequenceBatch, *, target: bool = False, logits: bool = False) -> Outputs: ...
     def teacher_forward(self, batch: SequenceBatch, *, model: torch.nn.Module | None = None, base: bool = False,
-                        grad: bool = False, logits: bool = False) -> Outputs: ...
+                        grad: bool = False, logits: bool = False) -> Outputs | Aligned: ...
     def accumulate(self, is_last: bool) -> contextlib.AbstractContextManager: ...
     def backward(self, loss_sum: torch.Tensor, tokens: float) -> None: ...
     def add_parameter_set(self, name: str, params: list, *, learning_rate: float | None, weight_decay: float) -> None: ...
@@ -104,6 +109,24 @@ class StepContext(Protocol):
     def gather_object(self, obj) -> list: ...
     def dev_loss(self) -> float | None: ...
     def load_examples(self, source: str) -> list: ...
+
+
+def distill_terms(trained: Outputs | Aligned, terms: Sequence[Term], mask: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """`promptkd.losses.loss_terms(trained, terms, mask)`, for outputs on one tokenization (the exact
+    path). When trained or a target is `Aligned` (the teacher's tokenization of the batch), the
+    cross-entropy terms still go through `loss_terms` on the student's tokens and the others through
+    `promptkd.cross_tokenizer.cross_terms`, over aligned groups; the values keep the terms' order."""
+    if not any(isinstance(x, Aligned) for x in (trained, *[target for _, target, _ in terms])):
+        return loss_terms(trained, terms, mask)
+    ids = [k for k, (_, target, _) in enumerate(terms) if isinstance(target, torch.Tensor)]
+    rest = [k for k in range(len(terms)) if k not in ids]
+    loss, values = cross_terms(trained, [terms[k] for k in rest])
+    by_term = dict(zip(rest, values, strict=True))
+    if ids:
+        ce_loss, ce_values = loss_terms(trained, [terms[k] for k in ids], mask)
+        loss = loss + ce_loss
+        by_term.update(zip(ids, ce_values, strict=True))
+    return loss, [by_term[k] for k in range(len(terms))]
 
 
 def response_mask(batch: SequenceBatch) -> torch.Tensor:
@@ -168,7 +191,8 @@ def supervised_step(ctx: StepContext, batches: list[SequenceBatch], *, kd_ratio:
                     div: Divergence | None = None) -> StepResult:
     """(1 - kd_ratio) CE + kd_ratio divergence(student, teacher) on given sequences, one update.
 
-    Used by SFT (kd_ratio 0), KD, SeqKD, DistiLLM and GKD. Token-level mean over every response
+    Used by SFT (kd_ratio 0), KD, SeqKD, DistiLLM and GKD, with one tokenizer or two
+    (`distill_terms`). Token-level mean over every response
     token of the optimizer step (the global count across micro-batches and processes). CE and the
     divergence are one `loss_terms` pass (CE at weight 0, as GKD has it, is logged only).
     """
@@ -182,7 +206,7 @@ def supervised_step(ctx: StepContext, batches: list[SequenceBatch], *, kd_ratio:
             if kd_ratio > 0:
                 terms.append((div, ctx.teacher_forward(batch), kd_ratio))  # no grad
             with ctx.phase("losses"):
-                loss, values = loss_terms(student, terms, response_mask(batch))
+                loss, values = distill_terms(student, terms, response_mask(batch))
             ce_sum += values[0]
             kd_sum += values[1] if kd_ratio > 0 else 0.0
             ctx.backward(loss, global_tokens)

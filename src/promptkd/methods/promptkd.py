@@ -35,9 +35,17 @@ import logging
 
 import torch
 
+from promptkd.cross_tokenizer import Aligned
 from promptkd.data.batch import SequenceBatch
-from promptkd.losses import Outputs, divergence, loss_terms
-from promptkd.methods.base import Method, StepContext, StepResult, response_mask, step_tokens
+from promptkd.losses import Outputs, divergence
+from promptkd.methods.base import (
+    Method,
+    StepContext,
+    StepResult,
+    distill_terms,
+    response_mask,
+    step_tokens,
+)
 from promptkd.models.prompted_teacher import PromptedTeacher
 
 logger = logging.getLogger(__name__)
@@ -85,7 +93,7 @@ class PromptKD(Method):
         c = self.options
         self.prompted = PromptedTeacher(
             ctx.teacher,
-            ctx.tokenizer,
+            ctx.teacher_tokenizer,  # the prompt's text init: the teacher's tokens
             num_virtual_tokens=c.num_virtual_tokens,
             init=c.prompt_init,
             init_text=c.prompt_init_text,
@@ -131,9 +139,10 @@ class PromptKD(Method):
         return self.options.base_coef * (1.0 - (step + 1) / max_steps)
 
     def prompted_outputs(self, ctx: StepContext, batch: SequenceBatch, *, base: bool = False,
-                         grad: bool = False) -> Outputs:
+                         grad: bool = False) -> Outputs | Aligned:
         """The prompted teacher's outputs on the response columns (base: without its prompt);
-        `grad`: differentiable into the prompt."""
+        `grad`: differentiable into the prompt. With two tokenizers, on the teacher's tokenization
+        (`Aligned`): both prompt losses then run over the aligned groups (`distill_terms`)."""
         return ctx.teacher_forward(batch, model=self.prompted, base=base, grad=grad)
 
     def check_collapse(self, step: int, kl_to_student: float, drift: float) -> None:
@@ -172,7 +181,7 @@ class PromptKD(Method):
             with ctx.phase("teacher_fwd_base"):
                 base = self.prompted_outputs(ctx, batch, base=True)
             with ctx.phase("losses"):
-                loss, (kl, drift) = loss_terms(prompted, [(self.prompt_loss, target, 1.0),
+                loss, (kl, drift) = distill_terms(prompted, [(self.prompt_loss, target, 1.0),
                                                           (self.prompt_loss, base, lam)], response_mask(batch))
             kl_sum, drift_sum = kl_sum + kl, drift_sum + drift
             with ctx.phase("backward_prompt"):
@@ -191,7 +200,7 @@ class PromptKD(Method):
                 with ctx.phase("teacher_fwd_target"):
                     target = self.prompted_outputs(ctx, batch)
                 with ctx.phase("losses"):
-                    loss, (value,) = loss_terms(student, [(self.student_loss, target, 1.0)], response_mask(batch))
+                    loss, (value,) = distill_terms(student, [(self.student_loss, target, 1.0)], response_mask(batch))
                 student_sum += value
                 with ctx.phase("backward_student"):
                     ctx.backward(loss, tokens)

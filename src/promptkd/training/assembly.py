@@ -5,7 +5,7 @@ tokenizer and teacher it trains with, taken from the objects passed in or loaded
     accelerator, precision = accelerator_for(cfg.train)
     models = assemble_models(cfg, accelerator, precision, needs_teacher=True,
                              student=student, teacher=None, tokenizer=tokenizer)
-    models.student, models.tokenizer, models.teacher, models.vocab_size
+    models.student, models.tokenizer, models.teacher, models.vocab_size, models.cross_tokenizer
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 
+from promptkd.cross_tokenizer import CrossTokenizer
 from promptkd.errors import UserError
 from promptkd.models.loading import (
     ModelSpec,
     cast_frozen_linear_weights,
     check_tokenizer_compatibility,
     load_model_and_tokenizer,
+    output_vocab_size,
 )
 from promptkd.models.lora import check_lora_backend, is_lora_model, with_lora
 from promptkd.models.sharding import shard_model
@@ -60,6 +62,8 @@ class Models:
 
     teacher_flags: a passed-in teacher's ([(parameter, requires_grad)], [(module, training)]),
     which `frozen_teacher` gives back after training; None for a teacher the trainer loaded.
+    cross_tokenizer: the pair's `CrossTokenizer` when the run distils across tokenizers, else None;
+    teacher_tokenizer and teacher_vocab_size are then the teacher's own (else the student's).
     """
 
     student: Any
@@ -67,10 +71,13 @@ class Models:
     teacher: Any | None
     vocab_size: int
     teacher_flags: tuple | None = None
+    teacher_tokenizer: Any = None
+    teacher_vocab_size: int = 0
+    cross_tokenizer: CrossTokenizer | None = None
 
 
 def assemble_models(cfg, accelerator, precision, *, needs_teacher: bool, student=None, teacher=None,
-                    tokenizer=None) -> Models:
+                    tokenizer=None, teacher_tokenizer=None) -> Models:
     """The run's models and tokenizer, on `accelerator`'s device for the teacher (the student is
     placed by `accelerator.prepare` later).
 
@@ -79,23 +86,26 @@ def assemble_models(cfg, accelerator, precision, *, needs_teacher: bool, student
         accelerator, precision: the run's `Accelerator` and resolved `promptkd.precision` choice.
         needs_teacher: whether the method uses a teacher; without one a passed teacher is ignored.
         student, teacher, tokenizer: objects the user passed; None loads from `cfg.model`.
+        teacher_tokenizer: the teacher's own tokenizer, when it is not the student's; None loads it from
+            model.teacher when that is set (else the teacher shares `tokenizer`).
 
     Returns:
         `Models`: the student in train mode (with LoRA adapters when model.student_lora.r > 0), a
-        tokenizer with a pad token, the frozen teacher in eval mode (or None) and the vocabulary
-        size student and teacher share.
+        tokenizer with a pad token, the frozen teacher in eval mode (or None), the vocabulary
+        size student and teacher share (the student's, across tokenizers) and the path
+        (`tokenizer_path`).
 
     Raises:
         UserError: a student without a tokenizer and no model.student, a tokenizer with neither a
-            pad nor an eos token, or tokenizers that do not match.
+            pad nor an eos token, or tokenizers that do not match with model.cross_tokenizer off.
     """
     teacher_given = teacher is not None
     student, tokenizer = _student_and_tokenizer(cfg, accelerator, student, tokenizer)
     vocab_size = student.get_output_embeddings().weight.shape[0]
-    teacher_flags = None
+    teacher_flags, cross, teacher_tok, teacher_vocab_size = None, None, tokenizer, vocab_size
     if needs_teacher:
-        teacher, teacher_tok = _teacher_and_tokenizer(cfg, teacher, tokenizer)
-        vocab_size = check_tokenizer_compatibility(teacher_tok, tokenizer, teacher, student)
+        teacher, teacher_tok = _teacher_and_tokenizer(cfg, teacher, tokenizer, teacher_tokenizer)
+        cross, vocab_size, teacher_vocab_size = tokenizer_path(cfg, teacher_tok, tokenizer, teacher, student)
         if teacher_given:  # what train() gives back (frozen_teacher)
             teacher_flags = ([(p, p.requires_grad) for p in teacher.parameters()],
                              [(m, m.training) for m in teacher.modules()])
@@ -113,7 +123,42 @@ def assemble_models(cfg, accelerator, precision, *, needs_teacher: bool, student
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         student.config.use_cache = False
-    return Models(student, tokenizer, teacher, vocab_size, teacher_flags)
+    return Models(student, tokenizer, teacher, vocab_size, teacher_flags, teacher_tok, teacher_vocab_size, cross)
+
+
+def tokenizer_path(cfg, teacher_tokenizer, student_tokenizer, teacher, student) -> tuple[CrossTokenizer | None, int, int]:
+    """(CrossTokenizer or None, the student's and the teacher's logit columns) for the pair, and one
+    log line naming the path: the exact token-level path when the tokenizers match (as
+    `check_tokenizer_compatibility` defines it) and model.cross_tokenizer is not on; the
+    cross-tokenizer path when they differ (model.cross_tokenizer auto) or it is on.
+
+    Raises:
+        UserError: tokenizers that differ with model.cross_tokenizer off; across tokenizers, a method
+            that runs the teacher on the student's tokens (minillm, gkd with seq_kd).
+    """
+    mode = cfg.model.cross_tokenizer
+    if mode != "on":
+        try:
+            vocab_size = check_tokenizer_compatibility(teacher_tokenizer, student_tokenizer, teacher, student)
+        except UserError as err:
+            if mode == "off":
+                raise UserError(f"{err}; or set model.cross_tokenizer auto to distil across tokenizers "
+                                "(docs/method.md section 11)") from None
+        else:
+            logger.info("the teacher's and the student's tokenizers match: token-level distillation over one "
+                        "vocabulary of %d tokens (model.cross_tokenizer %s)", vocab_size, mode)
+            return None, vocab_size, vocab_size
+    if cfg.method == "minillm" or (cfg.method == "gkd" and cfg.gkd.seq_kd):
+        what = "minillm samples with the teacher" if cfg.method == "minillm" else "gkd.seq_kd samples from the teacher"
+        raise UserError(f"{what} on the student's tokens, which needs one tokenizer; the teacher's and the student's "
+                        "differ (or model.cross_tokenizer is on): use gkd, kd, seqkd, distillm or promptkd across "
+                        "tokenizers, or a teacher that shares the student's tokenizer")
+    if teacher_tokenizer.pad_token is None:
+        teacher_tokenizer.pad_token = teacher_tokenizer.eos_token  # pad positions are always masked out
+    pair = CrossTokenizer(student_tokenizer, teacher_tokenizer)
+    why = "model.cross_tokenizer on" if mode == "on" else "the teacher's and the student's tokenizers differ"
+    logger.info("%s: cross-tokenizer distillation (%s; exact divergence on them, ULD on the rest)", why, pair.describe())
+    return pair, output_vocab_size(student), output_vocab_size(teacher)
 
 
 def _student_and_tokenizer(cfg, accelerator, student, tokenizer):
@@ -150,11 +195,14 @@ def _student_and_tokenizer(cfg, accelerator, student, tokenizer):
     return student, tokenizer
 
 
-def _teacher_and_tokenizer(cfg, teacher, student_tokenizer):
+def _teacher_and_tokenizer(cfg, teacher, student_tokenizer, teacher_tokenizer=None):
     if teacher is None:
-        return load_model_and_tokenizer(
+        loaded, loaded_tok = load_model_and_tokenizer(
             ModelSpec(cfg.model.teacher, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
         )
+        return loaded, teacher_tokenizer or loaded_tok
+    if teacher_tokenizer is not None:
+        return teacher, teacher_tokenizer
     # a passed-in teacher shares the student's tokenizer unless model.teacher names its own
     if cfg.model.teacher:
         _, teacher_tok = load_model_and_tokenizer(ModelSpec(cfg.model.teacher, dtype=cfg.model.dtype))

@@ -18,6 +18,9 @@ sharded by the trainer) the root unit of each model, which holds the LM head, st
 its forward until the backward through it, so each forward serves the head it ran with
 (`promptkd.models.sharding`); the head's gradient goes to the gathered weight and FSDP
 reduce-scatters it into the shards with the other gradients.
+
+Across tokenizers (`cross_tokenizer` set), a teacher forward runs on the teacher's tokenization of
+the batch and returns `promptkd.cross_tokenizer.Aligned` outputs (docs/method.md section 11).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from promptkd.cross_tokenizer import Aligned, CrossTokenizer
 from promptkd.data.batch import SequenceBatch
 from promptkd.data.collate import collate_prompts, collate_sequences
 from promptkd.errors import UserError
@@ -122,13 +126,17 @@ class TrainingContext:
 
     def __init__(self, *, accelerator, student, teacher, tokenizer, vocab_size: int, sampler, sampling,
                  eos_token_ids: list[int], eos_at_cap_default: bool, train_cfg, guard: UpdateGuard,
-                 on_phase: Callable[[str, float], None] | None = None):
+                 on_phase: Callable[[str, float], None] | None = None, teacher_tokenizer=None,
+                 teacher_vocab_size: int | None = None, cross_tokenizer: CrossTokenizer | None = None):
         self.accelerator = accelerator
         self.student = student  # prepared (DDP / FSDP-wrapped when distributed), or sharded by train.fsdp
         self.sharded = is_sharded(student)  # train.fsdp: FSDP2 units (the teacher's too)
         self.teacher = teacher
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else tokenizer
+        self.teacher_vocab_size = teacher_vocab_size or vocab_size  # the teacher's logit columns
+        self.cross_tokenizer = cross_tokenizer  # None: one tokenizer (the exact path)
         self.sampler = sampler
         self.sampling = sampling  # the config's sampling section
         self.eos_token_ids = eos_token_ids
@@ -171,7 +179,8 @@ class TrainingContext:
                     if model is not None:
                         gather_root(model)  # FSDP2: the whole head weight, as after every forward
                     with self.autocast():  # the check forward runs as the training forwards do
-                        heads[name] = None if model is None else lm_head_of(model, self.vocab_size)
+                        vocab = self.vocab_size if name == "student" else self.teacher_vocab_size
+                        heads[name] = None if model is None else lm_head_of(model, vocab)
                 except UserError as err:
                     why = f"{name}: {err}"
                     break
@@ -259,6 +268,8 @@ class TrainingContext:
         config = self.sampling.to_sampling_config(self.eos_at_cap_default)
         if from_teacher or not training:
             config = dataclasses.replace(config, eos_at_cap=False)
+        if self.cross_tokenizer is not None and (from_teacher or teacher_mix > 0):
+            raise UserError("sampling from the teacher needs one tokenizer (the prompts are the student's tokens)")
         model = self.teacher if from_teacher else self.student_module
         gather = contextlib.nullcontext() if from_teacher else self.gathered_student()
         extra = {}
@@ -322,10 +333,15 @@ class TrainingContext:
             model.train(was_training)
 
     def teacher_forward(self, batch: SequenceBatch, *, model: torch.nn.Module | None = None, base: bool = False,
-                        grad: bool = False, logits: bool = False) -> Outputs:
+                        grad: bool = False, logits: bool = False) -> Outputs | Aligned:
         """The teacher's outputs on the response columns under autocast, no grad unless `grad`.
         `model`: a module around the teacher that a method trains (PromptKD's prompted teacher,
-        with the teacher's head); `base` runs it without its own parameters. `logits` as above."""
+        with the teacher's head); `base` runs it without its own parameters. `logits` as above.
+        Across tokenizers: `Aligned` outputs on the teacher's tokenization of `batch`."""
+        alignment = None
+        if self.cross_tokenizer is not None:
+            alignment = self.cross_tokenizer.teacher_batch(batch)
+            batch = alignment.teacher_batch
         grad_mode = contextlib.nullcontext() if grad else torch.no_grad()
         # a prompted teacher runs its virtual tokens too (not with `base`)
         virtual = 0 if base or model is None else getattr(model, "num_virtual_tokens", 0)
@@ -334,16 +350,19 @@ class TrainingContext:
         if grad:
             self.compute.teacher_backward_tokens += tokens  # activations only: the teacher is frozen
         with self.phase("teacher_fwd_base"), grad_mode, self.autocast():
-            return self._outputs(model if model is not None else self.teacher, batch,
-                                 None if logits else self.teacher_head, **({"base": True} if base else {}))
+            out = self._outputs(model if model is not None else self.teacher, batch, None if logits else self.teacher_head,
+                                vocab_size=self.teacher_vocab_size, **({"base": True} if base else {}))
+        return out if alignment is None else Aligned(out, alignment)
 
-    def _outputs(self, model, batch: SequenceBatch, head: LMHead | None, **kwargs) -> Outputs:
+    def _outputs(self, model, batch: SequenceBatch, head: LMHead | None, vocab_size: int | None = None,
+                 **kwargs) -> Outputs:
         """`outputs_of` in the caller's grad mode; under train.fsdp with the head weight this forward
         gathered (FSDP2 swaps a module's weight between its shard and the whole tensor)."""
-        out = outputs_of(model, batch, head, self.vocab_size, **kwargs)
+        vocab_size = vocab_size or self.vocab_size
+        out = outputs_of(model, batch, head, vocab_size, **kwargs)
         if head is None or not self.sharded:
             return out
-        head = lm_head_of(model, self.vocab_size, check=False)  # checked once, in _find_heads
+        head = lm_head_of(model, vocab_size, check=False)  # checked once, in _find_heads
         return Outputs(out.states, head if torch.is_grad_enabled() else head.detached(), out.autocast_dtype)
 
     # ---------------------------------------------------------------- normalisation and backward

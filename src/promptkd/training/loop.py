@@ -49,6 +49,8 @@ class Trainer:
         config: a `Config` (validated here), or a path / dict for `Trainer.from_config`.
         student, teacher, tokenizer: models and tokenizer you already hold; each one left None
             is loaded from `config.model` (the tokenizer from the student's source).
+        teacher_tokenizer: the teacher's tokenizer when it is not the student's (cross-tokenizer
+            distillation, model.cross_tokenizer); None: loaded with model.teacher, else `tokenizer`.
         train_dataset, eval_dataset: a `datasets.Dataset`, a list of dicts or a JSONL path, in
             the instruction schema or a chat format (`messages`, or prompt-only for on-policy
             methods); None reads `config.data.train` / `config.data.dev`.
@@ -72,8 +74,8 @@ class Trainer:
         train_dataset, eval_dataset: read, never changed.
     """
 
-    def __init__(self, config: Config, *, student=None, teacher=None, tokenizer=None, train_dataset=None,
-                 eval_dataset=None, resume: bool = False, overwrite: bool = False, show_progress: bool = True,
+    def __init__(self, config: Config, *, student=None, teacher=None, tokenizer=None, teacher_tokenizer=None,
+                 train_dataset=None, eval_dataset=None, resume: bool = False, overwrite: bool = False, show_progress: bool = True,
                  on_phase=None):
         if not isinstance(config, Config):
             raise TypeError(f"config must be a promptkd Config (use Trainer.from_config for a path or dict), got {type(config).__name__}")
@@ -81,6 +83,7 @@ class Trainer:
         self._given = {"student": student, "teacher": teacher, "tokenizer": tokenizer,
                        "train_dataset": train_dataset, "eval_dataset": eval_dataset}
         validate_config(config, provided={k for k, v in self._given.items() if v is not None})
+        self._given["teacher_tokenizer"] = teacher_tokenizer
         self.resume = resume
         self.overwrite = overwrite
         self.show_progress = show_progress
@@ -149,7 +152,8 @@ class Trainer:
                                             eval_dataset=given["eval_dataset"])
         models = assembly.assemble_models(
             cfg, self.accelerator, self.precision, needs_teacher=method_cls.needs_teacher(options),
-            student=given["student"], teacher=given["teacher"], tokenizer=given["tokenizer"])
+            student=given["student"], teacher=given["teacher"], tokenizer=given["tokenizer"],
+            teacher_tokenizer=given["teacher_tokenizer"])
         self.student, self.tokenizer, self.teacher = models.student, models.tokenizer, models.teacher
         self.vocab_size, self._teacher_flags = models.vocab_size, models.teacher_flags
         # N of the FLOPs estimate, before prepare() may shard the student (FSDP, ZeRO-3)
@@ -170,7 +174,8 @@ class Trainer:
         student_params = list(self.student.parameters())  # (the shards: before a forward gathers the root unit)
         self.ctx = TrainingContext(
             accelerator=self.accelerator, student=self.student, teacher=self.teacher, tokenizer=self.tokenizer,
-            vocab_size=self.vocab_size, sampler=None, sampling=cfg.sampling,
+            vocab_size=self.vocab_size, teacher_tokenizer=models.teacher_tokenizer,
+            teacher_vocab_size=models.teacher_vocab_size, cross_tokenizer=models.cross_tokenizer, sampler=None, sampling=cfg.sampling,
             eos_token_ids=eos_token_ids(self.tokenizer, self.unwrapped_student),
             eos_at_cap_default=method_cls.eos_at_cap_default, train_cfg=t, guard=self.guard, on_phase=self.on_phase,
         )
