@@ -420,3 +420,19 @@ def test_deepspeed_refuses_methods_that_call_backward_twice_per_step(method, sec
     else:
         check_distributed_backend(cfg, accelerator)
         assert ds_config["train_micro_batch_size_per_gpu"] == cfg.train.batch_size
+
+
+def test_paper_minillm_and_distillm_budgets_are_the_references():
+    """The three paper-config fixes of the reference audit (configs/paper/*.yaml headers cite the lines).
+
+    MiniLLM stops after 10 passes over the prompts (--epochs 10), not at --total-iters: 11,435 prompts,
+    a drop_last DistributedSampler over 16 GPUs (714 each), rollout phases of 16 prompts per GPU (44 a
+    pass), 4 PPO epochs of one optimizer step each per phase. DistiLLM keeps 1,000 replayed samples per
+    GPU on 16 GPUs, here 8 processes (the config's accelerate launch), and its dev loss reads 1,000
+    records (--dev-num 1000)."""
+    minillm = load_config(ROOT / "configs/paper/gpt2-base_minillm.yaml")
+    phases_per_pass = (11_435 // 16) // 16
+    assert minillm.train.max_steps == 10 * phases_per_pass * minillm.minillm.ppo_epochs == 1_760
+    distillm = load_config(ROOT / "configs/paper/gpt2-base_distillm.yaml")
+    assert distillm.distillm.capacity * 8 == 16 * 1_000
+    assert distillm.data.max_dev_examples == 1_000
