@@ -10,6 +10,7 @@ the bytes, then merges such as "ĠResponse").
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 from promptkd.config import config_from_dict
 from promptkd.cross_tokenizer import (
     Aligned,
+    Alignment,
     CrossTokenizer,
     align,
     char_ends,
@@ -122,6 +124,24 @@ def test_leading_space_markers_match_across_conventions():
     assert token_surfaces(sp)[sp.unk_token_id] == ("special", "<unk>")
 
 
+def test_byte_fallback_pieces_give_way_to_ordinary_tokens_of_the_same_text():
+    """A SentencePiece vocabulary lists its byte-fallback pieces first (Llama 2: '<0x2E>' at id 49, '.' at
+    29889): the shared vocabulary pairs the token the model writes, '.', not the byte piece."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, "<0x2E>": 2, "<0x61>": 3, ".": 4, "a": 5, "▁": 6, "▁a": 7}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "a")], unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback()])
+    sp = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+    bpe = bpe_tokenizer(texts=["a. a."] * 8)
+    assert token_surfaces(sp)[2] == token_surfaces(sp)[4] == b"."
+    pairs = shared_columns(sp, bpe)
+    assert pairs[4] == bpe.convert_tokens_to_ids(".") and pairs[5] == bpe.convert_tokens_to_ids("a")
+    assert 2 not in pairs and 3 not in pairs
+
+
 # ------------------------------------------------------------------------------ teacher batch
 
 
@@ -144,6 +164,19 @@ def test_teacher_batch_retokenizes_and_maps_special_tokens():
         spans = a.student_span[groups].tolist()
         assert [s0 for s0, _ in spans] == [0] + [s1 + 1 for _, s1 in spans[:-1]]  # the groups tile the response
     assert (a.num_student_tokens > 1).any()  # some groups merge several student tokens ("Ġworld" ...)
+
+
+def test_text_that_spells_a_teacher_special_token_stays_text():
+    """The data rule (promptkd.data.dataset): text never becomes a special token, on the teacher's side too."""
+    student, teacher = byte_tokenizer(), bpe_tokenizer()
+    response = "a <|endoftext|> b"
+    batch = collate_sequences([Example(student("Say it.")["input_ids"],
+                                       student(response, add_special_tokens=False)["input_ids"] + [student.eos_token_id],
+                                       [])], student.pad_token_id)
+    t = CrossTokenizer(student, teacher).teacher_batch(batch).teacher_batch
+    response_ids = t.input_ids[0, t.prompt_length :].tolist()
+    assert response_ids.count(teacher.eos_token_id) == 1 and response_ids[-1] == teacher.eos_token_id
+    assert teacher.decode(response_ids[:-1]) == response
 
 
 def test_chat_template_prompt_maps_markers_and_bos():
@@ -175,6 +208,27 @@ def test_uld_and_hybrid_by_hand():
     exact = 0.0  # one shared column renormalises to probability 1 on both sides
     outside = abs(0.5 - 0.3) + abs(0.3 - 0.2)  # q's {0.5, 0.3} against p's {0.3, 0.2}
     assert value.item() == pytest.approx(0.5 * exact + 0.5 * outside)
+
+
+def test_two_teacher_sides_compare_every_teacher_position_weighted_by_its_group():
+    """PromptKD's regulariser across tokenizers (prompted vs base teacher, both on the teacher's tokens):
+    every teacher position counts, a group's m_g positions sharing its n_g student tokens."""
+    torch.manual_seed(0)
+    # one row; groups (student 0-1, teacher 0) and (student 2, teacher 1-3); teacher position 4 is padding
+    a = Alignment(teacher_batch=None, row=torch.tensor([0, 0]), student_span=torch.tensor([[0, 1], [2, 2]]),
+                  teacher_span=torch.tensor([[0, 0], [1, 3]]), student_ids=torch.zeros(1, 3, dtype=torch.long),
+                  teacher_ids=torch.zeros(1, 5, dtype=torch.long), student_columns=torch.arange(6),
+                  teacher_columns=torch.arange(6))
+    q = torch.randn(1, 5, 6, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(1, 5, 6, dtype=torch.float64)
+    div = divergence("reverse_kl")
+    loss, (value,) = cross_terms(Aligned(Outputs(q), a), [(div, Aligned(Outputs(p), a), 1.0)])
+    kl = div(q, p)[0]  # (5,)
+    expected = 2.0 * kl[0] + (kl[1] + kl[2] + kl[3]) / 3.0
+    torch.testing.assert_close(loss, expected, rtol=1e-14, atol=0.0)
+    assert value == pytest.approx(float(expected.detach()), rel=1e-14)
+    loss.backward()
+    assert bool((q.grad[0, 4] == 0).all()) and bool((q.grad[0, :4] != 0).any())  # padding gets no gradient
 
 
 def test_group_log_probs_is_the_chain_rule():
@@ -255,6 +309,21 @@ def test_cross_tokenizer_methods_train(tmp_path, caplog, method, sections):
     lines = [r.getMessage() for r in caplog.records if "distillation" in r.getMessage()]
     assert len(lines) == 1 and "tokenizers differ: cross-tokenizer distillation (257 shared tokens" in lines[0]
     assert trainer.ctx.cross_tokenizer is not None and trainer.step == 2
+    records = [json.loads(line) for line in (trainer.output_dir / "metrics.jsonl").read_text().splitlines()]
+    key = {"promptkd": "prompt/kl_to_student", "distillm": "student/kd"}.get(method, "student/kd")
+    assert len(records) == 2 and all(0.0 < r[key] < 50.0 for r in records), records  # a real divergence, not 0 / inf
+
+
+def test_auto_does_not_take_a_model_too_small_for_its_tokenizer_for_two_tokenizers(tmp_path):
+    """One tokenizer, a teacher with fewer output rows than its ids: the checkpoint is wrong, not the path."""
+    data = write_tiny_jsonl(tmp_path / "train.jsonl", 8)
+    cfg = config_from_dict({"method": "kd", "data": {"train": str(data)},
+                            "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "batch_size": 2}},
+                           check_required=False)
+    trainer = Trainer(cfg, student=tiny_llama(num_layers=1, seed=1), teacher=tiny_llama(vocab_size=200, num_layers=1),
+                      tokenizer=byte_tokenizer(), show_progress=False)
+    with pytest.raises(UserError, match="teacher model has 200 output rows but its tokenizer has 259 tokens"):
+        trainer.setup()
 
 
 def test_cross_tokenizer_seqkd_trains_on_teacher_responses(tmp_path):
@@ -280,3 +349,20 @@ def test_off_refuses_two_tokenizers_and_methods_that_need_one(tmp_path):
         run(tmp_path, "kd", mode="off")
     with pytest.raises(UserError, match="minillm samples with the teacher"):
         run(tmp_path, "minillm")
+
+
+def test_cross_tokenizer_promptkd_20_steps_lower_the_students_divergence_to_the_teacher():
+    """The issue's 20-step run, as benchmarks/cross_tokenizer_promptkd.py makes it (a byte-tokenizer student,
+    a BPE teacher): the student's hybrid reverse KL to the teacher on fixed responses falls. Measured:
+    6.20 -> 4.89, falling at every step; the bound asks for a fall of a tenth, well inside that."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cross_tokenizer_promptkd.py"
+    done = subprocess.run([sys.executable, str(script), "--steps", "20"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    curve = result["divergence_curve"]
+    assert len(curve) == 21 and curve[-1] < 0.9 * curve[0], curve

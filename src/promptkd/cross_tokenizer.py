@@ -13,12 +13,14 @@ section 11.) Both models read the same text:
    characters (`align`). Identical tokenizers give one token per group.
 3. **Group distributions.** A group's row is, for every vocabulary entry v, the probability that the
    group's tokens before its last one are the text's and the last is v (chain rule: the last
-   position's distribution times the earlier tokens' probabilities; `group_log_probs`).
+   position's distribution times the earlier tokens' probabilities; `group_log_probs`). The exact
+   divergence renormalises the rows, which cancels that factor; ULD keeps it.
 4. **Hybrid loss.** Columns of tokens whose strings both vocabularies hold (`shared_columns`) get the
    method's own divergence (renormalised over those columns); the other columns get ULD, the L1
    distance between the sorted probability vectors (`uld`), weighted by the shared fraction of the
    teacher's vocabulary (`hybrid`). A group counts as many tokens as it has student tokens, so the
-   token mean runs over the student's response tokens, as on the exact path.
+   token mean runs over the student's response tokens, as on the exact path. Two outputs on the
+   teacher's tokens (PromptKD's regulariser) compare every teacher position instead.
 
 Sources: TRL's GOLD trainer (trl 1.16.0, trl/experimental/gold/) and Boizard et al. 2024 (ULD); every
 default and deviation is cited in docs/method.md section 11.
@@ -117,6 +119,11 @@ def _is_byte_level(tokenizer) -> bool:
     return backend is not None and "ByteLevel" in repr(backend.decoder)
 
 
+def _is_byte_piece(piece: str) -> bool:
+    """SentencePiece's byte fallback: '<0xNN>' stands for the byte NN."""
+    return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+
+
 def token_surfaces(tokenizer) -> dict[int, bytes | tuple[str, str]]:
     """Each token id -> what it stands for: its text as UTF-8 bytes (byte-level BPE's 'Ġ' and
     SentencePiece's '▁' read as a space, SentencePiece's '<0xNN>' as that byte), or ("special", its
@@ -132,7 +139,7 @@ def token_surfaces(tokenizer) -> dict[int, bytes | tuple[str, str]]:
             surfaces[token_id] = piece.encode()
         elif byte_level and all(c in _BYTE_DECODER for c in piece):
             surfaces[token_id] = bytes(_BYTE_DECODER[c] for c in piece)
-        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        elif _is_byte_piece(piece):
             surfaces[token_id] = bytes([int(piece[3:5], 16)])
         else:
             surfaces[token_id] = piece.replace("▁", " ").encode()
@@ -141,11 +148,15 @@ def token_surfaces(tokenizer) -> dict[int, bytes | tuple[str, str]]:
 
 def shared_columns(student_tokenizer, teacher_tokenizer) -> dict[int, int]:
     """{student id: teacher id} for the tokens both vocabularies hold: equal `token_surfaces`, the
-    lowest id when one side has several ids for one text; special tokens by string, else by role
+    lowest id when one side has several ids for one text (an ordinary token before a byte-fallback
+    piece); special tokens by string, else by role
     (eos, bos, unk, pad: the teacher's EOS is the student's). One to one."""
     def first_ids(tokenizer) -> dict:
+        # of several ids for one text, a byte-fallback piece ('<0x2E>') only when no ordinary token has
+        # it: a SentencePiece model writes '.' with its '.' token, not with the byte
+        fallback = {i for piece, i in tokenizer.get_vocab().items() if _is_byte_piece(piece)}
         ids: dict = {}
-        for token_id, surface in sorted(token_surfaces(tokenizer).items()):
+        for token_id, surface in sorted(token_surfaces(tokenizer).items(), key=lambda kv: (kv[0] in fallback, kv[0])):
             ids.setdefault(surface, token_id)
         return ids
 
@@ -207,7 +218,10 @@ class CrossTokenizer:
     def __init__(self, student_tokenizer, teacher_tokenizer):
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
         self.columns = shared_columns(student_tokenizer, teacher_tokenizer)
-        student_special = set(student_tokenizer.all_special_ids)
+        # every special token is one (Llama 3's header markers are flagged special without being
+        # in all_special_ids); the text between them is text on both sides
+        student_special = set(student_tokenizer.all_special_ids) | {
+            i for i, token in student_tokenizer.added_tokens_decoder.items() if token.special}
         self.special = {s: t for s, t in self.columns.items() if s in student_special}  # special -> teacher id
         self.student_special = student_special
         # what the teacher's tokenizer adds around a text (its BOS), minus a trailing EOS: GOLD's
@@ -237,7 +251,9 @@ class CrossTokenizer:
             if not run:
                 return
             text = self.student_tokenizer.decode(run, clean_up_tokenization_spaces=False)
-            teacher = self.teacher_tokenizer(text, add_special_tokens=False)["input_ids"]
+            # text never becomes a special token (as promptkd.data.dataset tokenizes data): a response
+            # that spells "</s>" is those characters for the teacher too
+            teacher = self.teacher_tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             if not prompt:
                 for s, t in align(char_ends(self.student_tokenizer, run), char_ends(self.teacher_tokenizer, teacher)):
                     groups.append((range(s.start + start, s.stop + start), range(t.start + len(out), t.stop + len(out))))
@@ -345,44 +361,66 @@ def hybrid(div: Divergence, log_q: torch.Tensor, log_p: torch.Tensor, columns: t
     return shared_fraction * exact + (1.0 - shared_fraction) * uld(outside(log_q, q_columns), outside(log_p, p_columns))
 
 
+def teacher_position_weights(a: Alignment) -> torch.Tensor:
+    """(B, R_t) each teacher response position's share of its group's weight, n_g / m_g (the group's
+    student tokens over its teacher tokens); 0 at positions in no group (padding)."""
+    m = a.teacher_span[:, 1] - a.teacher_span[:, 0] + 1  # (G,)
+    starts = torch.repeat_interleave(a.teacher_span[:, 0], m)
+    within = torch.arange(int(m.sum()), device=m.device) - torch.repeat_interleave(m.cumsum(0) - m, m)
+    weights = torch.zeros(a.teacher_ids.shape, dtype=torch.float64, device=m.device)
+    weights[torch.repeat_interleave(a.row, m), starts + within] = torch.repeat_interleave(a.num_student_tokens / m, m)
+    return weights
+
+
 def cross_terms(trained: Outputs | Aligned, terms: Sequence[tuple]) -> tuple[torch.Tensor, list[float]]:
-    """(sum_k w_k sum over groups of n_g D_k(group), [each term's sum]), n_g the group's student tokens.
+    """(sum_k w_k term_k, [each term_k]): each term a sum weighted so that a group counts n_g, its
+    student tokens (the token mean runs over the student's response tokens, as on the exact path).
 
     trained and each target are `Outputs` on the student's tokenization or `Aligned` outputs on the
-    teacher's (at least one `Aligned`). Two sides on one tokenization compare every column (PromptKD's
-    regulariser: prompted against base teacher); across tokenizations `hybrid` runs, with the shared
-    fraction of the teacher's vocabulary as weight (GOLD's adaptive weight, trl 1.16.0
-    trl/experimental/gold/gold_trainer.py:706-710). Targets get no gradient; a term of weight 0 is
-    logged only.
+    teacher's (at least one `Aligned`). Across tokenizations, per group, `hybrid` of the group rows
+    (`group_log_probs`), with the shared fraction of the teacher's vocabulary as weight (GOLD's
+    adaptive weight, trl 1.16.0 trl/experimental/gold/gold_trainer.py:706-710). Two sides on the
+    teacher's tokenization (PromptKD's regulariser: prompted against base teacher) compare every
+    teacher position with every column, weighted n_g / m_g (`teacher_position_weights`). Targets get
+    no gradient; a term of weight 0 is logged only.
     """
     a = next(x.alignment for x in (trained, *[t for _, t, _ in terms]) if isinstance(x, Aligned))
 
-    def rows(side: Outputs | Aligned) -> torch.Tensor:
-        out, ids, span = ((side.outputs, a.teacher_ids, a.teacher_span) if isinstance(side, Aligned)
-                          else (side, a.student_ids, a.student_span))
-        logits = out.logits()
-        return group_log_probs(logits.to(torch.promote_types(logits.dtype, torch.float32)), ids, a.row, span)
+    def logits(side: Outputs | Aligned) -> torch.Tensor:
+        x = (side.outputs if isinstance(side, Aligned) else side).logits()
+        return x.to(torch.promote_types(x.dtype, torch.float32))
+
+    def rows(side: Outputs | Aligned, side_logits: torch.Tensor) -> torch.Tensor:
+        ids, span = (a.teacher_ids, a.teacher_span) if isinstance(side, Aligned) else (a.student_ids, a.student_span)
+        return group_log_probs(side_logits, ids, a.row, span)
 
     def vocab(side: Outputs | Aligned) -> int:
         out = side.outputs if isinstance(side, Aligned) else side
         return out.states.shape[-1] if out.head is None else out.head.vocab_size
 
-    trained_rows = rows(trained)  # (G, V)
-    weights = a.num_student_tokens.to(trained_rows.dtype)  # (G,)
-    loss, values = trained_rows.new_zeros(()), []
+    trained_logits = logits(trained)  # (B, R, V), with grad
+    trained_rows = None  # (G, V), when a term needs them
+    weights = a.num_student_tokens.to(trained_logits.dtype)  # (G,)
+    loss, values = trained_logits.new_zeros(()), []
     for div, target, weight in terms:
         with torch.no_grad():
-            target_rows = rows(target)
-        q = trained_rows if weight else trained_rows.detach()
-        if isinstance(trained, Aligned) == isinstance(target, Aligned):  # one tokenization
-            per_group = div(q, target_rows)
-        else:
+            target_logits = logits(target)
+        if isinstance(trained, Aligned) and isinstance(target, Aligned):  # one tokenization, the teacher's
+            q = trained_logits if weight else trained_logits.detach()
+            term = (teacher_position_weights(a).to(q.dtype) * div(q, target_logits)).sum()
+        elif isinstance(trained, Aligned) != isinstance(target, Aligned):
+            trained_rows = rows(trained, trained_logits) if trained_rows is None else trained_rows
+            with torch.no_grad():
+                target_rows = rows(target, target_logits)
             teacher_side = trained if isinstance(trained, Aligned) else target
             columns = (a.student_columns, a.teacher_columns)
             if isinstance(trained, Aligned):
                 columns = columns[::-1]
+            q = trained_rows if weight else trained_rows.detach()
             per_group = hybrid(div, q, target_rows, columns, a.teacher_columns.numel() / vocab(teacher_side))
-        term = (weights * per_group).sum()
+            term = (weights * per_group).sum()
+        else:
+            raise ValueError("cross_terms compares two outputs on the student's tokenization with loss_terms")
         values.append(float(term.detach()))
         if weight:
             loss = loss + weight * term

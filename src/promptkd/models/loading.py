@@ -345,15 +345,49 @@ def output_vocab_size(model) -> int:
     return int(model.config.get_text_config().vocab_size)
 
 
+def tokenizer_difference(teacher_tokenizer, student_tokenizer) -> str | None:
+    """How two tokenizers differ, or None when they are one tokenizer for the KD losses: the same
+    vocabulary (size and token -> id map) and the same special-token ids (eos, pad, bos, unk)."""
+    num_teacher_tokens, num_student_tokens = len(teacher_tokenizer), len(student_tokenizer)
+    if num_teacher_tokens != num_student_tokens:
+        return f"teacher tokenizer has {num_teacher_tokens} tokens but student tokenizer has {num_student_tokens}"
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab != student_vocab:
+        differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()), key=lambda kv: kv[1])
+        token, token_id = differing[0]
+        return (f"teacher and student tokenizers both have {num_teacher_tokens} tokens but different "
+                f"vocabularies ({len(differing)} differing token/id pairs, e.g. {token!r} -> {token_id})")
+    special_diffs = [
+        f"{name}: teacher {getattr(teacher_tokenizer, f'{name}_token_id')}, "
+        f"student {getattr(student_tokenizer, f'{name}_token_id')}"
+        for name in SPECIAL_TOKENS
+        if getattr(teacher_tokenizer, f"{name}_token_id") != getattr(student_tokenizer, f"{name}_token_id")
+    ]
+    if special_diffs:
+        return f"teacher and student special-token ids differ ({'; '.join(special_diffs)})"
+    return None
+
+
+def check_output_rows(model, tokenizer, who: str) -> int:
+    """The model's logit columns (output rows); a UserError if they cannot score every token id of
+    its tokenizer."""
+    size = output_vocab_size(model)
+    if size < len(tokenizer):
+        raise UserError(
+            f"{who} model has {size} output rows but its tokenizer has {len(tokenizer)} tokens: the model "
+            f"cannot score every token id; check the {who} checkpoint matches its tokenizer"
+        )
+    return size
+
+
 def check_tokenizer_compatibility(
     teacher_tokenizer, student_tokenizer, teacher_model, student_model
 ) -> int:
     """Check a teacher and student can be compared token by token; return the logit slice size.
 
     The KD losses compare p_T(v) with p_S(v) for every vocabulary id v, so both models must
-    use one tokenizer: same vocabulary (size and token -> id map) and same special-token ids
-    (eos, pad, bos, unk). Model output sizes may differ only by padding rows beyond the
-    tokenizer (both >= len(tokenizer)); then a warning is emitted and the smaller size is
+    use one tokenizer (`tokenizer_difference`). Model output sizes may differ only by padding rows
+    beyond the tokenizer (both >= len(tokenizer)); then a warning is emitted and the smaller size is
     returned.
 
     Returns:
@@ -361,50 +395,19 @@ def check_tokenizer_compatibility(
     Raises:
         UserError: naming both sizes, or the differing special tokens, and what to do.
     """
-    fix = (
-        "the KD losses compare the two next-token distributions token by token, so teacher "
-        "and student must share one tokenizer: use a student from the same model family "
-        "(e.g. one made with make_student from this teacher)"
-    )
-    num_teacher_tokens, num_student_tokens = len(teacher_tokenizer), len(student_tokenizer)
-    if num_teacher_tokens != num_student_tokens:
+    difference = tokenizer_difference(teacher_tokenizer, student_tokenizer)
+    if difference is not None:
         raise UserError(
-            f"teacher tokenizer has {num_teacher_tokens} tokens but student tokenizer has "
-            f"{num_student_tokens}: {fix}"
+            f"{difference}: the KD losses compare the two next-token distributions token by token, so "
+            "teacher and student must share one tokenizer: use a student from the same model family "
+            "(e.g. one made with make_student from this teacher)"
         )
-    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
-    if teacher_vocab != student_vocab:
-        differing = sorted(
-            set(teacher_vocab.items()) ^ set(student_vocab.items()), key=lambda kv: kv[1]
-        )
-        token, token_id = differing[0]
-        raise UserError(
-            f"teacher and student tokenizers both have {num_teacher_tokens} tokens but different "
-            f"vocabularies ({len(differing)} differing token/id pairs, e.g. {token!r} -> {token_id}): {fix}"
-        )
-    special_diffs = [
-        f"{name}: teacher {getattr(teacher_tokenizer, f'{name}_token_id')}, "
-        f"student {getattr(student_tokenizer, f'{name}_token_id')}"
-        for name in SPECIAL_TOKENS
-        if getattr(teacher_tokenizer, f"{name}_token_id")
-        != getattr(student_tokenizer, f"{name}_token_id")
-    ]
-    if special_diffs:
-        raise UserError(
-            f"teacher and student special-token ids differ ({'; '.join(special_diffs)}): {fix}"
-        )
-    teacher_size, student_size = output_vocab_size(teacher_model), output_vocab_size(student_model)
-    for who, size in (("teacher", teacher_size), ("student", student_size)):
-        if size < num_teacher_tokens:
-            raise UserError(
-                f"{who} model has {size} output rows but its tokenizer has {num_teacher_tokens} "
-                f"tokens: the model cannot score every token id; check the {who} checkpoint "
-                "matches its tokenizer"
-            )
+    teacher_size = check_output_rows(teacher_model, teacher_tokenizer, "teacher")
+    student_size = check_output_rows(student_model, student_tokenizer, "student")
     if teacher_size != student_size:
         warnings.warn(
             f"teacher model vocab size {teacher_size} != student model vocab size {student_size}; "
-            f"the tokenizers match ({num_teacher_tokens} tokens), so the extra rows are padding: "
+            f"the tokenizers match ({len(teacher_tokenizer)} tokens), so the extra rows are padding: "
             f"logits are sliced to the first {min(teacher_size, student_size)}",
             stacklevel=2,
         )

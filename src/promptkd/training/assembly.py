@@ -25,9 +25,10 @@ from promptkd.errors import UserError
 from promptkd.models.loading import (
     ModelSpec,
     cast_frozen_linear_weights,
+    check_output_rows,
     check_tokenizer_compatibility,
     load_model_and_tokenizer,
-    output_vocab_size,
+    tokenizer_difference,
 )
 from promptkd.models.lora import check_lora_backend, is_lora_model, with_lora
 from promptkd.models.sharding import shard_model
@@ -129,36 +130,39 @@ def assemble_models(cfg, accelerator, precision, *, needs_teacher: bool, student
 def tokenizer_path(cfg, teacher_tokenizer, student_tokenizer, teacher, student) -> tuple[CrossTokenizer | None, int, int]:
     """(CrossTokenizer or None, the student's and the teacher's logit columns) for the pair, and one
     log line naming the path: the exact token-level path when the tokenizers match (as
-    `check_tokenizer_compatibility` defines it) and model.cross_tokenizer is not on; the
-    cross-tokenizer path when they differ (model.cross_tokenizer auto) or it is on.
+    `tokenizer_difference` defines it) and model.cross_tokenizer is not on; the
+    cross-tokenizer path when they differ (model.cross_tokenizer auto) or it is on. Across
+    tokenizers each model's logit columns are its tokenizer's ids (padding rows cut off).
 
     Raises:
-        UserError: tokenizers that differ with model.cross_tokenizer off; across tokenizers, a method
-            that runs the teacher on the student's tokens (minillm, gkd with seq_kd).
+        UserError: tokenizers that differ with model.cross_tokenizer off; a model with fewer output
+            rows than its tokenizer's ids (on either path); across tokenizers, a method that runs the
+            teacher on the student's tokens (minillm, gkd with seq_kd).
     """
     mode = cfg.model.cross_tokenizer
-    if mode != "on":
-        try:
-            vocab_size = check_tokenizer_compatibility(teacher_tokenizer, student_tokenizer, teacher, student)
-        except UserError as err:
-            if mode == "off":
-                raise UserError(f"{err}; or set model.cross_tokenizer auto to distil across tokenizers "
-                                "(docs/method.md section 11)") from None
-        else:
-            logger.info("the teacher's and the student's tokenizers match: token-level distillation over one "
-                        "vocabulary of %d tokens (model.cross_tokenizer %s)", vocab_size, mode)
-            return None, vocab_size, vocab_size
+    difference = tokenizer_difference(teacher_tokenizer, student_tokenizer)
+    if difference is None and mode != "on":
+        vocab_size = check_tokenizer_compatibility(teacher_tokenizer, student_tokenizer, teacher, student)
+        logger.info("the teacher's and the student's tokenizers match: token-level distillation over one "
+                    "vocabulary of %d tokens (model.cross_tokenizer %s)", vocab_size, mode)
+        return None, vocab_size, vocab_size
+    if difference is not None and mode == "off":
+        raise UserError(f"{difference}, and model.cross_tokenizer is off: set model.cross_tokenizer auto to distil across "
+                        "tokenizers (docs/method.md section 11), or use a student from the teacher's family")
     if cfg.method == "minillm" or (cfg.method == "gkd" and cfg.gkd.seq_kd):
         what = "minillm samples with the teacher" if cfg.method == "minillm" else "gkd.seq_kd samples from the teacher"
         raise UserError(f"{what} on the student's tokens, which needs one tokenizer; the teacher's and the student's "
                         "differ (or model.cross_tokenizer is on): use gkd, kd, seqkd, distillm or promptkd across "
                         "tokenizers, or a teacher that shares the student's tokenizer")
+    # each model's logits are cut to its tokenizer's ids: padding rows are no tokens (neither shared nor ULD's)
+    check_output_rows(teacher, teacher_tokenizer, "teacher")
+    check_output_rows(student, student_tokenizer, "student")
     if teacher_tokenizer.pad_token is None:
         teacher_tokenizer.pad_token = teacher_tokenizer.eos_token  # pad positions are always masked out
     pair = CrossTokenizer(student_tokenizer, teacher_tokenizer)
     why = "model.cross_tokenizer on" if mode == "on" else "the teacher's and the student's tokenizers differ"
     logger.info("%s: cross-tokenizer distillation (%s; exact divergence on them, ULD on the rest)", why, pair.describe())
-    return pair, output_vocab_size(student), output_vocab_size(teacher)
+    return pair, len(student_tokenizer), len(teacher_tokenizer)
 
 
 def _student_and_tokenizer(cfg, accelerator, student, tokenizer):
