@@ -320,7 +320,7 @@ def test_auto_does_not_take_a_model_too_small_for_its_tokenizer_for_two_tokenize
     cfg = config_from_dict({"method": "kd", "data": {"train": str(data)},
                             "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "batch_size": 2}},
                            check_required=False)
-    trainer = Trainer(cfg, student=tiny_llama(num_layers=1, seed=1), teacher=tiny_llama(vocab_size=200, num_layers=1),
+    trainer = Trainer(cfg, student=tiny_llama(num_layers=1, seed=1), teacher=tiny_llama(vocab_size=200, num_layers=1, pad_token_id=0),
                       tokenizer=byte_tokenizer(), show_progress=False)
     with pytest.raises(UserError, match="teacher model has 200 output rows but its tokenizer has 259 tokens"):
         trainer.setup()
