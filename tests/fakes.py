@@ -45,7 +45,7 @@ class FakeContext:
     def __init__(self, student, teacher=None, tokenizer=None, *, vocab_size: int | None = None,
                  max_steps: int = 10, samples=None, sampler=None, learning_rate: float = 1e-2,
                  optimizer: str = "sgd", max_new_tokens: int = 6, eos_at_cap: bool = False, seed: int = 0,
-                 heads: bool = False):
+                 heads: bool = False, extra_examples: dict | None = None):
         self.student_module = student
         self.teacher = teacher
         self.tokenizer = tokenizer if tokenizer is not None else byte_tokenizer()
@@ -68,7 +68,7 @@ class FakeContext:
         self.optimizer = optimizer
         self.max_new_tokens = max_new_tokens
         self.eos_at_cap = eos_at_cap
-        self.seed = seed
+        self.extra_examples = dict(extra_examples or {})
         self.calls: list[tuple] = []
         self.phases: list[str] = []
         self.open_phases: list[str] = []
@@ -182,10 +182,6 @@ class FakeContext:
         """The next of `dev_losses` (a list a test sets), or None when there are none."""
         self.calls.append(("dev_loss",))
         return self.dev_losses.pop(0) if self.dev_losses else None
-
-    def load_examples(self, source) -> list:
-        """`source` itself when it is a list of examples (tests pass them directly)."""
-        return list(source)
 
     # ------------------------------------------------------------ parameter sets
     def add_parameter_set(self, name: str, params: list, *, learning_rate: float | None, weight_decay: float) -> None:

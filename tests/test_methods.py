@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from promptkd.config import config_from_dict
-from promptkd.errors import NonFiniteError
+from promptkd.errors import NonFiniteError, UserError
 from promptkd.methods.promptkd import collapse_warning_step
 from promptkd.testing import byte_tokenizer, tiny_llama
 from promptkd.training.loop import Trainer
@@ -496,3 +496,25 @@ def test_abkd_is_promptkds_student_loss_when_chosen(tmp_path, tiny_pair_dirs, ti
     assert tr.method.student_loss == divergence("alpha_beta_divergence", ab_alpha=AB[0], ab_beta=AB[1])
     assert tr.method.prompt_loss == divergence("reverse_kl")
     assert train_two_steps(tr)[0]["student/loss"] > 0
+
+
+def test_minillm_lm_data_is_read_by_the_trainer_and_trained_on(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    """minillm.lm_data goes through the trainer's data loading (template, lengths) into
+    ctx.extra_examples, and the step trains the LM term on it."""
+    lm_file = tmp_path / "lm.jsonl"
+    lm_file.write_text("".join(json.dumps({"prompt": "x", "output": t}) + "\n" for t in ("The sky is blue.", "ok", "1 2 3")))
+    tr = trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "minillm", train={"max_steps": 1},
+                     minillm={"lm_coef": 0.5, "lm_data": str(lm_file)})
+    examples = tr.ctx.extra_examples["minillm.lm_data"]
+    tok = byte_tokenizer()
+    assert [tok.decode(e.response_ids, skip_special_tokens=True) for e in examples] == ["The sky is blue.", "ok", "1 2 3"]
+    assert tr.method.lm_examples is examples
+    metrics = tr.train()
+    assert "minillm/lm" in metrics and metrics["minillm/lm"] > 0
+
+
+def test_minillm_lm_data_without_usable_records_names_its_key(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    lm_file = tmp_path / "lm.jsonl"
+    lm_file.write_text(json.dumps({"prompt": "x" * 400, "output": "too long a prompt"}) + "\n")
+    with pytest.raises(UserError, match="minillm.lm_data"):
+        trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "minillm", minillm={"lm_coef": 0.5, "lm_data": str(lm_file)})

@@ -56,18 +56,15 @@ LM_EXAMPLES = [Example(TOK.encode("x"), TOK.encode(t) + [EOS], [t]) for t in LM_
 
 def make_cfg(**minillm):
     data = {"method": "minillm", "train": {"max_steps": K, "seed": 5, "learning_rate": 1e-2}, "minillm": {}}
-    lm_data = minillm.pop("lm_data", None)
-    if lm_data is not None:
-        minillm["lm_data"] = "placeholder"  # replaced by the examples below (FakeContext loads lists)
+    if minillm.pop("lm_data", None) is not None:
+        minillm["lm_data"] = "lm.jsonl"  # the context serves LM_EXAMPLES as its examples (make_ctx)
     data["minillm"].update(minillm)
-    cfg = config_from_dict(data, check_required=False)
-    if lm_data is not None:
-        cfg.minillm.lm_data = lm_data
-    return cfg
+    return config_from_dict(data, check_required=False)
 
 
 def make_ctx(**kwargs) -> FakeContext:
-    return FakeContext(copy.deepcopy(STUDENT), copy.deepcopy(TEACHER), TOK, max_steps=K, **kwargs)
+    return FakeContext(copy.deepcopy(STUDENT), copy.deepcopy(TEACHER), TOK, max_steps=K,
+                       extra_examples={"minillm.lm_data": LM_EXAMPLES}, **kwargs)
 
 
 def fake_sampler(examples, *, from_teacher=False) -> SequenceBatch:
@@ -643,7 +640,7 @@ def test_state_dict_round_trip_continues_the_phase_identically():
     assert state["lm_position"] == 5
 
     ctx_b = FakeContext(copy.deepcopy(ctx_a.student_module), copy.deepcopy(TEACHER), TOK, max_steps=K,
-                        max_new_tokens=4, seed=99)  # its own sampler would draw other rollouts
+                        max_new_tokens=4, seed=99, extra_examples=ctx_a.extra_examples)  # its own sampler would draw other rollouts
     b = MiniLLM(cfg.minillm)
     b.setup(ctx_b)
     b.load_state_dict(state)
@@ -662,7 +659,8 @@ def test_state_dict_round_trip_continues_the_phase_identically():
         assert torch.equal(x.batch.input_ids, y.batch.input_ids) and torch.equal(x.advantages, y.advantages)
 
     # without the state a new instance would sample fresh rollouts at step 1
-    ctx_c = FakeContext(copy.deepcopy(STUDENT), copy.deepcopy(TEACHER), TOK, max_steps=K, max_new_tokens=4)
+    ctx_c = FakeContext(copy.deepcopy(STUDENT), copy.deepcopy(TEACHER), TOK, max_steps=K, max_new_tokens=4,
+                        extra_examples=ctx_a.extra_examples)
     c = MiniLLM(cfg.minillm)
     c.setup(ctx_c)
     ctx_c.step = 1

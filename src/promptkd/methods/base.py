@@ -78,7 +78,8 @@ class StepContext(Protocol):
     between student and teacher), `tokenizer` (the student's), `teacher_tokenizer` (the teacher's; the
     same object when they match), `teacher` (the frozen teacher or None), `device`,
     `student_module` (the unwrapped student, for inspection), `is_main_process`,
-    `num_processes`, `process_index`, `seed` (train.seed).
+    `num_processes`, `process_index`, `seed` (train.seed), `extra_examples` (a method's own data
+    by config key, read and tokenised like the training data: {"minillm.lm_data": [...]}).
     """
 
     step: int
@@ -94,6 +95,7 @@ class StepContext(Protocol):
     num_processes: int
     process_index: int
     seed: int
+    extra_examples: dict[str, list]
 
     def phase(self, name: str) -> contextlib.AbstractContextManager: ...
     def sample(self, examples: Sequence, *, from_teacher: bool = False, teacher_mix: float = 0.0) -> SequenceBatch: ...
@@ -108,7 +110,6 @@ class StepContext(Protocol):
     def reduce_sum(self, value: float) -> float: ...
     def gather_object(self, obj) -> list: ...
     def dev_loss(self) -> float | None: ...
-    def load_examples(self, source: str) -> list: ...
 
 
 def distill_terms(trained: Outputs | Aligned, terms: Sequence[Term], mask: torch.Tensor) -> tuple[torch.Tensor, list[float]]:

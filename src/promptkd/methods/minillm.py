@@ -152,7 +152,7 @@ class MiniLLM(Method):
         self.rollout_stats: dict[str, float] = {}
         self.single_step = divergence("reverse_kl")
         self.lm_divergence = divergence("forward_kl")
-        self.lm_examples = ctx.load_examples(self.options.lm_data) if self.has_lm_term else []
+        self.lm_examples = ctx.extra_examples["minillm.lm_data"] if self.has_lm_term else []
         self.lm_position = 0  # LM examples consumed, over all processes
 
     # ------------------------------------------------------------------ state

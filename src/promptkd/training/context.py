@@ -149,7 +149,7 @@ class TrainingContext:
         self.max_steps = train_cfg.max_steps
         self.seed = train_cfg.seed
         self.dev_loss_fn: Callable[[], float | None] | None = None  # set by the trainer
-        self.examples_fn: Callable[[str], list] | None = None  # set by the trainer
+        self.extra_examples: dict[str, list] = {}  # a method's own data by config key, set by the trainer
         self.param_sets: dict[str, ParameterSet] = {}
         self.updates_applied = 0  # apply_update calls, any set: the trained state's version
         self.compute = Compute()  # this process's token-passes since the last take_compute
@@ -398,13 +398,6 @@ class TrainingContext:
         None without dev data. Every process must call it. While training, the trainer runs the
         dev set once per student state: its own evaluation of the same step reuses the value."""
         return self.dev_loss_fn() if self.dev_loss_fn is not None else None
-
-    def load_examples(self, source: str) -> list:
-        """Examples (with responses) of another data source than data.train, read and tokenised
-        like the training data (template, length limits)."""
-        if self.examples_fn is None:
-            raise RuntimeError("this context cannot load data")
-        return self.examples_fn(source)
 
     def _average_grads(self, params: list) -> None:
         """Average gradients of parameters DDP does not wrap (a method's own set) over processes."""

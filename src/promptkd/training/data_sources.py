@@ -73,20 +73,23 @@ def dev_examples(cfg, tokenizer, records: tuple[str, list] | None) -> list:
     return examples
 
 
-def extra_examples(cfg, tokenizer, sources: dict[str, tuple[str, list]], source, *, is_main_process: bool) -> list:
-    """A method's own data (minillm.lm_data), with responses, tokenised like the training data;
-    taken from `sources` (what `read_sources` read) or read now.
+def method_examples(cfg, tokenizer, sources: dict[str, tuple[str, list]], *, is_main_process: bool) -> dict[str, list]:
+    """A method's own data by config key ({"minillm.lm_data": examples} when it is set, else {}):
+    the rest of `read_sources(...)`, with responses, tokenised like the training data.
 
     Raises:
         UserError: the source has no usable records.
     """
-    name, records = sources.get(str(source)) or _read_records(str(source), source, "train", None, True)
+    if not (cfg.method == "minillm" and cfg.minillm.lm_data):
+        return {}
+    source = cfg.minillm.lm_data
+    name, records = sources[str(source)]
     examples, stats = _examples(cfg, tokenizer, records, source=name, with_responses=True)
     if is_main_process:
         logger.log(stats.log_level, "%s data %s: %s", cfg.method, source, stats.summary())
     if not examples:
-        raise UserError(f"{source}: no usable records (see the counts above)")
-    return examples
+        raise UserError(f"minillm.lm_data: {source}: no usable records (see the counts above)")
+    return {"minillm.lm_data": examples}
 
 
 def _examples(cfg, tokenizer, records, *, source: str, with_responses: bool):

@@ -10,7 +10,6 @@ and `console` (progress summary, signals, messages).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -182,8 +181,7 @@ class Trainer:
         self.ctx.sampler = build_sampler(cfg.train.sampler, self.ctx)
         self.dev = DevEvaluation(self.ctx, self.tokenizer, self.dev_examples, batch_size=cfg.train.batch_size)
         self.ctx.dev_loss_fn = (lambda: self.dev.loss(show_progress=self.show_progress)) if self.dev_examples else None
-        self.ctx.examples_fn = lambda source: data_sources.extra_examples(cfg, self.tokenizer, records, source,
-                                                                          is_main_process=main)
+        self.ctx.extra_examples = data_sources.method_examples(cfg, self.tokenizer, records, is_main_process=main)
         self.ctx.param_sets["student"] = ParameterSet("student", student_params, optimizer, scheduler)
         self.method.setup(self.ctx)
         self.accelerator.register_for_checkpointing(MethodState(self.method.state_dict, self.method.load_state_dict))
@@ -192,7 +190,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.output_dir / "metrics.jsonl"
         if self.resume:
-            self._restore()
+            run_dir.resume_trainer(self)
         elif main:
             run_dir.start_new_run(self.output_dir, cfg)
         if main:
@@ -203,32 +201,6 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self._is_setup = True
         return self
-
-    # ------------------------------------------------------------------ resume
-
-    def _trainer_state(self) -> dict:
-        return {
-            "step": self.step,
-            "data_position": self.data_order.position,
-            "metrics_offset": run_dir.metrics_offset(self.metrics_path) if self.accelerator.is_main_process else 0,
-            "nonfinite_skips": self.guard.nonfinite_skips,
-            "overflows": self.guard.overflows,
-            "best_metric": self.best_metric,
-            "best_step": self.best_step,
-            "compute": dataclasses.asdict(self.compute),
-            "world_size": self.accelerator.num_processes,
-            "rng_fingerprint": run_dir.rng_fingerprint(),
-        }
-
-    def _restore(self) -> None:
-        ckpt, state = run_dir.restore(self.accelerator, self.output_dir, self.cfg.method)
-        self.step = self.ctx.step = state["step"]
-        self.data_order.position = state["data_position"]
-        self.guard.nonfinite_skips = state["nonfinite_skips"]
-        self.guard.overflows = dict(state.get("overflows", {}))
-        self.best_metric, self.best_step = state["best_metric"], state["best_step"]
-        self.compute = Compute(**state.get("compute", {}))  # absent in older checkpoints: counted from here
-        logger.info("resumed from %s at step %d", ckpt, self.step)
 
     # ------------------------------------------------------------------ steps
 
@@ -275,7 +247,7 @@ class Trainer:
     def save(self, final: bool) -> None:
         self._last_save_time = time.monotonic()
         path = save_checkpoint(
-            self.accelerator, self.checkpoints_dir, self.step, self._trainer_state(), self.cfg.train.keep_last
+            self.accelerator, self.checkpoints_dir, self.step, run_dir.trainer_state(self), self.cfg.train.keep_last
         )
         if final:
             self.export(self.output_dir / "final")

@@ -11,6 +11,7 @@ how `resume` continues it, and the exported students.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ from promptkd.errors import NonFiniteError, TrainingInterrupted, UserError
 from promptkd.models.lora import is_lora_model, save_lora_student
 from promptkd.models.sharding import full_state_dict, is_sharded
 from promptkd.training.checkpoint import latest_checkpoint, load_trainer_state
+from promptkd.training.compute import Compute
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +212,35 @@ def restore(accelerator, output_dir: Path, method: str) -> tuple[Path, dict]:
                         metrics_path, size, ckpt, offset,
                     )
     return ckpt, state
+
+
+def trainer_state(trainer) -> dict:
+    """What a checkpoint keeps of a `Trainer` besides the objects accelerate saves: its step, data
+    position, skipped updates, best evaluation, compute counts and the metrics.jsonl size."""
+    return {
+        "step": trainer.step,
+        "data_position": trainer.data_order.position,
+        "metrics_offset": metrics_offset(trainer.metrics_path) if trainer.accelerator.is_main_process else 0,
+        "nonfinite_skips": trainer.guard.nonfinite_skips,
+        "overflows": trainer.guard.overflows,
+        "best_metric": trainer.best_metric,
+        "best_step": trainer.best_step,
+        "compute": dataclasses.asdict(trainer.compute),
+        "world_size": trainer.accelerator.num_processes,
+        "rng_fingerprint": rng_fingerprint(),
+    }
+
+
+def resume_trainer(trainer) -> None:
+    """resume: `restore` the latest checkpoint and give `trainer` back its `trainer_state`."""
+    ckpt, state = restore(trainer.accelerator, trainer.output_dir, trainer.cfg.method)
+    trainer.step = trainer.ctx.step = state["step"]
+    trainer.data_order.position = state["data_position"]
+    trainer.guard.nonfinite_skips = state["nonfinite_skips"]
+    trainer.guard.overflows = dict(state.get("overflows", {}))
+    trainer.best_metric, trainer.best_step = state["best_metric"], state["best_step"]
+    trainer.compute = Compute(**state.get("compute", {}))  # absent in older checkpoints: counted from here
+    logger.info("resumed from %s at step %d", ckpt, trainer.step)
 
 
 def _read_yaml_mapping(path: Path) -> dict | None:
