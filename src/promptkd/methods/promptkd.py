@@ -183,6 +183,7 @@ class PromptKD(Method):
             with ctx.phase("losses"):
                 loss, (kl, drift) = distill_terms(prompted, [(self.prompt_loss, target, 1.0),
                                                           (self.prompt_loss, base, lam)], response_mask(batch))
+            del prompted, base, target  # the loss holds its gradients: the outputs go before the backward
             kl_sum, drift_sum = kl_sum + kl, drift_sum + drift
             with ctx.phase("backward_prompt"):
                 ctx.backward(loss, tokens)
@@ -197,14 +198,15 @@ class PromptKD(Method):
         for i, batch in enumerate(batches):
             with ctx.accumulate(is_last=i == len(batches) - 1):
                 student = students[i] if shared else ctx.student_forward(batch)  # with grad
+                students[i] = None
                 with ctx.phase("teacher_fwd_target"):
                     target = self.prompted_outputs(ctx, batch)
                 with ctx.phase("losses"):
                     loss, (value,) = distill_terms(student, [(self.student_loss, target, 1.0)], response_mask(batch))
+                del student, target  # (as above: the backward, the step's memory peak, runs without them)
                 student_sum += value
                 with ctx.phase("backward_student"):
                     ctx.backward(loss, tokens)
-            students[i] = None
         metrics["student/loss"] = ctx.reduce_sum(student_sum) / tokens
         metrics.update(ctx.apply_update("student", metrics["student/loss"]))
         num_tokens = float(sum(response_mask(b).sum() for b in batches))
