@@ -48,6 +48,8 @@ resident set). Memory is the resident-set high-water mark (VmHWM, reset through
 - step 2 peak: a second step with those gradients already allocated (zeroed in place), i.e.
   the step's transient memory on top of a steady state.
 - "extra" = peak - setup. The ratio chunked / unchunked is given for peaks and extras.
+- on CPU, the peak of each phase of the step (the high-water mark is read and reset as each
+  phase ends), which shows where the step's peak is.
 
 Prints a markdown report; the last stdout line is one JSON document with every figure.
 The loss chunks run eagerly on both paths (promptkd.losses.COMPILE_MIN_ELEMENTS raised out of
@@ -209,8 +211,16 @@ def _run_step_case(case: dict) -> dict:
         "sampling": {"max_new_tokens": case["response_length"]},
     }, check_required=False)
     records = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(8)]
+    phases = []  # CPU: (phase, its resident-set peak MiB) of the current step, in order
+
+    def on_phase(name, seconds):  # the trainer calls it as each phase of the step ends
+        if not cuda and _reset_hwm_ok:
+            phases.append((name, _mib(_status_kib("VmHWM"))))
+            _reset_hwm()
+
+    _reset_hwm_ok = not cuda and _reset_hwm()
     tr = Trainer(cfg, student=student, teacher=teacher, tokenizer=tokenizer, train_dataset=records,
-                 show_progress=False).setup()
+                 show_progress=False, on_phase=on_phase).setup()
     if case["path"] == "unchunked":  # the full-logits path, as for a head that cannot be chunked
         tr.ctx.student_head = tr.ctx.teacher_head = None
     assert (tr.ctx.student_head is not None) is (case["path"] == "chunked"), tr.ctx.chunked_fallback
@@ -232,6 +242,7 @@ def _run_step_case(case: dict) -> dict:
             reset = True
         else:
             reset = _reset_hwm()
+        phases.clear()
         start = time.perf_counter()
         metrics = tr.train_step().metrics
         if cuda:
@@ -239,9 +250,12 @@ def _run_step_case(case: dict) -> dict:
         seconds = time.perf_counter() - start
         if cuda:
             peak_kib = torch.cuda.max_memory_allocated() // 1024
-        else:
+        else:  # the high-water mark is reset as each phase ends: the step's peak is the largest
             peak_kib = _status_kib("VmHWM") if reset else None
+            if peak_kib is not None and phases:
+                peak_kib = max(peak_kib, int(max(mib for _, mib in phases) * 1024))
         steps.append({
+            "phases": list(phases),
             "step": i + 1,
             "seconds": seconds,
             "peak_mib": _mib(peak_kib),
@@ -256,7 +270,8 @@ def _run_step_case(case: dict) -> dict:
     return {
         **case,
         "setup_mib": _mib(setup_kib),
-        "ru_maxrss_mib": _peak_rss_bytes() / 2**20,
+        # resetting the high-water mark resets ru_maxrss too: the largest figure seen is the peak
+        "ru_maxrss_mib": max([_peak_rss_bytes() / 2**20] + [st["peak_mib"] for st in steps if st["peak_mib"]]),
         "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "student_params_m": sum(q.numel() for q in student_params) / 1e6,
         "student_grads_mib": sum(q.numel() * q.element_size() for q in student_params) / 2**20,
@@ -438,6 +453,17 @@ def _tables(results: list[dict]) -> str:
             f"| {shape} | {mode} | {_fmt(u['logits_mib'])} | {_fmt(u['student_grads_mib'])} | "
             + " | ".join(cells) + f" | {diff:.1e} |"
         )
+    for r in results:  # where in the step the peak is (CPU step mode)
+        if "error" in r or not any(st.get("phases") for st in r["steps"]):
+            continue
+        rows += ["", f"Resident-set peak of each phase, {r['shape']} {r['mode']} {r['path']} (MiB; the phases in the order the "
+                 "step runs them, named as `Trainer(on_phase=...)` names them):", "",
+                 "| phase | " + " | ".join(f"step {st['step']}" for st in r["steps"]) + " |",
+                 "|---|" + "---:|" * len(r["steps"])]
+        names = [name for name, _ in r["steps"][0]["phases"]]
+        for i, name in enumerate(names):
+            cells = [_fmt(st["phases"][i][1]) if i < len(st["phases"]) else "" for st in r["steps"]]
+            rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
