@@ -208,6 +208,7 @@ def supervised_step(ctx: StepContext, batches: list[SequenceBatch], *, kd_ratio:
                 terms.append((div, ctx.teacher_forward(batch), kd_ratio))  # no grad
             with ctx.phase("losses"):
                 loss, values = distill_terms(student, terms, response_mask(batch))
+            del student, terms  # the loss holds its gradients: the outputs go before the backward
             ce_sum += values[0]
             kd_sum += values[1] if kd_ratio > 0 else 0.0
             ctx.backward(loss, global_tokens)
