@@ -40,16 +40,19 @@ Two modes (--modes), each measured for both paths:
 
 Each case runs in a fresh subprocess (MALLOC_MMAP_THRESHOLD_=1 MiB so freed tensors leave the
 resident set). Memory is the resident-set high-water mark (VmHWM, reset through
-/proc/self/clear_refs before each step; ru_maxrss for the whole process):
+/proc/self/clear_refs before each step and as each phase of it ends; ru_maxrss, which the reset
+clears too, is reported as the largest figure seen):
 
 - setup: resident memory after the models and the batch exist, before any step;
 - step 1 peak: the first step, which also allocates the student's parameter gradients (and,
   in step mode, AdamW's moments);
-- step 2 peak: a second step with those gradients already allocated (zeroed in place), i.e.
-  the step's transient memory on top of a steady state.
+- step 2 peak: a second step, with AdamW's moments already allocated (the gradients are set
+  to None after each update and allocated again by the backward), i.e. the step's memory on top
+  of a steady state.
 - "extra" = peak - setup. The ratio chunked / unchunked is given for peaks and extras.
 - on CPU, the peak of each phase of the step (the high-water mark is read and reset as each
-  phase ends), which shows where the step's peak is.
+  phase ends, so a phase's figure also covers any untimed work since the previous phase ended),
+  which shows where the step's peak is.
 
 Prints a markdown report; the last stdout line is one JSON document with every figure.
 The loss chunks run eagerly on both paths (promptkd.losses.COMPILE_MIN_ELEMENTS raised out of
@@ -220,7 +223,7 @@ def _run_step_case(case: dict) -> dict:
 
     _reset_hwm_ok = not cuda and _reset_hwm()
     tr = Trainer(cfg, student=student, teacher=teacher, tokenizer=tokenizer, train_dataset=records,
-                 show_progress=False, on_phase=on_phase).setup()
+                 show_progress=False, on_phase=None if cuda else on_phase).setup()
     if case["path"] == "unchunked":  # the full-logits path, as for a head that cannot be chunked
         tr.ctx.student_head = tr.ctx.teacher_head = None
     assert (tr.ctx.student_head is not None) is (case["path"] == "chunked"), tr.ctx.chunked_fallback
@@ -271,7 +274,7 @@ def _run_step_case(case: dict) -> dict:
         **case,
         "setup_mib": _mib(setup_kib),
         # resetting the high-water mark resets ru_maxrss too: the largest figure seen is the peak
-        "ru_maxrss_mib": max([_peak_rss_bytes() / 2**20] + [st["peak_mib"] for st in steps if st["peak_mib"]]),
+        "ru_maxrss_mib": max([_peak_rss_bytes() / 2**20] + [st["peak_mib"] for st in steps if st["peak_mib"] and not cuda]),
         "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "student_params_m": sum(q.numel() for q in student_params) / 1e6,
         "student_grads_mib": sum(q.numel() * q.element_size() for q in student_params) / 2**20,
@@ -457,12 +460,13 @@ def _tables(results: list[dict]) -> str:
         if "error" in r or not any(st.get("phases") for st in r["steps"]):
             continue
         rows += ["", f"Resident-set peak of each phase, {r['shape']} {r['mode']} {r['path']} (MiB; the phases in the order the "
-                 "step runs them, named as `Trainer(on_phase=...)` names them):", "",
+                 "step runs them, named as `Trainer(on_phase=...)` names them; a phase's figure is the peak since the "
+                 "previous phase ended):", "",
                  "| phase | " + " | ".join(f"step {st['step']}" for st in r["steps"]) + " |",
                  "|---|" + "---:|" * len(r["steps"])]
         names = [name for name, _ in r["steps"][0]["phases"]]
-        for i, name in enumerate(names):
-            cells = [_fmt(st["phases"][i][1]) if i < len(st["phases"]) else "" for st in r["steps"]]
+        for i, name in enumerate(names):  # the steps run the same phases in the same order (checked)
+            cells = [_fmt(st["phases"][i][1]) if [n for n, _ in st["phases"]] == names else "?" for st in r["steps"]]
             rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

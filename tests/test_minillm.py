@@ -56,8 +56,8 @@ LM_EXAMPLES = [Example(TOK.encode("x"), TOK.encode(t) + [EOS], [t]) for t in LM_
 
 def make_cfg(**minillm):
     data = {"method": "minillm", "train": {"max_steps": K, "seed": 5, "learning_rate": 1e-2}, "minillm": {}}
-    if minillm.pop("lm_data", None) is not None:
-        minillm["lm_data"] = "lm.jsonl"  # the context serves LM_EXAMPLES as its examples (make_ctx)
+    if minillm.pop("lm_data", False):  # lm_data=True: the context serves LM_EXAMPLES as its examples (make_ctx)
+        minillm["lm_data"] = "lm.jsonl"
     data["minillm"].update(minillm)
     return config_from_dict(data, check_required=False)
 
@@ -627,7 +627,7 @@ def continue_both(ctx_a, method_a, ctx_b, method_b, micro, step):
 
 
 def test_state_dict_round_trip_continues_the_phase_identically():
-    cfg = make_cfg(ppo_epochs=3, teacher_mix_alpha=0.3, lm_coef=0.5, lm_data=LM_EXAMPLES)
+    cfg = make_cfg(ppo_epochs=3, teacher_mix_alpha=0.3, lm_coef=0.5, lm_data=True)
     micro = [EXAMPLES[:2], EXAMPLES[2:5]]
     ctx_a = make_ctx(max_new_tokens=4)
     a = MiniLLM(cfg.minillm)
@@ -690,7 +690,7 @@ def test_rollouts_of_another_world_size_are_dropped_with_a_warning():
 def test_lm_term_is_added_with_its_coefficient():
     """loss = L_pg + L_single + lm_coef ((1 - r) CE + r KL(p_T || p_S)) on minillm.lm_data, laid out
     like the training batches (same micro-batch sizes), cycling through the examples."""
-    cfg = make_cfg(ppo_epochs=1, teacher_mix_alpha=0.2, lm_coef=0.7, lm_kd_ratio=0.3, lm_data=LM_EXAMPLES)
+    cfg = make_cfg(ppo_epochs=1, teacher_mix_alpha=0.2, lm_coef=0.7, lm_kd_ratio=0.3, lm_data=True)
     micro = [EXAMPLES[:2], EXAMPLES[2:5]]
     ctx = make_ctx(sampler=fake_sampler)
     method = MiniLLM(cfg.minillm)
@@ -735,7 +735,7 @@ def test_lm_term_is_off_by_default():
 REUSE_CASES = {
     "defaults": {},
     "no-single-step": {"single_step_reg": False},
-    "lm-term": {"lm_coef": 0.5, "lm_kd_ratio": 0.3, "lm_data": LM_EXAMPLES},
+    "lm-term": {"lm_coef": 0.5, "lm_kd_ratio": 0.3, "lm_data": True},
 }
 
 

@@ -308,6 +308,7 @@ class MiniLLM(Method):
                         terms.append((self.lm_divergence, ctx.teacher_forward(batch), c.lm_kd_ratio))  # no grad
                     with ctx.phase("losses"):
                         loss, _ = loss_terms(student, terms, mask)
+                    del student, terms  # the loss holds its gradients: the outputs go before the backward
                     lm_sum += float(loss.detach())
                     ctx.backward(loss * c.lm_coef, lm_tokens)
             metrics["minillm/lm"] = ctx.reduce_sum(lm_sum) / max(lm_tokens, 1.0)

@@ -26,7 +26,7 @@ def read_sources(cfg, method, *, train_dataset=None, eval_dataset=None) -> dict[
         train_dataset, eval_dataset: data the user passed; None reads data.train / data.dev.
 
     Returns:
-        {"train" / "dev" / a method's own source (minillm.lm_data): (the name logs and messages
+        {"train" / "dev" / a method's own source by its config key ("minillm.lm_data"): (the name logs and messages
         give it, records)}.
 
     Raises:
@@ -45,7 +45,7 @@ def read_sources(cfg, method, *, train_dataset=None, eval_dataset=None) -> dict[
     elif d.dev:
         reads["dev"] = ("data.dev", d.dev, d.dev_split, d.dev_data_files, True)
     if cfg.method == "minillm" and cfg.minillm.lm_data:
-        reads[str(cfg.minillm.lm_data)] = ("minillm.lm_data", cfg.minillm.lm_data, "train", None, True)
+        reads["minillm.lm_data"] = ("minillm.lm_data", cfg.minillm.lm_data, "train", None, True)
     return {name: _read_records(*read) for name, read in reads.items()}
 
 
@@ -83,7 +83,7 @@ def method_examples(cfg, tokenizer, sources: dict[str, tuple[str, list]], *, is_
     if not (cfg.method == "minillm" and cfg.minillm.lm_data):
         return {}
     source = cfg.minillm.lm_data
-    name, records = sources[str(source)]
+    name, records = sources["minillm.lm_data"]
     examples, stats = _examples(cfg, tokenizer, records, source=name, with_responses=True)
     if is_main_process:
         logger.log(stats.log_level, "%s data %s: %s", cfg.method, source, stats.summary())
