@@ -80,15 +80,14 @@ def method_examples(cfg, tokenizer, sources: dict[str, tuple[str, list]], *, is_
     Raises:
         UserError: the source has no usable records.
     """
-    if not (cfg.method == "minillm" and cfg.minillm.lm_data):
+    if "minillm.lm_data" not in sources:
         return {}
-    source = cfg.minillm.lm_data
     name, records = sources["minillm.lm_data"]
     examples, stats = _examples(cfg, tokenizer, records, source=name, with_responses=True)
     if is_main_process:
-        logger.log(stats.log_level, "%s data %s: %s", cfg.method, source, stats.summary())
+        logger.log(stats.log_level, "%s data %s: %s", cfg.method, name, stats.summary())
     if not examples:
-        raise UserError(f"minillm.lm_data: {source}: no usable records (see the counts above)")
+        raise UserError(f"minillm.lm_data: {name}: no usable records (see the counts above)")
     return {"minillm.lm_data": examples}
 
 
