@@ -138,10 +138,10 @@ class TrainingContext:
         self.teacher_vocab_size = teacher_vocab_size or vocab_size  # the teacher's logit columns
         self.cross_tokenizer = cross_tokenizer  # None: one tokenizer (the exact path)
         self.sampler = sampler
-        self.sampling = sampling  # the config's sampling section
+        self.sampling = sampling.to_sampling_config(eos_at_cap_default)  # the student's training samples
+        self.plain_sampling = dataclasses.replace(self.sampling, eos_at_cap=False)  # teacher samples, dev evaluation
         self.eos_token_ids = eos_token_ids
         self.pad_token_id = tokenizer.pad_token_id
-        self.eos_at_cap_default = eos_at_cap_default
         self.train_cfg = train_cfg
         self.guard = guard
         self.step = 0
@@ -265,9 +265,7 @@ class TrainingContext:
         """
         prompt_ids, prompt_mask = collate_prompts(examples, self.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
-        config = self.sampling.to_sampling_config(self.eos_at_cap_default)
-        if from_teacher or not training:
-            config = dataclasses.replace(config, eos_at_cap=False)
+        config = self.plain_sampling if from_teacher or not training else self.sampling
         if self.cross_tokenizer is not None and (from_teacher or teacher_mix > 0):
             raise UserError("sampling from the teacher needs one tokenizer (the prompts are the student's tokens)")
         model = self.teacher if from_teacher else self.student_module

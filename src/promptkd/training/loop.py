@@ -214,7 +214,8 @@ class Trainer:
 
     def train_step(self, micro_batches: list[list] | None = None) -> StepResult:
         """One optimizer step of the method on the next micro-batches (or the given ones)."""
-        self.setup()
+        if not self._is_setup:
+            self.setup()
         if micro_batches is None:
             micro_batches = self.next_micro_batches()
         self.ctx.step = self.step
