@@ -365,6 +365,14 @@ def test_no_grad_gives_values_only_and_an_empty_mask_gives_zero():
     assert float(loss) == 0.0 and values == [0.0] and bool((x.grad == 0).all())
 
 
+def test_a_target_that_is_neither_outputs_nor_token_ids_is_refused_naming_distill_terms():
+    logits, target = _pair()
+    with pytest.raises(TypeError, match="got Tensor .*distill_terms"):  # float logits passed bare
+        loss_terms(Outputs(logits), [(divergence("reverse_kl"), target, 1.0)], torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="got tuple"):
+        loss_terms(Outputs(logits), [(divergence("reverse_kl"), (target,), 1.0)], torch.ones(2, 5, dtype=torch.bool))
+
+
 def test_backward_twice_with_retain_graph():
     logits, target = _pair()
     x = logits.clone().requires_grad_(True)

@@ -518,3 +518,42 @@ def test_minillm_lm_data_without_usable_records_names_its_key(tmp_path, tiny_pai
     lm_file.write_text(json.dumps({"prompt": "x" * 400, "output": "too long a prompt"}) + "\n")
     with pytest.raises(UserError, match="minillm.lm_data"):
         trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "minillm", minillm={"lm_coef": 0.5, "lm_data": str(lm_file)})
+
+
+def test_a_registered_method_decides_whether_it_needs_a_teacher(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
+    """A registered method that uses no teacher (its needs_teacher is False) trains without
+    model.teacher and loads none; one that needs a teacher is refused without one, naming the key."""
+    import promptkd
+    import promptkd.methods as methods
+    from promptkd.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+    from promptkd.methods.base import Method, supervised_step
+
+    monkeypatch.setattr(methods, "_REGISTERED", dict(methods._REGISTERED))  # registrations end with the test
+
+    class ReferencesOnly(Method):
+        @classmethod
+        def needs_teacher(cls, options):
+            return False
+
+        def step(self, ctx, micro_batches):
+            return supervised_step(ctx, [ctx.collate(mb) for mb in micro_batches])
+
+    class WithTeacher(ReferencesOnly):
+        @classmethod
+        def needs_teacher(cls, options):
+            return True
+
+    promptkd.register_method("references_only", ReferencesOnly)
+    promptkd.register_method("with_teacher", WithTeacher)
+    _, student = tiny_pair_dirs
+
+    def config(method):
+        return Config(method=method, model=ModelConfig(student=str(student)), data=DataConfig(train=str(tiny_jsonl)),
+                      train=TrainConfig(output_dir=str(tmp_path / method), max_steps=1, batch_size=2, warmup_steps=0,
+                                        cpu=True))
+
+    trainer = Trainer(config("references_only"), show_progress=False)
+    metrics = trainer.train()
+    assert trainer.teacher is None and metrics["student/ce"] > 0
+    with pytest.raises(ConfigError, match=r"'model.teacher' is not set but method 'with_teacher' needs a teacher"):
+        Trainer(config("with_teacher"), show_progress=False)

@@ -369,15 +369,19 @@ class Config(ConfigBase):
     minillm: MiniLLMSection = field(default_factory=MiniLLMSection)
     distillm: DistiLLMSection = field(default_factory=DistiLLMSection)
 
-    def required_problems(self, provided: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    def required_problems(self, provided: frozenset[str] | set[str] = frozenset(),
+                          needs_teacher: bool | None = None) -> list[str]:
         """Unset entries the run needs; `provided` names the objects a Python caller passed to
-        the Trainer instead (student, teacher, tokenizer, train_dataset, eval_dataset)."""
+        the Trainer instead (student, teacher, tokenizer, train_dataset, eval_dataset).
+        `needs_teacher`: a registered method's answer (its class's `needs_teacher`); None for the
+        built-in methods, whose rule is here."""
         problems = []
         if not self.model.student and "student" not in provided:
             problems.append("'model.student' is not set: give a Hub id, a save_pretrained directory or a .gguf file")
-        if self.method not in TEACHER_FREE_METHODS and not self.model.teacher and "teacher" not in provided and not (
-            self.method == "seqkd" and self.seqkd.kd_ratio == 0
-        ):
+        if needs_teacher is None:
+            needs_teacher = self.method not in TEACHER_FREE_METHODS and not (
+                self.method == "seqkd" and self.seqkd.kd_ratio == 0)
+        if needs_teacher and not self.model.teacher and "teacher" not in provided:
             fix = ""
             if self.method == "seqkd":
                 fix = f" (seqkd.kd_ratio = {self.seqkd.kd_ratio} adds a forward-KL term; seqkd.kd_ratio 0 trains on the teacher responses alone)"
@@ -541,16 +545,18 @@ def config_warnings(cfg: Config) -> list[str]:
     return out
 
 
-def validate_config(cfg: Config, *, provided: frozenset[str] | set[str] = frozenset()) -> Config:
+def validate_config(cfg: Config, *, provided: frozenset[str] | set[str] = frozenset(),
+                    needs_teacher: bool | None = None) -> Config:
     """Check a Config built in Python (types, ranges, cross-field rules), reporting every problem.
 
     provided: the objects passed to the Trainer in place of config entries ("student",
     "teacher", "tokenizer", "train_dataset", "eval_dataset"), which make those entries optional.
+    needs_teacher: for a registered method, whether it uses a teacher (None: a built-in method).
     Raises ConfigError listing every problem.
     """
     problems = field_problems(cfg)
     if not problems:
-        problems = cfg.required_problems(provided) + cfg.cross_checks()
+        problems = cfg.required_problems(provided, needs_teacher) + cfg.cross_checks()
     if problems:
         raise ConfigError(problems)
     return cfg

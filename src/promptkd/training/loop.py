@@ -17,6 +17,7 @@ from pathlib import Path
 
 from promptkd.config import (
     METHOD_SECTIONS,
+    METHODS,
     Config,
     config_warnings,
     fit_warmup,
@@ -81,7 +82,9 @@ class Trainer:
         self.cfg = config
         self._given = {"student": student, "teacher": teacher, "tokenizer": tokenizer,
                        "train_dataset": train_dataset, "eval_dataset": eval_dataset}
-        validate_config(config, provided={k for k, v in self._given.items() if v is not None})
+        # a registered method says itself whether it uses a teacher (it has no config section)
+        needs_teacher = None if config.method in METHODS else get_method_class(config.method).needs_teacher(None)
+        validate_config(config, provided={k for k, v in self._given.items() if v is not None}, needs_teacher=needs_teacher)
         self._given["teacher_tokenizer"] = teacher_tokenizer
         self.resume = resume
         self.overwrite = overwrite
