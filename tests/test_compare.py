@@ -160,6 +160,26 @@ def test_another_revision_or_a_dirty_tree_is_refused_unless_allowed(study, monke
     assert runner.check_revision(cfg, allow=True) == ("abc1234 with uncommitted changes under src/", True)
 
 
+def test_an_installed_promptkd_outside_git_runs_a_study_on_its_version(tmp_path, tiny_pair_dirs, tiny_jsonl,
+                                                                        monkeypatch):
+    """A pip install has no git checkout: the study records revision and source "unknown" and
+    compares the promptkd version."""
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+
+    monkeypatch.setattr(runner.subprocess, "run", no_git)
+    here = runner.code_revision()
+    assert {k: here[k] for k in ("revision", "source", "dirty")} == {"revision": "unknown", "source": "unknown",
+                                                                        "dirty": False}
+    monkeypatch.setattr(runner, "code_revision", lambda: dict(here))
+    cfg = load_compare_config(write_study(tmp_path, *tiny_pair_dirs, tiny_jsonl))
+    assert runner.check_revision(cfg, allow=False) == ("unknown", False)
+    assert runner.check_revision(cfg, allow=False) == ("unknown", False)  # against the study.json it wrote
+    monkeypatch.setattr(runner, "code_revision", lambda: {**here, "promptkd": "0.2.0"})
+    with pytest.raises(UserError, match=re.escape(f"(promptkd {here['promptkd']}, ") + r".*\(promptkd 0\.2\.0\)"):
+        runner.check_revision(cfg, allow=False)
+
+
 def test_allowed_cells_from_another_revision_are_marked_in_the_report(study, monkeypatch):
     cfg = load_compare_config(study)
     runner.check_revision(cfg, allow=False)

@@ -64,8 +64,10 @@ def test_eval_cli_writes_predictions_and_scores(tmp_path, tiny_pair_dirs, eval_j
     assert summary["tinyset"]["mean"] == pytest.approx(sum(vals) / 2)
     assert summary["tinyset"]["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2)  # population std
     assert summary["average"]["mean"] == pytest.approx(summary["tinyset"]["mean"])
-    assert scores["deviations"] == ["sampling.max_new_tokens 6 (protocol: 256)",
-                                    "seeds [10, 20] (protocol: [10, 20, 30, 40, 50])"]
+    assert scores["deviations"] == [
+        "sets dolly, selfinst, vicuna, sinst, uinst not evaluated (protocol: dolly, selfinst, vicuna, sinst, uinst)",
+        "sets outside the protocol: tinyset", "sampling.max_new_tokens 6 (protocol: 256)",
+        "seeds [10, 20] (protocol: [10, 20, 30, 40, 50])"]
     assert scores["config"]["seeds"] == [10, 20]
     assert scores["config"]["sampling"]["no_repeat_ngram_size"] == 6
 
@@ -162,16 +164,22 @@ def test_summary_and_table_two_sets():
     assert "15.00 ± 5.00" in table and "22.50 ± 2.50" in table
 
 
-def test_deviations_are_differences_from_the_configs_defaults():
-    assert deviations(EvalConfig(model="m", out="o")) == []
-    devs = deviations(EvalConfig(model="m", out="o", seeds=[10, 20], limit=50,
+def test_deviations_are_differences_from_the_protocol():
+    five = ["dolly", "selfinst", "vicuna", "sinst", "uinst"]
+    assert deviations(EvalConfig(model="m", out="o", datasets=five)) == []
+    # the default sets are three of the protocol's five; a file is outside it, whatever its content
+    assert deviations(EvalConfig(model="m", out="o")) == [
+        "sets sinst, uinst not evaluated (protocol: dolly, selfinst, vicuna, sinst, uinst)"]
+    assert deviations(EvalConfig(model="m", out="o", datasets=[*five, "mine.jsonl"])) == [
+        "sets outside the protocol: mine"]
+    devs = deviations(EvalConfig(model="m", out="o", datasets=five, seeds=[10, 20], limit=50,
                                  sampling=SamplingConfig(max_new_tokens=128, no_repeat_ngram_size=6)))
     assert devs == ["sampling.max_new_tokens 128 (protocol: 256)", "seeds [10, 20] (protocol: [10, 20, 30, 40, 50])",
                     "only the first 50 records of each set"]
-    devs = deviations(EvalConfig(model="m", out="o", prompt_truncation="keep_last"))
+    devs = deviations(EvalConfig(model="m", out="o", datasets=five, prompt_truncation="keep_last"))
     assert devs == ["prompt_truncation 'keep_last' (protocol: 'keep_first')"]
     # every sampling setting counts, e.g. the training sampler's missing n-gram block
-    devs = deviations(EvalConfig(model="m", out="o", sampling=SamplingConfig(eos_at_cap=False)))
+    devs = deviations(EvalConfig(model="m", out="o", datasets=five, sampling=SamplingConfig(eos_at_cap=False)))
     assert devs == ["sampling.no_repeat_ngram_size 0 (protocol: 6)"]
 
 

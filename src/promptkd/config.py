@@ -635,7 +635,8 @@ class GenerateConfig(PromptOptions):
 
 @dataclass
 class EvalConfig(PromptOptions):
-    """`promptkd eval`: the paper's ROUGE-L protocol. The defaults ARE the protocol (docs/method.md, section 6):
+    """`promptkd eval`: the paper's ROUGE-L protocol. The defaults are the protocol (docs/method.md, section 7)
+    but for the sets (dolly, selfinst, vicuna of its five; S-NI and UnNI are large and need their files):
     sampling at T 1, top_k 0, top_p 1, no_repeat_ngram_size 6, up to 256 new tokens, prompts
     cut to their first 256 tokens, seeds 10..50; `deviations()` lists every departure."""
 
@@ -680,7 +681,7 @@ class EvalConfig(PromptOptions):
 
 @dataclass
 class ExposureBiasConfig(PromptOptions):
-    """`promptkd exposure-bias`: ExAccErr(l) of a student against a teacher (docs/method.md, section 6). Both models
+    """`promptkd exposure-bias`: ExAccErr(l) of a student against a teacher (docs/method.md, section 7). Both models
     sample with `sampling` (default: T 1, no filters, up to 64 new tokens)."""
 
     student: str = opt(

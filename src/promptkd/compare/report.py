@@ -13,6 +13,7 @@ from pathlib import Path
 
 from promptkd.compare.config import CompareConfig, cell_id
 from promptkd.compare.stats import compare, describe_interval, mean_interval
+from promptkd.data.eval_sets import set_deviations
 from promptkd.errors import UserError, require_extra
 
 COMPUTE = [("generated tokens", "generated"), ("trained tokens", "trained_tokens"),
@@ -90,7 +91,9 @@ def _setup(cfg: CompareConfig, study: dict, cells: dict, planned: int) -> list[s
     model, data = cfg.base.get("model", {}), cfg.base.get("data", {})
     shared = {k: v for k, v in _flat(cfg.base).items() if not k.startswith(("model.", "data."))}
     e = cfg.evaluation
-    deviations = list(dict.fromkeys(d for c in cells.values() for d in c.get("eval_deviations", [])))
+    # the sets from the config too: cells from before the sets were listed lack that line
+    deviations = list(dict.fromkeys([*set_deviations(list(e.sets())),
+                                     *(d for c in cells.values() for d in c.get("eval_deviations", []))]))
     versions = sorted({", ".join(f"{k} {v}" for k, v in c["versions"].items()) for c in cells.values()})
     return [
         "## Setup", "",
@@ -195,7 +198,8 @@ def _comparisons(cfg: CompareConfig, comparisons) -> list[str]:
                      for n in ns]
     lines += ["", f"p: two-sided paired t-test over training seeds (scipy.stats.ttest_rel) of the cell scores; the "
               f"training seed is the replicated unit, and pairing by seed cancels what the arms share. Holm p: "
-              f"adjusted (Holm) over the report's {len(comparisons)} comparison(s). An arm is called better or "
+              f"adjusted (Holm) over the report's {sum(not math.isnan(c.p) for c in comparisons)} tested comparison(s) "
+              f"(a row with n < 2 or with every difference 0 has no test). An arm is called better or "
               f"worse when its Holm p < {cfg.alpha:g}.", ""]
     if tost:
         lines.append(f"\"equivalent\": only from TOST (two one-sided t-tests) against the declared margin ±{cfg.margin:g} "

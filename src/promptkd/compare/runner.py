@@ -62,7 +62,7 @@ def code_revision() -> dict:
     import promptkd
 
     package = Path(promptkd.__file__).resolve().parent
-    out = {"revision": "unknown", "dirty": False, "promptkd": promptkd.__version__}
+    out = {"revision": "unknown", "source": "unknown", "dirty": False, "promptkd": promptkd.__version__}
 
     def git(*args: str) -> str | None:
         try:
@@ -118,8 +118,8 @@ def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True) ->
 
     for name in cfg.prepare:
         run_dir, record = runs_dir(cfg) / "prepare" / name, Path(cfg.results) / "prepare" / f"{name}.json"
-        redo = (f"to redo the stage, delete {record}, {run_dir} and every cell file in {Path(cfg.results) / 'cells'} "
-                "(their cells trained from the old output)")
+        redo = (f"to redo the stage, delete {record}, {run_dir}, every cell file in {Path(cfg.results) / 'cells'} and "
+                f"every cell's run directory in {runs_dir(cfg)} (their cells trained from the old output)")
         if record.is_file():
             recorded = json.loads(record.read_text(encoding="utf-8"))["sha256"]
             if output_hash(run_dir) != recorded:
@@ -304,7 +304,7 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
                      "transformers": transformers.__version__},
         "host": platform.node(), "started": started, "finished": _now(),
         "seconds": seconds,
-        "eval_deviations": deviations(job),
+        "eval_deviations": deviations(job, names=list(cfg.evaluation.sets())),
         "score": round(statistics.fmean(s["mean"] for s in sets.values()), 6),
         "sets": sets,
         "dev_loss": next((r["dev/loss"] for r in reversed(records) if "dev/loss" in r), None),

@@ -38,6 +38,19 @@ EVAL_SETS: dict[str, EvalSetSpec] = {
 }
 
 
+def set_deviations(names) -> list[str]:
+    """How a list of evaluation set names departs from the paper's five sets: those left out, and
+    any other (a JSONL file is named by its stem, so it counts as another set)."""
+    out = []
+    missing = [name for name in EVAL_SETS if name not in names]
+    if missing:
+        out.append(f"sets {', '.join(missing)} not evaluated (protocol: {', '.join(EVAL_SETS)})")
+    other = [name for name in names if name not in EVAL_SETS]
+    if other:
+        out.append(f"sets outside the protocol: {', '.join(other)}")
+    return out
+
+
 def eval_set_name(dataset: str) -> str:
     """The name an evaluation set's outputs are filed under: a registered name as given, a JSONL
     file by its stem (predictions_<name>_seed<k>.jsonl, the score tables' columns)."""

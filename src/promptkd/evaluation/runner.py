@@ -32,7 +32,7 @@ import torch
 
 from promptkd.config import EvalConfig, PromptOptions
 from promptkd.data.dataset import build_examples
-from promptkd.data.eval_sets import eval_set_name
+from promptkd.data.eval_sets import eval_set_name, set_deviations
 from promptkd.errors import UserError
 from promptkd.evaluation.datasets import load_eval_set
 from promptkd.generate import generate_for_examples
@@ -43,11 +43,13 @@ from promptkd.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
-def deviations(cfg: EvalConfig) -> list[str]:
-    """Every way this evaluation departs from the paper protocol, i.e. from EvalConfig's
-    defaults (for results files): sampling and prompt settings, seeds, a record limit."""
+def deviations(cfg: EvalConfig, names: list[str] | None = None) -> list[str]:
+    """Every way this evaluation departs from the paper protocol (for results files): the sets
+    (the paper's five, by name: EvalConfig's default is the first three; `names` the sets' names
+    when the caller knows them, e.g. a study's `name: path` pairs), and EvalConfig's other
+    defaults: sampling and prompt settings, seeds, a record limit."""
     protocol = EvalConfig()
-    out = []
+    out = set_deviations(names if names is not None else [eval_set_name(d) for d in cfg.datasets])
     for name in (f.name for f in fields(SamplingConfig)):
         value, expected = getattr(cfg.sampling, name), getattr(protocol.sampling, name)
         if name == "eos_at_cap":  # null and false both leave responses as sampled
