@@ -10,7 +10,7 @@ that runs. Printed:
 
 - functions: the distinct promptkd functions called during the step, and the files they are in.
   A comprehension or generator expression is part of the function it is written in (Python 3.11
-  gives it a code object and a frame of its own; 3.12 inlines it);
+  gives each a code object and a frame of its own; 3.12 inlines list, dict and set comprehensions);
 - lines: the source lines of those functions, each line once (a function called many times, or
   a comprehension inside one, adds nothing), docstrings and comments included: what a reader
   opens;

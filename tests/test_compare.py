@@ -229,6 +229,9 @@ def test_report_lists_missing_cells_and_leaves_n_below_2_unresolved(study):
     report = build_report(cfg).read_text()
     assert "| PromptKD − GKD | 1 | s1 +1.00 | +1.00 | [n/a, n/a] | n/a | n/a | unresolved (n < 2) |" in report
     assert "## Missing cells\n\nGKD__seed2\n" in report
+    assert "over the report's 0 tested comparison(s)" in report  # the one row has no test
+    # the tiny file is not one of the protocol's sets: the report says so from the config
+    assert "sets dolly, selfinst, vicuna, sinst, uinst not evaluated" in report and "outside the protocol: tiny (" in report
     assert "| GKD | gkd, gkd.lmbda 1.0, gkd.beta 1.0 | 1 | 5.00 [n/a, n/a] |" in report
     assert "No equivalence margin is declared" in report
     assert build_report(cfg).read_text() == report

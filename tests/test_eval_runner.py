@@ -66,7 +66,7 @@ def test_eval_cli_writes_predictions_and_scores(tmp_path, tiny_pair_dirs, eval_j
     assert summary["average"]["mean"] == pytest.approx(summary["tinyset"]["mean"])
     assert scores["deviations"] == [
         "sets dolly, selfinst, vicuna, sinst, uinst not evaluated (protocol: dolly, selfinst, vicuna, sinst, uinst)",
-        "sets outside the protocol: tinyset", "sampling.max_new_tokens 6 (protocol: 256)",
+        f"sets outside the protocol: tinyset ({eval_jsonl})", "sampling.max_new_tokens 6 (protocol: 256)",
         "seeds [10, 20] (protocol: [10, 20, 30, 40, 50])"]
     assert scores["config"]["seeds"] == [10, 20]
     assert scores["config"]["sampling"]["no_repeat_ngram_size"] == 6
@@ -171,7 +171,13 @@ def test_deviations_are_differences_from_the_protocol():
     assert deviations(EvalConfig(model="m", out="o")) == [
         "sets sinst, uinst not evaluated (protocol: dolly, selfinst, vicuna, sinst, uinst)"]
     assert deviations(EvalConfig(model="m", out="o", datasets=[*five, "mine.jsonl"])) == [
-        "sets outside the protocol: mine"]
+        "sets outside the protocol: mine (mine.jsonl)"]
+    # a local copy of a protocol set is that set; a study's label does not make a file one
+    copies = {"dolly": "data/eval/dolly_eval.jsonl", "selfinst": "selfinst_eval.jsonl", "vicuna": "vicuna",
+              "sinst": "dl/sinst/11_/valid.jsonl", "uinst": "cache/sinst_every4/uinst.jsonl"}
+    assert deviations(EvalConfig(model="m", out="o"), sets=copies) == [
+        "sets uinst not evaluated (protocol: dolly, selfinst, vicuna, sinst, uinst)",
+        "sets outside the protocol: uinst (cache/sinst_every4/uinst.jsonl)"]
     devs = deviations(EvalConfig(model="m", out="o", datasets=five, seeds=[10, 20], limit=50,
                                  sampling=SamplingConfig(max_new_tokens=128, no_repeat_ngram_size=6)))
     assert devs == ["sampling.max_new_tokens 128 (protocol: 256)", "seeds [10, 20] (protocol: [10, 20, 30, 40, 50])",

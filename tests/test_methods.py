@@ -520,9 +520,11 @@ def test_minillm_lm_data_without_usable_records_names_its_key(tmp_path, tiny_pai
         trainer_for(tmp_path, tiny_pair_dirs, tiny_jsonl, "minillm", minillm={"lm_coef": 0.5, "lm_data": str(lm_file)})
 
 
-def test_a_registered_method_decides_whether_it_needs_a_teacher(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
-    """A registered method that uses no teacher (its needs_teacher is False) trains without
-    model.teacher and loads none; one that needs a teacher is refused without one, naming the key."""
+def test_a_registered_method_decides_whether_it_needs_a_teacher(tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch,
+                                                                 caplog):
+    """A registered method that uses no teacher (its needs_teacher is False) loads and trains
+    without model.teacher, and warns that a given one is ignored; one that needs a teacher is
+    refused without one, naming the key, before any data or model loads."""
     import promptkd
     import promptkd.methods as methods
     from promptkd.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
@@ -545,15 +547,23 @@ def test_a_registered_method_decides_whether_it_needs_a_teacher(tmp_path, tiny_p
 
     promptkd.register_method("references_only", ReferencesOnly)
     promptkd.register_method("with_teacher", WithTeacher)
-    _, student = tiny_pair_dirs
+    teacher, student = tiny_pair_dirs
 
-    def config(method):
-        return Config(method=method, model=ModelConfig(student=str(student)), data=DataConfig(train=str(tiny_jsonl)),
-                      train=TrainConfig(output_dir=str(tmp_path / method), max_steps=1, batch_size=2, warmup_steps=0,
+    def config(method, name, teacher=""):
+        return Config(method=method, model=ModelConfig(student=str(student), teacher=str(teacher) if teacher else None),
+                      data=DataConfig(train=str(tiny_jsonl)),
+                      train=TrainConfig(output_dir=str(tmp_path / name), max_steps=1, batch_size=2, warmup_steps=0,
                                         cpu=True))
 
-    trainer = Trainer(config("references_only"), show_progress=False)
+    # a config file or mapping without a teacher is valid for it (the built-in rule is not applied)
+    assert config_from_dict({"method": "references_only", "model": {"student": str(student)},
+                             "data": {"train": str(tiny_jsonl)}}).model.teacher is None
+    trainer = Trainer(config("references_only", "a"), show_progress=False)
     metrics = trainer.train()
     assert trainer.teacher is None and metrics["student/ce"] > 0
+    with caplog.at_level(logging.WARNING, logger="promptkd.training.loop"):
+        ignored = Trainer(config("references_only", "b", teacher=teacher), show_progress=False).setup()
+    assert ignored.teacher is None and "method 'references_only' uses none" in caplog.text
     with pytest.raises(ConfigError, match=r"'model.teacher' is not set but method 'with_teacher' needs a teacher"):
-        Trainer(config("with_teacher"), show_progress=False)
+        Trainer(config("with_teacher", "c"), show_progress=False).setup()
+    assert not (tmp_path / "c" / "checkpoints").exists()

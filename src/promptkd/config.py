@@ -369,23 +369,18 @@ class Config(ConfigBase):
     minillm: MiniLLMSection = field(default_factory=MiniLLMSection)
     distillm: DistiLLMSection = field(default_factory=DistiLLMSection)
 
-    def required_problems(self, provided: frozenset[str] | set[str] = frozenset(),
-                          needs_teacher: bool | None = None) -> list[str]:
+    def required_problems(self, provided: frozenset[str] | set[str] = frozenset()) -> list[str]:
         """Unset entries the run needs; `provided` names the objects a Python caller passed to
-        the Trainer instead (student, teacher, tokenizer, train_dataset, eval_dataset).
-        `needs_teacher`: a registered method's answer (its class's `needs_teacher`); None for the
-        built-in methods, whose rule is here."""
+        the Trainer instead (student, teacher, tokenizer, train_dataset, eval_dataset). The
+        teacher is checked here for the built-in methods; a registered method's class decides
+        for itself when the trainer sets it up (`teacher_problems`)."""
         problems = []
         if not self.model.student and "student" not in provided:
             problems.append("'model.student' is not set: give a Hub id, a save_pretrained directory or a .gguf file")
-        if needs_teacher is None:
+        if self.method in METHODS:
             needs_teacher = self.method not in TEACHER_FREE_METHODS and not (
                 self.method == "seqkd" and self.seqkd.kd_ratio == 0)
-        if needs_teacher and not self.model.teacher and "teacher" not in provided:
-            fix = ""
-            if self.method == "seqkd":
-                fix = f" (seqkd.kd_ratio = {self.seqkd.kd_ratio} adds a forward-KL term; seqkd.kd_ratio 0 trains on the teacher responses alone)"
-            problems.append(f"'model.teacher' is not set but method '{self.method}' needs a teacher{fix}")
+            problems += self.teacher_problems(needs_teacher, provided)
         if not self.data.train and "train_dataset" not in provided and not (
             self.method == "seqkd" and self.data.teacher_responses
         ):
@@ -404,6 +399,15 @@ class Config(ConfigBase):
         if self.train.eval_metric == "rougeL" and not self.data.dev and "eval_dataset" not in provided and self.train.eval_every:
             problems.append("'train.eval_every' is set but 'data.dev' is not: give dev data or set eval_every 0")
         return problems
+
+    def teacher_problems(self, needs_teacher: bool, provided: frozenset[str] | set[str] = frozenset()) -> list[str]:
+        """The missing teacher of a method that needs one, or []."""
+        if not needs_teacher or self.model.teacher or "teacher" in provided:
+            return []
+        fix = ""
+        if self.method == "seqkd":
+            fix = f" (seqkd.kd_ratio = {self.seqkd.kd_ratio} adds a forward-KL term; seqkd.kd_ratio 0 trains on the teacher responses alone)"
+        return [f"'model.teacher' is not set but method '{self.method}' needs a teacher{fix}"]
 
     def cross_checks(self) -> list[str]:
         problems = []
@@ -537,26 +541,16 @@ def fit_warmup(cfg: Config) -> tuple[Config, str | None]:
     )
 
 
-def config_warnings(cfg: Config) -> list[str]:
-    """Settings that are valid but probably not meant (the trainer warns with these)."""
-    out = []
-    if cfg.method in TEACHER_FREE_METHODS and cfg.model.teacher:
-        out.append(f"model.teacher is set but method '{cfg.method}' uses no teacher: it is ignored")
-    return out
-
-
-def validate_config(cfg: Config, *, provided: frozenset[str] | set[str] = frozenset(),
-                    needs_teacher: bool | None = None) -> Config:
+def validate_config(cfg: Config, *, provided: frozenset[str] | set[str] = frozenset()) -> Config:
     """Check a Config built in Python (types, ranges, cross-field rules), reporting every problem.
 
     provided: the objects passed to the Trainer in place of config entries ("student",
     "teacher", "tokenizer", "train_dataset", "eval_dataset"), which make those entries optional.
-    needs_teacher: for a registered method, whether it uses a teacher (None: a built-in method).
     Raises ConfigError listing every problem.
     """
     problems = field_problems(cfg)
     if not problems:
-        problems = cfg.required_problems(provided, needs_teacher) + cfg.cross_checks()
+        problems = cfg.required_problems(provided) + cfg.cross_checks()
     if problems:
         raise ConfigError(problems)
     return cfg

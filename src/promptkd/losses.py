@@ -264,11 +264,12 @@ def loss_terms(trained: Outputs, terms: Sequence[Term], mask: torch.Tensor) -> t
             if not any(target is s for s in sides):
                 sides.append(target)
             targets.append(next(i for i, s in enumerate(sides) if s is target))
-        elif isinstance(target, torch.Tensor) and not target.is_floating_point():  # token ids
+        elif isinstance(target, torch.Tensor) and target.dtype == torch.long:  # token ids
             sides.append(target)
             targets.append(len(sides) - 1)
         else:
-            raise TypeError(f"loss_terms: a term's target is Outputs or a tensor of token ids, got {type(target).__name__}"
+            what = f"a {target.dtype} tensor" if isinstance(target, torch.Tensor) else type(target).__name__
+            raise TypeError(f"loss_terms: a term's target is Outputs or a torch.long tensor of token ids, got {what}"
                             " (a teacher's Aligned outputs of a two-tokenizer run go through "
                             "promptkd.methods.base.distill_terms)")
     spec = _Spec(tuple(div for div, _, _ in terms), tuple(targets), tuple(float(w) != 0 for _, _, w in terms),

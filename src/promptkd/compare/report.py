@@ -92,7 +92,7 @@ def _setup(cfg: CompareConfig, study: dict, cells: dict, planned: int) -> list[s
     shared = {k: v for k, v in _flat(cfg.base).items() if not k.startswith(("model.", "data."))}
     e = cfg.evaluation
     # the sets from the config too: cells from before the sets were listed lack that line
-    deviations = list(dict.fromkeys([*set_deviations(list(e.sets())),
+    deviations = list(dict.fromkeys([*set_deviations(e.sets()),
                                      *(d for c in cells.values() for d in c.get("eval_deviations", []))]))
     versions = sorted({", ".join(f"{k} {v}" for k, v in c["versions"].items()) for c in cells.values()})
     return [

@@ -304,7 +304,7 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
                      "transformers": transformers.__version__},
         "host": platform.node(), "started": started, "finished": _now(),
         "seconds": seconds,
-        "eval_deviations": deviations(job, names=list(cfg.evaluation.sets())),
+        "eval_deviations": deviations(job, cfg.evaluation.sets()),
         "score": round(statistics.fmean(s["mean"] for s in sets.values()), 6),
         "sets": sets,
         "dev_loss": next((r["dev/loss"] for r in reversed(records) if "dev/loss" in r), None),

@@ -2,7 +2,7 @@
 collation and the global batch order over processes and micro-batches.
 
 The names below load their module on first use, so a torch-free module of this package (the
-evaluation sets, the templates) imports without torch (`promptkd compare --report-only` needs none).
+evaluation sets, the templates) imports without torch (compare's `build_report` needs none).
 """
 
 import importlib

@@ -38,14 +38,19 @@ EVAL_SETS: dict[str, EvalSetSpec] = {
 }
 
 
-def set_deviations(names) -> list[str]:
-    """How a list of evaluation set names departs from the paper's five sets: those left out, and
-    any other (a JSONL file is named by its stem, so it counts as another set)."""
+def set_deviations(sets: dict[str, str]) -> list[str]:
+    """How the evaluated sets depart from the paper's five: those left out, and any other.
+
+    sets: {name: the dataset read, a registered name or a file}. A file is one of the five when
+    `eval_set_for_source` recognises it as a local copy (dolly_eval.jsonl, <dir>/sinst/11_/valid.jsonl,
+    ...); any other file is another set, whatever its name (a subsample of one, for instance).
+    """
+    found = {name: dataset if dataset in EVAL_SETS else eval_set_for_source(dataset) for name, dataset in sets.items()}
     out = []
-    missing = [name for name in EVAL_SETS if name not in names]
+    missing = [name for name in EVAL_SETS if name not in found.values()]
     if missing:
         out.append(f"sets {', '.join(missing)} not evaluated (protocol: {', '.join(EVAL_SETS)})")
-    other = [name for name in names if name not in EVAL_SETS]
+    other = [name if name == dataset else f"{name} ({dataset})" for name, dataset in sets.items() if found[name] is None]
     if other:
         out.append(f"sets outside the protocol: {', '.join(other)}")
     return out

@@ -43,13 +43,13 @@ from promptkd.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
-def deviations(cfg: EvalConfig, names: list[str] | None = None) -> list[str]:
+def deviations(cfg: EvalConfig, sets: dict[str, str] | None = None) -> list[str]:
     """Every way this evaluation departs from the paper protocol (for results files): the sets
-    (the paper's five, by name: EvalConfig's default is the first three; `names` the sets' names
-    when the caller knows them, e.g. a study's `name: path` pairs), and EvalConfig's other
-    defaults: sampling and prompt settings, seeds, a record limit."""
+    (`set_deviations`: EvalConfig's default is three of the five; `sets` names them when the caller
+    does, as a study's `name: path` pairs), and EvalConfig's other defaults: sampling and prompt
+    settings, seeds, a record limit."""
     protocol = EvalConfig()
-    out = set_deviations(names if names is not None else [eval_set_name(d) for d in cfg.datasets])
+    out = set_deviations(sets if sets is not None else {eval_set_name(d): d for d in cfg.datasets})
     for name in (f.name for f in fields(SamplingConfig)):
         value, expected = getattr(cfg.sampling, name), getattr(protocol.sampling, name)
         if name == "eos_at_cap":  # null and false both leave responses as sampled

@@ -19,7 +19,6 @@ from promptkd.config import (
     METHOD_SECTIONS,
     METHODS,
     Config,
-    config_warnings,
     fit_warmup,
     load_config,
     merge_dicts,
@@ -27,6 +26,7 @@ from promptkd.config import (
     validate_config,
 )
 from promptkd.data.order import DataOrder
+from promptkd.errors import ConfigError
 from promptkd.methods import get_method_class
 from promptkd.methods.base import StepResult
 from promptkd.models.loading import eos_token_ids
@@ -82,9 +82,7 @@ class Trainer:
         self.cfg = config
         self._given = {"student": student, "teacher": teacher, "tokenizer": tokenizer,
                        "train_dataset": train_dataset, "eval_dataset": eval_dataset}
-        # a registered method says itself whether it uses a teacher (it has no config section)
-        needs_teacher = None if config.method in METHODS else get_method_class(config.method).needs_teacher(None)
-        validate_config(config, provided={k for k, v in self._given.items() if v is not None}, needs_teacher=needs_teacher)
+        validate_config(config, provided={k for k, v in self._given.items() if v is not None})
         self._given["teacher_tokenizer"] = teacher_tokenizer
         self.resume = resume
         self.overwrite = overwrite
@@ -137,8 +135,8 @@ class Trainer:
 
         cfg, warmup_note = fit_warmup(self.cfg)
         self.cfg = cfg
-        for note in config_warnings(cfg) + ([warmup_note] if warmup_note else []):
-            logger.warning(note)
+        if warmup_note:
+            logger.warning(warmup_note)
         self.accelerator, self.precision = assembly.accelerator_for(cfg.train)
         run_dir.check_output_dir(self.accelerator, self.output_dir, resume=self.resume, overwrite=self.overwrite)
         assembly.check_distributed_backend(cfg, self.accelerator)
@@ -149,11 +147,18 @@ class Trainer:
         self.method = method_cls(options)
         main = self.accelerator.is_main_process
         given = self._given
+        needs_teacher = method_cls.needs_teacher(options)
+        if cfg.method not in METHODS:  # a registered method's class decides (the config checked the built-in ones)
+            problems = cfg.teacher_problems(needs_teacher, {k for k, v in given.items() if v is not None})
+            if problems:
+                raise ConfigError(problems)
+        if not needs_teacher and (cfg.model.teacher or given["teacher"] is not None):
+            logger.warning("a teacher is given but method '%s' uses none (with these settings): it is ignored", cfg.method)
         # the data before the models: a bad data source fails in seconds
         records = data_sources.read_sources(cfg, self.method, train_dataset=given["train_dataset"],
                                             eval_dataset=given["eval_dataset"])
         models = assembly.assemble_models(
-            cfg, self.accelerator, self.precision, needs_teacher=method_cls.needs_teacher(options),
+            cfg, self.accelerator, self.precision, needs_teacher=needs_teacher,
             student=given["student"], teacher=given["teacher"], tokenizer=given["tokenizer"],
             teacher_tokenizer=given["teacher_tokenizer"])
         self.student, self.tokenizer, self.teacher = models.student, models.tokenizer, models.teacher
