@@ -367,7 +367,7 @@ def test_no_grad_gives_values_only_and_an_empty_mask_gives_zero():
 
 def test_a_target_that_is_neither_outputs_nor_token_ids_is_refused_naming_distill_terms():
     logits, target = _pair()
-    with pytest.raises(TypeError, match="got a torch.float32 tensor .*distill_terms"):  # float logits passed bare
+    with pytest.raises(TypeError, match=r"got a torch.float(32|64) tensor .*distill_terms"):  # float logits passed bare
         loss_terms(Outputs(logits), [(divergence("reverse_kl"), target, 1.0)], torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="got tuple"):
         loss_terms(Outputs(logits), [(divergence("reverse_kl"), (target,), 1.0)], torch.ones(2, 5, dtype=torch.bool))
