@@ -524,7 +524,7 @@ def test_a_registered_method_decides_whether_it_needs_a_teacher(tmp_path, tiny_p
                                                                  caplog):
     """A registered method that uses no teacher (its needs_teacher is False) loads and trains
     without model.teacher, and warns that a given one is ignored; one that needs a teacher is
-    refused without one, naming the key, before any data or model loads."""
+    refused without one, naming the key, before any model loads."""
     import promptkd
     import promptkd.methods as methods
     from promptkd.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
@@ -561,7 +561,7 @@ def test_a_registered_method_decides_whether_it_needs_a_teacher(tmp_path, tiny_p
     trainer = Trainer(config("references_only", "a"), show_progress=False)
     metrics = trainer.train()
     assert trainer.teacher is None and metrics["student/ce"] > 0
-    with caplog.at_level(logging.WARNING, logger="promptkd.training.loop"):
+    with caplog.at_level(logging.WARNING, logger="promptkd.training.assembly"):
         ignored = Trainer(config("references_only", "b", teacher=teacher), show_progress=False).setup()
     assert ignored.teacher is None and "method 'references_only' uses none" in caplog.text
     with pytest.raises(ConfigError, match=r"'model.teacher' is not set but method 'with_teacher' needs a teacher"):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from promptkd.cross_tokenizer import CrossTokenizer
-from promptkd.errors import UserError
+from promptkd.errors import ConfigError, UserError
 from promptkd.models.loading import (
     ModelSpec,
     cast_frozen_linear_weights,
@@ -85,7 +85,8 @@ def assemble_models(cfg, accelerator, precision, *, needs_teacher: bool, student
     Args:
         cfg: the run's `Config` (model.*, train.gradient_checkpointing).
         accelerator, precision: the run's `Accelerator` and resolved `promptkd.precision` choice.
-        needs_teacher: whether the method uses a teacher; without one a passed teacher is ignored.
+        needs_teacher: whether the method uses a teacher (its class's `needs_teacher`); a teacher
+            given to a method that uses none is ignored, with a warning.
         student, teacher, tokenizer: objects the user passed; None loads from `cfg.model`.
         teacher_tokenizer: the teacher's own tokenizer, when it is not the student's; None loads it from
             model.teacher when that is set (else the teacher shares `tokenizer`).
@@ -97,10 +98,17 @@ def assemble_models(cfg, accelerator, precision, *, needs_teacher: bool, student
         (`tokenizer_path`).
 
     Raises:
+        ConfigError: the method needs a teacher and none is given (checked first; the config checks
+            the built-in methods' rule already, this one a registered method's).
         UserError: a student without a tokenizer and no model.student, a tokenizer with neither a
             pad nor an eos token, or tokenizers that do not match with model.cross_tokenizer off.
     """
     teacher_given = teacher is not None
+    problems = cfg.teacher_problems(needs_teacher, {"teacher"} if teacher_given else set())
+    if problems:
+        raise ConfigError(problems)
+    if not needs_teacher and (cfg.model.teacher or teacher_given):
+        logger.warning("a teacher is given but method '%s' uses none (with these settings): it is ignored", cfg.method)
     student, tokenizer = _student_and_tokenizer(cfg, accelerator, student, tokenizer)
     vocab_size = student.get_output_embeddings().weight.shape[0]
     teacher_flags, cross, teacher_tok, teacher_vocab_size = None, None, tokenizer, vocab_size

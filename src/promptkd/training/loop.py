@@ -17,7 +17,6 @@ from pathlib import Path
 
 from promptkd.config import (
     METHOD_SECTIONS,
-    METHODS,
     Config,
     fit_warmup,
     load_config,
@@ -26,7 +25,6 @@ from promptkd.config import (
     validate_config,
 )
 from promptkd.data.order import DataOrder
-from promptkd.errors import ConfigError
 from promptkd.methods import get_method_class
 from promptkd.methods.base import StepResult
 from promptkd.models.loading import eos_token_ids
@@ -147,18 +145,11 @@ class Trainer:
         self.method = method_cls(options)
         main = self.accelerator.is_main_process
         given = self._given
-        needs_teacher = method_cls.needs_teacher(options)
-        if cfg.method not in METHODS:  # a registered method's class decides (the config checked the built-in ones)
-            problems = cfg.teacher_problems(needs_teacher, {k for k, v in given.items() if v is not None})
-            if problems:
-                raise ConfigError(problems)
-        if not needs_teacher and (cfg.model.teacher or given["teacher"] is not None):
-            logger.warning("a teacher is given but method '%s' uses none (with these settings): it is ignored", cfg.method)
         # the data before the models: a bad data source fails in seconds
         records = data_sources.read_sources(cfg, self.method, train_dataset=given["train_dataset"],
                                             eval_dataset=given["eval_dataset"])
         models = assembly.assemble_models(
-            cfg, self.accelerator, self.precision, needs_teacher=needs_teacher,
+            cfg, self.accelerator, self.precision, needs_teacher=method_cls.needs_teacher(options),
             student=given["student"], teacher=given["teacher"], tokenizer=given["tokenizer"],
             teacher_tokenizer=given["teacher_tokenizer"])
         self.student, self.tokenizer, self.teacher = models.student, models.tokenizer, models.teacher
