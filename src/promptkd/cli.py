@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # the workers' cells
     r = sub.add_parser("config-reference", help="Print every config key with its default, range and meaning (Markdown).")
     r.add_argument("--command", dest="reference_command", default="train", choices=list(COMMANDS),
-                   help="Whose config (default: train, the table in README.md).")
+                   help="Whose config (default: train; docs/configuration.md has every command's table).")
     return p
 
 

@@ -744,7 +744,7 @@ class DemoConfig(ConfigBase):
     """`promptkd demo`: PromptKD beside GKD (its no-prompt ablation), SeqKD and KD, from one init with one
     budget, on SmolLM2-135M-Instruct (see promptkd.demo and docs/demo.md)."""
 
-    out: str | None = opt(None, "Run directory; null = ~/.cache/promptkd/demo-run.")
+    out: str | None = opt(None, "Run directory; null = CACHE/demo-run (CACHE: --cache-dir, $PROMPTKD_CACHE or ~/.cache/promptkd).")
     steps: int | None = opt(None, "Optimizer steps of each compared run (PromptKD, GKD, SeqKD, KD); null = the demo's own budget "
                               "(docs/demo.md).", min=1)
     cache_dir: str | None = opt(
