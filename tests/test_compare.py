@@ -312,6 +312,34 @@ def test_workers_run_cells_in_processes_of_their_own(study):
     assert "GKD__seed1: starting" in (study.parent / "runs" / "GKD__seed1" / "compare.log").read_text()
 
 
+@pytest.mark.slow
+def test_a_cell_under_a_two_process_launch_trains_on_both_and_is_written_once(tmp_path, tiny_pair_dirs, tiny_jsonl):
+    """`torchrun --nproc_per_node 2 -m promptkd.cli compare --cells ONE`: both processes train the
+    cell (the run's world size is 2), the main process alone evaluates and writes the cell file;
+    more than one cell under such a launch is refused."""
+    from launch import env
+
+    study = write_study(tmp_path, *tiny_pair_dirs, tiny_jsonl)
+    data = yaml.safe_load(study.read_text())
+    data["base"]["train"]["cpu"] = True  # gloo on CPU (without it accelerate gives each rank a run of its own)
+    study.write_text(yaml.safe_dump(data, sort_keys=False))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "promptkd.cli", "compare", "--config", str(study), "--allow-revision", "--no-progress"]
+    refused = subprocess.run(torchrun, env=env(), capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "a sitting runs one cell" in refused.stderr
+    done = subprocess.run([*torchrun, "--cells", "PromptKD__seed1"], env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("PromptKD__seed1: starting") == 1  # said once, by the main process
+    cells = list((study.parent / "results" / "cells").iterdir())
+    assert [p.name for p in cells] == ["PromptKD__seed1.json"]
+    cell = json.loads(cells[0].read_text())
+    assert cell["processes"] == 2 and set(cell["sets"]["tiny"]["per_seed"]) == {"10", "20"}  # the trainer's count
+    run = study.parent / "runs" / "PromptKD__seed1"
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((run / "times.json").read_text())["train"] > 0
+
+
 def test_a_seqkd_cell_trains_on_teacher_responses_to_the_prompts_the_other_arms_read(
         tmp_path, tiny_pair_dirs, tiny_jsonl, monkeypatch):
     """SeqKD's cell generates its training data first: the teacher's responses to exactly the

@@ -14,6 +14,10 @@ RESULTS/study.json at its first cell; a cell from another revision, or from a tr
 uncommitted changes under src/, is refused unless allow_revision (then its file says so). A
 prepare stage is trained once and recorded in RESULTS/prepare/<name>.json with the sha256 of its
 output, which every sitting checks.
+
+Under a multi-process launch (torchrun, `accelerate launch`) a sitting runs one cell: every process
+trains it (and any prepare stage still to train), as `promptkd train` would under that launch; the
+main process alone writes files, generates SeqKD's responses and evaluates (`Processes`).
 """
 
 from __future__ import annotations
@@ -43,7 +47,27 @@ TRACES = ("prompt/drift", "prompt/kl_to_student", "distillm/student_prob")  # pe
 
 
 def say(message: str) -> None:
-    print(f"[compare] {message}", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # a multi-process launch says things once
+        print(f"[compare] {message}", flush=True)
+
+
+class Processes:
+    """The processes of this sitting: one, or those of a multi-process launch (torchrun,
+    `accelerate launch`; WORLD_SIZE > 1), where every process trains and the main one alone writes,
+    generates and evaluates. `wait()` is accelerate's barrier (a no-op for one process)."""
+
+    def __init__(self, cpu: bool = False):
+        self.count = int(os.environ.get("WORLD_SIZE", "1"))
+        self.state = None
+        if self.count > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=cpu)  # the cells' own train.cpu: the trainer's Accelerator shares it
+        self.main = self.state is None or self.state.is_main_process
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
 
 
 def runs_dir(cfg: CompareConfig) -> Path:
@@ -107,7 +131,7 @@ def check_revision(cfg: CompareConfig, allow: bool) -> tuple[str, bool]:
 # ----------------------------------------------------------------------------- prepare stages
 
 
-def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True) -> None:
+def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True, procs: Processes | None = None) -> None:
     """Train the prepare stages that have no record in RESULTS/prepare/NAME.json yet, in order
     (RUNS/prepare/NAME, resumable, through Trainer.from_config), and record each one. Raises
     UserError when a recorded stage's output is not the one recorded (its sha256), or when a
@@ -116,6 +140,7 @@ def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True) ->
     from promptkd.training.checkpoint import latest_checkpoint
     from promptkd.training.loop import Trainer
 
+    procs = procs or Processes()
     for name in cfg.prepare:
         run_dir, record = runs_dir(cfg) / "prepare" / name, Path(cfg.results) / "prepare" / f"{name}.json"
         redo = (f"to redo the stage, delete {record}, {run_dir}, every cell file in {Path(cfg.results) / 'cells'} and "
@@ -132,9 +157,12 @@ def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True) ->
         if not (run_dir / "final").is_dir():
             say(f"prepare stage {name}: training in {run_dir}")
             resume = latest_checkpoint(run_dir / "checkpoints") is not None
-            with _timed(run_dir, "train"):
+            with _timed(run_dir, "train", procs.main):
                 Trainer.from_config(cfg.stage_config(name, run_dir), resume=resume, overwrite=not resume,
                                     show_progress=show_progress).train()
+        if not procs.main:
+            procs.wait()  # for the main process's record
+            continue
         records = _read_metrics(run_dir / "metrics.jsonl")
         times = json.loads((run_dir / "times.json").read_text(encoding="utf-8"))
         write_json(record, {"name": name, "revision": revision, "finished": _now(),
@@ -143,6 +171,7 @@ def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True) ->
                             "sha256": output_hash(run_dir), "train_config": read_yaml(run_dir / "config.yaml")})
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         say(f"prepare stage {name}: recorded in {record}")
+        procs.wait()
 
 
 def output_hash(run_dir: Path) -> str | None:
@@ -163,13 +192,15 @@ def output_hash(run_dir: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def _timed(run_dir: Path, stage: str):
-    """Adds the block's wall seconds to RUN/times.json[stage] (over every sitting), even when it raises."""
+def _timed(run_dir: Path, stage: str, write: bool = True):
+    """Adds the block's wall seconds to RUN/times.json[stage] (over every sitting), even when it
+    raises; `write` False (a process other than the main one) only runs the block."""
     t0 = time.monotonic()
     try:
         yield
     finally:
-        _add_to_json(run_dir / "times.json", {stage: time.monotonic() - t0})
+        if write:
+            _add_to_json(run_dir / "times.json", {stage: time.monotonic() - t0})
 
 
 def _add_to_json(path: Path, values: dict) -> None:
@@ -230,8 +261,9 @@ def _exposure_bias(cfg: CompareConfig, model: Path, train_config: dict, run_dir:
 
 
 def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision_mismatch: bool = False,
-             show_progress: bool = True) -> dict:
-    """Train, evaluate and write one cell's file; returns its content. revision: the code's, as
+             show_progress: bool = True, procs: Processes | None = None) -> dict | None:
+    """Train, evaluate and write one cell's file; returns its content (None on a process other
+    than the main one of a multi-process launch, which only trains). revision: the code's, as
     check_revision saw it when the sitting's code was loaded."""
     import torch
     import transformers
@@ -246,26 +278,35 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
     from promptkd.training.checkpoint import latest_checkpoint
     from promptkd.training.loop import Trainer
 
+    procs = procs or Processes()
     started = _now()
     run_dir = runs_dir(cfg) / cell_id(arm.name, seed)
     budget = None
     if arm.budget.flops_of:  # planned once, at the cell's first start: a resumed cell keeps its steps
-        if not (run_dir / "budget.json").is_file():
+        if procs.main and not (run_dir / "budget.json").is_file():
             write_json(run_dir / "budget.json", plan_steps(cfg, arm, seed, read_cells(Path(cfg.results))))
+        procs.wait()
         budget = json.loads((run_dir / "budget.json").read_text(encoding="utf-8"))
     cell_config = cfg.resolve(cfg.cell_config(arm, seed, run_dir, max_steps=budget and budget["max_steps"]),
                               runs_dir(cfg))
     if not (run_dir / "final").is_dir():
-        if arm.method == "seqkd":  # first its training data: the teacher's responses (compare.seqkd)
+        if arm.method == "seqkd" and procs.main:  # first its training data: the teacher's responses (compare.seqkd)
             counts: dict = {}
             try:
                 with _sigterm_stops(), _timed(run_dir, "generation"):
                     generate_teacher_responses(Config.from_dict(cell_config), run_dir, counts, show_progress)
             finally:
                 _add_to_json(run_dir / "generation.json", counts)
+        procs.wait()  # every process trains on the same state of the run directory
         resume = latest_checkpoint(run_dir / "checkpoints") is not None
-        with _timed(run_dir, "train"):
-            Trainer.from_config(cell_config, resume=resume, overwrite=not resume, show_progress=show_progress).train()
+        with _timed(run_dir, "train", procs.main):
+            trainer = Trainer.from_config(cell_config, resume=resume, overwrite=not resume, show_progress=show_progress)
+            trainer.train()
+        processes = trainer.accelerator.num_processes  # the processes that trained it (this sitting)
+    else:
+        processes = procs.count
+    if not procs.main:  # the main process evaluates and writes the cell
+        return None
     train_config = read_yaml(run_dir / "config.yaml")
     model = run_dir / "final" / "student"
     if not model.is_dir():  # a LoRA run without merge exports only its adapter
@@ -302,7 +343,7 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
         "revision": revision, "revision_mismatch": revision_mismatch,
         "versions": {"promptkd": promptkd.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
-        "host": platform.node(), "started": started, "finished": _now(),
+        "host": platform.node(), "processes": processes, "started": started, "finished": _now(),
         "seconds": seconds,
         "eval_deviations": deviations(job, cfg.evaluation.sets()),
         "score": round(statistics.fmean(s["mean"] for s in sets.values()), 6),
@@ -391,11 +432,19 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
     if not pending:
         say(f"nothing to run: all {len(chosen)} chosen cells have their files in {Path(cfg.results) / 'cells'}")
         return []
+    procs = Processes(cpu=_train_cpu(cfg, arms[parse_cell_id(pending[0])[0]]))
+    if procs.count > 1 and (workers > 1 or len(pending) > 1):
+        raise UserError(f"under a multi-process launch ({procs.count} processes) a sitting runs one cell, which every "
+                        f"process trains: give --cells with one of {', '.join(pending)} and --workers 1")
+    if not procs.main:
+        procs.wait()  # the main process writes study.json first
     revision, mismatch = check_revision(cfg, allow_revision)
+    if procs.main:
+        procs.wait()
     say(f"{len(pending)} cell(s) to run of {len(order)}; {len(done)} done; runs in {runs_dir(cfg)}")
     t0 = time.monotonic()
     try:
-        prepare(cfg, revision=revision, show_progress=show_progress)
+        prepare(cfg, revision=revision, show_progress=show_progress, procs=procs)
     except TrainingInterrupted as e:
         raise _interrupted("a prepare stage", cfg, e.signum) from None
 
@@ -435,7 +484,8 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
         arm, seed = parse_cell_id(cell)
         t = time.monotonic()
         try:
-            run_cell(cfg, arms[arm], seed, revision=revision, revision_mismatch=mismatch, show_progress=show_progress)
+            run_cell(cfg, arms[arm], seed, revision=revision, revision_mismatch=mismatch, show_progress=show_progress,
+                     procs=procs)
         except TrainingInterrupted as e:
             raise _interrupted(cell, cfg, e.signum) from None
         finished.append(cell)
@@ -499,6 +549,11 @@ def _run_workers(cfg: CompareConfig, pending: list[str], workers: int, allow_rev
     if failed:
         raise UserError(f"cell(s) {', '.join(failed)} failed; their logs are {runs_dir(cfg)}/<cell>/compare.log")
     return finished
+
+
+def _train_cpu(cfg: CompareConfig, arm: Arm) -> bool:
+    """The arm's train.cpu (its overrides over the base): the accelerate state of a launch must be the trainer's."""
+    return bool({**cfg.base.get("train", {}), **arm.overrides.get("train", {})}.get("cpu", False))
 
 
 def _interrupted(cells: str, cfg: CompareConfig, signum: int) -> TrainingInterrupted:
