@@ -47,7 +47,7 @@ TRACES = ("prompt/drift", "prompt/kl_to_student", "distillm/student_prob")  # pe
 
 
 def say(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # a multi-process launch says things once
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("RANK") == "0":  # a launch says things once
         print(f"[compare] {message}", flush=True)
 
 
