@@ -252,7 +252,9 @@ def _cmd_compare(args) -> int:
         with contextlib.nullcontext() if args.verbose else no_transformers_progress_bars():
             run_study(cfg, cells=args.cells.split(",") if args.cells else None, max_minutes=args.max_minutes,
                       workers=args.workers, allow_revision=args.allow_revision, show_progress=not args.no_progress)
-    if not args.no_report and (int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("RANK") == "0"):
+    from promptkd.compare.runner import is_main_process
+
+    if not args.no_report and is_main_process():  # once under a multi-process launch
         print(f"report: {build_report(cfg)}")
     return 0
 

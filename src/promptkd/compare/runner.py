@@ -46,8 +46,13 @@ from promptkd.errors import TrainingInterrupted, UserError
 TRACES = ("prompt/drift", "prompt/kl_to_student", "distillm/student_prob")  # per-step curves kept in a cell
 
 
+def is_main_process() -> bool:
+    """False only on a non-main process of a multi-process launch (WORLD_SIZE > 1, RANK > 0)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("RANK") == "0"
+
+
 def say(message: str) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("RANK") == "0":  # a launch says things once
+    if is_main_process():  # a launch says things once
         print(f"[compare] {message}", flush=True)
 
 
@@ -432,7 +437,8 @@ def run_study(cfg: CompareConfig, *, cells: list[str] | None = None, max_minutes
     if not pending:
         say(f"nothing to run: all {len(chosen)} chosen cells have their files in {Path(cfg.results) / 'cells'}")
         return []
-    procs = Processes(cpu=_train_cpu(cfg, arms[parse_cell_id(pending[0])[0]]))
+    arm, seed = parse_cell_id(pending[0])  # the accelerate state of a launch must be the trainer's: its train.cpu
+    procs = Processes(cpu=bool(cfg.cell_config(arms[arm], seed, runs_dir(cfg))["train"].get("cpu", False)))
     if procs.count > 1 and (workers > 1 or len(pending) > 1):
         raise UserError(f"under a multi-process launch ({procs.count} processes) a sitting runs one cell, which every "
                         f"process trains: give --cells with one of {', '.join(pending)} and --workers 1")
@@ -549,11 +555,6 @@ def _run_workers(cfg: CompareConfig, pending: list[str], workers: int, allow_rev
     if failed:
         raise UserError(f"cell(s) {', '.join(failed)} failed; their logs are {runs_dir(cfg)}/<cell>/compare.log")
     return finished
-
-
-def _train_cpu(cfg: CompareConfig, arm: Arm) -> bool:
-    """The arm's train.cpu (its overrides over the base): the accelerate state of a launch must be the trainer's."""
-    return bool({**cfg.base.get("train", {}), **arm.overrides.get("train", {})}.get("cpu", False))
 
 
 def _interrupted(cells: str, cfg: CompareConfig, signum: int) -> TrainingInterrupted:
