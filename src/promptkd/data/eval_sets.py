@@ -39,7 +39,9 @@ EVAL_SETS: dict[str, EvalSetSpec] = {
 
 
 def set_deviations(sets: dict[str, str]) -> list[str]:
-    """How the evaluated sets depart from the paper's five: those left out, and any other.
+    """How the evaluated sets depart from the paper's five (the reference evaluates dolly, self_inst,
+    vicuna, sinst and uinst: microsoft/LMOps minillm/scripts/gpt2/eval/run_eval.sh:5): those left
+    out, and any other.
 
     sets: {name: the dataset read, a registered name or a file}. A file is one of the five when
     `eval_set_for_source` recognises it as a local copy (dolly_eval.jsonl, <dir>/sinst/11_/valid.jsonl,
