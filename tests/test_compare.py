@@ -395,6 +395,33 @@ def test_a_seqkd_cell_trains_on_teacher_responses_to_the_prompts_the_other_arms_
     assert 0 < counts["forward_tokens"] < c["compute/teacher_generation_forward_tokens"]
 
 
+def test_the_score_against_compute_plot_places_each_arm_at_its_mean_flops(study):
+    """Each arm's point: the mean of its cells' FLOPs (a SeqKD cell's teacher generation added) and
+    its mean score with the t-interval; cells that logged no FLOPs are left out, and without any
+    FLOPs there is no plot."""
+    pytest.importorskip("matplotlib")
+    from scipy import stats
+
+    from promptkd.compare.report import read_cells, score_against_compute
+
+    cfg = load_compare_config(study)
+    results = Path(cfg.results)
+    fake_cell(cfg, "GKD", 1, 5.0)
+    assert "Score against compute" not in build_report(cfg).read_text()
+    assert not (results / "score_vs_flops.png").exists()
+    fake_cell(cfg, "PromptKD", 1, 6.0, compute={"compute/flops": 3.0e12})
+    fake_cell(cfg, "PromptKD", 2, 7.0, compute={"compute/flops": 1.0e12, "compute/teacher_generation_flops": 4.0e12})
+    fake_cell(cfg, "GKD", 2, 4.0, compute={"compute/flops": 2.0e12})
+    by_arm = {arm: [c for c in read_cells(results).values() if c["arm"] == arm] for arm in ("PromptKD", "GKD")}
+    (arm, flops, (mean, low, high), cells), (arm2, flops2, (mean2, low2, _), cells2) = score_against_compute(by_arm, 0.05)
+    assert (arm, flops, mean, sorted(cells)) == ("PromptKD", 4.0e12, 6.5, [(3.0e12, 6.0), (5.0e12, 7.0)])
+    half = stats.t.ppf(0.975, 1) * stats.tstd([6.0, 7.0]) / 2 ** 0.5
+    assert (low, high) == pytest.approx((6.5 - half, 6.5 + half), rel=1e-12)
+    assert (arm2, flops2, mean2, cells2) == ("GKD", 2.0e12, 4.0, [(2.0e12, 4.0)]) and low2 != low2  # one cell: no interval
+    assert "![Score against compute](score_vs_flops.png)" in build_report(cfg).read_text()
+    assert (results / "score_vs_flops.png").stat().st_size > 0
+
+
 # ----------------------------------------------------------------------------- FLOPs budget
 
 FLOPS_ARM = {"name": "GKD-F", "method": "gkd", "budget": {"flops_of": "PromptKD", "per_step_from": "GKD"}}

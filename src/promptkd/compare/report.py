@@ -324,6 +324,19 @@ def _plots(results: Path, cfg: CompareConfig, by_arm: dict[str, list[dict]], com
     ax.set_xticks(range(len(by_arm)), list(by_arm), rotation=30, ha="right")
     ax.set_ylabel("score (ROUGE-L, mean over sets)")
     out["Scores by training seed"] = _save(fig, results / "scores.png")
+    points = score_against_compute(by_arm, cfg.alpha)
+    if points:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for x, (arm, flops, (mean, low, high), cells) in enumerate(points):
+            color = f"C{x % 10}"
+            ax.plot([f for f, _ in cells], [s for _, s in cells], ".", color=color, alpha=0.4)
+            error = None if math.isnan(low) else [[mean - low], [high - mean]]
+            ax.errorbar([flops], [mean], yerr=error, fmt="o", color=color, capsize=3, label=f"{arm} (n = {len(cells)})")
+        ax.set_xscale("log")
+        ax.set_xlabel("FLOPs per cell (training; SeqKD: with its teacher generation)")
+        ax.set_ylabel(f"score (ROUGE-L); bar: {100 * (1 - cfg.alpha):g}% t-interval")
+        ax.legend(fontsize="x-small")
+        out["Score against compute"] = _save(fig, results / "score_vs_flops.png")
     curves = [(c["arm"], c["seed"], c["traces"]["prompt/drift"]) for cs in by_arm.values() for c in cs
               if "prompt/drift" in c.get("traces", {})]
     if curves:
@@ -354,6 +367,18 @@ def _plots(results: Path, cfg: CompareConfig, by_arm: dict[str, list[dict]], com
         ax.legend(fontsize="x-small")
         out["Exposure bias"] = _save(fig, results / "exposure_bias.png")
     return out
+
+
+def score_against_compute(by_arm: dict[str, list[dict]], alpha: float) -> list[tuple]:
+    """[(arm, mean FLOPs per cell, (mean score, low, high), [(FLOPs, score) per cell])] over the cells
+    that logged their FLOPs (the interval: Student t over those cells, NaN below 2); arms without any
+    are left out."""
+    points = []
+    for arm, cs in by_arm.items():
+        cells = [(flops, c["score"]) for c in cs if (flops := cell_flops(c)) is not None]
+        if cells:
+            points.append((arm, _mean([f for f, _ in cells]), mean_interval([s for _, s in cells], alpha), cells))
+    return points
 
 
 def _save(fig, path: Path) -> str:
