@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -109,6 +111,23 @@ def test_rerun_reuses_complete_predictions(tmp_path, tiny_pair_dirs, eval_jsonl,
     # other generation settings are not silently re-used
     calls.clear()
     assert main(_eval_args(student, eval_jsonl, out, "--sampling.max_new_tokens", "4")) == 0
+    assert sorted(calls) == [10, 20]
+
+
+def test_a_model_changed_at_the_same_path_is_evaluated_again(tmp_path, tiny_pair_dirs, eval_jsonl, monkeypatch):
+    """A retrained or re-exported model (same path, other files) does not get the old predictions."""
+    student = shutil.copytree(tiny_pair_dirs[1], tmp_path / "student")
+    out = student / "eval"  # inside the model's directory: its own files do not change the model's
+    assert main(_eval_args(student, eval_jsonl, out)) == 0
+    calls = []
+    real_predict = runner.predict
+    monkeypatch.setattr(runner, "predict", lambda *a, **k: calls.append(k["seed"]) or real_predict(*a, **k))
+    assert main(_eval_args(student, eval_jsonl, out)) == 0
+    assert calls == []
+    weights = student / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # written again
+    assert main(_eval_args(student, eval_jsonl, out)) == 0
     assert sorted(calls) == [10, 20]
 
 

@@ -99,6 +99,28 @@ def test_run_exposure_bias_writes_csv_and_png(tmp_path, tiny_pair_dirs, tiny_jso
     assert (tmp_path / "eb" / "exposure_bias.json").is_file()
 
 
+def test_prompts_alone_are_enough_and_bad_data_fails_before_any_model_loads(tmp_path, tiny_pair_dirs, tiny_jsonl,
+                                                                               monkeypatch):
+    """ExAccErr compares two models' distributions on sampled responses: no reference is read."""
+    import json
+    from dataclasses import replace
+
+    from promptkd.evaluation import exposure_bias
+
+    teacher, student = tiny_pair_dirs
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(line) for line in tiny_jsonl.read_text().splitlines()[:2]]
+    prompts.write_text("".join(json.dumps({"instruction": r["instruction"], "input": r.get("input", "")}) + "\n"
+                               for r in rows))
+    job = ExposureBiasConfig(student=str(student), teacher=str(teacher), data=str(prompts), num_prompts=2,
+                             samples_per_prompt=1, sampling=SamplingConfig(max_new_tokens=2), out=str(tmp_path / "eb"))
+    run_exposure_bias(job)
+    assert (tmp_path / "eb" / "exposure_bias.json").is_file()
+    monkeypatch.setattr(exposure_bias, "load_model_for_eval", lambda *a: pytest.fail("a model loaded before the data"))
+    with pytest.raises(UserError, match="missing.jsonl"):
+        run_exposure_bias(replace(job, data=str(tmp_path / "missing.jsonl")))
+
+
 def test_identical_saved_models_via_job(tmp_path, tiny_pair_dirs, tiny_jsonl):
     teacher, _ = tiny_pair_dirs
     job = ExposureBiasConfig(student=str(teacher), teacher=str(teacher), data=str(tiny_jsonl), num_prompts=2,

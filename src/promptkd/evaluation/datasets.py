@@ -46,9 +46,10 @@ def local_eval_file(name: str, data_dir: str | Path | None = None) -> Path | Non
 
 
 def load_eval_set(
-    name_or_path: str | Path, data_dir: str | Path | None = None
+    name_or_path: str | Path, data_dir: str | Path | None = None, *, require_outputs: bool = True
 ) -> list[InstructionRecord]:
-    """Records of an evaluation set, every one with at least one reference.
+    """Records of an evaluation set, every one with at least one reference (with
+    require_outputs False, prompts alone are enough: exposure bias uses no references).
 
     name_or_path: a short name from EVAL_SETS (local file first, then the Hub), or a path
         to a JSONL file (`output` string or `outputs` list per record).
@@ -60,11 +61,11 @@ def load_eval_set(
         spec = EVAL_SETS[key]
         path = local_eval_file(key, data_dir)
         if path is not None:
-            records = read_jsonl_records(path, require_outputs=True)
+            records = read_jsonl_records(path, require_outputs=require_outputs)
         else:
             try:
                 records = load_records(
-                    spec.hub_id, split="train", require_outputs=True, data_files=spec.hub_data_files
+                    spec.hub_id, split="train", require_outputs=require_outputs, data_files=spec.hub_data_files
                 )
             except UserError as e:
                 raise UserError(
@@ -77,7 +78,7 @@ def load_eval_set(
         return records
     path = Path(name_or_path)
     if path.suffix.lower() in (".jsonl", ".json") or path.exists():
-        return read_jsonl_records(path, require_outputs=True)
+        return read_jsonl_records(path, require_outputs=require_outputs)
     raise UserError(
         f"unknown evaluation set {key!r}: not one of {sorted(EVAL_SETS)} and not an existing "
         ".jsonl file"

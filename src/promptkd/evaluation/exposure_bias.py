@@ -304,9 +304,13 @@ def plot_curves(path: str | Path, curves: Mapping[str, ExposureBiasResult], titl
     return Path(path)
 
 
-def _load_examples(cfg: ExposureBiasConfig, tokenizer):
+def _read_records(cfg: ExposureBiasConfig) -> list:
+    """The prompts, read before any model loads (a bad --data fails in seconds); their references,
+    if any, are not needed."""
+    return load_eval_set(cfg.data, cfg.data_dir, require_outputs=False)[: cfg.num_prompts]
 
-    records = load_eval_set(cfg.data, cfg.data_dir)[: cfg.num_prompts]
+
+def _examples(cfg: ExposureBiasConfig, records: list, tokenizer):
     examples, _ = build_examples(
         records, tokenizer, template=cfg.template, max_prompt_length=cfg.max_prompt_length,
         max_length=cfg.max_prompt_length + cfg.sampling.max_new_tokens, drop_long_prompts=False,
@@ -331,9 +335,13 @@ def exposure_bias_over_checkpoints(checkpoints: Sequence[str | Path] | Mapping[s
     if not items:
         raise UserError("exposure_bias_over_checkpoints: no checkpoints given")
     replace(cfg, student=str(next(iter(items.values())))).validate()
+    records = _read_records(cfg)
+    out = Path(cfg.out)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     if teacher is None:
         teacher, tokenizer = load_model_for_eval(cfg.teacher, cfg.dtype)
-    examples = _load_examples(cfg, tokenizer)
+    examples = _examples(cfg, records, tokenizer)
     teacher_batches = None
     curves: dict[str, ExposureBiasResult] = {}
     precision = model_precision(cfg.mixed_precision, teacher, "exposure-bias")
@@ -355,8 +363,6 @@ def exposure_bias_over_checkpoints(checkpoints: Sequence[str | Path] | Mapping[s
             )
         del student
     if write:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "exposure_bias_curves.csv", curves)
         plot_curves(out / "exposure_bias_curves.png", curves, title=f"Exposure bias vs teacher ({cfg.data})")
         _write_json(out / "exposure_bias.json", cfg, curves, precision)
@@ -372,7 +378,9 @@ def _write_json(path: Path, cfg: ExposureBiasConfig, curves: Mapping[str, Exposu
 
     data = {"config": asdict(cfg), "precision": precision.as_record(), "curves": {
         k: {**asdict(c), "exaccerr": [clean(v) for v in c.exaccerr]} for k, c in curves.items()}}
-    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")  # whole or absent: `promptkd compare` re-uses the file when present
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    tmp.replace(path)
 
 
 def run_exposure_bias(cfg: ExposureBiasConfig) -> str:
@@ -381,18 +389,19 @@ def run_exposure_bias(cfg: ExposureBiasConfig) -> str:
 
     cfg.validate()
     require_extra("matplotlib", "plot", "the exposure-bias plot")  # before hours of sampling, not after
+    records = _read_records(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_model_for_eval(cfg.teacher, cfg.dtype)
     student, s_tok = load_model_for_eval(cfg.student, cfg.dtype)
     vocab = check_tokenizer_compatibility(tokenizer, s_tok, teacher, student)
-    examples = _load_examples(cfg, tokenizer)
+    examples = _examples(cfg, records, tokenizer)
     precision = model_precision(cfg.mixed_precision, teacher, "exposure-bias")
     with autocast(teacher.device, precision):
         curve = exposure_bias_curve(
             student, teacher, tokenizer, examples, samples_per_prompt=cfg.samples_per_prompt,
             sampling=cfg.sampling, seed=cfg.seed, batch_size=cfg.batch_size, ended=cfg.ended, vocab=vocab,
         )
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     curves = {"student": curve}
     write_csv(out / "exposure_bias.csv", curves)
     plot_curves(out / "exposure_bias.png", curves, title=f"Exposure bias of {Path(cfg.student).name} ({cfg.data})")

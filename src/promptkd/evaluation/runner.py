@@ -10,9 +10,10 @@ prompt (T = 1, top_k 0, top_p 1, no_repeat_ngram_size 6, up to 256 new tokens, a
 cut to its FIRST 256 tokens as MiniLLM / PromptKD's evaluation does), decode with special
 tokens skipped, strip, score ROUGE-L F (rouge-score, stemmer on, max over references, x 100).
 Any other setting is allowed and recorded as a deviation (`deviations`). Writes
-`predictions_<set>_seed<k>.jsonl` with a `.meta.json` sidecar naming the model and generation
-settings (a file is re-used only when it is complete, was written for the same records and the
-same settings, so an interrupted evaluation continues and a changed one is redone),
+`predictions_<set>_seed<k>.jsonl` with a `.meta.json` sidecar naming the model (and a fingerprint
+of its local files: `model_files`) and generation settings (a file is re-used only when it is
+complete, was written for the same records, model files and settings, so an interrupted
+evaluation continues and a changed one is redone),
 `scores.json` (with the config and deviations from the protocol), `scores.csv`, `scores.md`,
 and returns a Markdown table with the mean and standard deviation (population std over seeds)
 per set and their average.
@@ -21,6 +22,7 @@ per set and their average.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -120,6 +122,7 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None, *, show_progress
     records_of = {name: load_eval_set(name, cfg.data_dir) for name in cfg.datasets}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    files = model_files(cfg.model, out) if reuse_predictions else None
     if model is None:
         model, tokenizer = load_model_and_tokenizer(ModelSpec(cfg.model, dtype=cfg.dtype))
     model.eval()
@@ -137,8 +140,10 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None, *, show_progress
         scores[set_name] = {}
         for seed in cfg.seeds:
             pred_file = out / f"predictions_{set_name}_seed{seed}.jsonl"
-            meta = _prediction_meta(cfg, seed, len(records), precision)
+            meta = _prediction_meta(cfg, seed, len(records), precision, files)
             texts = _read_predictions(pred_file, records, meta) if reuse_predictions else None
+            if texts is not None:
+                logger.info("%s: re-using the predictions for this model, records and settings", pred_file)
             if texts is None:
                 with torch.no_grad(), autocast(model.device, precision):
                     texts = predict(model, tokenizer, examples, seed=seed, cfg=cfg, desc=f"{set_name} seed {seed}",
@@ -187,7 +192,7 @@ def scores_table(scores: dict[str, dict[int, float]], label: str | None = None) 
     return "\n".join([head, sep, row]) + "\n"
 
 
-def _prediction_meta(cfg: EvalConfig, seed: int, num_records: int, precision: Precision) -> dict:
+def _prediction_meta(cfg: EvalConfig, seed: int, num_records: int, precision: Precision, files: str | None) -> dict:
     """What a predictions file depends on besides its records (checked before re-use)."""
     meta = {
         "model": str(cfg.model), "seed": seed, "num_records": num_records, "template": cfg.template,
@@ -196,7 +201,28 @@ def _prediction_meta(cfg: EvalConfig, seed: int, num_records: int, precision: Pr
     }
     if precision.dtype is not None:  # files from before autocast existed were float32: they stay valid
         meta["mixed_precision"] = precision.mixed_precision
+    if files is not None:  # a Hub model id has no local files to tell versions apart
+        meta["model_files"] = files
     return meta
+
+
+def model_files(model: str, out: Path) -> str | None:
+    """A fingerprint of the model's local files: sha256 over each file's relative path, size and
+    modification time (a model retrained or exported again at the same path gets another one,
+    without reading gigabytes of weights); files under `out` (this evaluation's own) are left
+    out. None when `model` is not a local path."""
+    path, out = Path(model), Path(out).resolve()
+    if path.is_file():
+        found = [path]
+    elif path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and out not in p.resolve().parents)
+    else:
+        return None
+    digest = hashlib.sha256()
+    for p in found:
+        stat = p.stat()
+        digest.update(f"{p.relative_to(path) if p != path else p.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def _meta_path(path: Path) -> Path:
@@ -210,9 +236,10 @@ def _write_predictions(path: Path, records, texts: list[str], meta: dict) -> Non
     with open(tmp, "w", encoding="utf-8") as f:
         for rec, text in zip(records, texts, strict=True):
             f.write(json.dumps({"instruction": rec.instruction, "input": rec.input, "prediction": text, "references": rec.outputs}, ensure_ascii=False) + "\n")
+    # The old sidecar goes first and the new one last: a crash in between leaves predictions
+    # without a sidecar, which only causes a regeneration, never the re-use of stale predictions.
+    _meta_path(path).unlink(missing_ok=True)
     tmp.replace(path)
-    # The sidecar goes last: a crash in between leaves new predictions with a stale (or no)
-    # sidecar, which only causes a regeneration, never the re-use of stale predictions.
     meta_tmp = _meta_path(path).with_name(_meta_path(path).name + ".tmp")
     meta_tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
     meta_tmp.replace(_meta_path(path))
