@@ -188,7 +188,7 @@ def test_make_student_cli(tmp_path, tiny_pair_dirs, capsys):
             f"--train.output_dir {out}-healed") in said
 
 
-def test_generate_cli_is_resumable(tmp_path, tiny_pair_dirs, tiny_jsonl):
+def test_generate_cli_is_resumable(tmp_path, tiny_pair_dirs, tiny_jsonl, capsys):
     teacher, _ = tiny_pair_dirs
     out = tmp_path / "gen.jsonl"
     args = ["generate", "--model", str(teacher), "--data", str(tiny_jsonl), "--out", str(out),
@@ -200,6 +200,24 @@ def test_generate_cli_is_resumable(tmp_path, tiny_pair_dirs, tiny_jsonl):
     out.write_text("\n".join(full[:5]) + "\n" + full[5][:10])
     assert main(args) == 0
     assert out.read_text().splitlines() == full
+
+    # a finished file is left as it is, also when its length is not a whole number of batches
+    args10 = [a if a != "8" else "10" for a in args]
+    out.unlink()
+    assert main(args10) == 0
+    ten = out.read_text()
+    assert len(ten.splitlines()) == 10 and main(args10) == 0 and out.read_text() == ten
+
+    # another generation's lines are never continued: other settings, or lines without a sidecar
+    before = out.read_text()
+    assert main(args10 + ["--seed", "7"]) == 2
+    assert "holds 10 responses of another generation (it differs in seed)" in capsys.readouterr().err
+    (tmp_path / "gen.jsonl.meta.json").unlink()
+    assert main(args10) == 2
+    assert "gen.jsonl.meta.json is missing or unreadable" in capsys.readouterr().err
+    assert out.read_text() == before
+    assert main([str(tmp_path) if a == str(out) else a for a in args10]) == 2
+    assert "is a directory; give the JSONL file to write" in capsys.readouterr().err
 
 
 def test_config_reference(capsys):

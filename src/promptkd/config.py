@@ -608,7 +608,8 @@ class GenerateConfig(PromptOptions):
 
     model: str = opt("", "Model that writes the responses: Hub id, save_pretrained directory or .gguf file.")
     data: str = opt("", "Prompts: JSONL (instruction / input [/ output]), a datasets Hub id or a local dataset directory.")
-    out: str = opt("", "Output JSONL; an existing file is continued after its last complete batch.")
+    out: str = opt("", "Output JSONL; an existing file is continued after its last complete batch when its sidecar "
+                       "(OUT.meta.json) shows the same model, data and settings, else refused.")
     split: str = opt("train", "Split of a Hub id / directory `data`, slices allowed (e.g. train[1000:]). Ignored for a JSONL file.")
     limit: int | None = opt(None, "Only the first N records; null = all.", min=1)
     batch_size: int = opt(8, "Prompts per generate call.", min=1)

@@ -10,7 +10,8 @@ Output records keep the input schema: `instruction`, `input`, `output` (the gene
 response) plus `references` (the original outputs), the input's metadata and `ended`: true
 when the response ended with EOS, false when it was cut at sampling.max_new_tokens (training
 then appends no EOS to it, see data/dataset.py). Re-running with the same `out` continues after
-the last complete line.
+its last complete batch, when its sidecar (OUT.meta.json) shows the same model, data and
+settings; a finished file is left as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from promptkd.config import GenerateConfig
+from promptkd.errors import UserError
 
 
 def decode_responses(tokenizer, batch) -> list[str]:
@@ -104,10 +106,12 @@ def run_generation(cfg: GenerateConfig, show_progress: bool = True, counts: dict
 
     cfg.validate()
     out = Path(cfg.out)
+    if out.is_dir():
+        raise UserError(f"out: {out} is a directory; give the JSONL file to write")
     records = load_records(cfg.data, split=cfg.split, require_outputs=False)
     if cfg.limit:
         records = records[: cfg.limit]
-    done = _count_complete_lines(out, multiple_of=cfg.batch_size)
+    done = _resume_point(out, _generation_meta(cfg, out), len(records), cfg.batch_size)
     if done >= len(records):
         return out
     model, tokenizer = load_model_and_tokenizer(ModelSpec(cfg.model, dtype=cfg.dtype))
@@ -122,7 +126,6 @@ def run_generation(cfg: GenerateConfig, show_progress: bool = True, counts: dict
         source=cfg.data,
         prompt_truncation=cfg.prompt_truncation,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     precision = model_precision(cfg.mixed_precision, model, "generate")
     counted = {"forward_tokens": 0.0, "generated_tokens": 0.0}
     try:
@@ -150,15 +153,51 @@ def run_generation(cfg: GenerateConfig, show_progress: bool = True, counts: dict
     return out
 
 
-def _count_complete_lines(path: Path, multiple_of: int = 1) -> int:
-    """Lines already written, cut back to a whole number of batches (a torn tail is dropped)."""
-    if not path.exists():
-        return 0
-    data = path.read_bytes()
+def _generation_meta(cfg: GenerateConfig, out: Path) -> dict:
+    """What the lines of `out` depend on: every setting but `out`, and fingerprints of the model's
+    and the data's local files (checked before a file is continued)."""
+    from dataclasses import asdict
+
+    from promptkd.models.loading import files_fingerprint
+
+    meta = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    skip = (out, _meta_path(out))
+    return {**meta, "model_files": files_fingerprint(cfg.model, skip), "data_files": files_fingerprint(cfg.data, skip)}
+
+
+def _meta_path(out: Path) -> Path:
+    return out.with_name(out.name + ".meta.json")
+
+
+def _resume_point(out: Path, meta: dict, num_records: int, batch_size: int) -> int:
+    """How many lines of `out` to keep: a finished file stays as it is, an unfinished one is cut back
+    to a whole number of batches (a torn tail dropped). A file without lines gets `meta` as its
+    sidecar (OUT.meta.json). Raises UserError when OUT has lines that another model, data or
+    setting wrote (or no sidecar says what wrote them)."""
+    data = out.read_bytes() if out.exists() else b""
     lines = data.split(b"\n")[:-1]  # the part after the last newline is torn or empty
-    keep = len(lines) - len(lines) % multiple_of
+    sidecar = _meta_path(out)
+    if not lines:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"")
+        tmp = sidecar.with_name(sidecar.name + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        tmp.replace(sidecar)
+        return 0
+    try:
+        saved = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = None
+    if saved != meta:
+        why = (f"{sidecar.name} is missing or unreadable" if saved is None else "it differs in " + ", ".join(
+            sorted(k for k in set(meta) | set(saved) if meta.get(k) != saved.get(k))))
+        raise UserError(f"out: {out} holds {len(lines)} responses of another generation ({why}); delete it (and "
+                        f"{sidecar.name}) to start again, or choose another --out")
+    if len(lines) >= num_records:
+        return len(lines)
+    keep = len(lines) - len(lines) % batch_size
     cut = sum(len(x) + 1 for x in lines[:keep])
     if cut != len(data):
-        with open(path, "r+b") as f:
+        with open(out, "r+b") as f:
             f.truncate(cut)
     return keep

@@ -11,7 +11,7 @@ cut to its FIRST 256 tokens as MiniLLM / PromptKD's evaluation does), decode wit
 tokens skipped, strip, score ROUGE-L F (rouge-score, stemmer on, max over references, x 100).
 Any other setting is allowed and recorded as a deviation (`deviations`). Writes
 `predictions_<set>_seed<k>.jsonl` with a `.meta.json` sidecar naming the model (and a fingerprint
-of its local files: `model_files`) and generation settings (a file is re-used only when it is
+of its local files: `files_fingerprint`) and generation settings (a file is re-used only when it is
 complete, was written for the same records, model files and settings, so an interrupted
 evaluation continues and a changed one is redone),
 `scores.json` (with the config and deviations from the protocol), `scores.csv`, `scores.md`,
@@ -22,7 +22,6 @@ per set and their average.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,12 @@ from promptkd.errors import UserError
 from promptkd.evaluation.datasets import load_eval_set
 from promptkd.generate import generate_for_examples
 from promptkd.metric import corpus_rouge_l
-from promptkd.models.loading import ModelSpec, eos_token_ids, load_model_and_tokenizer
+from promptkd.models.loading import (
+    ModelSpec,
+    eos_token_ids,
+    files_fingerprint,
+    load_model_and_tokenizer,
+)
 from promptkd.precision import Precision, autocast, model_precision
 from promptkd.sampling import SamplingConfig
 
@@ -122,7 +126,7 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None, *, show_progress
     records_of = {name: load_eval_set(name, cfg.data_dir) for name in cfg.datasets}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = model_files(cfg.model, out) if reuse_predictions else None
+    files = files_fingerprint(cfg.model, skip=(out,)) if reuse_predictions else None
     if model is None:
         model, tokenizer = load_model_and_tokenizer(ModelSpec(cfg.model, dtype=cfg.dtype))
     model.eval()
@@ -204,25 +208,6 @@ def _prediction_meta(cfg: EvalConfig, seed: int, num_records: int, precision: Pr
     if files is not None:  # a Hub model id has no local files to tell versions apart
         meta["model_files"] = files
     return meta
-
-
-def model_files(model: str, out: Path) -> str | None:
-    """A fingerprint of the model's local files: sha256 over each file's relative path, size and
-    modification time (a model retrained or exported again at the same path gets another one,
-    without reading gigabytes of weights); files under `out` (this evaluation's own) are left
-    out. None when `model` is not a local path."""
-    path, out = Path(model), Path(out).resolve()
-    if path.is_file():
-        found = [path]
-    elif path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and out not in p.resolve().parents)
-    else:
-        return None
-    digest = hashlib.sha256()
-    for p in found:
-        stat = p.stat()
-        digest.update(f"{p.relative_to(path) if p != path else p.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def _meta_path(path: Path) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import logging
 import os
 import warnings
@@ -325,6 +326,28 @@ def eos_token_ids(tokenizer, model=None) -> list[int]:
     if not ids:
         raise UserError("the tokenizer has no EOS token: set tokenizer.eos_token (responses end with EOS)")
     return ids
+
+
+def files_fingerprint(path: str | Path, skip: tuple[Path, ...] = ()) -> str | None:
+    """A fingerprint of a local file or directory (a model, a data file): sha256 over each file's
+    relative path, size and modification time, so a model retrained or a file rewritten at the
+    same path gets another one without reading gigabytes of weights. Files in `skip`, or under a
+    directory in it (a command's own output), are left out. None when `path` is not local (a Hub id)."""
+    path = Path(path)
+    skipped = [Path(p).resolve() for p in skip]
+    if path.is_file():
+        found = [path]
+    elif path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(q == p.resolve() or q in p.resolve().parents for q in skipped))
+    else:
+        return None
+    digest = hashlib.sha256()
+    for p in found:
+        stat = p.stat()
+        name = p.name if p == path else p.relative_to(path).as_posix()
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
