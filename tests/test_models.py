@@ -221,7 +221,7 @@ def test_evenly_spaced_layers():
     [
         ([], "empty"),
         ([4], "out of range"),
-        ([-1, 2], "out of range"),
+        ([-1, 2], "negative"),
         ([1, 1], "repeated"),
         ([2, 1], "increasing order"),
         ([0.0, 1], "integers"),
@@ -291,6 +291,24 @@ def test_make_student_from_path_saves_loadable_student(tiny_pair_dirs, tmp_path)
         make_student_from_path(str(teacher_dir), tmp_path / "x")
     with pytest.raises(UserError, match="exactly one"):
         make_student_from_path(str(teacher_dir), tmp_path / "x", layers=[0], num_layers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["even", "models", "student"]  # no .tmp left behind
+
+
+def test_make_student_from_path_refuses_before_loading_the_teacher(tiny_pair_dirs, tmp_path, monkeypatch):
+    """An existing model as --out (the teacher's own directory, say) and a bad layer list fail in
+    seconds, not after the teacher has loaded, and nothing is written."""
+    from promptkd.models import student as student_module
+
+    teacher_dir, _ = tiny_pair_dirs
+    monkeypatch.setattr(student_module, "load_model_and_tokenizer", lambda spec: pytest.fail("the teacher loaded"))
+    before = sorted(p.name for p in teacher_dir.iterdir())
+    with pytest.raises(UserError, match=f"out: {teacher_dir} already exists and is not an empty directory"):
+        make_student_from_path(str(teacher_dir), teacher_dir, layers=[0, 1])
+    assert sorted(p.name for p in teacher_dir.iterdir()) == before
+    for layers, expected in (([], "empty"), ([1, 1], "repeated"), ([3, 1], "increasing order"), ([-1, 3], "negative")):
+        with pytest.raises(UserError, match=expected):
+            make_student_from_path(str(teacher_dir), tmp_path / "s", layers=layers)
+    assert not (tmp_path / "s").exists()
 
 
 def test_make_student_gpt2(tmp_path):

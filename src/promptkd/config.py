@@ -717,7 +717,7 @@ class MakeStudentConfig(ConfigBase):
     """`promptkd make-student`: a depth-pruned student that keeps some of the teacher's layers."""
 
     teacher: str = opt("", "Teacher to prune: Hub id, save_pretrained directory or .gguf file.")
-    out: str = opt("", "Output directory (save_pretrained format, plus promptkd_student.json).")
+    out: str = opt("", "Output directory (save_pretrained format, plus promptkd_student.json); must not exist or be empty.")
     layers: list[int] | None = opt(
         None, "Teacher layer indices to keep, increasing, e.g. 0,1,2,8,13,18,23,27,28,29; give this or num_layers."
     )

@@ -165,11 +165,7 @@ def ensure_student(teacher_gguf: Path, cache_dir: Path, layers: list[int] = STUD
     out = cache_dir / "students" / ("smollm2-135m-L" + "-".join(map(str, layers)))
     if (out / "config.json").is_file():
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_student_from_path(str(teacher_gguf), tmp, layers=layers)
-    os.replace(tmp, out)
-    return out
+    return make_student_from_path(str(teacher_gguf), out, layers=layers)  # complete or absent
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -63,13 +64,18 @@ def _layer_stack(model):
     )
 
 
-def _validate_layers(layers, num_layers_total: int) -> list[int]:
+def _validate_layers(layers, num_layers_total: int | None) -> list[int]:
+    """`layers` as a list, or a UserError naming what is wrong; num_layers_total None checks all but
+    the upper bound (before the teacher is loaded)."""
     if not layers:
         raise UserError("layers to keep is empty: give at least one teacher layer index")
     if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
         raise UserError(f"layers to keep must be integers, got {list(layers)!r}")
     layers = list(layers)
-    out_of_range = [i for i in layers if not 0 <= i < num_layers_total]
+    negative = [i for i in layers if i < 0]
+    if negative:
+        raise UserError(f"layer indices {negative} are negative: teacher layers are numbered from 0")
+    out_of_range = [i for i in layers if num_layers_total is not None and i >= num_layers_total]
     if out_of_range:
         raise UserError(
             f"layer indices {out_of_range} are out of range: the teacher has {num_layers_total} "
@@ -173,6 +179,12 @@ def make_student_from_path(
             "give exactly one of layers (indices to keep) or num_layers (how many to keep)"
         )
     spec = teacher if isinstance(teacher, ModelSpec) else ModelSpec(path=str(teacher), dtype=dtype)
+    if layers is not None:
+        _validate_layers(layers, None)  # before minutes of loading
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"out: {out_dir} already exists and is not an empty directory; choose another --out "
+                        "(make-student never overwrites a model)")
     teacher_model, tokenizer = load_model_and_tokenizer(spec)
     parent, attr = _layer_stack(teacher_model)
     num_layers_total = len(getattr(parent, attr))
@@ -180,7 +192,10 @@ def make_student_from_path(
         layers = evenly_spaced_layers(num_layers_total, num_layers)
     student = make_student(teacher_model, layers)
     del teacher_model
-    out_dir = save_model(student, tokenizer, out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")  # complete or absent: the directory appears whole
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a crashed earlier attempt's
+    save_model(student, tokenizer, tmp)
     info = {
         "teacher": spec.path,
         "teacher_gguf_file": spec.gguf_file,
@@ -190,5 +205,6 @@ def make_student_from_path(
         "num_layers": len(layers),
         "dtype": spec.dtype,
     }
-    (out_dir / STUDENT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (tmp / STUDENT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out_dir)  # onto a missing or empty directory
     return out_dir
