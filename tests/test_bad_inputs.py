@@ -191,6 +191,21 @@ def test_bad_command_flags(capsys, case):
     user_error(capsys, argv, "invalid configuration", *needles, one_line=False)
 
 
+def test_output_and_data_paths_of_the_wrong_kind(tmp_path, capsys):
+    """Caught with the flags, before any model loads: an existing file as an output directory,
+    a directory as generate's output file, and a --data-dir that does not exist (which would
+    otherwise read the set from the Hub)."""
+    scores = tmp_path / "scores.txt"
+    scores.write_text("")
+    user_error(capsys, ["eval", "--model", "m", "--out", str(scores), "--data-dir", str(tmp_path / "typo")],
+               "invalid configuration", f"- 'out' = '{scores}' is a file: give the directory to write",
+               f"- 'data_dir' = '{tmp_path / 'typo'}' is not a directory", one_line=False)
+    user_error(capsys, ["exposure-bias", "--student", "s", "--teacher", "t", "--out", str(scores)],
+               f"- 'out' = '{scores}' is a file: give the directory to write", one_line=False)
+    user_error(capsys, ["generate", "--model", "m", "--data", "d.jsonl", "--out", str(tmp_path)],
+               f"- 'out' = '{tmp_path}' is a directory: give the file to write", one_line=False)
+
+
 def test_command_flag_without_value(capsys):
     user_error(capsys, ["eval", "--model", "m", "--out"], "option '--out' has no value: write --out VALUE")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from pathlib import Path
 
 import pytest
 import yaml
@@ -217,7 +218,7 @@ def test_generate_cli_is_resumable(tmp_path, tiny_pair_dirs, tiny_jsonl, capsys)
     assert "gen.jsonl.meta.json is missing or unreadable" in capsys.readouterr().err
     assert out.read_text() == before
     assert main([str(tmp_path) if a == str(out) else a for a in args10]) == 2
-    assert "is a directory; give the JSONL file to write" in capsys.readouterr().err
+    assert f"- 'out' = '{tmp_path}' is a directory: give the file to write" in capsys.readouterr().err
 
 
 def test_config_reference(capsys):
@@ -259,6 +260,8 @@ REQUIRED = {
 def other_value(leaf):
     """A valid value that differs from the key's default (and passes the cross-field checks)."""
     meta, default, tp = leaf.field.metadata, leaf.default, type_name(leaf.type)
+    if leaf.key == "data_dir":  # must be an existing directory
+        return str(Path(__file__).parent)
     if meta.get("choices"):
         return next(c for c in meta["choices"] if c != default)
     if tp.startswith("bool"):

@@ -282,7 +282,6 @@ def _cmd_generate(cfg, args) -> int:
 def _cmd_make_student(cfg, args) -> int:
     from promptkd.models.student import make_student_from_path
 
-    cfg.validate()
     out = make_student_from_path(cfg.teacher, cfg.out, layers=cfg.layers, num_layers=cfg.num_layers, dtype=cfg.dtype)
     healed = out.with_name(out.name + "-healed")
     print(f"student saved to {out}\n"

@@ -593,6 +593,20 @@ def _sampled_as_is(sampling: SamplingConfig, command: str) -> list[str]:
     return []
 
 
+def _path_problems(out: str, out_is: str, data_dir: str | None = None) -> list[str]:
+    """An output path of the wrong kind (out_is "directory" or "file") and a data_dir that is not a
+    directory (a typo would otherwise read the set from the Hub)."""
+    problems = []
+    path = Path(out) if out else None
+    if path is not None and path.exists() and path.is_dir() != (out_is == "directory"):
+        problems.append(f"'out' = {out!r} is a {'file' if out_is == 'directory' else 'directory'}: give the "
+                        f"{out_is} to write")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        problems.append(f"'data_dir' = {data_dir!r} is not a directory: give the directory that holds the sets' "
+                        "files, or leave it unset")
+    return problems
+
+
 def _missing(key: str, value, fix: str) -> list[str]:
     """The problem of a required command setting left empty, or none."""
     return [] if value else [f"'{key}' is not set: {fix}"]
@@ -625,7 +639,7 @@ class GenerateConfig(PromptOptions):
         return problems
 
     def cross_checks(self) -> list[str]:
-        return _sampled_as_is(self.sampling, "generate")
+        return _sampled_as_is(self.sampling, "generate") + _path_problems(self.out, "file")
 
 
 @dataclass
@@ -671,7 +685,7 @@ class EvalConfig(PromptOptions):
                 f"'datasets' = {self.datasets} gives two sets the same name {names}: rename one file "
                 "(outputs are named after the file stem)"
             )
-        return problems + _sampled_as_is(self.sampling, "eval")
+        return problems + _sampled_as_is(self.sampling, "eval") + _path_problems(self.out, "directory", self.data_dir)
 
 
 @dataclass
@@ -706,7 +720,7 @@ class ExposureBiasConfig(PromptOptions):
         return problems
 
     def cross_checks(self) -> list[str]:
-        return _sampled_as_is(self.sampling, "exposure-bias")
+        return _sampled_as_is(self.sampling, "exposure-bias") + _path_problems(self.out, "directory", self.data_dir)
 
 
 # =========================================================================== other commands

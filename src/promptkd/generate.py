@@ -106,8 +106,6 @@ def run_generation(cfg: GenerateConfig, show_progress: bool = True, counts: dict
 
     cfg.validate()
     out = Path(cfg.out)
-    if out.is_dir():
-        raise UserError(f"out: {out} is a directory; give the JSONL file to write")
     records = load_records(cfg.data, split=cfg.split, require_outputs=False)
     if cfg.limit:
         records = records[: cfg.limit]

@@ -82,9 +82,6 @@ class ExposureBiasResult:
     num_sequences: int = 0  # samples per model (prompts x samples_per_prompt)
     ended: str = "zero"
 
-    def final(self) -> float:
-        return self.exaccerr[-1] if self.exaccerr else float("nan")
-
     def summary(self, label: str = "") -> str:
         picks = sorted({min(n, len(self.lengths)) for n in (1, 8, 16, 32, 64, 128, 256, len(self.lengths))} - {0})
         parts = [f"l={n}: {_fmt(self.exaccerr[n - 1])}%" for n in picks]
