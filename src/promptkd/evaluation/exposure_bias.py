@@ -165,15 +165,17 @@ def sample_sequences(model, tokenizer, examples, *, samples_per_prompt: int, sam
     Batch j of sample round k is seeded with seed + 7919 * k + j, independently of the global RNG.
     """
 
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
+    jobs = [(k, j, start) for k in range(samples_per_prompt) for j, start in enumerate(range(0, len(examples), batch_size))]
     batches = []
-    for k in range(samples_per_prompt):
-        for j, start in enumerate(range(0, len(examples), batch_size)):
-            ids, mask = collate_prompts(examples[start : start + batch_size], tokenizer.pad_token_id)
-            batches.append(sample_responses(
-                model, ids.to(device), mask.to(device), eos_token_ids=eos_token_ids,
-                pad_token_id=tokenizer.pad_token_id, config=sampling, generator_seed=seed + 7919 * k + j,
-            ))
+    for k, j, start in tqdm(jobs, desc=f"sampling ({type(model).__name__})", disable=None, leave=False):  # a bar on a TTY
+        ids, mask = collate_prompts(examples[start : start + batch_size], tokenizer.pad_token_id)
+        batches.append(sample_responses(
+            model, ids.to(device), mask.to(device), eos_token_ids=eos_token_ids,
+            pad_token_id=tokenizer.pad_token_id, config=sampling, generator_seed=seed + 7919 * k + j,
+        ))
     return batches
 
 
@@ -185,10 +187,12 @@ def per_step_kl(student, teacher, batches, *, max_new_tokens: int, vocab: int) -
     step t (0-based) is the prediction of response token t given the prompt and y_<t.
     """
 
+    from tqdm.auto import tqdm
+
     kl_sum = torch.zeros(max_new_tokens, dtype=torch.float64)
     running = torch.zeros(max_new_tokens, dtype=torch.long)
     n = 0
-    for batch in batches:
+    for batch in tqdm(batches, desc="KL per step", disable=None, leave=False):  # a bar on a TTY
         mask = batch.loss_mask[:, batch.prompt_length :]  # (B, R)
         n += mask.shape[0]
         if mask.shape[1] == 0 or not mask.any():
