@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from promptkd import config as config_module
 from promptkd.cli import build_parser, flag_for, main
 from promptkd.config import COMMANDS, METHOD_SECTIONS, METHODS
 from promptkd.methods import get_method_class
+from promptkd.models import loading
 from promptkd.options import leaves, type_name
 
 SUBCOMMANDS = ["train", "generate", "make-student", "eval", "exposure-bias", "demo", "plot", "config-reference", "compare"]
@@ -189,7 +191,7 @@ def test_make_student_cli(tmp_path, tiny_pair_dirs, capsys):
             f"--train.output_dir {out}-healed") in said
 
 
-def test_generate_cli_is_resumable(tmp_path, tiny_pair_dirs, tiny_jsonl, capsys):
+def test_generate_cli_is_resumable(tmp_path, tiny_pair_dirs, tiny_jsonl, capsys, monkeypatch):
     teacher, _ = tiny_pair_dirs
     out = tmp_path / "gen.jsonl"
     args = ["generate", "--model", str(teacher), "--data", str(tiny_jsonl), "--out", str(out),
@@ -202,21 +204,36 @@ def test_generate_cli_is_resumable(tmp_path, tiny_pair_dirs, tiny_jsonl, capsys)
     assert main(args) == 0
     assert out.read_text().splitlines() == full
 
-    # a finished file is left as it is, also when its length is not a whole number of batches
+    # a finished file is left as it is (no model loads), also when its length is not a whole number of batches
     args10 = [a if a != "8" else "10" for a in args]
     out.unlink()
     assert main(args10) == 0
     ten = out.read_text()
-    assert len(ten.splitlines()) == 10 and main(args10) == 0 and out.read_text() == ten
+    assert len(ten.splitlines()) == 10
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda spec: pytest.fail("a model loaded"))
+    assert main(args10) == 0 and out.read_text() == ten
+    monkeypatch.undo()
 
-    # another generation's lines are never continued: other settings, or lines without a sidecar
-    before = out.read_text()
+    # another generation's lines are never continued: other settings, a model rewritten at the same
+    # path, or an unfinished file without a sidecar
+    sidecar = tmp_path / "gen.jsonl.meta.json"
     assert main(args10 + ["--seed", "7"]) == 2
     assert "holds 10 responses of another generation (it differs in seed)" in capsys.readouterr().err
-    (tmp_path / "gen.jsonl.meta.json").unlink()
+    out.write_text("".join(ten.splitlines(keepends=True)[:6]))
+    weights = teacher / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert main(args10) == 2
+    assert "holds 6 responses of another generation (it differs in model_files)" in capsys.readouterr().err
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    saved = sidecar.read_text()
+    sidecar.unlink()
     assert main(args10) == 2
     assert "gen.jsonl.meta.json is missing or unreadable" in capsys.readouterr().err
-    assert out.read_text() == before
+    assert len(out.read_text().splitlines()) == 6
+    sidecar.write_text(saved)  # the same generation, resumed under another spelling of the model's path
+    relative = os.path.relpath(teacher)
+    assert main([relative if a == str(teacher) else a for a in args10]) == 0 and out.read_text() == ten
     assert main([str(tmp_path) if a == str(out) else a for a in args10]) == 2
     assert f"- 'out' = '{tmp_path}' is a directory: give the file to write" in capsys.readouterr().err
 

@@ -114,10 +114,17 @@ def test_rerun_reuses_complete_predictions(tmp_path, tiny_pair_dirs, eval_jsonl,
     assert sorted(calls) == [10, 20]
 
 
-def test_a_model_changed_at_the_same_path_is_evaluated_again(tmp_path, tiny_pair_dirs, eval_jsonl, monkeypatch):
-    """A retrained or re-exported model (same path, other files) does not get the old predictions."""
-    student = shutil.copytree(tiny_pair_dirs[1], tmp_path / "student")
-    out = student / "eval"  # inside the model's directory: its own files do not change the model's
+@pytest.mark.parametrize("layout", ["out inside the model", "model inside out"])
+def test_a_model_changed_at_the_same_path_is_evaluated_again(tmp_path, tiny_pair_dirs, eval_jsonl, monkeypatch,
+                                                             layout):
+    """A retrained or re-exported model (same path, other files) does not get the old predictions;
+    the evaluation's own files never count as the model's, wherever the two directories lie."""
+    if layout == "out inside the model":
+        student = shutil.copytree(tiny_pair_dirs[1], tmp_path / "student")
+        out = student / "eval"
+    else:  # --out RUN with --model RUN/final/student
+        student = shutil.copytree(tiny_pair_dirs[1], tmp_path / "run" / "final" / "student")
+        out = tmp_path / "run"
     assert main(_eval_args(student, eval_jsonl, out)) == 0
     calls = []
     real_predict = runner.predict

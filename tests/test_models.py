@@ -311,6 +311,25 @@ def test_make_student_from_path_refuses_before_loading_the_teacher(tiny_pair_dir
     assert not (tmp_path / "s").exists()
 
 
+def test_make_student_from_path_fills_an_empty_directory_and_leaves_nothing_on_a_failure(tiny_pair_dirs, tmp_path,
+                                                                                        monkeypatch):
+    from promptkd.models import student as student_module
+
+    teacher_dir, _ = tiny_pair_dirs
+    (tmp_path / "empty").mkdir()
+    out = make_student_from_path(str(teacher_dir), tmp_path / "empty", layers=[0, 3])
+    assert out == (tmp_path / "empty").resolve() and (out / "promptkd_student.json").is_file()
+    def half_written(model, tokenizer, out_dir):
+        out_dir.mkdir()
+        (out_dir / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(student_module, "save_model", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        make_student_from_path(str(teacher_dir), tmp_path / "full", layers=[0, 3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "models"]
+
+
 def test_make_student_gpt2(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -597,11 +597,11 @@ def _path_problems(out: str, out_is: str, data_dir: str | None = None) -> list[s
     """An output path of the wrong kind (out_is "directory" or "file") and a data_dir that is not a
     directory (a typo would otherwise read the set from the Hub)."""
     problems = []
-    path = Path(out) if out else None
+    path = Path(out).expanduser() if out else None
     if path is not None and path.exists() and path.is_dir() != (out_is == "directory"):
         problems.append(f"'out' = {out!r} is a {'file' if out_is == 'directory' else 'directory'}: give the "
                         f"{out_is} to write")
-    if data_dir is not None and not Path(data_dir).is_dir():
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         problems.append(f"'data_dir' = {data_dir!r} is not a directory: give the directory that holds the sets' "
                         "files, or leave it unset")
     return problems

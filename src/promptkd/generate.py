@@ -17,12 +17,15 @@ settings; a finished file is left as it is.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from promptkd.config import GenerateConfig
 from promptkd.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def decode_responses(tokenizer, batch) -> list[str]:
@@ -92,7 +95,8 @@ def generate_for_examples(
 
 def run_generation(cfg: GenerateConfig, show_progress: bool = True, counts: dict | None = None) -> Path:
     """Sample one response per record of `cfg.data` into the JSONL `cfg.out` (continued if it
-    exists); returns its path. Raises ConfigError for an invalid config.
+    exists); returns its path. Raises ConfigError for an invalid config, UserError when `cfg.out`
+    holds another generation's lines (`_resume_point`).
 
     counts: a dict to which this call adds its model's forward token-passes, generated tokens
     (see generate_for_examples) and their FLOPs (2 N per forward token-pass, N = matmul_params
@@ -125,6 +129,7 @@ def run_generation(cfg: GenerateConfig, show_progress: bool = True, counts: dict
         prompt_truncation=cfg.prompt_truncation,
     )
     precision = model_precision(cfg.mixed_precision, model, "generate")
+    _check_precision(out, precision.mixed_precision, done)
     counted = {"forward_tokens": 0.0, "generated_tokens": 0.0}
     try:
         with open(out, "a", encoding="utf-8") as f, autocast(model.device, precision):
@@ -152,45 +157,59 @@ def run_generation(cfg: GenerateConfig, show_progress: bool = True, counts: dict
 
 
 def _generation_meta(cfg: GenerateConfig, out: Path) -> dict:
-    """What the lines of `out` depend on: every setting but `out`, and fingerprints of the model's
-    and the data's local files (checked before a file is continued)."""
+    """What the lines of `out` depend on: every setting but `out` (local paths resolved), and
+    fingerprints of the model's and the data's local files (checked before a file is continued)."""
     from dataclasses import asdict
 
     from promptkd.models.loading import files_fingerprint
 
+    def spelled(p: str) -> str:  # ./teacher, teacher and /abs/teacher are one model
+        local = Path(p).expanduser()
+        return str(local.resolve()) if local.exists() else p
+
     meta = {k: v for k, v in asdict(cfg).items() if k != "out"}
     skip = (out, _meta_path(out))
-    return {**meta, "model_files": files_fingerprint(cfg.model, skip), "data_files": files_fingerprint(cfg.data, skip)}
+    return {**meta, "model": spelled(cfg.model), "data": spelled(cfg.data),
+            "model_files": files_fingerprint(cfg.model, skip), "data_files": files_fingerprint(cfg.data, skip)}
 
 
 def _meta_path(out: Path) -> Path:
     return out.with_name(out.name + ".meta.json")
 
 
+def _read_meta(out: Path) -> dict | None:
+    try:
+        return json.loads(_meta_path(out).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _resume_point(out: Path, meta: dict, num_records: int, batch_size: int) -> int:
     """How many lines of `out` to keep: a finished file stays as it is, an unfinished one is cut back
     to a whole number of batches (a torn tail dropped). A file without lines gets `meta` as its
-    sidecar (OUT.meta.json). Raises UserError when OUT has lines that another model, data or
-    setting wrote (or no sidecar says what wrote them)."""
+    sidecar (OUT.meta.json). Raises UserError when an unfinished OUT has lines that another model,
+    data or setting wrote (or no sidecar says what wrote them); a finished one without a sidecar (from
+    before sidecars) is kept, with a warning."""
+    from promptkd.training.checkpoint import atomic_write_text
+
     data = out.read_bytes() if out.exists() else b""
     lines = data.split(b"\n")[:-1]  # the part after the last newline is torn or empty
-    sidecar = _meta_path(out)
     if not lines:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(b"")
-        tmp = sidecar.with_name(sidecar.name + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        tmp.replace(sidecar)
+        atomic_write_text(_meta_path(out), json.dumps(meta, indent=1))
         return 0
-    try:
-        saved = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        saved = None
-    if saved != meta:
-        why = (f"{sidecar.name} is missing or unreadable" if saved is None else "it differs in " + ", ".join(
-            sorted(k for k in set(meta) | set(saved) if meta.get(k) != saved.get(k))))
+    saved = _read_meta(out)
+    if saved is None and len(lines) == num_records:
+        logger.warning("%s has a response per record but no %s to say what wrote them: kept as it is", out,
+                       _meta_path(out).name)
+        return len(lines)
+    saved_settings = None if saved is None else {k: v for k, v in saved.items() if k != "precision"}
+    if saved_settings != meta:
+        why = (f"{_meta_path(out).name} is missing or unreadable" if saved is None else "it differs in " + ", ".join(
+            sorted(k for k in set(meta) | set(saved_settings) if meta.get(k) != saved_settings.get(k))))
         raise UserError(f"out: {out} holds {len(lines)} responses of another generation ({why}); delete it (and "
-                        f"{sidecar.name}) to start again, or choose another --out")
+                        f"{_meta_path(out).name}) to start again, or choose another --out")
     if len(lines) >= num_records:
         return len(lines)
     keep = len(lines) - len(lines) % batch_size
@@ -199,3 +218,16 @@ def _resume_point(out: Path, meta: dict, num_records: int, batch_size: int) -> i
         with open(out, "r+b") as f:
             f.truncate(cut)
     return keep
+
+
+def _check_precision(out: Path, precision: str, done: int) -> None:
+    """The sidecar records the precision `mixed_precision` resolved to (auto: by device); a file is
+    continued only in the same one."""
+    from promptkd.training.checkpoint import atomic_write_text
+
+    meta = _read_meta(out) or {}
+    if done and meta.get("precision", precision) != precision:
+        raise UserError(f"out: {out} was generated in {meta['precision']} precision, and mixed_precision resolves to "
+                        f"{precision} here: continue it where it resolves to {meta['precision']}, or delete it (and "
+                        f"{_meta_path(out).name}) to start again")
+    atomic_write_text(_meta_path(out), json.dumps({**meta, "precision": precision}, indent=1))

@@ -303,7 +303,7 @@ class CompareConfig(ConfigBase):
             except ConfigError as e:
                 problems += [f"arm {arm.name!r}: {p}" for p in e.problems]
         e = self.evaluation
-        eval_cfg = EvalConfig(model="unused", out="unused", datasets=list(e.sets().values()), seeds=e.seeds)
+        eval_cfg = EvalConfig(model="unused", out=str(self.results), datasets=list(e.sets().values()), seeds=e.seeds)
         problems += [f"evaluation: {p}" for p in eval_cfg.problems()]
         return problems or self._init_problems()
 

@@ -327,8 +327,9 @@ def _plots(results: Path, cfg: CompareConfig, by_arm: dict[str, list[dict]], com
     points = score_against_compute(by_arm, cfg.alpha)
     if points:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for x, (arm, flops, (mean, low, high), cells) in enumerate(points):
-            color = f"C{x % 10}"
+        arms = list(by_arm)
+        for arm, flops, (mean, low, high), cells in points:
+            color = f"C{arms.index(arm) % 10}"  # as in scores.png
             ax.plot([f for f, _ in cells], [s for _, s in cells], ".", color=color, alpha=0.4)
             error = None if math.isnan(low) else [[mean - low], [high - mean]]
             ax.errorbar([flops], [mean], yerr=error, fmt="o", color=color, capsize=3, label=f"{arm} (n = {len(cells)})")

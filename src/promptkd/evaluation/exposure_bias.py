@@ -65,6 +65,7 @@ from promptkd.models.loading import (
 )
 from promptkd.precision import Precision, autocast, model_precision
 from promptkd.sampling import SamplingConfig, response_logits, sample_responses
+from promptkd.training.checkpoint import atomic_write_text
 
 _TEACHER_SEED_OFFSET = 500_009  # teacher samples use a seed stream disjoint from the student's
 
@@ -379,9 +380,7 @@ def _write_json(path: Path, cfg: ExposureBiasConfig, curves: Mapping[str, Exposu
 
     data = {"config": asdict(cfg), "precision": precision.as_record(), "curves": {
         k: {**asdict(c), "exaccerr": [clean(v) for v in c.exaccerr]} for k, c in curves.items()}}
-    tmp = path.with_name(path.name + ".tmp")  # whole or absent: `promptkd compare` re-uses the file when present
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1))  # whole or absent: `promptkd compare` re-uses it when present
 
 
 def run_exposure_bias(cfg: ExposureBiasConfig) -> str:

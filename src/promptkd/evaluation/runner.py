@@ -46,6 +46,7 @@ from promptkd.models.loading import (
 )
 from promptkd.precision import Precision, autocast, model_precision
 from promptkd.sampling import SamplingConfig
+from promptkd.training.checkpoint import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -225,9 +226,7 @@ def _write_predictions(path: Path, records, texts: list[str], meta: dict) -> Non
     # without a sidecar, which only causes a regeneration, never the re-use of stale predictions.
     _meta_path(path).unlink(missing_ok=True)
     tmp.replace(path)
-    meta_tmp = _meta_path(path).with_name(_meta_path(path).name + ".tmp")
-    meta_tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    meta_tmp.replace(_meta_path(path))
+    atomic_write_text(_meta_path(path), json.dumps(meta, indent=1))
 
 
 def _read_predictions(path: Path, records, meta: dict) -> list[str] | None:

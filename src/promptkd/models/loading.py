@@ -333,8 +333,10 @@ def files_fingerprint(path: str | Path, skip: tuple[Path, ...] = ()) -> str | No
     relative path, size and modification time, so a model retrained or a file rewritten at the
     same path gets another one without reading gigabytes of weights. Files in `skip`, or under a
     directory in it (a command's own output), are left out. None when `path` is not local (a Hub id)."""
-    path = Path(path)
-    skipped = [Path(p).resolve() for p in skip]
+    path = Path(path).expanduser()
+    root = path.resolve()
+    # a skipped directory that holds the whole model (an evaluation written next to it) skips nothing
+    skipped = [q for q in (Path(p).expanduser().resolve() for p in skip) if q != root and q not in root.parents]
     if path.is_file():
         found = [path]
     elif path.is_dir():

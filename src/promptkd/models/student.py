@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -165,7 +166,8 @@ def make_student_from_path(
     Give exactly one of `layers` (teacher layer indices to keep) or `num_layers` (keep that
     many, evenly spaced, first and last included). `out_dir` gets the model and tokenizer in
     save_pretrained format (loadable with AutoModelForCausalLM.from_pretrained) plus
-    `promptkd_student.json` recording the teacher source and the layers kept.
+    `promptkd_student.json` recording the teacher source and the layers kept; it must not exist or
+    be empty (checked, with the layers, before the teacher loads), and appears whole.
 
     The pruned student is not usable as it is (it writes gibberish): heal it with KD or SFT on
     the task before distilling, e.g. `promptkd train --config configs/kd.yaml --model.teacher
@@ -181,7 +183,7 @@ def make_student_from_path(
     spec = teacher if isinstance(teacher, ModelSpec) else ModelSpec(path=str(teacher), dtype=dtype)
     if layers is not None:
         _validate_layers(layers, None)  # before minutes of loading
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser().resolve()  # "." and a symlink name the directory itself
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"out: {out_dir} already exists and is not an empty directory; choose another --out "
                         "(make-student never overwrites a model)")
@@ -192,19 +194,21 @@ def make_student_from_path(
         layers = evenly_spaced_layers(num_layers_total, num_layers)
     student = make_student(teacher_model, layers)
     del teacher_model
-    tmp = out_dir.with_name(out_dir.name + ".tmp")  # complete or absent: the directory appears whole
-    if tmp.exists():
-        shutil.rmtree(tmp)  # a crashed earlier attempt's
-    save_model(student, tokenizer, tmp)
-    info = {
-        "teacher": spec.path,
-        "teacher_gguf_file": spec.gguf_file,
-        "teacher_revision": spec.revision,
-        "teacher_num_layers": num_layers_total,
-        "layers": list(layers),
-        "num_layers": len(layers),
-        "dtype": spec.dtype,
-    }
-    (tmp / STUDENT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out_dir)  # onto a missing or empty directory
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")  # renamed into place: whole or absent
+    try:
+        save_model(student, tokenizer, tmp)
+        info = {
+            "teacher": spec.path,
+            "teacher_gguf_file": spec.gguf_file,
+            "teacher_revision": spec.revision,
+            "teacher_num_layers": num_layers_total,
+            "layers": list(layers),
+            "num_layers": len(layers),
+            "dtype": spec.dtype,
+        }
+        (tmp / STUDENT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(out_dir)  # onto a missing or empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir
