@@ -113,7 +113,8 @@ def run_generation(cfg: GenerateConfig, show_progress: bool = True, counts: dict
     records = load_records(cfg.data, split=cfg.split, require_outputs=False)
     if cfg.limit:
         records = records[: cfg.limit]
-    done = _resume_point(out, _generation_meta(cfg, out), len(records), cfg.batch_size)
+    meta = _generation_meta(cfg, out)
+    done = _resume_point(out, meta, len(records), cfg.batch_size)
     if done >= len(records):
         return out
     model, tokenizer = load_model_and_tokenizer(ModelSpec(cfg.model, dtype=cfg.dtype))
@@ -129,7 +130,7 @@ def run_generation(cfg: GenerateConfig, show_progress: bool = True, counts: dict
         prompt_truncation=cfg.prompt_truncation,
     )
     precision = model_precision(cfg.mixed_precision, model, "generate")
-    _check_precision(out, precision.mixed_precision, done)
+    _write_meta(out, meta, precision.mixed_precision, done)
     counted = {"forward_tokens": 0.0, "generated_tokens": 0.0}
     try:
         with open(out, "a", encoding="utf-8") as f, autocast(model.device, precision):
@@ -186,18 +187,14 @@ def _read_meta(out: Path) -> dict | None:
 
 def _resume_point(out: Path, meta: dict, num_records: int, batch_size: int) -> int:
     """How many lines of `out` to keep: a finished file stays as it is, an unfinished one is cut back
-    to a whole number of batches (a torn tail dropped). A file without lines gets `meta` as its
-    sidecar (OUT.meta.json). Raises UserError when an unfinished OUT has lines that another model,
-    data or setting wrote (or no sidecar says what wrote them); a finished one without a sidecar (from
-    before sidecars) is kept, with a warning."""
-    from promptkd.training.checkpoint import atomic_write_text
-
+    to a whole number of batches (a torn tail dropped). Raises UserError when an unfinished OUT has
+    lines that another model, data or setting wrote (its sidecar OUT.meta.json differs from `meta`, or
+    there is none); a finished one without a sidecar (from before sidecars) is kept, with a warning."""
     data = out.read_bytes() if out.exists() else b""
     lines = data.split(b"\n")[:-1]  # the part after the last newline is torn or empty
     if not lines:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(b"")
-        atomic_write_text(_meta_path(out), json.dumps(meta, indent=1))
+        if data:
+            out.write_bytes(b"")
         return 0
     saved = _read_meta(out)
     if saved is None and len(lines) == num_records:
@@ -220,14 +217,15 @@ def _resume_point(out: Path, meta: dict, num_records: int, batch_size: int) -> i
     return keep
 
 
-def _check_precision(out: Path, precision: str, done: int) -> None:
-    """The sidecar records the precision `mixed_precision` resolved to (auto: by device); a file is
-    continued only in the same one."""
+def _write_meta(out: Path, meta: dict, precision: str, done: int) -> None:
+    """Write the sidecar: `meta` and the precision `mixed_precision` resolved to (auto: by device),
+    once the model has loaded; a file with `done` lines is continued only in its own precision."""
     from promptkd.training.checkpoint import atomic_write_text
 
-    meta = _read_meta(out) or {}
-    if done and meta.get("precision", precision) != precision:
-        raise UserError(f"out: {out} was generated in {meta['precision']} precision, and mixed_precision resolves to "
-                        f"{precision} here: continue it where it resolves to {meta['precision']}, or delete it (and "
+    saved = (_read_meta(out) or {}).get("precision", precision) if done else precision
+    if saved != precision:
+        raise UserError(f"out: {out} was generated in {saved} precision, and mixed_precision resolves to "
+                        f"{precision} here: continue it where it resolves to {saved}, or delete it (and "
                         f"{_meta_path(out).name}) to start again")
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(_meta_path(out), json.dumps({**meta, "precision": precision}, indent=1))

@@ -149,7 +149,7 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None, *, show_progress
             texts = _read_predictions(pred_file, records, meta) if reuse_predictions else None
             if texts is not None:
                 logger.info("%s: re-using the predictions for this model, records and settings", pred_file)
-            if texts is None:
+            else:
                 with torch.no_grad(), autocast(model.device, precision):
                     texts = predict(model, tokenizer, examples, seed=seed, cfg=cfg, desc=f"{set_name} seed {seed}",
                                     show_progress=show_progress)
