@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from promptkd.errors import UserError
-from promptkd.models.head import LMHead
+from promptkd.models.head import LMHead, output_transform
 
 logger = logging.getLogger(__name__)
 
@@ -313,15 +313,9 @@ def _chunk_loss(spec: _Spec, z, others, weights):
     dtype = torch.promote_types(z.dtype, torch.float32)
 
     def logits(x, transform):
-        if transform is None:
-            return x if not x.is_floating_point() else x.to(dtype)  # token ids / logits
-        x = x.to(dtype)
-        scale, softcap = transform
-        if scale is not None:
-            x = x * scale
-        if softcap is not None:
-            x = torch.tanh(x / softcap) * softcap
-        return x
+        if not x.is_floating_point():
+            return x  # token ids
+        return x.to(dtype) if transform is None else output_transform(x.to(dtype), *transform)
 
     sides = [logits(z, spec.transforms[0])] + [logits(x, t) for x, t in zip(others, spec.transforms[1:], strict=True)]
     values = torch.stack([div(sides[0] if weighted else sides[0].detach(), sides[j])

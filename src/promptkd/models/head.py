@@ -58,16 +58,22 @@ class LMHead:
         """(..., H) -> (..., V) logits, plain autograd, all at once: the unchunked reference."""
         z = F.linear(h, self.weight[: self.vocab_size],
                      None if self.bias is None else self.bias[: self.vocab_size])
-        if self.scale is not None:
-            z = z * self.scale
-        if self.softcap is not None:
-            z = torch.tanh(z / self.softcap) * self.softcap
-        return z
+        return output_transform(z, self.scale, self.softcap)
+
+
+def output_transform(z: torch.Tensor, scale: float | None, softcap: float | None) -> torch.Tensor:
+    """An LM head's logits from its raw weight @ h: times ``scale``, then soft-capped (None: skip)."""
+    if scale is not None:
+        z = z * scale
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    return z
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside DDP / DataParallel / a DeepSpeed engine, a PromptedTeacher
-    or a PeftModel."""
+    or a PeftModel. (Not accelerate's extract_model_from_parallel: it walks every submodule of the
+    model at each call, and this runs at every forward.)"""
     for _ in range(8):
         if isinstance(model, PromptedTeacher):
             model = model.teacher
