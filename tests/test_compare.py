@@ -20,6 +20,7 @@ from promptkd.compare import runner
 from promptkd.compare.config import load_compare_config
 from promptkd.compare.report import build_report, write_json
 from promptkd.errors import ConfigError, UserError
+from promptkd.precision import machine_description
 from promptkd.training import console
 
 CLEAN = {"revision": "abc1234", "source": "tree1", "dirty": False, "promptkd": "0.1.0"}
@@ -524,10 +525,26 @@ def test_prepare_stage_runs_once_is_recorded_and_its_output_is_checked(study, ti
     assert cell["train_config"]["model"]["student"] == str(output)
     assert f"output sha256 {record['sha256']}" in (results / "report.md").read_text()
 
+    assert record["machine"] == cell["machine"] == machine_description()
+    assert f"Machines: {machine_description()} (2 cells)." in (results / "report.md").read_text()
+
     (results / "cells" / "GKD__seed1.json").unlink()
     (output / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # another init
     with pytest.raises(UserError, match="prepare stage 'init': .* is not the output recorded in"):
         runner.run_study(load_compare_config(study))
+
+    # the run directory lost (a new machine): trained again, it must give the recorded output
+    shutil.rmtree(study.parent / "runs" / "prepare" / "init")
+    write_json(results / "prepare" / "init.json", {**record, "sha256": "f" * 64, "machine": "another CPU"})
+    with pytest.raises(UserError, match=r"trained again on this machine \(.*\), it gave sha256 .* not the ffff.* \(trained "
+                                        r"on another CPU\); finish the study on a machine like that one"):
+        runner.run_study(load_compare_config(study))
+    assert (output / "model.safetensors").read_bytes() == weights  # the same machine repeats its training
+    shutil.rmtree(study.parent / "runs" / "prepare" / "init")
+    write_json(results / "prepare" / "init.json", record)
+    assert runner.run_study(load_compare_config(study)) == ["GKD__seed1"]
+    assert (output / "model.safetensors").read_bytes() == weights
+    (results / "cells" / "GKD__seed1.json").unlink()
     (results / "prepare" / "init.json").unlink()
     with pytest.raises(UserError, match="has no record .* but cells exist"):
         runner.run_study(load_compare_config(study))

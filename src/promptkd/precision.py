@@ -73,6 +73,15 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_description() -> str:
+    """The hardware a run's numbers come from, as a study records it: the CPU, its logical
+    CPUs and any CUDA GPUs."""
+    text = f"{_cpu_name()}, {os.cpu_count()} CPUs"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return text
+
+
 def machine_key() -> str:
     """What the probe's answer depends on: the CPU, torch and the variables that cap its ISA."""
     isa = ",".join(f"{k}={os.environ.get(k, '')}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"))

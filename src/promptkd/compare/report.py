@@ -6,6 +6,7 @@ only the committed results), and the same cells give a byte-identical report.md.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -95,6 +96,7 @@ def _setup(cfg: CompareConfig, study: dict, cells: dict, planned: int) -> list[s
     deviations = list(dict.fromkeys([*set_deviations(e.sets()),
                                      *(d for c in cells.values() for d in c.get("eval_deviations", []))]))
     versions = sorted({", ".join(f"{k} {v}" for k, v in c["versions"].items()) for c in cells.values()})
+    machines = collections.Counter(c.get("machine", "not recorded") for c in cells.values())
     return [
         "## Setup", "",
         f"- Revision: {study.get('revision', 'not recorded yet')} (promptkd {study.get('promptkd', '?')}); "
@@ -108,7 +110,10 @@ def _setup(cfg: CompareConfig, study: dict, cells: dict, planned: int) -> list[s
         f"{e.max_new_tokens} new tokens; {e.limit or 'all'} prompts per set.",
         "- Deviations from the evaluation protocol: " + ("; ".join(deviations) if deviations else "none") + ".",
         "- Versions: " + ("; ".join(versions) if versions else "no cells yet") + ".",
-    ] + [_stage(cfg, name) for name in cfg.prepare] + [""]
+    ] + ([] if set(machines) <= {"not recorded"} else [  # (cells from before machines were recorded)
+        "- Machines: " + "; ".join(f"{m} ({n} cell{'s' * (n != 1)})" for m, n in machines.most_common())
+        + (". Wall minutes compare only between cells of one machine." if len(machines) > 1 else "."),
+    ]) + [_stage(cfg, name) for name in cfg.prepare] + [""]
 
 
 def _stage(cfg: CompareConfig, name: str) -> str:
@@ -118,7 +123,8 @@ def _stage(cfg: CompareConfig, name: str) -> str:
     if not path.is_file():
         return f"- Prepare stage `{name}` ({settings}): not run yet."
     r = json.loads(path.read_text(encoding="utf-8"))
-    return (f"- Prepare stage `{name}` ({settings}): revision {r['revision']}, {r['seconds'] / 60:.1f} min, "
+    return (f"- Prepare stage `{name}` ({settings}): revision {r['revision']}, {r['seconds'] / 60:.1f} min"
+            + (f" on {r['machine']}" if r.get("machine") else "") + ", "
             f"{_big(r['compute'].get('compute/flops'))} FLOPs; output sha256 {r['sha256']}.")
 
 

@@ -138,12 +138,13 @@ def check_revision(cfg: CompareConfig, allow: bool) -> tuple[str, bool]:
 
 def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True, procs: Processes | None = None) -> None:
     """Train the prepare stages that have no record in RESULTS/prepare/NAME.json yet, in order
-    (RUNS/prepare/NAME, resumable, through Trainer.from_config), and record each one. Raises
-    UserError when a recorded stage's output is not the one recorded (its sha256), or when a
-    stage has no record but cells exist: every cell must start from the same outputs."""
+    (RUNS/prepare/NAME, resumable, through Trainer.from_config), and record each one. A recorded
+    stage whose output is gone (a new machine, a cleaned disk) is trained again, resumably, and must
+    give the recorded output. Raises UserError when a recorded stage's output is not the one
+    recorded (its sha256), or when a stage has no record but cells exist: every cell must start
+    from the same outputs."""
     from promptkd.options import read_yaml
-    from promptkd.training.checkpoint import latest_checkpoint
-    from promptkd.training.loop import Trainer
+    from promptkd.precision import machine_description
 
     procs = procs or Processes()
     for name in cfg.prepare:
@@ -151,32 +152,53 @@ def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True, pr
         redo = (f"to redo the stage, delete {record}, {run_dir}, every cell file in {Path(cfg.results) / 'cells'} and "
                 f"every cell's run directory in {runs_dir(cfg)} (their cells trained from the old output)")
         if record.is_file():
-            recorded = json.loads(record.read_text(encoding="utf-8"))["sha256"]
-            if output_hash(run_dir) != recorded:
-                raise UserError(f"prepare stage {name!r}: {run_dir / 'final' / 'student'} is not the output recorded in "
-                                f"{record} (sha256 {recorded[:16]}...), from which the cells train; restore it, or {redo}")
-            continue
+            recorded = json.loads(record.read_text(encoding="utf-8"))
+            again = not (run_dir / "final").is_dir()
+            procs.wait()  # every process has looked before one writes it
+            if again:
+                say(f"prepare stage {name}: {run_dir} has no output; training it again, to be checked against {record}")
+                _train_stage(cfg, name, run_dir, procs, show_progress)
+            found = output_hash(run_dir)
+            if found == recorded["sha256"]:
+                continue
+            if again:  # training repeats on one machine, not always on another (emulated bf16 rounds otherwise)
+                raise UserError(
+                    f"prepare stage {name!r}: trained again on this machine ({machine_description()}), it gave sha256 "
+                    f"{found and found[:16]}..., not the {recorded['sha256'][:16]}... recorded in {record} (trained on "
+                    f"{recorded.get('machine', 'a machine not recorded')}); finish the study on a machine like that one, "
+                    f"or {redo}")
+            raise UserError(f"prepare stage {name!r}: {run_dir / 'final' / 'student'} is not the output recorded in "
+                            f"{record} (sha256 {recorded['sha256'][:16]}...), from which the cells train; restore it, or {redo}")
         if read_cells(Path(cfg.results)):
             raise UserError(f"prepare stage {name!r} has no record ({record}) but cells exist, trained from an "
                             f"output that cannot be checked; restore the record, or {redo}")
         if not (run_dir / "final").is_dir():
             say(f"prepare stage {name}: training in {run_dir}")
-            resume = latest_checkpoint(run_dir / "checkpoints") is not None
-            with _timed(run_dir, "train", procs.main):
-                Trainer.from_config(cfg.stage_config(name, run_dir), resume=resume, overwrite=not resume,
-                                    show_progress=show_progress).train()
+            _train_stage(cfg, name, run_dir, procs, show_progress)
         if not procs.main:
             procs.wait()  # for the main process's record
             continue
         records = _read_metrics(run_dir / "metrics.jsonl")
         times = json.loads((run_dir / "times.json").read_text(encoding="utf-8"))
         write_json(record, {"name": name, "revision": revision, "finished": _now(),
-                            "seconds": round(times.get("train", 0.0), 1),
+                            "seconds": round(times.get("train", 0.0), 1), "machine": machine_description(),
                             "compute": {k: v for k, v in records[-1].items() if k.startswith("compute/")},
                             "sha256": output_hash(run_dir), "train_config": read_yaml(run_dir / "config.yaml")})
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         say(f"prepare stage {name}: recorded in {record}")
         procs.wait()
+
+
+def _train_stage(cfg: CompareConfig, name: str, run_dir: Path, procs: Processes, show_progress: bool) -> None:
+    """Train prepare stage `name` in run_dir, resuming from its checkpoint if it has one."""
+    from promptkd.training.checkpoint import latest_checkpoint
+    from promptkd.training.loop import Trainer
+
+    resume = latest_checkpoint(run_dir / "checkpoints") is not None
+    with _timed(run_dir, "train", procs.main):
+        Trainer.from_config(cfg.stage_config(name, run_dir), resume=resume, overwrite=not resume,
+                            show_progress=show_progress).train()
+    procs.wait()
 
 
 def output_hash(run_dir: Path) -> str | None:
@@ -280,6 +302,7 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
     from promptkd.evaluation.runner import deviations, run_evaluation
     from promptkd.metric import rouge_l
     from promptkd.options import read_yaml
+    from promptkd.precision import machine_description
     from promptkd.training.checkpoint import latest_checkpoint
     from promptkd.training.loop import Trainer
 
@@ -348,7 +371,7 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
         "revision": revision, "revision_mismatch": revision_mismatch,
         "versions": {"promptkd": promptkd.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
-        "host": platform.node(), "processes": processes, "started": started, "finished": _now(),
+        "host": platform.node(), "machine": machine_description(), "processes": processes, "started": started, "finished": _now(),
         "seconds": seconds,
         "eval_deviations": deviations(job, cfg.evaluation.sets()),
         "score": round(statistics.fmean(s["mean"] for s in sets.values()), 6),
