@@ -537,13 +537,15 @@ def test_prepare_stage_runs_once_is_recorded_and_its_output_is_checked(study, ti
     shutil.rmtree(study.parent / "runs" / "prepare" / "init")
     write_json(results / "prepare" / "init.json", {**record, "sha256": "f" * 64, "machine": "another CPU"})
     with pytest.raises(UserError, match=r"trained again on this machine \(.*\), it gave sha256 .* not the ffff.* \(trained "
-                                        r"on another CPU\); finish the study on a machine like that one"):
+                                        r"on another CPU, revision abc1234\); finish the study on a machine like that one"):
         runner.run_study(load_compare_config(study))
-    assert (output / "model.safetensors").read_bytes() == weights  # the same machine repeats its training
-    shutil.rmtree(study.parent / "runs" / "prepare" / "init")
+    set_aside = output.parent.parent / "final-mismatch" / "student" / "model.safetensors"
+    assert set_aside.read_bytes() == weights and not output.exists()  # the same machine repeats its training
     write_json(results / "prepare" / "init.json", record)
-    assert runner.run_study(load_compare_config(study)) == ["GKD__seed1"]
+    assert runner.run_study(load_compare_config(study)) == ["GKD__seed1"]  # trained again: it matches
     assert (output / "model.safetensors").read_bytes() == weights
+    assert not (output.parent.parent / "checkpoints").exists()
+    assert json.loads((results / "prepare" / "init.json").read_text()) == record
     (results / "cells" / "GKD__seed1.json").unlink()
     (results / "prepare" / "init.json").unlink()
     with pytest.raises(UserError, match="has no record .* but cells exist"):

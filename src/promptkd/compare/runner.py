@@ -159,14 +159,22 @@ def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True, pr
                 say(f"prepare stage {name}: {run_dir} has no output; training it again, to be checked against {record}")
                 _train_stage(cfg, name, run_dir, procs, show_progress)
             found = output_hash(run_dir)
+            if again and procs.main:  # the retrain's optimizer states go; a wrong output is set aside
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+                if found != recorded["sha256"]:
+                    shutil.rmtree(run_dir / "final-mismatch", ignore_errors=True)
+                    (run_dir / "final").rename(run_dir / "final-mismatch")
+            if again:
+                procs.wait()
             if found == recorded["sha256"]:
                 continue
             if again:  # training repeats on one machine, not always on another (emulated bf16 rounds otherwise)
                 raise UserError(
-                    f"prepare stage {name!r}: trained again on this machine ({machine_description()}), it gave sha256 "
-                    f"{found and found[:16]}..., not the {recorded['sha256'][:16]}... recorded in {record} (trained on "
-                    f"{recorded.get('machine', 'a machine not recorded')}); finish the study on a machine like that one, "
-                    f"or {redo}")
+                    f"prepare stage {name!r}: trained again on this machine ({machine_description()}, revision "
+                    f"{revision}), it gave {f'sha256 {found[:16]}...' if found else 'no weights'} (kept in "
+                    f"{run_dir / 'final-mismatch'}), not the {recorded['sha256'][:16]}... recorded in {record} (trained "
+                    f"on {recorded.get('machine', 'a machine not recorded')}, revision {recorded.get('revision')}); "
+                    f"finish the study on a machine like that one, or {redo}")
             raise UserError(f"prepare stage {name!r}: {run_dir / 'final' / 'student'} is not the output recorded in "
                             f"{record} (sha256 {recorded['sha256'][:16]}...), from which the cells train; restore it, or {redo}")
         if read_cells(Path(cfg.results)):
