@@ -159,12 +159,12 @@ def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True, pr
                 say(f"prepare stage {name}: {run_dir} has no output; training it again, to be checked against {record}")
                 _train_stage(cfg, name, run_dir, procs, show_progress)
             found = output_hash(run_dir)
-            if again and procs.main:  # the retrain's optimizer states go; a wrong output is set aside
-                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-                if found != recorded["sha256"]:
-                    shutil.rmtree(run_dir / "final-mismatch", ignore_errors=True)
-                    (run_dir / "final").rename(run_dir / "final-mismatch")
-            if again:
+            if again:  # the retrain's optimizer states go; a wrong output is set aside
+                if procs.main:
+                    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+                    if found != recorded["sha256"]:
+                        shutil.rmtree(run_dir / "final-mismatch", ignore_errors=True)
+                        (run_dir / "final").rename(run_dir / "final-mismatch")
                 procs.wait()
             if found == recorded["sha256"]:
                 continue
