@@ -535,6 +535,14 @@ def test_prepare_stage_runs_once_is_recorded_and_its_output_is_checked(study, ti
 
     # the run directory lost (a new machine): trained again, it must give the recorded output
     shutil.rmtree(study.parent / "runs" / "prepare" / "init")
+    changed = yaml.safe_load(study.read_text())["prepare"]
+    changed["init"]["train"]["max_steps"] = 3
+    edit(study, prepare=changed)  # a stage config edited since its record: refused before any training
+    with pytest.raises(UserError, match=r"has no output, and the stage's config is not the one recorded in .*init.json "
+                                        r"\(train.max_steps: 2 -> 3\), so training it again would not give the recorded"):
+        runner.run_study(load_compare_config(study))
+    assert not (study.parent / "runs" / "prepare" / "init" / "config.yaml").exists()
+    edit(study, prepare=data["prepare"])
     write_json(results / "prepare" / "init.json", {**record, "sha256": "f" * 64, "machine": "another CPU"})
     with pytest.raises(UserError, match=r"trained again on this machine \(.*\), it gave sha256 .* not the ffff.* \(trained "
                                         r"on another CPU, revision abc1234\); finish the study on a machine like that one"):

@@ -115,3 +115,11 @@ def test_a_training_run_records_its_precision(tmp_path, tiny_pair_dirs, tiny_jso
     assert tr.precision.mixed_precision == "no" and tr.accelerator.mixed_precision == "no"
     record = json.loads((tmp_path / "run_gkd" / "precision.json").read_text())
     assert record["mixed_precision"] == "no" and record["requested"] == "auto" and "emulates" in record["reason"]
+
+
+def test_the_machine_counts_the_cpus_this_process_may_use(monkeypatch):
+    # a container (or taskset) given 3 of a 64-CPU host: its workers must share 3, not 64
+    monkeypatch.setattr(precision.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(precision.os, "cpu_count", lambda: 64)
+    assert precision.available_cpus() == 3
+    assert ", 3 CPUs" in precision.machine_description()

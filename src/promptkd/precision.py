@@ -73,10 +73,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def available_cpus() -> int:
+    """The logical CPUs this process may run on: a container's or a `taskset`'s share, not the
+    host's count that os.cpu_count() gives."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def machine_description() -> str:
-    """The hardware a run's numbers come from, as a study records it: the CPU, its logical
-    CPUs and any CUDA GPUs."""
-    text = f"{_cpu_name()}, {os.cpu_count()} CPUs"
+    """The hardware a run's numbers come from, as a study records it: the CPU, the logical CPUs
+    this process may use and any CUDA GPUs."""
+    text = f"{_cpu_name()}, {available_cpus()} CPUs"
     if torch.cuda.is_available():
         text += f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return text

@@ -156,6 +156,11 @@ def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True, pr
             again = not (run_dir / "final").is_dir()
             procs.wait()  # every process has looked before one writes it
             if again:
+                changed = _stage_changes(cfg, name, run_dir, recorded.get("train_config"))
+                if changed:  # it cannot give the recorded output: say so before hours of training
+                    raise UserError(f"prepare stage {name!r}: {run_dir} has no output, and the stage's config is not the "
+                                    f"one recorded in {record} ({'; '.join(changed)}), so training it again would not "
+                                    f"give the recorded output; restore the stage's config in {cfg.source}, or {redo}")
                 say(f"prepare stage {name}: {run_dir} has no output; training it again, to be checked against {record}")
                 _train_stage(cfg, name, run_dir, procs, show_progress)
             found = output_hash(run_dir)
@@ -195,6 +200,21 @@ def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True, pr
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         say(f"prepare stage {name}: recorded in {record}")
         procs.wait()
+
+
+def _stage_changes(cfg: CompareConfig, name: str, run_dir: Path, recorded: dict | None) -> list[str]:
+    """'key: recorded -> now' for each resolved config key of stage `name` whose value differs from its
+    record's train_config. Keys only one side has (another revision's) are the revision check's business."""
+    from promptkd.compare.report import _flat
+    from promptkd.config import fit_warmup, load_config
+
+    if recorded is None:
+        return []
+    resolved, _ = fit_warmup(load_config(None, cfg.stage_config(name, run_dir), check_required=False))  # as the Trainer saves it
+    now = _flat(json.loads(json.dumps(resolved.to_dict())))
+    before = _flat(recorded)
+    return [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(set(now) & set(before))
+            if now[key] != before[key]]
 
 
 def _train_stage(cfg: CompareConfig, name: str, run_dir: Path, procs: Processes, show_progress: bool) -> None:
@@ -536,7 +556,9 @@ def _run_workers(cfg: CompareConfig, pending: list[str], workers: int, allow_rev
     session: on Ctrl-C or SIGTERM here, each gets one SIGTERM, checkpoints and stops)."""
     if cfg.source is None:
         raise UserError("workers > 1 runs cells from the study's YAML file: load the config with load_compare_config")
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+    from promptkd.precision import available_cpus
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, available_cpus() // workers))}
     queue, running, finished, failed = list(pending), {}, [], []
     stop = False  # no more starts: the budget, or a failed cell
     received = [signal.SIGINT]
