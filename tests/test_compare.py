@@ -634,13 +634,18 @@ def test_the_cpu2_study_cannot_run_again_and_says_why():
 
 def test_cells_measure_exposure_bias_and_the_report_gives_its_t_interval(study):
     data = yaml.safe_load(study.read_text())
-    edit(study, seeds=[1],
+    data["base"]["train"]["mixed_precision"] = "no"  # the study's one precision (auto could pick bf16)
+    edit(study, seeds=[1], base=data["base"],
          evaluation={**data["evaluation"], "seeds": [10], "exposure_bias_prompts": 2, "exposure_bias_samples": 1})
     assert main(["compare", "--config", str(study), "--no-progress", "--cells", "GKD__seed1"]) == 0
     cell = json.loads((study.parent / "results" / "cells" / "GKD__seed1.json").read_text())
     eb = cell["exposure_bias"]
     assert (eb["prompts"], eb["samples"]) == (2, 1) and len(eb["exaccerr"]) == data["evaluation"]["max_new_tokens"]
     assert cell["seconds"]["exposure_bias"] > 0
+    # evaluation and ExAccErr run in the precision the cell trained in
+    run = study.parent / "runs" / "GKD__seed1"
+    assert json.loads((run / "eval" / "scores.json").read_text())["precision"]["requested"] == "no"
+    assert json.loads((run / "exposure_bias" / "exposure_bias.json").read_text())["precision"]["requested"] == "no"
 
 
 def test_exposure_bias_table_is_the_mean_over_seeds_with_scipy_t_interval(study):

@@ -281,21 +281,23 @@ def _sigterm_stops():
         signal.signal(signal.SIGTERM, previous)
 
 
-def eval_config(cfg: CompareConfig, model: Path, out: Path, template: str):
+def eval_config(cfg: CompareConfig, model: Path, out: Path, train_config: dict):
     """The cell's `promptkd eval` config: the protocol, with the study's sets, seeds, response cap,
-    limit and batch size, and the template the students were trained with."""
+    limit and batch size, and the template and precision (train.mixed_precision) the student was
+    trained with."""
     from promptkd.config import EvalConfig
 
     e = cfg.evaluation
     return EvalConfig(model=str(model), out=str(out), datasets=list(e.sets().values()), seeds=list(e.seeds),
-                      limit=e.limit or None, batch_size=e.batch_size, template=template,
+                      limit=e.limit or None, batch_size=e.batch_size, template=train_config["data"]["template"],
+                      mixed_precision=train_config["train"]["mixed_precision"],
                       sampling=dataclasses.replace(EvalConfig().sampling, max_new_tokens=e.max_new_tokens))
 
 
 def _exposure_bias(cfg: CompareConfig, model: Path, train_config: dict, run_dir: Path) -> dict:
     """ExAccErr(l) of the cell's student against its teacher through `promptkd exposure-bias`, on
-    the first evaluation set's first prompts, sampled with the first evaluation seed (reused when
-    its file is complete)."""
+    the first evaluation set's first prompts, sampled with the first evaluation seed in the cell's
+    train.mixed_precision (reused when its file is complete)."""
     from promptkd.config import ExposureBiasConfig
     from promptkd.evaluation.exposure_bias import run_exposure_bias
 
@@ -307,6 +309,7 @@ def _exposure_bias(cfg: CompareConfig, model: Path, train_config: dict, run_dir:
             data=next(iter(e.sets().values())), num_prompts=e.exposure_bias_prompts,
             samples_per_prompt=e.exposure_bias_samples, seed=e.seeds[0], batch_size=e.batch_size,
             template=train_config["data"]["template"], dtype=train_config["model"].get("dtype", "float32"),
+            mixed_precision=train_config["train"]["mixed_precision"],
             sampling=dataclasses.replace(ExposureBiasConfig().sampling, max_new_tokens=e.max_new_tokens))
         with _timed(run_dir, "exposure_bias"):
             run_exposure_bias(job)
@@ -367,7 +370,7 @@ def run_cell(cfg: CompareConfig, arm: Arm, seed: int, *, revision: str, revision
     model = run_dir / "final" / "student"
     if not model.is_dir():  # a LoRA run without merge exports only its adapter
         model = run_dir / "final" / "student_adapter"
-    job = eval_config(cfg, model, run_dir / "eval", train_config["data"]["template"])
+    job = eval_config(cfg, model, run_dir / "eval", train_config)
     with _timed(run_dir, "eval"):
         run_evaluation(job, show_progress=show_progress)
     exposure = None
