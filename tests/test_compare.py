@@ -597,6 +597,20 @@ def test_the_cpu3_study_loads():
     assert len(cfg.evaluation.seeds) == 5 and not {s["train"]["seed"] for s in cfg.prepare.values()} & set(cfg.seeds)
 
 
+def test_the_cpu3_fp32_study_is_cpu3_in_float32():
+    """benchmarks/cpu3-fp32.yaml is cpu3's design for a CPU without native bf16: only its names and
+    its precision differ."""
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    cpu3, fp32 = (yaml.safe_load((benchmarks / f"{name}.yaml").read_text()) for name in ("cpu3", "cpu3-fp32"))
+    sections = [fp32["base"]] + list(fp32["prepare"].values())
+    assert {s["train"].pop("mixed_precision") for s in sections} == {"no"}
+    for s in [cpu3["base"]] + list(cpu3["prepare"].values()):
+        assert s["train"].pop("mixed_precision") == "bf16"
+    renamed = {"name": "cpu3-fp32", "results": "benchmarks/results/cpu3-fp32", "runs": "runs/cpu3-fp32"}
+    assert fp32 == {**cpu3, **renamed}
+    load_compare_config(benchmarks / "cpu3-fp32.yaml")
+
+
 def test_the_smoke_study_is_cpu3_on_a_tiny_budget():
     """benchmarks/smoke.yaml checks cpu3's setup end to end: the same prepare stages and arms."""
     benchmarks = Path(__file__).parents[1] / "benchmarks"
