@@ -210,6 +210,8 @@ def test_deviations_are_differences_from_the_protocol():
                     "only the first 50 records of each set"]
     devs = deviations(EvalConfig(model="m", out="o", datasets=five, prompt_truncation="keep_last"))
     assert devs == ["prompt_truncation 'keep_last' (protocol: 'keep_first')"]
+    # the precision is the machine's choice, not the protocol's (scores.json records it)
+    assert deviations(EvalConfig(model="m", out="o", datasets=five, mixed_precision="no")) == []
     # every sampling setting counts, e.g. the training sampler's missing n-gram block
     devs = deviations(EvalConfig(model="m", out="o", datasets=five, sampling=SamplingConfig(eos_at_cap=False)))
     assert devs == ["sampling.no_repeat_ngram_size 0 (protocol: 6)"]
