@@ -90,7 +90,7 @@ def build_report(cfg: CompareConfig) -> Path:
 
 def _setup(cfg: CompareConfig, study: dict, cells: dict, planned: int) -> list[str]:
     model, data = cfg.base.get("model", {}), cfg.base.get("data", {})
-    shared = {k: v for k, v in _flat(cfg.base).items() if not k.startswith(("model.", "data."))}
+    shared = {k: v for k, v in flat(cfg.base).items() if not k.startswith(("model.", "data."))}
     e = cfg.evaluation
     # the sets from the config too: cells from before the sets were listed lack that line
     deviations = list(dict.fromkeys([*set_deviations(e.sets()),
@@ -118,7 +118,7 @@ def _setup(cfg: CompareConfig, study: dict, cells: dict, planned: int) -> list[s
 
 def _stage(cfg: CompareConfig, name: str) -> str:
     """One prepare stage (`prepare:NAME`), from RESULTS/prepare/NAME.json."""
-    settings = ", ".join(f"`{k}` {v}" for k, v in _flat(cfg.prepare[name]).items())
+    settings = ", ".join(f"`{k}` {v}" for k, v in flat(cfg.prepare[name]).items())
     path = Path(cfg.results) / "prepare" / f"{name}.json"
     if not path.is_file():
         return f"- Prepare stage `{name}` ({settings}): not run yet."
@@ -136,7 +136,7 @@ def _arms(cfg: CompareConfig, by_arm: dict[str, list[dict]], mark) -> list[str]:
              "|---" * (6 + len(sets)) + "|"]
     for arm in cfg.arm_list():
         cs = by_arm[arm.name]
-        settings = ", ".join([arm.method] + [f"{k} {v}" for k, v in _flat(arm.overrides).items()]
+        settings = ", ".join([arm.method] + [f"{k} {v}" for k, v in flat(arm.overrides).items()]
                              + ([f"FLOPs of {arm.budget.flops_of}"] if arm.budget.flops_of else []))
         if cs:
             mean, low, high = mean_interval([c["score"] for c in cs], cfg.alpha)
@@ -406,10 +406,11 @@ def _plot_links(plots: dict[str, str] | str) -> list[str]:
 # ----------------------------------------------------------------------------- formatting
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat(d: dict, prefix: str = "") -> dict:
+    """A nested mapping as {dotted key: leaf}."""
     out = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 

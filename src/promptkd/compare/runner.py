@@ -205,14 +205,14 @@ def prepare(cfg: CompareConfig, *, revision: str, show_progress: bool = True, pr
 def _stage_changes(cfg: CompareConfig, name: str, run_dir: Path, recorded: dict | None) -> list[str]:
     """'key: recorded -> now' for each resolved config key of stage `name` whose value differs from its
     record's train_config. Keys only one side has (another revision's) are the revision check's business."""
-    from promptkd.compare.report import _flat
+    from promptkd.compare.report import flat
     from promptkd.config import fit_warmup, load_config
 
     if recorded is None:
         return []
     resolved, _ = fit_warmup(load_config(None, cfg.stage_config(name, run_dir), check_required=False))  # as the Trainer saves it
-    now = _flat(json.loads(json.dumps(resolved.to_dict())))
-    before = _flat(recorded)
+    now = flat(json.loads(json.dumps(resolved.to_dict())))
+    before = flat(recorded)
     return [f"{key}: {before[key]!r} -> {now[key]!r}" for key in sorted(set(now) & set(before))
             if now[key] != before[key]]
 

@@ -54,7 +54,9 @@ def deviations(cfg: EvalConfig, sets: dict[str, str] | None = None) -> list[str]
     """Every way this evaluation departs from the paper protocol (for results files): the sets
     (`set_deviations`: EvalConfig's default is three of the five; `sets` names them when the caller
     does, as a study's `name: path` pairs), and EvalConfig's other defaults: sampling and prompt
-    settings, seeds, a record limit. The precision is not one: the protocol does not fix it."""
+    settings, seeds, a record limit. The precision is not listed: the reference evaluates in fp16 under
+    DeepSpeed on a GPU (LMOps minillm/scripts/gpt2/eval/eval_main_dolly.sh:52), which a CPU cannot run,
+    so it is a choice of the hardware's (`auto`), and scores.json records the one used."""
     protocol = EvalConfig()
     out = set_deviations(sets if sets is not None else {eval_set_name(d): d for d in cfg.datasets})
     for name in (f.name for f in fields(SamplingConfig)):
@@ -63,7 +65,7 @@ def deviations(cfg: EvalConfig, sets: dict[str, str] | None = None) -> list[str]
             value, expected = bool(value), bool(expected)
         if value != expected:
             out.append(f"sampling.{name} {value!r} (protocol: {expected!r})")
-    for name in (f.name for f in fields(PromptOptions) if f.name != "mixed_precision"):  # compute, not protocol
+    for name in (f.name for f in fields(PromptOptions) if f.name != "mixed_precision"):  # recorded apart
         value, expected = getattr(cfg, name), getattr(protocol, name)
         if value != expected:
             out.append(f"{name} {value!r} (protocol: {expected!r})")
